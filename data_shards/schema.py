@@ -1,0 +1,143 @@
+"""The medvlp sample schema: one in-memory `Sample` <-> one WebDataset sample (a dict of tar members).
+
+Members (DESIGN.md "Sample schema"):
+  __key__          stable id, unique per data set (e.g. ``iuxray/CXR1000``)
+  img.png          2D image, 8- or 16-bit grey or RGB (lossless)
+  vol.npy          3D volume (D, H, W), int16 HU or float16
+  mask.npy         organ label map (D, H, W), uint8
+  feats.npy        patch-feature bag (n, d) float16; coords.npy (n, 2) int32
+  txt              report / caption, UTF-8
+  json             {"labels": {finding: 1|0|-1}, "organs": {...}, "boxes": [...], "meta": {dataset, modality,
+                    split, patient_id, ...}}
+
+Encoding is deterministic (same Sample -> same bytes) so that shards built from the same seed are
+byte-identical. Decoding raises `SampleDecodeError` naming the key and member, so the stream can skip and
+count a corrupt sample instead of crashing.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SCHEMA_VERSION = 1
+MODALITIES = ("cxr", "patho", "ct", "slide")
+SPLITS = ("train", "val", "test")
+# Keys must be usable as tar member prefixes: webdataset splits a member name at its first dot.
+_BAD_KEY_CHARS = set(" .\n\t\\")
+
+
+class SampleDecodeError(ValueError):
+    """A sample (or one of its members) could not be decoded; the message names the key and member."""
+
+
+@dataclass
+class Sample:
+    """One image-report pair in memory. Exactly one of image / volume / feats is set."""
+
+    key: str
+    text: str
+    image: np.ndarray | None = None  # (H, W) or (H, W, 3); uint8 or uint16
+    volume: np.ndarray | None = None  # (D, H, W) int16 or float16
+    mask: np.ndarray | None = None  # (D, H, W) uint8 organ label map
+    feats: np.ndarray | None = None  # (n, d) float16
+    coords: np.ndarray | None = None  # (n, 2) int32
+    labels: dict[str, int] = field(default_factory=dict)  # finding -> 1 / 0 / -1 (uncertain)
+    meta: dict[str, Any] = field(default_factory=dict)  # dataset, modality, split, patient_id, ...
+    extra: dict[str, Any] = field(default_factory=dict)  # boxes, organs, composition ... (ground truth)
+
+    @property
+    def modality(self) -> str:
+        return self.meta.get("modality", "")
+
+    @property
+    def split(self) -> str:
+        return self.meta.get("split", "train")
+
+    @property
+    def patient_id(self) -> str:
+        return str(self.meta.get("patient_id", self.key))
+
+
+def validate_key(key: str) -> str:
+    if not key or any(c in _BAD_KEY_CHARS for c in key):
+        raise ValueError(f"sample key {key!r} is empty or contains one of ' ', '.', '\\\\', whitespace")
+    return key
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    if img.dtype == np.uint16 and img.ndim == 2:
+        pil = Image.fromarray(img)  # 16-bit greyscale PNG ("I;16")
+    elif img.dtype == np.uint8 and img.ndim in (2, 3):
+        pil = Image.fromarray(img)
+    else:
+        raise ValueError(f"image must be uint8 (H,W)/(H,W,3) or uint16 (H,W); got {img.dtype} {img.shape}")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", compress_level=6)  # no timestamps in PNG -> deterministic bytes
+    return buf.getvalue()
+
+
+def encode_sample(s: Sample) -> dict[str, Any]:
+    """Sample -> WebDataset member dict (bytes values)."""
+    validate_key(s.key)
+    out: dict[str, Any] = {"__key__": s.key, "txt": s.text.encode("utf-8")}
+    if s.image is not None:
+        out["img.png"] = _png_bytes(s.image)
+    if s.volume is not None:
+        out["vol.npy"] = _npy_bytes(s.volume)
+    if s.mask is not None:
+        out["mask.npy"] = _npy_bytes(s.mask.astype(np.uint8))
+    if s.feats is not None:
+        out["feats.npy"] = _npy_bytes(s.feats.astype(np.float16))
+    if s.coords is not None:
+        out["coords.npy"] = _npy_bytes(s.coords.astype(np.int32))
+    doc = {"labels": s.labels, "meta": s.meta, **s.extra}
+    out["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return out
+
+
+def _load_npy(raw: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+def _load_png(raw: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(raw)) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return np.asarray(im, dtype=np.uint16) if im.mode != "I" else np.asarray(im).astype(np.uint16)
+        if im.mode not in ("L", "RGB"):
+            im = im.convert("RGB")
+        return np.asarray(im)
+
+
+def decode_sample(members: dict[str, Any]) -> Sample:
+    """WebDataset member dict -> Sample. Raises SampleDecodeError naming key and member."""
+    key = members.get("__key__", "?")
+    cur = "json"
+    try:
+        doc = json.loads(members["json"]) if "json" in members else {}
+        cur = "txt"
+        text = members["txt"].decode("utf-8") if "txt" in members else ""
+        arrays: dict[str, np.ndarray | None] = {}
+        for member, name, loader in (
+            ("img.png", "image", _load_png), ("img.jpg", "image", _load_png), ("vol.npy", "volume", _load_npy),
+            ("mask.npy", "mask", _load_npy), ("feats.npy", "feats", _load_npy), ("coords.npy", "coords", _load_npy),
+        ):
+            if member in members:
+                cur = member
+                arrays[name] = loader(members[member])
+    except Exception as e:  # noqa: BLE001 - any decoder failure becomes one clear error
+        raise SampleDecodeError(f"sample {key!r}: cannot decode member {cur!r}: {type(e).__name__}: {e}") from e
+    labels = doc.pop("labels", {}) or {}
+    meta = doc.pop("meta", {}) or {}
+    return Sample(key=key, text=text, labels=labels, meta=meta, extra=doc, **arrays)

@@ -1,0 +1,93 @@
+"""Configs owned by pretraining (model, loss, optimizer, loop, eval, tracking)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Which CLIP architecture to build (architectures are data: pretrain/model_configs/*.json)."""
+
+    name: str = "debug"  # model config name in the registry (or a path to a JSON file)
+    tokenizer: str = ""  # path to a trained tokenizer dir (BERT-style text towers); "" = open_clip BPE
+    checkpoint: str = ""  # local checkpoint to initialise from ("" = from scratch)
+    grad_checkpointing: bool = False  # activation checkpointing on both towers
+
+
+@dataclass
+class LossConfig:
+    """Contrastive loss."""
+
+    kind: str = "clip"  # clip (symmetric InfoNCE) | siglip (pairwise sigmoid)
+    backend: str = "torch"  # torch (reference) | chunked (blockwise) | triton (fused) | auto
+    gather_with_grad: bool = True  # all-gather features with gradients (global batch) vs. local loss
+    local_loss: bool = True  # each rank computes its own rows of the global logits (open_clip style)
+    chunk_size: int = 1024  # row/column block of the blockwise backend
+    cache_chunk: int = 0  # embedding-cache micro-chunk (GradCache); 0 = off (one forward for the batch)
+
+    def validate(self) -> None:
+        if self.kind not in ("clip", "siglip"):
+            raise ValueError(f"kind: {self.kind!r} is not one of clip, siglip")
+        if self.backend not in ("torch", "chunked", "triton", "auto"):
+            raise ValueError(f"backend: {self.backend!r} is not one of torch, chunked, triton, auto")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup + cosine."""
+
+    lr: float = 5e-4  # peak learning rate
+    weight_decay: float = 0.1  # not applied to biases, norms, the logit scale
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
+    eps: float = 1e-6  # AdamW epsilon
+    warmup_steps: int = 10  # linear warmup steps
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0  # global grad-norm clip (0 = off)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop and its engine."""
+
+    steps: int = 100  # optimizer steps
+    grad_accum: int = 1  # micro batches per optimizer step
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0/1/2/3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    out_dir: str = "runs/debug"  # checkpoints and artifacts
+    ckpt_every: int = 50  # steps between checkpoints (0 = only at the end)
+    keep_ckpts: int = 2  # complete checkpoints kept
+    eval_every: int = 0  # steps between evals (0 = only at the end)
+    log_every: int = 10  # steps between metric logs
+    resume: bool = False  # continue from the latest complete checkpoint in out_dir
+    max_bad_steps: int = 5  # consecutive NaN/inf losses tolerated (skipped) before stopping
+    seed: int = 0  # global seed
+    deepspeed_config: str = ""  # optional DeepSpeed JSON template merged under the generated config
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: {self.zero_stage} is not one of 0, 1, 2, 3")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision: {self.precision!r} is not one of auto, fp32, bf16")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after/while training."""
+
+    zero_shot: bool = True  # prompt-pair zero-shot AUC per finding
+    retrieval: bool = True  # image<->text R@1/5/10
+    linear_probe: bool = True  # logistic regression on frozen features
+    kshot: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # k-shot probe sizes
+    kshot_seeds: int = 3  # seeds per k
+    bootstrap: int = 200  # bootstrap resamples for AUC 95% CIs
+    max_samples: int = 2000  # evaluation samples streamed
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow."""
+
+    enabled: bool = True  # log to MLflow (rank 0 only)
+    uri: str = ""  # tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///mlruns.db
+    experiment: str = "medvlp"  # experiment name
+    run_name: str = ""  # run name ("" = generated)
