@@ -1,0 +1,265 @@
+"""`medvlp` command line: thin argument parsing; the work happens in the packages.
+
+    medvlp config show RECIPE [--set k=v ...]
+    medvlp shards synth|build|inspect|import|merge-index ...
+    medvlp tokenizer train --shards DIR --out DIR
+    medvlp pretrain RECIPE [--set k=v ...] [--resume]
+    medvlp eval --model-dir RUN_DIR [--shards DIR] ...
+    medvlp launch [...] -- <subcommand ...>
+    medvlp runs compare|ui ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+
+def _cmdline() -> str:
+    return "medvlp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+# ----------------------------------------------------------------------------------------------- config
+def _cmd_config_show(a: argparse.Namespace) -> int:
+    from launch.config import dump_yaml, load_config
+
+    print(dump_yaml(load_config(a.recipe, a.set)), end="")
+    return 0
+
+
+def _cmd_config_list(a: argparse.Namespace) -> int:  # noqa: ARG001
+    from launch.config import list_recipes
+
+    print("\n".join(list_recipes()))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- shards
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from data_shards.synth import synth_to_shards
+
+    doc = synth_to_shards(a.out, modality=a.modality, n=a.n, seed=a.seed, shard_size=a.shard_size, size=a.size,
+                          command=_cmdline())
+    docs = doc if a.modality == "all" else {a.modality: doc}
+    for mod, d in docs.items():
+        print(f"{mod}: {d['num_samples']} samples in {len(d['shards'])} shards, splits {d['splits']}")
+    return 0
+
+
+def _parse_part(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--part: expected I/N (e.g. 0/3), got {text!r}")
+    if not 0 <= i < n:
+        raise SystemExit(f"--part: need 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def _cmd_build(a: argparse.Namespace) -> int:
+    from data_shards.build import ManifestError, build_shards
+
+    try:
+        doc = build_shards(a.manifest, a.out, workers=a.workers, maxcount=a.maxcount, maxsize=int(a.maxsize_mb * 2**20),
+                           image_size=a.image_size, on_error=a.on_error, val_frac=a.val_frac, test_frac=a.test_frac,
+                           seed=a.seed, part=_parse_part(a.part), modality=a.modality, command=_cmdline())
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{doc['num_samples']} samples in {len(doc['shards'])} shards -> {a.out} (splits {doc['splits']})")
+    return 0
+
+
+def _cmd_merge_index(a: argparse.Namespace) -> int:
+    from data_shards.build import merge_indexes
+
+    doc = merge_indexes(a.dir)
+    print(f"merged: {doc['num_samples']} samples in {len(doc['shards'])} shards -> {Path(a.dir) / 'index.json'}")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from data_shards.inspect import inspect_shards
+
+    sheet = a.sheet or str(Path(a.dir) / "contact_sheet.png")
+    print(inspect_shards(a.dir, n_examples=a.n, sheet_path=sheet))
+    return 0
+
+
+def _cmd_import(a: argparse.Namespace) -> int:
+    from data_shards.importers import import_dataset
+
+    opts = dict(kv.split("=", 1) for kv in a.opt)
+    doc = import_dataset(a.kind, a.src, a.out, **opts)
+    print(f"{a.kind}: {doc['num_samples']} samples in {len(doc['shards'])} shards -> {a.out} (splits {doc['splits']})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- models
+def _cmd_tokenizer_train(a: argparse.Namespace) -> int:
+    from pretrain.tokenizer import train_tokenizer_from_shards
+
+    train_tokenizer_from_shards(a.shards, a.out, vocab_size=a.vocab_size)
+    print(f"tokenizer written to {a.out}")
+    return 0
+
+
+def _cmd_pretrain(a: argparse.Namespace) -> int:
+    from launch.config import flatten, load_config, to_dict
+    from pretrain.train import run_pretrain
+
+    overrides = list(a.set) + (["train.resume=true"] if a.resume else [])
+    cfg = load_config(a.recipe, overrides)
+    res = run_pretrain(cfg, flatten(to_dict(cfg)))
+    if res.metrics:
+        from pretrain.eval import format_table
+        print(format_table(res.metrics))
+    status = "stopped by signal (checkpoint written)" if res.stopped_by_signal else "done"
+    print(f"pretrain {status}: {res.steps_done} steps, out_dir {res.out_dir}, mlflow run {res.run_id}")
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from pretrain.eval import run_eval_cli
+
+    return run_eval_cli(a)
+
+
+def _cmd_runs_compare(a: argparse.Namespace) -> int:
+    from launch.runs import compare_runs
+
+    print(compare_runs(a.experiment, metrics=a.metric or None, uri=a.uri, out=a.out))
+    return 0
+
+
+def _cmd_runs_ui(a: argparse.Namespace) -> int:
+    from launch.runs import runs_ui
+
+    return runs_ui(port=a.port, uri=a.uri)
+
+
+def _cmd_launch(a: argparse.Namespace) -> int:
+    from launch.multinode import launch_main
+
+    return launch_main(a)
+
+
+# ----------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medvlp", description="Medical vision-language pretraining at scale.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    cfg = sub.add_parser("config", help="show / list recipes").add_subparsers(dest="sub", required=True)
+    s = cfg.add_parser("show", help="print the resolved config of a recipe")
+    s.add_argument("recipe")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.set_defaults(fn=_cmd_config_show)
+    cfg.add_parser("list", help="list recipes").set_defaults(fn=_cmd_config_list)
+
+    sh = sub.add_parser("shards", help="build, import, inspect shards").add_subparsers(dest="sub", required=True)
+    s = sh.add_parser("synth", help="write the embedded synthetic corpus as shards")
+    s.add_argument("--out", required=True)
+    s.add_argument("--modality", default="cxr", choices=["cxr", "patho", "ct", "slide", "all"])
+    s.add_argument("--n", type=int, default=512, help="samples per modality")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-size", type=int, default=128, help="samples per shard")
+    s.add_argument("--size", type=int, default=None, help="image side (2D) override")
+    s.set_defaults(fn=_cmd_synth)
+    s = sh.add_parser("build", help="build shards from a CSV/JSONL manifest")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
+    s.add_argument("--maxsize-mb", type=float, default=1024, help="shard size cap in MiB")
+    s.add_argument("--image-size", type=int, default=512, help="longer image side at most (resized at build time)")
+    s.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    s.add_argument("--val-frac", type=float, default=0.1)
+    s.add_argument("--test-frac", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--modality", default=None, choices=[None, "cxr", "patho", "ct", "slide"])
+    s.add_argument("--part", default=None, help="I/N: build only slice I of N (parallel builders)")
+    s.set_defaults(fn=_cmd_build)
+    s = sh.add_parser("merge-index", help="join index.part*.json of parallel builds into index.json")
+    s.add_argument("dir")
+    s.set_defaults(fn=_cmd_merge_index)
+    s = sh.add_parser("inspect", help="counts, prevalence, samples, contact sheet")
+    s.add_argument("dir")
+    s.add_argument("--n", type=int, default=4, help="examples to show")
+    s.add_argument("--sheet", default=None, help="contact-sheet PNG path (default DIR/contact_sheet.png)")
+    s.set_defaults(fn=_cmd_inspect)
+    s = sh.add_parser("import", help="import a public data set layout")
+    s.add_argument("kind", choices=["medmnist", "chexpert", "iuxray", "pcam"])
+    s.add_argument("src")
+    s.add_argument("--out", required=True)
+    s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="importer option")
+    s.set_defaults(fn=_cmd_import)
+
+    tk = sub.add_parser("tokenizer", help="train a WordPiece tokenizer").add_subparsers(dest="sub", required=True)
+    s = tk.add_parser("train", help="train on the reports of a shard set")
+    s.add_argument("--shards", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--vocab-size", type=int, default=2000)
+    s.set_defaults(fn=_cmd_tokenizer_train)
+
+    s = sub.add_parser("pretrain", help="contrastive pretraining (DeepSpeed)")
+    s.add_argument("recipe", nargs="?", default="debug")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    s.set_defaults(fn=_cmd_pretrain)
+
+    s = sub.add_parser("eval", help="zero-shot / retrieval / linear-probe evaluation of a trained model")
+    s.add_argument("--model-dir", required=True, help="a pretrain out_dir (model.pt + config)")
+    s.add_argument("--shards", default=None, help="shard dir (default: the run's data.train_shards)")
+    s.add_argument("--split", default="test")
+    s.add_argument("--out", default=None, help="where tables go (default: MODEL_DIR/eval)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override eval.* / data.* keys")
+    s.set_defaults(fn=_cmd_eval)
+
+    rn = sub.add_parser("runs", help="compare tracked runs").add_subparsers(dest="sub", required=True)
+    s = rn.add_parser("compare", help="table + loss-curve overlay of an experiment's runs")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--metric", action="append", default=[])
+    s.add_argument("--uri", default=None)
+    s.add_argument("--out", default=None, help="overlay PNG path")
+    s.set_defaults(fn=_cmd_runs_compare)
+    s = rn.add_parser("ui", help="mlflow ui on 127.0.0.1 over the same store")
+    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--uri", default=None)
+    s.set_defaults(fn=_cmd_runs_ui)
+
+    s = sub.add_parser("launch", help="single/multi-node launch (torchrun, deepspeed, SLURM)")
+    try:
+        from launch.multinode import add_launch_arguments
+        add_launch_arguments(s)
+    except ImportError:
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=_cmd_launch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "alembic", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from launch.config import ConfigError
+
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
