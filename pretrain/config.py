@@ -60,6 +60,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metric logs
     resume: bool = False  # continue from the latest complete checkpoint in out_dir
     max_bad_steps: int = 5  # consecutive NaN/inf losses tolerated (skipped) before stopping
+    stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation (time-boxed jobs); 0 = off
     seed: int = 0  # global seed
     deepspeed_config: str = ""  # optional DeepSpeed JSON template merged under the generated config
 

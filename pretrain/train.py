@@ -13,6 +13,7 @@ Shapes: img_B3SS / vol_B1DHW images, tok_BL tokens, emb_BE embeddings.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -40,6 +41,7 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) for every step run here
     metrics: dict[str, float] = field(default_factory=dict)  # final eval metrics
     stopped_by_signal: bool = False
+    stopped_early: bool = False  # by a signal or train.stop_after (a checkpoint was written)
     out_dir: str = ""
     run_id: str | None = None
     samples_per_s: float = 0.0
@@ -180,6 +182,7 @@ def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = Tru
         pbar = tqdm(total=cfg.train.steps, initial=start_step, disable=not progress or rank != 0,
                     desc="pretrain", dynamic_ncols=True)
         step = start_step
+        log_file = open(out_dir / "train_log.jsonl", "a") if rank == 0 else None
         while step < cfg.train.steps:
             loss_val, finite = _train_step(engine, batches, loss_fn, cfg, rank, world, device, autocast)
             if not finite:
@@ -195,6 +198,9 @@ def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = Tru
             result.losses.append((step, loss_val))
             pbar.update(1)
             pbar.set_postfix(loss=f"{loss_val:.4f}")
+            if log_file is not None:
+                log_file.write(json.dumps({"step": step, "loss": loss_val, "lr": scheduler.get_last_lr()[0]}) + "\n")
+                log_file.flush()
             if step % max(1, cfg.train.log_every) == 0 or step == cfg.train.steps:
                 dt = time.perf_counter() - t_last
                 sps = n_last / max(dt, 1e-9)
@@ -207,21 +213,25 @@ def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = Tru
                 tracker.log_metrics(m, step)
                 t_last, n_last = time.perf_counter(), 0
             want_ckpt = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == cfg.train.steps
-            stopping = _any_rank(stop.stop, device)
+            time_boxed = bool(cfg.train.stop_after) and step - start_step >= cfg.train.stop_after
+            stopping = _any_rank(stop.stop, device) or time_boxed
             if want_ckpt or stopping:
                 _checkpoint(engine, cfg, step, batches, result, config_dict)
             if stopping:
-                result.stopped_by_signal = True
+                result.stopped_by_signal = not time_boxed
+                result.stopped_early = True
                 break
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 _evaluate(engine.module, cfg, rank, device, tracker, step)
         pbar.close()
+        if log_file is not None:
+            log_file.close()
         result.steps_done = step
-        if not result.stopped_by_signal:
+        if not result.stopped_early:
             eng.save_model_weights(engine, out_dir / "model.pt")
             result.metrics = _evaluate(engine.module, cfg, rank, device, tracker, step)
             _log_curves(tracker, result, out_dir, rank)
-        else:
+        elif result.stopped_by_signal:
             tracker.end("KILLED")
     return result
 

@@ -1,0 +1,243 @@
+"""`medvlp launch`: the same medvlp subcommand on one GPU, one node, many nodes, or a SLURM allocation.
+
+Launchers (all real; we only assemble their command lines):
+  * one node, G GPUs .............. torchrun --standalone --nproc_per_node G -m launch.cli <sub>
+  * --hostfile F (N nodes) ........ deepspeed --hostfile F --num_nodes N --num_gpus G --master_addr A --module launch.cli <sub>
+  * --rdzv HOST:PORT .............. torchrun --nnodes N --nproc_per_node G --rdzv_backend c10d --rdzv_endpoint HOST:PORT
+                                    (run the same command on every node; torchrun elects ranks)
+  * --slurm ....................... an sbatch script: one task per node, `srun torchrun ... --rdzv_endpoint $MASTER_ADDR`
+  * --slurm --array N ............. a SLURM array job (e.g. `shards build --part $SLURM_ARRAY_TASK_ID/N`)
+  * --cpu ......................... simulate N nodes × G processes on this machine: gloo, rendezvous on 127.0.0.1
+
+Pretraining under a launcher always gets ``train.resume=true``: when a rank dies the elastic agent (torchrun
+``--max-restarts``) restarts every worker and they continue from the last complete checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NCCL_ENV = {"NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
+
+
+@dataclass
+class LaunchPlan:
+    """What `medvlp launch` will run: commands (one per simulated/real node where it matters) and environment."""
+
+    commands: list[list[str]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    script: str | None = None  # sbatch script text (SLURM)
+    script_path: str | None = None
+    batch_note: str = ""
+
+    def render(self) -> str:
+        lines = []
+        if self.batch_note:
+            lines.append(f"# {self.batch_note}")
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        lines += [shlex.join(c) for c in self.commands]
+        if self.script is not None:
+            lines.append(f"# --- sbatch script {self.script_path or ''} ---")
+            lines.append(self.script.rstrip())
+        return "\n".join(lines)
+
+
+def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="processes per node (default: visible GPUs or 1)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('host slots=G' lines): DeepSpeed launcher")
+    g.add_argument("--rdzv", default=None, metavar="HOST:PORT", help="torchrun c10d rendezvous endpoint")
+    g.add_argument("--slurm", action="store_true", help="write an sbatch script (srun + torchrun)")
+    p.add_argument("--submit", action="store_true", help="with --slurm: call sbatch on the script")
+    p.add_argument("--array", type=int, default=0, help="with --slurm: an array job of N tasks (e.g. shard building)")
+    p.add_argument("--cpu", action="store_true", help="simulate the nodes on this machine with gloo on 127.0.0.1")
+    p.add_argument("--node-rank", type=int, default=None, help="this node's rank (rdzv/static setups)")
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous / master port")
+    p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts after a rank fails (torchrun)")
+    p.add_argument("--rdzv-timeout", type=int, default=120, help="seconds to wait for all nodes at rendezvous")
+    p.add_argument("--job-name", default="medvlp")
+    p.add_argument("--partition", default=None, help="SLURM partition")
+    p.add_argument("--time", default="24:00:00", help="SLURM time limit")
+    p.add_argument("--cpus-per-task", type=int, default=16, help="SLURM CPUs per node task")
+    p.add_argument("--script", default=None, help="where to write the sbatch script (default: ./medvlp-<job>.sbatch)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and environment; run nothing")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- <medvlp subcommand ...>")
+
+
+def _sub(rest: list[str]) -> list[str]:
+    rest = list(rest)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if not rest:
+        raise SystemExit("medvlp launch: give the subcommand after --, e.g. `medvlp launch -- pretrain debug`")
+    if rest[0] == "medvlp":
+        rest = rest[1:]
+    return rest
+
+
+def _with_resume(sub: list[str]) -> list[str]:
+    if sub and sub[0] == "pretrain" and "--resume" not in sub:
+        return sub + ["--resume"]
+    return sub
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gpus(a) -> int:
+    if a.gpus_per_node:
+        return a.gpus_per_node
+    if a.cpu:
+        return 1
+    try:
+        import torch
+        return max(1, torch.cuda.device_count())
+    except Exception:  # noqa: BLE001
+        return 1
+
+
+def batch_arithmetic(sub: list[str], world: int) -> str:
+    """'global batch = micro × accum × world' for a pretrain subcommand, checked against its config."""
+    if not sub or sub[0] != "pretrain":
+        return ""
+    from launch.config import load_config
+
+    recipe = next((x for x in sub[1:] if not x.startswith("-") and "=" not in x), "debug")
+    sets = [sub[i + 1] for i, x in enumerate(sub[:-1]) if x == "--set"]
+    cfg = load_config(recipe, sets)
+    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
+    return (f"global batch = micro {micro} x grad_accum {accum} x world {world} = {micro * accum * world} "
+            f"samples/step (recipe {recipe})")
+
+
+def _hostfile_nodes(path: str) -> list[tuple[str, int]]:
+    hosts = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = next((int(p.split("=", 1)[1]) for p in parts[1:] if p.startswith("slots=")), None)
+        if slots is None:
+            raise SystemExit(f"{path} line {i}: expected 'HOST slots=N', got {line!r}")
+        hosts.append((parts[0], slots))
+    if not hosts:
+        raise SystemExit(f"{path}: no hosts")
+    return hosts
+
+
+def _module_cmd() -> list[str]:
+    return ["-m", "launch.cli"]
+
+
+def plan_launch(a) -> LaunchPlan:
+    sub = _with_resume(_sub(a.rest))
+    g, n = _gpus(a), a.nodes
+    plan = LaunchPlan(env={} if a.cpu else dict(NCCL_ENV))
+    port = a.master_port or (_free_port() if a.cpu else 29500)
+    restarts = ["--max-restarts", str(a.max_restarts)] if a.max_restarts else []
+    if a.slurm:
+        plan.script = sbatch_script(a, sub, g, port)
+        plan.script_path = a.script or f"medvlp-{a.job_name}.sbatch"
+        plan.commands = [["sbatch", plan.script_path]]
+        world = g * n if not a.array else 1
+    elif a.hostfile:
+        hosts = _hostfile_nodes(a.hostfile)
+        n = a.nodes if a.nodes > 1 else len(hosts)
+        g = a.gpus_per_node or hosts[0][1]
+        plan.env.update(MASTER_ADDR=hosts[0][0], MASTER_PORT=str(port))
+        plan.commands = [["deepspeed", "--hostfile", a.hostfile, "--num_nodes", str(n), "--num_gpus", str(g),
+                          "--master_addr", hosts[0][0], "--master_port", str(port), "--module", "launch.cli", *sub]]
+        world = g * n
+    elif a.cpu or a.rdzv or n > 1:
+        host, _, p = (a.rdzv or f"127.0.0.1:{port}").partition(":")
+        endpoint = f"{host}:{p or port}"
+        job = f"{a.job_name}-{uuid.uuid4().hex[:8]}" if a.cpu else a.job_name
+        ranks = range(n) if a.cpu else [a.node_rank] if a.node_rank is not None else [None]
+        for r in ranks:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(n), "--nproc_per_node", str(g),
+                   "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", job,
+                   "--rdzv_conf", f"join_timeout={a.rdzv_timeout}", *restarts]
+            if a.cpu and r is not None:
+                cmd += ["--local_addr", "127.0.0.1"]
+            cmd += [*_module_cmd(), *sub]
+            plan.commands.append(cmd)
+        plan.env.update(MASTER_ADDR=host, MASTER_PORT=str(p or port))
+        if a.cpu:
+            plan.env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+        world = g * n
+    else:
+        plan.commands = [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(g),
+                          *restarts, *_module_cmd(), *sub]]
+        world = g
+    plan.batch_note = batch_arithmetic(sub, world)
+    return plan
+
+
+def sbatch_script(a, sub: list[str], g: int, port: int) -> str:
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={a.job_name}", f"#SBATCH --time={a.time}",
+             f"#SBATCH --cpus-per-task={a.cpus_per_task}", "#SBATCH --output=%x-%j.out"]
+    if a.partition:
+        lines.append(f"#SBATCH --partition={a.partition}")
+    if a.array:
+        lines += [f"#SBATCH --array=0-{a.array - 1}", "#SBATCH --nodes=1", "#SBATCH --ntasks=1", "set -euo pipefail"]
+        part = ["--part", f"$SLURM_ARRAY_TASK_ID/{a.array}"] if sub[:2] == ["shards", "build"] else []
+        body = " ".join(shlex.quote(x) for x in sub) + (" " + " ".join(part) if part else "")
+        lines.append(f"srun medvlp {body}")
+        return "\n".join(lines) + "\n"
+    lines += [f"#SBATCH --nodes={a.nodes}", "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={g}",
+              "set -euo pipefail",
+              'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+              f"export MASTER_PORT={port}"]
+    lines += [f"export {k}={v}" for k, v in sorted(NCCL_ENV.items())]
+    restarts = f" --max-restarts {a.max_restarts}" if a.max_restarts else ""
+    lines.append("srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes \"$SLURM_NNODES\" "
+                 f"--nproc_per_node {g} --rdzv_backend c10d --rdzv_endpoint \"$MASTER_ADDR:$MASTER_PORT\" "
+                 f"--rdzv_id \"$SLURM_JOB_ID\"{restarts} -m launch.cli " + " ".join(shlex.quote(x) for x in sub))
+    return "\n".join(lines) + "\n"
+
+
+def run_plan(plan: LaunchPlan, submit: bool = False, timeout: float | None = None) -> int:
+    """Run the plan's commands concurrently (one per simulated node) and return the worst exit code."""
+    if plan.script is not None:
+        Path(plan.script_path).write_text(plan.script)
+        os.chmod(plan.script_path, 0o755)
+        print(f"wrote {plan.script_path}")
+        if not submit:
+            print(f"submit with: sbatch {plan.script_path}")
+            return 0
+    env = {**os.environ, **plan.env}
+    procs = [subprocess.Popen(c, env=env) for c in plan.commands]
+    rc = 0
+    try:
+        for p in procs:
+            rc = max(rc, abs(p.wait(timeout=timeout)))
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        rc = rc or 1
+    return rc
+
+
+def launch_main(a) -> int:
+    plan = plan_launch(a)
+    print(plan.render(), flush=True)
+    if a.dry_run:
+        return 0
+    return run_plan(plan, submit=a.submit)
