@@ -22,6 +22,11 @@ class DataConfig:
     augment: bool = True  # random augmentation for training
     seed: int = 0  # base seed: the stream is deterministic given (seed, epoch, rank, worker)
     context_length: int = 77  # text tokens per caption
+    index: str = ""  # index.json of remote/pipe shard specs ("" = the index.json beside local shards)
+    max_patches: int = 4096  # slide bags are randomly subsampled (eval: evenly strided) to at most this (0 = all)
+    pair_views: bool = False  # 2D: also yield Path-CLIP weak/strong views ("image_weak", "image_strong")
+    flip: bool | None = None  # random horizontal/3D flips; null = modality default (off for cxr/ct: laterality)
+    log_corrupt: int = 5  # corrupt samples logged (with key) per worker; all are counted in the loader stats
 
     def validate(self) -> None:
         if self.modality not in ("cxr", "patho", "ct", "slide"):
@@ -32,3 +37,11 @@ class DataConfig:
             raise ValueError(f"workers: must be >= 0, got {self.workers}")
         if self.image_size < 8:
             raise ValueError(f"image_size: must be >= 8, got {self.image_size}")
+        if self.samples_per_epoch < 0:
+            raise ValueError(f"samples_per_epoch: must be >= 0, got {self.samples_per_epoch}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        if self.max_patches < 0:
+            raise ValueError(f"max_patches: must be >= 0, got {self.max_patches}")
+        if self.volume_size is not None and (len(self.volume_size) != 3 or min(self.volume_size) < 1):
+            raise ValueError(f"volume_size: must be 3 positive ints (D, H, W) or null, got {self.volume_size}")

@@ -108,8 +108,8 @@ def _approx_size(s: Sample) -> int:
 
 
 def write_index(out_dir: str | os.PathLike, shards: list[ShardInfo], modality: str, label_names: list[str],
-                command: str | None = None, extra: dict | None = None) -> dict:
-    """Write index.json atomically beside the shards and return it."""
+                command: str | None = None, extra: dict | None = None, name: str = INDEX_NAME) -> dict:
+    """Write index.json (or `name`, e.g. a part index) atomically beside the shards and return it."""
     splits: Counter[str] = Counter()
     for sh in shards:
         splits.update(sh.splits)
@@ -123,7 +123,7 @@ def write_index(out_dir: str | os.PathLike, shards: list[ShardInfo], modality: s
         "command": command if command is not None else " ".join(sys.argv),
         **(extra or {}),
     }
-    path = Path(out_dir) / INDEX_NAME
+    path = Path(out_dir) / name
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)

@@ -12,6 +12,8 @@ class ModelConfig:
     tokenizer: str = ""  # path to a trained tokenizer dir (BERT-style text towers); "" = open_clip BPE
     checkpoint: str = ""  # local checkpoint to initialise from ("" = from scratch)
     grad_checkpointing: bool = False  # activation checkpointing on both towers
+    init_logit_scale: float | None = None  # initial t of s = exp(t); null = model config's (CLIP: log(1/0.07))
+    init_logit_bias: float | None = None  # initial learned logit bias (SigLIP); null = model config's (none for CLIP)
 
 
 @dataclass
@@ -24,12 +26,17 @@ class LossConfig:
     local_loss: bool = True  # each rank computes its own rows of the global logits (open_clip style)
     chunk_size: int = 1024  # row/column block of the blockwise backend
     cache_chunk: int = 0  # embedding-cache micro-chunk (GradCache); 0 = off (one forward for the batch)
+    auto_chunked_min: int = 512  # backend=auto without Triton: chunked when the key count N >= this, else torch
 
     def validate(self) -> None:
         if self.kind not in ("clip", "siglip"):
             raise ValueError(f"kind: {self.kind!r} is not one of clip, siglip")
         if self.backend not in ("torch", "chunked", "triton", "auto"):
             raise ValueError(f"backend: {self.backend!r} is not one of torch, chunked, triton, auto")
+        if self.kind == "siglip" and self.backend in ("chunked", "triton"):
+            raise ValueError(f"backend: {self.backend!r} computes the CLIP loss only; SigLIP needs torch or auto")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size: must be >= 1, got {self.chunk_size}")
 
 
 @dataclass
@@ -57,6 +64,7 @@ class TrainConfig:
     ckpt_every: int = 50  # steps between checkpoints (0 = only at the end)
     keep_ckpts: int = 2  # complete checkpoints kept
     eval_every: int = 0  # steps between evals (0 = only at the end)
+    final_eval: bool = True  # evaluate (cfg.eval) on the held-out split when training ends
     log_every: int = 10  # steps between metric logs
     resume: bool = False  # continue from the latest complete checkpoint in out_dir
     max_bad_steps: int = 5  # consecutive NaN/inf losses tolerated (skipped) before stopping
@@ -81,7 +89,14 @@ class EvalConfig:
     kshot: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # k-shot probe sizes
     kshot_seeds: int = 3  # seeds per k
     bootstrap: int = 200  # bootstrap resamples for AUC 95% CIs
-    max_samples: int = 2000  # evaluation samples streamed
+    max_samples: int = 2000  # evaluation samples streamed (per split)
+    split: str = "test"  # split the metrics are measured on
+    probe_split: str = "train"  # split the linear / k-shot probes are fitted on
+    probe_C: float = 0.0  # logistic-regression C of the full probe; 0 = chosen per finding on a validation hold-out
+    kshot_C: float = 1.0  # logistic-regression C of the k-shot probes (too few samples to validate)
+    batch_size: int = 64  # images/texts embedded per forward pass
+    seed: int = 0  # seed of bootstrap resamples and k-shot draws
+    retrieval_examples: int = 4  # query images drawn in retrieval_examples.png (0 = no figure)
 
 
 @dataclass
@@ -92,3 +107,9 @@ class TrackingConfig:
     uri: str = ""  # tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///mlruns.db
     experiment: str = "medvlp"  # experiment name
     run_name: str = ""  # run name ("" = generated)
+    fallback_uri: str = ""  # store used when the server does not answer ("" = sqlite:///mlruns.db in the CWD)
+    probe_timeout_s: float = 2.0  # how long an http(s) server may take to answer the start-up probe
+    retry_every_s: float = 30.0  # after a logging failure, seconds between retries of the buffered items
+    http_retries: int = 1  # MLflow HTTP retries per call (bounds the stall when a server dies mid-run)
+    http_timeout_s: int = 10  # MLflow HTTP timeout per request, seconds
+    max_buffered: int = 100000  # logging calls kept while the store is unreachable (oldest dropped beyond)

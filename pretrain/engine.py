@@ -69,16 +69,14 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
-def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
-    low = name.lower()
-    return p.ndim < 2 or "logit_scale" in low or "logit_bias" in low or "norm" in low or low.endswith(".bias")
-
-
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    from pretrain.model import decay_param_names
+
+    with_decay = decay_param_names(model)  # matrices/kernels only: no biases, norms, positions, logit scale
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if _no_decay(name, p) else decay).append(p)
+            (decay if name in with_decay else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if torch.cuda.is_available():

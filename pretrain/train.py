@@ -144,8 +144,16 @@ def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = Tru
     eng.seed_everything(cfg.train.seed)  # same init on every rank
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and config_dict is not None:  # the resolved config beside the weights (medvlp eval reads it)
+        tmp = out_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(config_dict, indent=1, sort_keys=True, default=str) + "\n")
+        tmp.replace(out_dir / "config.json")
 
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.loss)
+    want = getattr(model, "image_size", None)
+    if model.image_kind == "2d" and want and int(want if isinstance(want, int) else want[0]) != cfg.data.image_size:
+        raise ValueError(f"data.image_size={cfg.data.image_size} but model {cfg.model.name!r} takes {want}x{want} "
+                         f"images: set data.image_size={want}")
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     engine, _, scheduler, ds_cfg = eng.create_engine(model, cfg.train, cfg.optim, cfg.data.batch_size, world)
@@ -229,7 +237,8 @@ def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = Tru
         result.steps_done = step
         if not result.stopped_early:
             eng.save_model_weights(engine, out_dir / "model.pt")
-            result.metrics = _evaluate(engine.module, cfg, rank, device, tracker, step)
+            if cfg.train.final_eval:
+                result.metrics = _evaluate(engine.module, cfg, rank, device, tracker, step)
             _log_curves(tracker, result, out_dir, rank)
         elif result.stopped_by_signal:
             tracker.end("KILLED")
@@ -245,7 +254,7 @@ def _train_step(engine, batches: _Batches, loss_fn, cfg, rank, world, device, au
         if cfg.loss.cache_chunk and cfg.loss.cache_chunk < img.shape[0]:
             from pretrain.cache import cached_step
 
-            loss = cached_step(engine, img, tok, lambda i, t, s: loss_fn(i, t, s, rank=rank, world_size=world),
+            loss = cached_step(engine, img, tok, lambda *o: loss_fn(*o, rank=rank, world_size=world),
                                chunk=cfg.loss.cache_chunk, backward=engine.backward)
             if not _any_rank(not torch.isfinite(loss).item(), device):
                 losses.append(float(loss))
@@ -253,8 +262,8 @@ def _train_step(engine, batches: _Batches, loss_fn, cfg, rank, world, device, au
                 continue
             return float("nan"), False
         with autocast:
-            img_emb, txt_emb, scale = engine(img, tok)
-            loss = loss_fn(img_emb.float(), txt_emb.float(), scale.float(), rank=rank, world_size=world)
+            out = engine(img, tok)  # (img_emb, txt_emb, scale[, siglip bias])
+            loss = loss_fn(*[o.float() for o in out], rank=rank, world_size=world)
         if _any_rank(not torch.isfinite(loss).item(), device):
             return float("nan"), False
         engine.backward(loss)

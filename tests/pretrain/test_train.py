@@ -25,6 +25,12 @@ def _losses(out_dir):
     return d
 
 
+def _clean_env():
+    """This process's environment without the process-group variables an in-process run has set."""
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def _run(cfg):
     from pretrain.train import run_pretrain
     return run_pretrain(cfg, flatten(to_dict(cfg)), progress=False)
@@ -50,13 +56,13 @@ def test_smoke_run_tracks_and_checkpoints(cxr_shards, tmp_path):
 
 def test_resume_continues_exactly(cxr_shards, tmp_path):
     full = tmp_path / "full"
-    _run(load_config("debug", tiny_overrides(cxr_shards, full, steps=6, **{"tracking.enabled": "false"})))
+    _run(load_config("debug", tiny_overrides(cxr_shards, full, steps=6, **{"tracking.enabled": "false", "train.final_eval": "false"})))
     part = tmp_path / "part"
     first = _run(load_config("debug", tiny_overrides(cxr_shards, part, steps=6, **{"train.stop_after": 3,
-                                                                                   "tracking.enabled": "false"})))
+                                                                                   "tracking.enabled": "false", "train.final_eval": "false"})))
     assert first.stopped_early and first.steps_done == 3
     second = _run(load_config("debug", tiny_overrides(cxr_shards, part, steps=6, **{"train.resume": "true",
-                                                                                    "tracking.enabled": "false"})))
+                                                                                    "tracking.enabled": "false", "train.final_eval": "false"})))
     assert second.steps_done == 6
     a, b = _losses(full), _losses(part)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
@@ -80,19 +86,19 @@ def test_nan_guard_skips_then_stops(cxr_shards, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loss_mod.ContrastiveLoss, "forward", flaky)
     res = _run(load_config("debug", tiny_overrides(cxr_shards, tmp_path / "a", steps=4,
-                                                   **{"tracking.enabled": "false"})))
+                                                   **{"tracking.enabled": "false", "train.final_eval": "false"})))
     assert res.steps_done == 4 and calls["n"] == 6 and all(math.isfinite(v) for _, v in res.losses)
 
     monkeypatch.setattr(loss_mod.ContrastiveLoss, "forward", lambda self, *a, **k: torch.tensor(float("inf")))
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
         _run(load_config("debug", tiny_overrides(cxr_shards, tmp_path / "b", steps=4,
-                                                 **{"train.max_bad_steps": 3, "tracking.enabled": "false"})))
+                                                 **{"train.max_bad_steps": 3, "tracking.enabled": "false", "train.final_eval": "false"})))
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(cxr_shards, tmp_path):
-    sets = tiny_overrides(cxr_shards, tmp_path, steps=400, **{"train.ckpt_every": 0, "tracking.enabled": "false"})
+    sets = tiny_overrides(cxr_shards, tmp_path, steps=400, **{"train.ckpt_every": 0, "tracking.enabled": "false", "train.final_eval": "false"})
     cmd = [sys.executable, "-m", "launch.cli", "pretrain", "debug"] + [x for s in sets for x in ("--set", s)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env())
     log = tmp_path / "train_log.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
@@ -113,11 +119,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(cxr_shards, tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_2proc_cpu_trains(cxr_shards, tmp_path, stage):
     sets = tiny_overrides(cxr_shards, tmp_path, steps=20, **{
-        "train.zero_stage": stage, "optim.lr": 2e-3, "train.ckpt_every": 0, "tracking.enabled": "false",
-        "eval.zero_shot": "false", "eval.linear_probe": "false", "eval.kshot": "[]"})
+        "train.zero_stage": stage, "optim.lr": 2e-3, "train.ckpt_every": 0, "tracking.enabled": "false", "train.final_eval": "false",
+        })
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "launch.cli", "pretrain", "debug"] + [x for s in sets for x in ("--set", s)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**_clean_env(), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=420)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     losses = _losses(tmp_path)

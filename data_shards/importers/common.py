@@ -1,0 +1,99 @@
+"""What every importer shares: typed options from `KEY=VALUE` strings, and writing samples as shards + index."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from data_shards.schema import Sample
+from data_shards.writer import write_index, write_shards
+
+# Options every importer accepts (name -> (type, default, one-line doc)).
+COMMON_OPTIONS: dict[str, tuple[type, Any, str]] = {
+    "maxcount": (int, 1000, "samples per shard at most"),
+    "maxsize": (int, 1 << 30, "shard size cap in bytes (estimated from the decoded arrays)"),
+    "limit": (int, 0, "import at most this many samples per split (0 = all); for quick tries"),
+    "command": (str, None, "build command recorded in index.json (default: sys.argv)"),
+}
+
+
+def coerce_options(kind: str, opts: dict[str, Any], spec: dict[str, tuple[type, Any, str]]) -> dict[str, Any]:
+    """Defaults + given options, converted to their types; an unknown or unparsable option names itself."""
+    spec = {**COMMON_OPTIONS, **spec}
+    unknown = sorted(set(opts) - set(spec))
+    if unknown:
+        raise ValueError(f"{kind} importer: unknown option(s) {unknown}; known: {sorted(spec)}")
+    out = {k: d for k, (_, d, _) in spec.items()}
+    for k, v in opts.items():
+        typ = spec[k][0]
+        try:
+            if typ is bool and isinstance(v, str):
+                if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(v)
+                out[k] = v.lower() in ("1", "true", "yes")
+            else:
+                out[k] = v if v is None or isinstance(v, typ) else typ(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{kind} importer: option {k}={v!r} is not a valid {typ.__name__}") from None
+    return out
+
+
+def write_dataset(samples: Iterable[Sample], out_dir: str | os.PathLike, *, modality: str,
+                  label_names: Iterable[str], opts: dict[str, Any], extra: dict) -> dict:
+    """Stream samples into shards (one pass, constant memory) and write index.json.
+
+    `label_names` is read after the samples are consumed, so a set the sample generator fills works."""
+    out = Path(out_dir)
+    infos = write_shards(samples, out, maxcount=opts["maxcount"], maxsize=opts["maxsize"])
+    if not infos:
+        raise ValueError(f"{out}: the importer produced no samples")
+    return write_index(out, infos, modality, sorted(label_names), command=opts["command"], extra=extra)
+
+
+# Options of importers whose layout is "a CSV of image files": they reuse the manifest builder's pipeline.
+IMAGE_FILE_OPTIONS: dict[str, tuple[type, Any, str]] = {
+    "root": (str, "", "folder the CSV's image paths are relative to (default: tried beside the CSV, then above)"),
+    "image_size": (int, 512, "longer image side at most (resized at build time)"),
+    "workers": (int, 2, "encoding processes (one shard each)"),
+    "on_error": (str, "skip", "skip | fail: public data sets have known gaps, so bad rows are reported and skipped"),
+    "split": (str, "auto", "auto (patient hash) | train | val | test: the split of every row"),
+    "val_frac": (float, 0.1, "fraction of patients in val when split=auto"),
+    "test_frac": (float, 0.1, "fraction of patients in test when split=auto"),
+    "seed": (int, 0, "seed of the patient-hash split"),
+    "progress": (bool, True, "show a progress bar"),
+}
+
+
+def resolve_image(given: str, csv_path: Path, root: str) -> str:
+    """An image path from a CSV: under `root` if given, else beside the CSV, else beside its parent folder."""
+    p = Path(given)
+    if p.is_absolute():
+        return str(p)
+    if root:
+        return str(Path(root) / p)
+    for base in (csv_path.parent, csv_path.parent.parent):
+        if (base / p).exists():
+            return str(base / p)
+    return str(csv_path.parent / p)
+
+
+def build_image_rows(rows: list, errors: list[str], out_dir: str | os.PathLike, o: dict[str, Any],
+                     extra: dict) -> dict:
+    """Rows of image files -> the builder's validation, patient splits, parallel encoding and index."""
+    from data_shards.build import build_rows
+    from data_shards.manifest import assign_splits, check_files, check_global
+
+    if o["on_error"] not in ("skip", "fail"):
+        raise ValueError(f"option on_error={o['on_error']!r} is not 'skip' or 'fail'")
+    if o["split"] not in ("auto", "train", "val", "test"):
+        raise ValueError(f"option split={o['split']!r} is not auto, train, val or test")
+    rows, more = check_global(rows)
+    errors = errors + more
+    if o["split"] != "auto":
+        for r in rows:
+            r.split = o["split"]
+    assign_splits(rows, o["val_frac"], o["test_frac"], o["seed"])
+    rows, more = check_files(rows)
+    return build_rows(rows, out_dir, errors=errors + more, workers=o["workers"], maxcount=o["maxcount"],
+                      maxsize=o["maxsize"], image_size=o["image_size"], on_error=o["on_error"],
+                      command=o["command"], progress=o["progress"], extra=extra)
