@@ -98,8 +98,9 @@ def server_reachable(uri: str, timeout_s: float = 2.0) -> bool:
 class Tracker:
     """One MLflow run for rank 0; every method is a no-op on other ranks or when tracking is disabled."""
 
-    def __init__(self, cfg, rank: int = 0, config_dict: dict | None = None) -> None:
+    def __init__(self, cfg, rank: int = 0, config_dict: dict | None = None, resume_run_id: str | None = None) -> None:
         self.cfg = cfg
+        self.resume_run_id = resume_run_id  # a resumed training continues its MLflow run (same store)
         self.active = bool(getattr(cfg, "enabled", True)) and rank == 0
         self.config_dict = config_dict
         self.run_id: str | None = None
@@ -161,7 +162,16 @@ class Tracker:
         name = getattr(self.cfg, "experiment", "medvlp") or "medvlp"
         exp = client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
-        run = client.create_run(exp_id, run_name=getattr(self.cfg, "run_name", "") or None)
+        run = None
+        if self.resume_run_id:
+            try:
+                run = client.get_run(self.resume_run_id)
+                client.update_run(run.info.run_id, status="RUNNING")
+                self.config_dict = None  # params are already there (and immutable in MLflow)
+            except Exception:  # noqa: BLE001 - another store, or the run was deleted: start a new one
+                run = None
+        if run is None:
+            run = client.create_run(exp_id, run_name=getattr(self.cfg, "run_name", "") or None)
         self.uri, self.client, self.run_id = uri, client, run.info.run_id
         log.info("MLflow run %s in %s (experiment %s)", self.run_id, uri, name)
 

@@ -158,7 +158,7 @@ def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = Tru
         model.set_grad_checkpointing(True)
     engine, _, scheduler, ds_cfg = eng.create_engine(model, cfg.train, cfg.optim, cfg.data.batch_size, world)
     loss_fn = ContrastiveLoss(cfg.loss)
-    start_step, epoch, epoch_step, history = 0, 0, 0, []
+    start_step, epoch, epoch_step, history, run_id = 0, 0, 0, [], None
     if cfg.train.resume:
         tag_dir = eng.latest_complete(out_dir)
         if tag_dir is None:
@@ -168,6 +168,7 @@ def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = Tru
             start_step = int(client["step"])
             epoch, epoch_step = client["data"]["epoch"], client["data"]["step"]
             history = [tuple(x) for x in client.get("losses", [])]
+            run_id = client.get("mlflow_run_id")
             if rank == 0:
                 log.info("resumed from %s (step %d, epoch %d, batch %d)", tag_dir, start_step, epoch, epoch_step)
     eng.seed_everything(cfg.train.seed + start_step, rank)  # per-rank stream of randomness from here on
@@ -180,10 +181,10 @@ def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = Tru
     flops_per_sample = _flops_per_sample(model)
     peak = _peak_flops(device) * world
 
-    tracker = Tracker(cfg.tracking, rank, config_dict)
+    tracker = Tracker(cfg.tracking, rank, config_dict, resume_run_id=run_id)
     with tracker, _StopFlag() as stop:
         result.run_id = getattr(tracker, "run_id", None)
-        if rank == 0:
+        if rank == 0 and not run_id:
             tracker.log_params({"derived.world_size": world, "derived.global_batch": global_batch,
                                 "derived.zero_stage": ds_cfg["zero_optimization"]["stage"]})
         bad, t_last, n_last = 0, time.perf_counter(), 0
@@ -220,6 +221,7 @@ def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = Tru
                     m["train/mfu"] = flops_per_sample * sps / peak
                 tracker.log_metrics(m, step)
                 t_last, n_last = time.perf_counter(), 0
+            result.run_id = getattr(tracker, "run_id", None)
             want_ckpt = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == cfg.train.steps
             time_boxed = bool(cfg.train.stop_after) and step - start_step >= cfg.train.stop_after
             stopping = _any_rank(stop.stop, device) or time_boxed
@@ -291,7 +293,7 @@ def _flops_per_sample(model) -> float:
 
 
 def _checkpoint(engine, cfg, step: int, batches: _Batches, result: TrainResult, config_dict) -> None:
-    client = {"step": step, "data": batches.position(), "losses": result.losses[-10000:],
+    client = {"step": step, "data": batches.position(), "losses": result.losses[-10000:], "mlflow_run_id": result.run_id,
               "config": config_dict or {}}
     eng.save_checkpoint(engine, cfg.train.out_dir, step, client, keep=cfg.train.keep_ckpts)
 

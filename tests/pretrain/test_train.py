@@ -59,11 +59,15 @@ def test_resume_continues_exactly(cxr_shards, tmp_path):
     _run(load_config("debug", tiny_overrides(cxr_shards, full, steps=6, **{"tracking.enabled": "false", "train.final_eval": "false"})))
     part = tmp_path / "part"
     first = _run(load_config("debug", tiny_overrides(cxr_shards, part, steps=6, **{"train.stop_after": 3,
-                                                                                   "tracking.enabled": "false", "train.final_eval": "false"})))
+                                                                                   "train.final_eval": "false"})))
     assert first.stopped_early and first.steps_done == 3
     second = _run(load_config("debug", tiny_overrides(cxr_shards, part, steps=6, **{"train.resume": "true",
-                                                                                    "tracking.enabled": "false", "train.final_eval": "false"})))
+                                                                                    "train.final_eval": "false"})))
     assert second.steps_done == 6
+    assert second.run_id == first.run_id  # the resumed job continues its MLflow run
+    import mlflow
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{part}/mlruns.db")
+    assert [m.step for m in client.get_metric_history(first.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
     a, b = _losses(full), _losses(part)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for s in range(1, 7):
