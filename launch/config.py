@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from data_shards.config import DataConfig
+from pretrain.tracking import flatten  # noqa: F401 - re-exported: {'a': {'b': 1}} -> {'a.b': 1}
 from pretrain.config import EvalConfig, LossConfig, ModelConfig, OptimConfig, TrackingConfig, TrainConfig
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -146,18 +147,6 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1} (for MLflow params)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- recipes

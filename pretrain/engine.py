@@ -114,6 +114,9 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, w
         for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             cfg.pop(k, None)  # batch arithmetic always comes from our config
     zero = dict(cfg.get("zero_optimization", {}))
+    if "stage" in zero and int(zero["stage"]) != train.zero_stage:
+        raise ValueError(f"train.zero_stage={train.zero_stage} but the DeepSpeed template {train.deepspeed_config} "
+                         f"says stage {zero['stage']}: make them agree")
     zero["stage"] = train.zero_stage
     if train.zero_stage == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)

@@ -71,3 +71,38 @@ def test_cli_config_show_and_error():
     bad = subprocess.run([sys.executable, "-m", "launch.cli", "config", "show", "debug", "--set", "data.nope=1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "data.nope: unknown key" in bad.stderr
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_recipe_names_a_registered_model_and_valid_deepspeed_config(name):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from pretrain.engine import deepspeed_config
+    from pretrain.registry import get_model_config
+
+    cfg = load_config(name)
+    assert get_model_config(cfg.model.name)  # raises for an unknown architecture
+    ds = DeepSpeedConfig(deepspeed_config(cfg.train, cfg.optim, cfg.data.batch_size, world_size=1))
+    assert ds.zero_optimization_stage == cfg.train.zero_stage
+    assert ds.train_batch_size == cfg.data.batch_size * cfg.train.grad_accum
+
+
+def test_every_deepspeed_template_is_valid():
+    import json
+    from pathlib import Path
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from pretrain.config import OptimConfig, TrainConfig
+    from pretrain.engine import deepspeed_config
+
+    templates = sorted((Path(__file__).resolve().parents[2] / "launch" / "deepspeed").glob("*.json"))
+    assert len(templates) >= 5
+    for t in templates:
+        stage = json.loads(t.read_text())["zero_optimization"]["stage"]
+        ds = DeepSpeedConfig(deepspeed_config(TrainConfig(deepspeed_config=str(t), zero_stage=stage), OptimConfig(),
+                                              8, world_size=1))
+        assert ds.zero_optimization_stage == stage and ds.train_batch_size == 8, t.name
+    with pytest.raises(ValueError, match="train.zero_stage=1 but the DeepSpeed template"):
+        deepspeed_config(TrainConfig(deepspeed_config=str(templates[0].parent / "zero3.json"), zero_stage=1),
+                         OptimConfig(), 8, world_size=2)
