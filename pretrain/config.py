@@ -24,7 +24,7 @@ class LossConfig:
     backend: str = "torch"  # torch (reference) | chunked (blockwise) | triton (fused) | auto
     gather_with_grad: bool = True  # all-gather features with gradients (global batch) vs. local loss
     local_loss: bool = True  # each rank computes its own rows of the global logits (open_clip style)
-    chunk_size: int = 1024  # row/column block of the blockwise backend
+    chunk_size: int = 0  # row block of the blockwise backend (0 = picked by N and D for bounded memory)
     cache_chunk: int = 0  # embedding-cache micro-chunk (GradCache); 0 = off (one forward for the batch)
     auto_chunked_min: int = 512  # backend=auto without Triton: chunked when the key count N >= this, else torch
 
@@ -35,8 +35,8 @@ class LossConfig:
             raise ValueError(f"backend: {self.backend!r} is not one of torch, chunked, triton, auto")
         if self.kind == "siglip" and self.backend in ("chunked", "triton"):
             raise ValueError(f"backend: {self.backend!r} computes the CLIP loss only; SigLIP needs torch or auto")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size: must be >= 1, got {self.chunk_size}")
+        if self.chunk_size < 0:
+            raise ValueError(f"chunk_size: must be >= 0 (0 = automatic), got {self.chunk_size}")
 
 
 @dataclass

@@ -135,4 +135,4 @@ class ContrastiveLoss(nn.Module):
         keys = (None, None) if single else (img_k, txt_k)
         return clip_loss(img, txt, logit_scale, keys[0], keys[1], q_offset=0 if single else offset,
                          backend="reference" if backend == "torch" else backend,
-                         block=self.cfg.chunk_size if backend == "chunked" else None)
+                         block=(self.cfg.chunk_size or None) if backend == "chunked" else None)

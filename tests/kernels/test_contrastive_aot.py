@@ -1,0 +1,63 @@
+"""Ahead-of-time compile of every contrastive kernel for sm_90 and sm_80 (no GPU needed)."""
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    pytest.skip("TRITON_INTERPRET=1 turns the kernels into interpreted functions; AOT needs the compiler",
+                allow_module_level=True)
+
+from kernels import contrastive_aot as aot  # noqa: E402
+from kernels import contrastive_triton as ct  # noqa: E402
+
+DIMS = (256, 512, 768, 1024)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    results = aot.compile_all(dims=DIMS, dtypes=(torch.float32, torch.bfloat16), archs=(90, 80))
+    print("\n" + aot.markdown_table(results))
+    return results
+
+
+def test_every_kernel_compiles_to_cubin(compiled):
+    seen = {(r.kernel, r.arch, r.dtype) for r in compiled}
+    for _, fn in aot.KERNELS:
+        for arch in (90, 80):
+            for dtype in ("float32", "bfloat16"):
+                assert (fn.__name__, arch, dtype) in seen
+    for r in compiled:
+        assert r.cubin_bytes > 1000, f"{r.kernel} sm_{r.arch} {r.dtype}: no cubin"
+        assert r.ptx.startswith("//") and f".target sm_{r.arch}" in r.ptx
+
+
+def test_launcher_configs_cover_all_dims(compiled):
+    covered = {int(d) for r in compiled for d in r.dims.split(",")}
+    assert covered == set(DIMS)
+
+
+def test_bf16_uses_tensor_cores(compiled):
+    for r in compiled:
+        if r.dtype == "bfloat16":
+            want = "wgmma" if r.arch == 90 else "mma"
+            assert r.mma == want, f"{r.kernel} sm_{r.arch}: expected {want} in the PTX, saw {r.mma}"
+        else:
+            assert r.mma == "none", f"{r.kernel} sm_{r.arch} fp32: IEEE products must not use tensor cores"
+
+
+def test_resources_within_limits(compiled):
+    for r in compiled:
+        assert 0 < r.shared <= 227 * 1024, f"{r.kernel} sm_{r.arch}: shared {r.shared} B"
+        if r.regs >= 0:
+            assert r.regs <= 255
+            # A few spilled words are tolerated; hundreds of bytes mean the tiles are too large.
+            assert r.stack <= 64, f"{r.kernel} sm_{r.arch} {r.dtype}: {r.stack} B of stack (spills)"
+
+
+def test_pass_count_formula():
+    assert ct.pass_count(256, torch.bfloat16) == 5
+    assert ct.pass_count(1024, torch.bfloat16) == 11
+    assert ct.pass_count(256, torch.float32) == 7
+    with pytest.raises(ValueError, match="D: embedding dim"):
+        ct.pick_blocks(0, torch.float32)
