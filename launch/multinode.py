@@ -10,21 +10,30 @@ Launchers (all real; we only assemble their command lines):
   * --cpu ......................... simulate N nodes × G processes on this machine: gloo, rendezvous on 127.0.0.1
 
 Pretraining under a launcher always gets ``train.resume=true``: when a rank dies the elastic agent (torchrun
-``--max-restarts``) restarts every worker and they continue from the last complete checkpoint.
+``--max-restarts``) restarts every worker and they continue from the last complete checkpoint; without restarts
+the job exits non-zero (under ``--cpu`` the other simulated nodes are terminated after ``--fail-grace`` seconds
+at the latest; on real nodes their workers fail on the broken process group or at its timeout) and the same
+command run again resumes.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 NCCL_ENV = {"NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
+# torchrun's c10d rendezvous shares one TCPStore across restart rounds by default; after a restart the new
+# workers then read the dead workers' gloo/NCCL addresses from it and fail to connect (pytorch#135712). A fresh
+# store per round (hosted by worker rank 0) makes `--max-restarts` work.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 @dataclass
@@ -63,6 +72,10 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master-port", type=int, default=None, help="rendezvous / master port")
     p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts after a rank fails (torchrun)")
     p.add_argument("--rdzv-timeout", type=int, default=120, help="seconds to wait for all nodes at rendezvous")
+    p.add_argument("--fail-grace", type=float, default=60.0,
+                   help="seconds the other nodes get to exit after one failed, before they are terminated")
+    p.add_argument("--timeout", type=float, default=0,
+                   help="terminate the whole job after this many seconds (0 = no limit)")
     p.add_argument("--job-name", default="medvlp")
     p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--time", default="24:00:00", help="SLURM time limit")
@@ -144,7 +157,7 @@ def _module_cmd() -> list[str]:
 def plan_launch(a) -> LaunchPlan:
     sub = _with_resume(_sub(a.rest))
     g, n = _gpus(a), a.nodes
-    plan = LaunchPlan(env={} if a.cpu else dict(NCCL_ENV))
+    plan = LaunchPlan(env={**({} if a.cpu else NCCL_ENV), **({} if a.hostfile else TORCHRUN_ENV)})
     port = a.master_port or (_free_port() if a.cpu else 29500)
     restarts = ["--max-restarts", str(a.max_restarts)] if a.max_restarts else []
     if a.slurm:
@@ -200,7 +213,7 @@ def sbatch_script(a, sub: list[str], g: int, port: int) -> str:
               "set -euo pipefail",
               'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
               f"export MASTER_PORT={port}"]
-    lines += [f"export {k}={v}" for k, v in sorted(NCCL_ENV.items())]
+    lines += [f"export {k}={v}" for k, v in sorted({**NCCL_ENV, **TORCHRUN_ENV}.items())]
     restarts = f" --max-restarts {a.max_restarts}" if a.max_restarts else ""
     lines.append("srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes \"$SLURM_NNODES\" "
                  f"--nproc_per_node {g} --rdzv_backend c10d --rdzv_endpoint \"$MASTER_ADDR:$MASTER_PORT\" "
@@ -208,8 +221,14 @@ def sbatch_script(a, sub: list[str], g: int, port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_plan(plan: LaunchPlan, submit: bool = False, timeout: float | None = None) -> int:
-    """Run the plan's commands concurrently (one per simulated node) and return the worst exit code."""
+def run_plan(plan: LaunchPlan, submit: bool = False, timeout: float | None = None, fail_grace: float = 60.0) -> int:
+    """Run the plan's commands concurrently (one per simulated node); returns the first failure's exit code or 0.
+
+    Fault handling: when one node's launcher exits non-zero, the others get `fail_grace` seconds to notice (their
+    workers see the broken process group, torchrun tears them down) and are then terminated, so a dead rank never
+    leaves the job hanging. SIGTERM/SIGINT to this process are passed on to every launcher (torchrun forwards
+    them to its workers, which checkpoint and stop), and `timeout` bounds the whole job.
+    """
     if plan.script is not None:
         Path(plan.script_path).write_text(plan.script)
         os.chmod(plan.script_path, 0o755)
@@ -219,20 +238,57 @@ def run_plan(plan: LaunchPlan, submit: bool = False, timeout: float | None = Non
             return 0
     env = {**os.environ, **plan.env}
     procs = [subprocess.Popen(c, env=env) for c in plan.commands]
-    rc = 0
+
+    def _forward(signum, frame):  # noqa: ARG001
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, _forward)
+        except ValueError:  # not the main thread: the caller owns signal handling
+            pass
     try:
-        for p in procs:
-            rc = max(rc, abs(p.wait(timeout=timeout)))
-    except (KeyboardInterrupt, subprocess.TimeoutExpired):
-        for p in procs:
+        return _wait_all(procs, timeout, fail_grace)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float | None, fail_grace: float) -> int:
+    """Poll the launchers; returns the first failure's exit code (not the SIGTERM we send the survivors), or 0."""
+    start, failed_at, first_rc = time.monotonic(), None, 0
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            failed_at, first_rc = now, _worst(procs)
+            print(f"medvlp launch: a node exited with code {first_rc}; giving the others {fail_grace:g} s",
+                  file=sys.stderr, flush=True)
+        if (failed_at is not None and now - failed_at > fail_grace) or (timeout and now - start > timeout):
+            why = "timeout" if failed_at is None else "failed node"
+            print(f"medvlp launch: terminating the remaining nodes ({why})", file=sys.stderr, flush=True)
+            _terminate(procs)
+            return first_rc or max(1, _worst(procs))
+        time.sleep(0.2)
+    return first_rc or _worst(procs)  # after a forwarded SIGTERM the workers checkpoint and exit 0: a clean stop
+
+
+def _worst(procs: list[subprocess.Popen]) -> int:
+    return max((abs(p.returncode) for p in procs if p.returncode is not None), default=0)
+
+
+def _terminate(procs: list[subprocess.Popen], wait_s: float = 30.0) -> None:
+    for p in procs:
+        if p.poll() is None:
             p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        rc = rc or 1
-    return rc
+    for p in procs:
+        try:
+            p.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def launch_main(a) -> int:
@@ -240,4 +296,4 @@ def launch_main(a) -> int:
     print(plan.render(), flush=True)
     if a.dry_run:
         return 0
-    return run_plan(plan, submit=a.submit)
+    return run_plan(plan, submit=a.submit, timeout=a.timeout or None, fail_grace=a.fail_grace)

@@ -70,6 +70,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive NaN/inf losses tolerated (skipped) before stopping
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation (time-boxed jobs); 0 = off
     seed: int = 0  # global seed
+    dist_timeout_s: float = 600.0  # seconds a collective may wait for a missing rank before failing
     deepspeed_config: str = ""  # optional DeepSpeed JSON template merged under the generated config
 
     def validate(self) -> None:

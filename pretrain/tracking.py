@@ -161,7 +161,13 @@ class Tracker:
         client = MlflowClient(tracking_uri=uri)
         name = getattr(self.cfg, "experiment", "medvlp") or "medvlp"
         exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:  # artifacts of a SQLite store live beside the database, not in ./mlruns of whatever the CWD is
+            loc = None
+            if uri.startswith("sqlite:///"):
+                loc = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name).as_uri()
+            exp_id = client.create_experiment(name, artifact_location=loc)
         run = None
         if self.resume_run_id:
             try:

@@ -139,7 +139,7 @@ def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = Tru
     from pretrain.model import build_model
     from pretrain.tracking import Tracker
 
-    rank, world, local_rank = eng.init_distributed()
+    rank, world, local_rank = eng.init_distributed(timeout_s=cfg.train.dist_timeout_s)
     device = eng.device_for(local_rank)
     eng.seed_everything(cfg.train.seed)  # same init on every rank
     out_dir = Path(cfg.train.out_dir)

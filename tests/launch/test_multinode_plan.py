@@ -80,3 +80,38 @@ def test_cpu_simulation_one_torchrun_per_node():
 def test_missing_subcommand():
     with pytest.raises(SystemExit, match="give the subcommand"):
         plan_launch(_args("--nodes", "1"))
+
+
+def test_torchrun_plans_use_a_fresh_store_per_restart_round():
+    """Without it a `--max-restarts` restart reads the dead workers' addresses from the shared store."""
+    for argv in (("--cpu", "--nodes", "2"), ("--nodes", "2", "--rdzv", "node0:29400"), ("--gpus-per-node", "2")):
+        plan = plan_launch(_args(*argv, "--", "pretrain", "debug"))
+        assert plan.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1", argv
+    script = plan_launch(_args("--slurm", "--nodes", "2", "--", "pretrain", "debug")).script
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script
+
+
+def _plan(*codes):
+    from launch.multinode import LaunchPlan
+    return LaunchPlan(commands=[[sys.executable, "-c", c] for c in codes])
+
+
+def test_run_plan_terminates_survivors_after_a_failed_node():
+    import time
+
+    from launch.multinode import run_plan
+
+    t0 = time.monotonic()
+    rc = run_plan(_plan("import sys; sys.exit(3)", "import time; time.sleep(60)"), fail_grace=1.0)
+    assert rc == 3 and time.monotonic() - t0 < 20
+
+
+def test_run_plan_timeout_and_success():
+    import time
+
+    from launch.multinode import run_plan
+
+    assert run_plan(_plan("pass", "pass")) == 0
+    t0 = time.monotonic()
+    assert run_plan(_plan("import time; time.sleep(60)"), timeout=1.0) != 0
+    assert time.monotonic() - t0 < 20
