@@ -145,6 +145,10 @@ def create_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig
     ds_cfg = deepspeed_config(train, optim, micro_batch, world_size)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_cfg)
+    if world_size == 1 and train.zero_stage == 0:
+        # A world of one: the gradients already are the global ones, but DeepSpeed would still flatten them into one
+        # buffer, all-reduce it over one rank and copy it back (2.2 s of a 9 s RN50 step on 2 CPU cores).
+        engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler, ds_cfg
 
 
