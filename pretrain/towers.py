@@ -89,8 +89,8 @@ class OpenClipVision(nn.Module):
             raise ValueError(f"2D vision tower expects (B, C, H, W), got shape {tuple(img_BCHW.shape)}")
         if img_BCHW.shape[1] == 1:
             img_BCHW = img_BCHW.expand(-1, 3, -1, -1)
-        if self.kind == "vit":
-            emb_BE, tok_BLW = self.net(img_BCHW)
+        if self.kind == "vit":  # open_clip's ViT does not cast its input (its ResNet does): bf16 weights need it
+            emb_BE, tok_BLW = self.net(img_BCHW.to(dtype=self.net.conv1.weight.dtype))
             return (emb_BE, tok_BLW) if return_tokens else emb_BE
         emb_BE, feat_BChw = self._resnet(img_BCHW)
         return (emb_BE, feat_BChw) if return_tokens else emb_BE

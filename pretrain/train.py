@@ -133,6 +133,10 @@ def _peak_flops(device: torch.device) -> float:
 
 def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = True) -> TrainResult:
     """Train per `cfg`; returns the losses, final eval metrics and where things were written."""
+    return _run_pretrain(cfg, config_dict, progress)
+
+
+def _run_pretrain(cfg: Any, config_dict: dict | None, progress: bool) -> TrainResult:
     from tqdm import tqdm
 
     from pretrain.loss import ContrastiveLoss
@@ -141,6 +145,10 @@ def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = Tru
 
     rank, world, local_rank = eng.init_distributed(timeout_s=cfg.train.dist_timeout_s)
     device = eng.device_for(local_rank)
+    if device.type == "cuda":  # as open_clip_train does: autotuned convolutions, TF32 matmuls for fp32 parts
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     eng.seed_everything(cfg.train.seed)  # same init on every rank
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +261,8 @@ def _train_step(engine, batches: _Batches, loss_fn, cfg, rank, world, device, au
     for _ in range(cfg.train.grad_accum):
         batch = _to(batches.next(), device)
         img, tok = _image_of(batch), batch["tokens"]
+        if engine.bfloat16_enabled():  # bf16 weights (GPU): feed bf16 pixels
+            img = img.to(torch.bfloat16)
         if cfg.loss.cache_chunk and cfg.loss.cache_chunk < img.shape[0]:
             from pretrain.cache import cached_step
 

@@ -71,7 +71,12 @@ def two_rank_results(tmp_path_factory):
     tok = _model(LossConfig()).tokenize([f"report {i}: opacity in zone {i % 3}" for i in range(WORLD * N_LOCAL)])
     # `fork` where the platform has it: the ranks inherit the imported torch/open_clip (a spawned interpreter
     # re-imports them, ~10 s per rank on a shared 2-core machine); `spawn` elsewhere. Same API as mp.spawn.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # Forking a process that already runs threads (an earlier in-process training leaves gloo/MLflow threads) can
+    # deadlock the children, so fork only from a single-threaded parent.
+    # An in-process training earlier in the session leaves the default group initialised: children must not inherit it.
+    import threading
+    clean = threading.active_count() == 1 and not torch.distributed.is_initialized()
+    method = "fork" if "fork" in mp.get_all_start_methods() and clean else "spawn"
     mp.start_processes(_worker, args=(str(tmp / "init"), str(tmp / "out.pt"), img, tok), nprocs=WORLD, join=True,
                        start_method=method)
     return img, tok, torch.load(tmp / "out.pt")
