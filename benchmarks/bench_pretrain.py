@@ -48,6 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.hw import cpu_model  # noqa: E402
+
 RESULT_TAG = "BENCH_RESULT "
 THREADS_TAG = "BENCH_THREADS "
 SOT, EOT = 49406, 49407  # open_clip BPE start/end-of-text ids (EOT is the largest id: the text tower pools on it)
@@ -319,14 +321,7 @@ def measure_openclip(a, model: str, precision: str, env: dict) -> Row:
 # ------------------------------------------------------------------------------------------------ table
 def hardware(cuda: bool) -> tuple[str, str]:
     """(file-name tag, description) of the machine: the GPU when one is used, else the CPU and its core count."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     slug = lambda s: re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(.*?\)|cpu|@.*", "", s.lower())).strip("-")[:32]  # noqa: E731
     if cuda:
         import torch

@@ -25,6 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.hw import cpu_model  # noqa: E402
 from data_shards.config import DataConfig  # noqa: E402
 from data_shards.schema import Sample  # noqa: E402
 from data_shards.stream import make_loader  # noqa: E402
@@ -84,14 +85,7 @@ def build_rate(manifest: Path, root: Path, size: int, workers: int) -> float | N
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     short = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(.*?\)|cpu|@.*", "", cpu.lower())).strip("-")[:32]
     return f"{short}-{os.cpu_count()}c", cpu
 
