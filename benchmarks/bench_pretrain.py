@@ -32,7 +32,6 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
 import re
 import signal
 import statistics

@@ -13,7 +13,6 @@ import argparse
 import csv
 import datetime as dt
 import os
-import platform
 import re
 import sys
 import tempfile

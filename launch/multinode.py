@@ -21,7 +21,6 @@ import argparse
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -103,9 +102,9 @@ def _with_resume(sub: list[str]) -> list[str]:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from pretrain.engine import free_port
+
+    return free_port()
 
 
 def _gpus(a) -> int:

@@ -33,7 +33,8 @@ COMPLETE = "COMPLETE"
 
 
 # ----------------------------------------------------------------------------------------------- process group
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -48,7 +49,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # single process, no launcher
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -255,30 +255,40 @@ def _run_pretrain(cfg: Any, config_dict: dict | None, progress: bool) -> TrainRe
     return result
 
 
+def _discard_partial_step(engine, micro_start: int) -> None:
+    """A skipped step must not leak into the next: drop the gradients its earlier micro batches accumulated and
+    rewind DeepSpeed's micro-step count, so the next step's accumulation boundary stays where it belongs."""
+    engine.zero_grad()
+    engine.optimizer.zero_grad()
+    engine.micro_steps = micro_start
+
+
 def _train_step(engine, batches: _Batches, loss_fn, cfg, rank, world, device, autocast) -> tuple[float, bool]:
-    """One optimizer step over grad_accum micro batches. Returns (mean loss, finite on every rank)."""
-    losses = []
+    """One optimizer step over grad_accum micro batches. Returns (mean loss, finite on every rank); a non-finite
+    micro batch on any rank skips the whole step on every rank."""
+    from pretrain.cache import cached_step
+
+    losses, micro_start = [], engine.micro_steps
+    loss_on = lambda *o: loss_fn(*o, rank=rank, world_size=world)  # noqa: E731
     for _ in range(cfg.train.grad_accum):
         batch = _to(batches.next(), device)
         img, tok = _image_of(batch), batch["tokens"]
         if engine.bfloat16_enabled():  # bf16 weights (GPU): feed bf16 pixels
             img = img.to(torch.bfloat16)
         if cfg.loss.cache_chunk and cfg.loss.cache_chunk < img.shape[0]:
-            from pretrain.cache import cached_step
-
-            loss = cached_step(engine, img, tok, lambda *o: loss_fn(*o, rank=rank, world_size=world),
-                               chunk=cfg.loss.cache_chunk, backward=engine.backward)
-            if not _any_rank(not torch.isfinite(loss).item(), device):
-                losses.append(float(loss))
-                engine.step()
-                continue
+            # the cache backpropagates chunk by chunk itself, so finiteness is known only afterwards
+            loss = cached_step(engine, img, tok, loss_on, chunk=cfg.loss.cache_chunk, backward=engine.backward)
+            bad = _any_rank(not torch.isfinite(loss).item(), device)
+        else:
+            with autocast:
+                out = engine(img, tok)  # (img_emb, txt_emb, scale[, siglip bias])
+                loss = loss_on(*[o.float() for o in out])
+            bad = _any_rank(not torch.isfinite(loss).item(), device)
+            if not bad:
+                engine.backward(loss)
+        if bad:
+            _discard_partial_step(engine, micro_start)
             return float("nan"), False
-        with autocast:
-            out = engine(img, tok)  # (img_emb, txt_emb, scale[, siglip bias])
-            loss = loss_fn(*[o.float() for o in out], rank=rank, world_size=world)
-        if _any_rank(not torch.isfinite(loss).item(), device):
-            return float("nan"), False
-        engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
     mean = sum(losses) / len(losses)

@@ -99,6 +99,27 @@ def test_nan_guard_skips_then_stops(cxr_shards, tmp_path, monkeypatch):
                                                  **{"train.max_bad_steps": 3, "tracking.enabled": "false", "train.final_eval": "false"})))
 
 
+def test_skipped_step_keeps_accumulation_aligned(cxr_shards, tmp_path, monkeypatch):
+    """A NaN in the 2nd micro batch of a step under gradient accumulation skips that whole step: the run still makes
+    every optimizer step and the lr schedule (stepped by DeepSpeed at accumulation boundaries) matches a clean run's."""
+    from pretrain import loss as loss_mod
+
+    sets = {"tracking.enabled": "false", "train.final_eval": "false", "train.grad_accum": 2}
+    _run(load_config("debug", tiny_overrides(cxr_shards, tmp_path / "clean", steps=4, **sets)))
+    real = loss_mod.ContrastiveLoss.forward
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):  # the 2nd micro batch of the 2nd step
+        calls["n"] += 1
+        out = real(self, *a, **k)
+        return out * float("nan") if calls["n"] == 4 else out
+
+    monkeypatch.setattr(loss_mod.ContrastiveLoss, "forward", flaky)
+    _run(load_config("debug", tiny_overrides(cxr_shards, tmp_path / "nan", steps=4, **sets)))
+    lr = lambda d: {json.loads(x)["step"]: json.loads(x)["lr"] for x in (d / "train_log.jsonl").read_text().splitlines()}  # noqa: E731
+    assert lr(tmp_path / "nan") == lr(tmp_path / "clean")
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(cxr_shards, tmp_path):
     sets = tiny_overrides(cxr_shards, tmp_path, steps=400, **{"train.ckpt_every": 0, "tracking.enabled": "false", "train.final_eval": "false"})
     cmd = [sys.executable, "-m", "launch.cli", "pretrain", "debug"] + [x for s in sets for x in ("--set", s)]
