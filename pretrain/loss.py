@@ -5,9 +5,9 @@ The numbers come from `kernels.contrastive` (the one pure-torch reference lives 
 backend "torch" is that reference, "chunked" the blockwise torch version, "triton" the fused kernels).
 
 Distribution (W ranks, n rows each, N = W·n):
-  * `gather_features` all-gathers the local features. With grad (`torch.distributed.nn.functional.all_gather`) the
-    backward sums every rank's gradient w.r.t. this rank's rows back to it; without grad the remote rows are
-    constants and only the local rows (put back into the gathered tensor) carry gradient.
+  * `gather_features` all-gathers the local features. With grad (`AllGatherRows`) the backward sums every rank's
+    gradient w.r.t. this rank's rows back to it; without grad the remote rows are constants and only the local rows
+    (put back into the gathered tensor) carry gradient.
   * `local_loss=True`: this rank's n query rows against all N keys (positives at key rows rank·n + i). The mean over
     ranks of these losses IS the single-device loss on the N rows, and with gather-with-grad each rank's parameter
     gradient is W × its rows' share, so DDP's average over ranks gives exactly the single-device gradient.
@@ -24,7 +24,6 @@ Shape legend: n local rows, N global rows (all ranks), D embedding dim.
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -32,6 +31,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import LossConfig
+
+
+class AllGatherRows(torch.autograd.Function):
+    """All-gather of (n, ...) rows along dim 0 with a summing backward: rank r's input gradient is the sum over
+    ranks of their gradient w.r.t. rows [r·n, (r+1)·n).
+
+    Written here rather than taken from `torch.distributed.nn.functional.all_gather`: that module binds
+    `group=group.WORLD` as a default argument when it is first imported, so importing it after
+    `init_process_group` pins the default process group for the life of the process. `destroy_process_group` then
+    cannot free it, its gloo threads are still running when the interpreter exits, and the process can die with
+    SIGABRT ("terminate called without an active exception"). This function resolves the group at call time and
+    keeps no reference to it once the graph is freed.
+    """
+
+    @staticmethod
+    def forward(ctx, x_nX: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        world, rank = dist.get_world_size(), dist.get_rank()
+        x_nX = x_nX.contiguous()
+        parts = [torch.empty_like(x_nX) for _ in range(world)]
+        dist.all_gather(parts, x_nX)
+        ctx.rows = (rank * x_nX.shape[0], (rank + 1) * x_nX.shape[0])
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, g_NX: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        lo, hi = ctx.rows
+        g_NX = g_NX.contiguous()
+        if dist.get_backend() == "nccl":  # one reduce-scatter moves (W-1)/W of what an all-reduce moves
+            out = torch.empty_like(g_NX[lo:hi])
+            dist.reduce_scatter_tensor(out, g_NX)
+            return out
+        g_NX = g_NX.clone()  # gloo has no reduce-scatter: sum everywhere, keep our rows
+        dist.all_reduce(g_NX)
+        return g_NX[lo:hi]
 
 
 def gather_features(img_nD: torch.Tensor, txt_nD: torch.Tensor, rank: int, world_size: int,
@@ -45,12 +78,7 @@ def gather_features(img_nD: torch.Tensor, txt_nD: torch.Tensor, rank: int, world
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"gather_features: world_size={world_size} but torch.distributed is not initialised")
     if with_grad:
-        from torch.distributed.nn.functional import all_gather
-
-        with warnings.catch_warnings():
-            # torch >= 2.14 marks it deprecated (for torch.compile); it is the autograd all-gather of 2.11 to 2.14.
-            warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
-            return torch.cat(all_gather(img_nD), 0), torch.cat(all_gather(txt_nD), 0)
+        return AllGatherRows.apply(img_nD), AllGatherRows.apply(txt_nD)
     out = []
     for x in (img_nD, txt_nD):
         parts = [torch.empty_like(x) for _ in range(world_size)]

@@ -2,7 +2,6 @@
 import os
 import socket
 import tempfile
-import warnings
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kernels import clip_loss
+from pretrain.loss import AllGatherRows
 
 WORLD, N_LOCAL, D = 2, 9, 24
 
@@ -28,33 +28,43 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _threads() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return names
+
+
 def _worker(rank, port, backends, out_dir):
     if "triton" in backends:
         os.environ["TRITON_INTERPRET"] = "1"  # before the Triton module is first imported
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    results = {}
     try:
-        # Deprecated in favour of functional collectives, but it is the autograd-aware gather DeepSpeed-era
-        # training code (and open_clip) uses; the warning would repeat once per call.
-        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
-        from torch.distributed.nn.functional import all_gather
-
         img, txt = _global_batch()
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-        results = {}
         for backend in backends:
             img_q = img[rows].clone().requires_grad_()
             txt_q = txt[rows].clone().requires_grad_()
             scale = torch.tensor(15.0, requires_grad=True)
-            img_k = torch.cat(all_gather(img_q))  # gathered with autograd: gradients flow back to each rank
-            txt_k = torch.cat(all_gather(txt_q))
+            img_k = AllGatherRows.apply(img_q)  # gathered with autograd: gradients flow back to each rank
+            txt_k = AllGatherRows.apply(txt_q)
             loss = clip_loss(img_q, txt_q, scale, img_k=img_k, txt_k=txt_k, q_offset=rank * N_LOCAL,
                              backend=backend)
             loss.backward()
             results[backend] = (loss.detach(), img_q.grad, txt_q.grad, scale.grad)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # A process group that outlives destroy_process_group keeps its gloo threads running into interpreter exit,
+    # where tearing them down can abort the process (SIGABRT, "terminate called without an active exception").
+    if os.path.isdir("/proc/self/task"):
+        results["gloo_threads_after_destroy"] = [t for t in _threads() if "gloo" in t or "tcpstore" in t]
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _run(backends):
@@ -72,6 +82,9 @@ def test_gloo_ranks_reproduce_single_device():
     scale = torch.tensor(15.0, requires_grad=True)
     single = clip_loss(img, txt, scale, backend="reference")
     single.backward()
+    for rank, res in enumerate(per_rank):
+        assert not res.get("gloo_threads_after_destroy"), (
+            f"rank {rank}: the process group outlived destroy_process_group: {res['gloo_threads_after_destroy']}")
     for backend in backends:
         losses = torch.stack([r[backend][0] for r in per_rank])
         torch.testing.assert_close(losses.mean(), single.detach(), rtol=1e-6, atol=1e-6,
