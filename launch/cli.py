@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=_cmd_launch)
+
+    from launch.plan import add_plan_parser
+    add_plan_parser(sub)
     return p
 
 
