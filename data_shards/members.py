@@ -35,7 +35,7 @@ Shape legend: B batch, K boxes (padded to the batch maximum).
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -56,8 +56,9 @@ class MemberContext:
     modality: str = ""
 
 
-class _Missing(Exception):
-    """Raised by a decode when the sample lacks the member's field (becomes MemberError or the padding value)."""
+class MissingField(Exception):
+    """Raise from a decode when the sample lacks the member's field, e.g. MissingField("json field 'grade'"):
+    it becomes a MemberError naming member and key, or the member's `missing` value when it is optional."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,6 @@ class Member:
     collate: Callable[[list, list[str]], dict[str, Any]]  # (values, sample keys) -> {batch key: batch value}
     doc: str = ""  # one line for `medvlp config show --doc` style listings
     missing: Callable[[], Any] | None = None  # optional member: the value of a sample without the field
-    fields: tuple[str, ...] = field(default=())  # the json fields it reads (for messages)
 
 
 MEMBERS: dict[str, Member] = {}
@@ -120,7 +120,7 @@ class MemberSet:
         for m in self.members:
             try:
                 out[m.name] = m.decode(doc, s, self.ctx)
-            except _Missing as e:
+            except MissingField as e:
                 if m.missing is None:
                     raise MemberError(f"sample {s.key!r}: batch member {m.name!r} needs {e}, which the sample "
                                       "lacks (drop it from data.members or use shards that store it)") from None
@@ -145,11 +145,11 @@ class MemberSet:
 
 # ------------------------------------------------------------------------------------------ helpers
 def _need(doc: dict, *path: str) -> Any:
-    """doc[path[0]][path[1]]...; a missing step raises _Missing('json field "a.b"')."""
+    """doc[path[0]][path[1]]...; a missing step raises MissingField('json field "a.b"')."""
     cur: Any = doc
     for i, k in enumerate(path):
         if not isinstance(cur, dict) or k not in cur:
-            raise _Missing(f"json field {'.'.join(path[:i + 1])!r}")
+            raise MissingField(f"json field {'.'.join(path[:i + 1])!r}")
         cur = cur[k]
     return cur
 
@@ -219,13 +219,13 @@ def _decode_class_index(doc: dict, s: Sample, ctx: MemberContext) -> int:
     for path in (("meta", "class_index"), ("class_index",), ("diagnosis_id",)):
         try:
             v = _need(doc, *path)
-        except _Missing:
+        except MissingField:
             continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise MemberError(f"sample {s.key!r}: batch member 'class_index': json {'.'.join(path)!r} = {v!r} is "
                               "not a non-negative int")
         return v
-    raise _Missing("json field 'meta.class_index' (or 'class_index' / 'diagnosis_id')")
+    raise MissingField("json field 'meta.class_index' (or 'class_index' / 'diagnosis_id')")
 
 
 def _organs(doc: dict, s: Sample, member: str, key: str) -> tuple[list[str], list[Any]]:
@@ -233,7 +233,7 @@ def _organs(doc: dict, s: Sample, member: str, key: str) -> tuple[list[str], lis
     vals = []
     for o in names:
         if o not in organs or key not in organs[o]:
-            raise _Missing(f"json field 'organs.{o}.{key}'")
+            raise MissingField(f"json field 'organs.{o}.{key}'")
         vals.append(organs[o][key])
     return list(names), vals
 
@@ -264,7 +264,7 @@ def _decode_composition(doc: dict, s: Sample, ctx: MemberContext):
     names = doc.get("tissue_names") or sorted(comp)
     missing = [t for t in names if t not in comp]
     if missing:
-        raise _Missing(f"json field 'composition.{missing[0]}'")
+        raise MissingField(f"json field 'composition.{missing[0]}'")
     return list(names), [float(comp[t]) for t in names]
 
 
@@ -283,7 +283,7 @@ def _decode_spacing(doc: dict, s: Sample, ctx: MemberContext) -> list[float]:
 
 def _decode_mask(doc: dict, s: Sample, ctx: MemberContext) -> None:
     if s.mask is None:
-        raise _Missing("a stored organ mask (member mask.npy)")
+        raise MissingField("a stored organ mask (member mask.npy)")
     return None
 
 
@@ -301,18 +301,18 @@ def _collate_nothing(values: list, keys: list[str]) -> dict[str, Any]:
 
 for _m in (
     Member("boxes", _decode_boxes, _collate_boxes, "finding boxes: boxes (B,K,4) xyxy stored-image pixels, "
-           "boxes_count (B,), boxes_label (B,K) label index (-1 pad), boxes_image_hw (B,2)", fields=("boxes",)),
+           "boxes_count (B,), boxes_label (B,K) label index (-1 pad), boxes_image_hw (B,2)"),
     Member("class_index", _decode_class_index, _tensor_of("class_index", torch.long),
-           "class index (B,) long from meta.class_index / class_index / diagnosis_id", fields=("meta.class_index",)),
+           "class index (B,) long from meta.class_index / class_index / diagnosis_id"),
     Member("organ_labels", _decode_organ_labels, _collate_organ_labels,
-           "per-organ abnormal flags (B, n_organs) float + organ_names", fields=("organs", "organ_names")),
+           "per-organ abnormal flags (B, n_organs) float + organ_names"),
     Member("organ_sentences", _decode_organ_sentences, _collate_organ_sentences,
-           "per-organ report sentences list[list[str]] + organ_names", fields=("organs", "organ_names")),
+           "per-organ report sentences list[list[str]] + organ_names"),
     Member("composition", _decode_composition, _collate_composition,
-           "slide tissue fractions (B, n_tissues) float + composition_names", fields=("composition",)),
+           "slide tissue fractions (B, n_tissues) float + composition_names"),
     Member("spacing", _decode_spacing, _tensor_of("spacing", torch.float32),
-           "CT voxel spacing (B, 3) float mm (z, y, x) of the stored volume", fields=("spacing_mm",)),
+           "CT voxel spacing (B, 3) float mm (z, y, x) of the stored volume"),
     Member("mask", _decode_mask, _collate_nothing,
-           "require a stored organ mask (CT; the stream already batches 'mask')", fields=("mask.npy",)),
+           "require a stored organ mask (CT; the stream already batches 'mask')"),
 ):
     register_member(_m)

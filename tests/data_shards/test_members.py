@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from data_shards.config import DataConfig
-from data_shards.members import (MEMBERS, Member, MemberContext, MemberError, MemberSet, boxes_to_view,
-                                 register_member)
+from data_shards.members import (MEMBERS, Member, MemberContext, MemberError, MemberSet, MissingField,
+                                 boxes_to_view, register_member)
 from data_shards.schema import Sample
 from data_shards.stream import collate, make_loader
 from data_shards.synth import FINDINGS_CXR, synth_samples, synth_to_shards
@@ -154,8 +154,7 @@ def test_optional_member_pads_and_custom_member_registers():
     def decode(doc, s, ctx):
         calls.append(s.key)
         if "grade" not in doc:
-            from data_shards.members import _Missing
-            raise _Missing("json field 'grade'")
+            raise MissingField("json field 'grade'")
         return int(doc["grade"])
 
     def coll(values, keys):
