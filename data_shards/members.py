@@ -4,7 +4,7 @@
     batch["boxes"], batch["boxes_count"], batch["boxes_label"], batch["class_index"]
 
 A `Member` is a name, a `decode(sample_json, sample, ctx) -> value` run in the data workers on every sample
-(after the image transform) and a `collate(values, keys) -> {batch key: value}` run on each batch. The registry
+(after the image transform; a member with `uses_view=True` also gets the transform's output as a 4th argument) and a `collate(values, keys) -> {batch key: value}` run on each batch. The registry
 `MEMBERS` holds the built-in members below; `register_member` adds one (a fine-tune stage's own field).
 
 Built-in members (json fields as the corpora store them; "meta.x" is the x of the json's "meta"):
@@ -21,6 +21,9 @@ Built-in members (json fields as the corpora store them; "meta.x" is the x of th
                    -> "organ_sentences" list[list[str]] (B lists of n_organs), "organ_names".
   composition      json "composition": {tissue: fraction} in the order of "tissue_names"
                    -> "composition" (B, n_tissues) float, "composition_names" list[str].
+  patch_tissue     json "patch_tissue" (tissue id per stored patch) and "tissue_names" -> "patch_tissue" (B, N) long
+                   aligned row by row with the batch's "feats" (matched by coordinates, so subsampled bags stay
+                   aligned), -1 padding; "tissue_names" list[str].
   spacing          json "spacing_mm": [z, y, x] (CT voxel size of the stored volume) -> (B, 3) float.
   mask             the stored organ label map (CT): already batched as "mask" by the stream (a zero map when a volume
                    has none); asking for the member makes a missing stored mask an error instead.
@@ -68,6 +71,7 @@ class Member:
     collate: Callable[[list, list[str]], dict[str, Any]]  # (values, sample keys) -> {batch key: batch value}
     doc: str = ""  # one line for `medvlp config show --doc` style listings
     missing: Callable[[], Any] | None = None  # optional member: the value of a sample without the field
+    uses_view: bool = False  # decode(sample_json, sample, ctx, view) also gets the transformed per-sample tensors
 
 
 MEMBERS: dict[str, Member] = {}
@@ -114,12 +118,13 @@ class MemberSet:
     def __bool__(self) -> bool:
         return bool(self.members)
 
-    def decode(self, s: Sample) -> dict[str, Any]:
+    def decode(self, s: Sample, view: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Per-sample member values; `view` is the transform's output (image / volume / feats + coords)."""
         doc = sample_json(s)
         out = {}
         for m in self.members:
             try:
-                out[m.name] = m.decode(doc, s, self.ctx)
+                out[m.name] = m.decode(doc, s, self.ctx, view or {}) if m.uses_view else m.decode(doc, s, self.ctx)
             except MissingField as e:
                 if m.missing is None:
                     raise MemberError(f"sample {s.key!r}: batch member {m.name!r} needs {e}, which the sample "
@@ -281,6 +286,31 @@ def _decode_spacing(doc: dict, s: Sample, ctx: MemberContext) -> list[float]:
     return [float(x) for x in v]
 
 
+def _decode_patch_tissue(doc: dict, s: Sample, ctx: MemberContext, view: dict) -> tuple[list[str], torch.Tensor]:
+    """Tissue id of every patch of the streamed bag, matched by coordinates (the bag may be subsampled)."""
+    tissue = _need(doc, "patch_tissue")
+    names = list(doc.get("tissue_names") or [])
+    if s.coords is None or "coords" not in view:
+        raise MissingField("patch coordinates (member coords.npy)")
+    if len(tissue) != s.coords.shape[0]:
+        raise MemberError(f"sample {s.key!r}: batch member 'patch_tissue': {len(tissue)} patch labels for "
+                          f"{s.coords.shape[0]} patches")
+    where = {(int(x), int(y)): j for j, (x, y) in enumerate(s.coords.tolist())}
+    if len(where) != len(tissue):
+        raise MemberError(f"sample {s.key!r}: batch member 'patch_tissue': patch coordinates are not unique")
+    idx = [where[(int(x), int(y))] for x, y in view["coords"].tolist()]
+    return names, torch.tensor(tissue, dtype=torch.long)[idx]
+
+
+def _collate_patch_tissue(values: list, keys: list[str]) -> dict[str, Any]:
+    names = _same_names("patch_tissue", values, keys)
+    n_max = max(len(v) for _, v in values)
+    out_BN = torch.full((len(values), n_max), -1, dtype=torch.long)
+    for i, (_, v) in enumerate(values):
+        out_BN[i, :len(v)] = v
+    return {"patch_tissue": out_BN, "tissue_names": names}
+
+
 def _decode_mask(doc: dict, s: Sample, ctx: MemberContext) -> None:
     if s.mask is None:
         raise MissingField("a stored organ mask (member mask.npy)")
@@ -310,6 +340,8 @@ for _m in (
            "per-organ report sentences list[list[str]] + organ_names"),
     Member("composition", _decode_composition, _collate_composition,
            "slide tissue fractions (B, n_tissues) float + composition_names"),
+    Member("patch_tissue", _decode_patch_tissue, _collate_patch_tissue,
+           "slide per-patch tissue id (B, N) long aligned with feats (-1 padding) + tissue_names", uses_view=True),
     Member("spacing", _decode_spacing, _tensor_of("spacing", torch.float32),
            "CT voxel spacing (B, 3) float mm (z, y, x) of the stored volume"),
     Member("mask", _decode_mask, _collate_nothing,

@@ -288,7 +288,7 @@ class _DecodeTransform:
                 self.tally.bad(key, f"{type(e).__name__}: {e}")
                 continue
             if c.members:  # a requested field the sample lacks is a config / data set mismatch: MemberError stops
-                out["_members"] = c.members.decode(s)
+                out["_members"] = c.members.decode(s, out)
             yield {"key": key, "text": s.text, "labels": labels, **out}
 
 

@@ -97,8 +97,33 @@ def test_slide_composition_and_diagnosis(corpora):
         assert b["class_index"].tolist() == [SLIDE_DIAGNOSES.index(truth[k].meta["diagnosis"]) for k in b["key"]]
 
 
+def test_slide_patch_tissue_follows_subsampled_bags(corpora):
+    from data_shards.synth_histo import slide_centres
+
+    d, truth = corpora["slide"]
+    hits = total = 0
+    for max_patches in (0, 16):  # whole bags, and bags subsampled (randomly in training) to 16 patches
+        cfg = DataConfig(train_shards=d, modality="slide", batch_size=4, workers=0, shuffle_buffer=0, seed=2,
+                         max_patches=max_patches, members=["patch_tissue"])
+        for b in make_loader(cfg, train=True):
+            assert b["tissue_names"] == SLIDE_TISSUES and b["patch_tissue"].shape == b["feats_mask"].shape
+            assert torch.equal(b["patch_tissue"] >= 0, b["feats_mask"])
+            for i, key in enumerate(b["key"]):
+                s = truth[key]
+                want = dict(zip(map(tuple, s.coords.tolist()), s.extra["patch_tissue"]))
+                n = int(b["feats_mask"][i].sum())
+                assert n == (min(len(want), max_patches) if max_patches else len(want))
+                got = b["patch_tissue"][i, :n]
+                assert got.tolist() == [want[tuple(c)] for c in b["coords"][i, :n].tolist()]
+                # and the streamed features lie nearest their own tissue's cluster centre
+                c_TE = torch.from_numpy(slide_centres(s.feats.shape[1])).float()
+                hits += int((torch.cdist(b["feats"][i, :n], c_TE).argmin(1) == got).sum())
+                total += n
+    assert hits / total > 0.85, hits / total  # 0.98 on this corpus
+
+
 @pytest.mark.parametrize("mod,members", [("cxr", ["boxes"]), ("ct", ["organ_labels", "organ_sentences"]),
-                                         ("slide", ["composition"])])
+                                         ("slide", ["composition", "patch_tissue"])])
 def test_members_change_nothing_else(corpora, mod, members):
     """Train stream with augmentation: asking for members adds keys and leaves every other entry identical."""
     d, _ = corpora[mod]
