@@ -4,8 +4,9 @@
     batch["boxes"], batch["boxes_count"], batch["boxes_label"], batch["class_index"]
 
 A `Member` is a name, a `decode(sample_json, sample, ctx) -> value` run in the data workers on every sample
-(after the image transform; a member with `uses_view=True` also gets the transform's output as a 4th argument) and a `collate(values, keys) -> {batch key: value}` run on each batch. The registry
-`MEMBERS` holds the built-in members below; `register_member` adds one (a fine-tune stage's own field).
+after the image transform (a member with `uses_view=True` also gets the transform's output as a 4th argument),
+and a `collate(values, keys) -> {batch key: value}` run on each batch. The registry `MEMBERS` holds the built-in
+members below; `register_member` adds one (a fine-tune stage's own field).
 
 Built-in members (json fields as the corpora store them; "meta.x" is the x of the json's "meta"):
   boxes            json "boxes": [{"finding": name, "box": [x0, y0, x1, y1]}, ...] (may be empty; "label" is accepted
@@ -69,7 +70,7 @@ class Member:
     name: str
     decode: Callable[[dict, Sample, MemberContext], Any]  # (sample json, decoded Sample, context) -> per-sample value
     collate: Callable[[list, list[str]], dict[str, Any]]  # (values, sample keys) -> {batch key: batch value}
-    doc: str = ""  # one line for `medvlp config show --doc` style listings
+    doc: str = ""  # one-line description of what the member adds to a batch
     missing: Callable[[], Any] | None = None  # optional member: the value of a sample without the field
     uses_view: bool = False  # decode(sample_json, sample, ctx, view) also gets the transformed per-sample tensors
 
