@@ -1,7 +1,7 @@
 """Config of the streaming data pipeline (owned here; `launch.config` assembles it into the tree)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -27,6 +27,7 @@ class DataConfig:
     pair_views: bool = False  # 2D: also yield Path-CLIP weak/strong views ("image_weak", "image_strong")
     flip: bool | None = None  # random horizontal/3D flips; null = modality default (off for cxr/ct: laterality)
     log_corrupt: int = 5  # corrupt samples logged (with key) per worker; all are counted in the loader stats
+    members: list[str] = field(default_factory=list)  # extra batch members (data_shards.members: boxes, ...); [] = none
 
     def validate(self) -> None:
         if self.modality not in ("cxr", "patho", "ct", "slide"):
@@ -43,5 +44,9 @@ class DataConfig:
             raise ValueError(f"shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
         if self.max_patches < 0:
             raise ValueError(f"max_patches: must be >= 0, got {self.max_patches}")
+        if self.members:
+            from data_shards.members import check_members
+
+            check_members(self.members)
         if self.volume_size is not None and (len(self.volume_size) != 3 or min(self.volume_size) < 1):
             raise ValueError(f"volume_size: must be 3 positive ints (D, H, W) or null, got {self.volume_size}")

@@ -41,6 +41,11 @@ with each batch (and a final end marker per slot) and are summed by the main pro
 In the modulo split every slot reads every shard, so a bad json counts in the slot owning its raw position and
 an unreadable tar only in rank 0's slot 0. Samples skipped on resume are not decoded, hence not counted.
 
+Batch members. ``cfg.members`` (default none) adds ground truth from each sample's json to the batch (boxes, class
+index, organ labels / sentences, slide composition, ...; see `data_shards.members`). They are decoded after the
+transform and draw no random numbers, so every other batch entry is the same with or without them. A requested
+member that a sample lacks stops the stream with a `MemberError` naming the member and the sample key.
+
 Shape legend: B batch, K labels, S image side, D/H/W volume, N patches (padded to the bag maximum), d feature
 dim, L tokens.
 """
@@ -63,6 +68,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_shards.config import DataConfig
+from data_shards.members import MemberContext, MemberError, MemberSet
 from data_shards.schema import SCHEMA_VERSION, Sample, SampleDecodeError, decode_sample
 from data_shards.transforms import SampleTransform, collate_bags
 from data_shards.writer import INDEX_NAME, read_index
@@ -281,6 +287,8 @@ class _DecodeTransform:
             except Exception as e:  # noqa: BLE001 - any member/transform failure skips only this sample
                 self.tally.bad(key, f"{type(e).__name__}: {e}")
                 continue
+            if c.members:  # a requested field the sample lacks is a config / data set mismatch: MemberError stops
+                out["_members"] = c.members.decode(s, out)
             yield {"key": key, "text": s.text, "labels": labels, **out}
 
 
@@ -299,8 +307,9 @@ def _stack(name: str, items: list[torch.Tensor], keys: list[str]) -> torch.Tenso
     return torch.stack(items, out=out)
 
 
-def collate(samples: list[dict], label_names: list[str], tokenizer: Callable | None = None) -> dict[str, Any]:
-    """Per-sample dicts -> one batch dict of tensors (slide bags zero-padded)."""
+def collate(samples: list[dict], label_names: list[str], tokenizer: Callable | None = None,
+            members: MemberSet | None = None) -> dict[str, Any]:
+    """Per-sample dicts -> one batch dict of tensors (slide bags zero-padded; requested members collated)."""
     keys = [s["key"] for s in samples]
     batch: dict[str, Any] = {"key": keys, "text": [s["text"] for s in samples],
                              "labels": torch.stack([s["labels"] for s in samples]), "label_names": list(label_names)}
@@ -310,6 +319,8 @@ def collate(samples: list[dict], label_names: list[str], tokenizer: Callable | N
     if "feats" in samples[0]:
         batch["feats"], batch["feats_mask"], batch["coords"] = collate_bags(
             [s["feats"] for s in samples], [s["coords"] for s in samples])
+    if "_members" in samples[0] and members is not None:
+        batch.update(members.collate([s["_members"] for s in samples], keys))
     if tokenizer is not None:
         tok_BL = tokenizer(batch["text"])
         if not torch.is_tensor(tok_BL) or tok_BL.dtype != torch.long or tok_BL.shape[0] != len(keys):
@@ -334,6 +345,7 @@ class SlotStream(IterableDataset):
         self.seed, self.batch_size, self.shuffle_buffer = cfg.seed, cfg.batch_size, cfg.shuffle_buffer
         self.log_corrupt, self.modality, self.label_names = cfg.log_corrupt, modality, label_names
         self.resampled, self.train, self.transform, self.tokenizer = resampled, train, transform, tokenizer
+        self.members = MemberSet(cfg.members, MemberContext(tuple(label_names), modality)) if cfg.members else None
 
     def pipeline(self, slot: int, tally: _Tally) -> wds.DataPipeline:
         p, b = self.plans[slot], self.batch_size
@@ -360,7 +372,7 @@ class SlotStream(IterableDataset):
         )
 
     def _collate(self, samples: list[dict], tally: _Tally, slot: int) -> dict[str, Any]:
-        batch = collate(samples, self.label_names, self.tokenizer)
+        batch = collate(samples, self.label_names, self.tokenizer, self.members)
         batch["n_corrupt"], batch["corrupt_keys"] = tally.take()
         batch["_slot"] = slot
         return batch
@@ -419,7 +431,10 @@ class StreamLoader:
         source = self._source()
 
         def pull() -> bool:
-            item = next(source, None)
+            try:
+                item = next(source, None)
+            except MemberError as e:  # from a DataLoader worker: its message carries the worker's traceback
+                raise MemberError(_last_line(str(e))) from None
             if item is None:
                 ended[:] = [True] * n_slots
                 return False
@@ -450,6 +465,11 @@ class StreamLoader:
             for q in bufs:
                 if q:
                     yield emit(q.popleft())
+
+
+def _last_line(msg: str) -> str:
+    line = msg.strip().splitlines()[-1] if msg.strip() else msg
+    return re.sub(r"^(?:[\w.]+\.)?MemberError: ", "", line)
 
 
 def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenizer: Callable | None = None,

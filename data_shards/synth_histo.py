@@ -1,7 +1,8 @@
 """Synthetic histology: H&E-like patches whose texture and colour encode the class, and whole-slide feature bags
 whose composition the report states.
 
-patho  RGB uint8 (S, S, 3) patches of three classes (labels {"tumor": 1/0}, meta["class"]):
+patho  RGB uint8 (S, S, 3) patches of three classes (labels {"tumor": 1/0}, meta["class"], meta["class_index"] into
+       PATHO_CLASSES):
          normal    pink fibrous stroma, sparse small regular nuclei, a few empty (fat/lumen) spaces
          tumor     crowded large irregular dark-purple nuclei on basophilic (purplish) cytoplasm
          inflamed  dense small round very dark lymphocyte nuclei; no tumor
@@ -111,7 +112,7 @@ def patho_sample(seed: int, study: Study, size: int | None = None) -> Sample:
     cls = PATHO_CLASSES[int(rng.choice(len(PATHO_CLASSES), p=PATHO_CLASS_PROBS))]
     img_HWC = render_patho(rng, cls, stain, S)
     caption = join_sentences([pick(text_rng(seed, "patho", study.index), _CAPTIONS[cls])])
-    meta = {**base_meta("patho", study, seed), "class": cls}
+    meta = {**base_meta("patho", study, seed), "class": cls, "class_index": PATHO_CLASSES.index(cls)}
     return Sample(key=sample_key("patho", study.index), text=caption, image=img_HWC,
                   labels={"tumor": int(cls == "tumor")}, meta=meta)
 

@@ -82,8 +82,9 @@ class MedCLIP(nn.Module):
 
     # ------------------------------------------------------------------------------------------ encoders
     def encode_image(self, image: torch.Tensor, normalize: bool = True, return_tokens: bool = False):
-        """-> emb (B, E), or (emb, tokens): ViT (B, L, W) patch tokens; ResNet (B, C, h, w) last feature map;
-        3D: list of multi-scale maps (B, C_i, D_i, H_i, W_i)."""
+        """-> emb (B, E), or (emb, VisionTokens) with `return_tokens` (`pretrain.tokens`): the per-scale maps
+        (B, C_i, *grid_i), finest first, with their strides, channels and the projected width; emb is the same
+        tensor `encode_image(x)` returns."""
         out = self.visual(image, return_tokens=return_tokens)
         emb, tokens = out if return_tokens else (out, None)
         if normalize:

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from pretrain.tokens import VisionTokens
+
 VISION_KINDS = ("resnet", "vit")
 TEXT_KINDS = ("openclip", "bert")
 
@@ -46,8 +48,11 @@ class OpenClipVision(nn.Module):
     """open_clip's ModifiedResNet (`type: resnet`) or VisionTransformer (`type: vit`), with spatial tokens on request.
 
     Input (B, C, H, W) with C = 3; grey input (C = 1) is repeated to 3 channels so the stem (and RN50's weights)
-    stay exactly open_clip's.
+    stay exactly open_clip's. Tokens (`pretrain.tokens.VisionTokens`): ResNet the four stage maps (strides 4, 8, 16,
+    32; the attention pool of the last gives the embedding), ViT the unprojected patch grid (stride = patch size).
     """
+
+    RESNET_STRIDES = (4, 8, 16, 32)  # stem (conv s2 + avgpool 2) = 4, then layer2..4 each halve
 
     def __init__(self, embed_dim: int, cfg: dict, where: str = "vision") -> None:
         super().__init__()
@@ -66,6 +71,7 @@ class OpenClipVision(nn.Module):
         vcfg = _checked(CLIPVisionCfg, cfg, where)
         self.image_size = int(vcfg.image_size)
         self.width = int(vcfg.width)
+        self.embed_dim = int(embed_dim)
         self.net = _build_vision_tower(embed_dim, vcfg)
         self.grad_checkpointing = False
 
@@ -75,25 +81,42 @@ class OpenClipVision(nn.Module):
             self.net.set_grad_checkpointing(enable)
         # open_clip's ModifiedResNet ignores the flag, so the stages are checkpointed in `_resnet` below.
 
-    def _resnet(self, img_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _resnet(self, img_BCHW: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         net = self.net
         x = net.stem(img_BCHW.to(dtype=net.conv1.weight.dtype))
+        maps = []
         for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
             # BatchNorm running stats are updated again by the recomputation: harmless, and documented.
             x = checkpoint(stage, x, use_reentrant=False) if self.grad_checkpointing and self.training else stage(x)
-        return net.attnpool(x), x
+            maps.append(x)
+        return net.attnpool(x), maps
+
+    def _vit_grid(self, tok_BLW: torch.Tensor) -> torch.Tensor:
+        """(B, L, W) patch tokens -> (B, W, h, w) on the patch grid."""
+        h, w = (int(n) for n in self.net.grid_size)
+        b, n, width = tok_BLW.shape
+        if n != h * w:  # e.g. a pool_type that keeps the class token
+            raise ValueError(f"ViT returned {n} tokens; its {h}x{w} patch grid needs {h * w}")
+        return tok_BLW.transpose(1, 2).reshape(b, width, h, w)
 
     def forward(self, img_BCHW: torch.Tensor, return_tokens: bool = False):
-        """-> emb_BE, or (emb_BE, tokens): ViT patch tokens (B, L, W); ResNet last feature map (B, C, h, w)."""
+        """-> emb_BE, or (emb_BE, VisionTokens)."""
         if img_BCHW.ndim != 4:
             raise ValueError(f"2D vision tower expects (B, C, H, W), got shape {tuple(img_BCHW.shape)}")
         if img_BCHW.shape[1] == 1:
             img_BCHW = img_BCHW.expand(-1, 3, -1, -1)
         if self.kind == "vit":  # open_clip's ViT does not cast its input (its ResNet does): bf16 weights need it
             emb_BE, tok_BLW = self.net(img_BCHW.to(dtype=self.net.conv1.weight.dtype))
-            return (emb_BE, tok_BLW) if return_tokens else emb_BE
-        emb_BE, feat_BChw = self._resnet(img_BCHW)
-        return (emb_BE, feat_BChw) if return_tokens else emb_BE
+            if not return_tokens:
+                return emb_BE
+            grid_BWhw = self._vit_grid(tok_BLW)
+            stride = tuple(int(p) for p in self.net.patch_size)
+            return emb_BE, VisionTokens([grid_BWhw], [stride], [int(grid_BWhw.shape[1])], self.embed_dim, "vit")
+        emb_BE, maps = self._resnet(img_BCHW)
+        if not return_tokens:
+            return emb_BE
+        return emb_BE, VisionTokens(maps, [(s, s) for s in self.RESNET_STRIDES], [int(m.shape[1]) for m in maps],
+                                    self.embed_dim, "resnet")
 
 
 # ------------------------------------------------------------------------------------------------ text

@@ -7,7 +7,8 @@ Layout (ResNet-18-3D style, as in the ViSD-Boost / fVLM reference, METHODS.md §
   stage2 ...                                                  -> (B, w2, D/8,  H/16, W/16)   scale (8,16,16)
   stage3 ...                                                  -> (B, w3, D/16, H/32, W/32)   scale (16,32,32)
   pooled = mean over the last map; embedding = LINEAR projection (w_last -> E), as the 2D towers.
-`self.scales[i]` is the total (D, H, W) down-sampling of map i: the organ-mask max-pooling kernel of that scale.
+`self.scales[i]` is the total (D, H, W) down-sampling of map i: the organ-mask max-pooling kernel of that scale;
+`forward(x, return_tokens=True)` returns the four maps as a `pretrain.tokens.VisionTokens` with these strides.
 
 GroupNorm, not BatchNorm: CT batches are small, and a batch-independent norm keeps the embedding cache and the
 W-ranks-equals-one-rank equivalence exact (BatchNorm statistics depend on how the batch is split).
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+
+from pretrain.tokens import VisionTokens
 
 _KEYS = {"type", "image_size", "in_channels", "widths", "blocks", "groups"}
 
@@ -48,7 +51,7 @@ class BasicBlock3d(nn.Module):
 
 
 class ResNet3D(nn.Module):
-    """3D CNN tower. Input (B, 1, D, H, W); `forward(x, return_tokens=True)` -> (emb_BE, [maps per scale])."""
+    """3D CNN tower. Input (B, 1, D, H, W); `forward(x, return_tokens=True)` -> (emb_BE, VisionTokens)."""
 
     def __init__(self, embed_dim: int, cfg: dict, where: str = "vision") -> None:
         super().__init__()
@@ -80,6 +83,7 @@ class ResNet3D(nn.Module):
             self.scales.append(scale)
             c_in = c_out
         self.widths = widths
+        self.embed_dim = int(embed_dim)
         self.proj = nn.Linear(widths[-1], embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=widths[-1] ** -0.5)
         self.grad_checkpointing = False
@@ -97,4 +101,7 @@ class ResNet3D(nn.Module):
             x = checkpoint(stage, x, use_reentrant=False) if self.grad_checkpointing and self.training else stage(x)
             maps.append(x)
         emb_BE = self.proj(x.mean(dim=(2, 3, 4)))
-        return (emb_BE, maps) if return_tokens else emb_BE
+        if not return_tokens:
+            return emb_BE
+        return emb_BE, VisionTokens(maps, list(self.scales), [int(m.shape[1]) for m in maps], self.embed_dim,
+                                    "resnet3d")

@@ -77,15 +77,16 @@ def test_return_tokens_shapes():
     torch.manual_seed(0)
     vit = build_model(ModelConfig(name="debug"))
     emb, tok = vit.encode_image(torch.randn(2, 3, 64, 64), return_tokens=True)
-    assert emb.shape == (2, 64) and tok.shape == (2, (64 // 8) ** 2, 64)  # (B, L, W) patch tokens
+    assert emb.shape == (2, 64) and [tuple(m.shape) for m in tok.maps] == [(2, 64, 8, 8)]  # (B, W, h, w) patch grid
     rn = build_model(ModelConfig(name="debug-rn"))
-    emb, fmap = rn.encode_image(torch.randn(2, 3, 64, 64), return_tokens=True)
-    assert emb.shape == (2, 64) and fmap.shape == (2, 16 * 32, 2, 2)  # (B, C, h, w), stride 32
+    emb, tok = rn.encode_image(torch.randn(2, 3, 64, 64), return_tokens=True)
+    assert emb.shape == (2, 64) and tuple(tok.last.shape) == (2, 16 * 32, 2, 2)  # (B, C, h, w), stride 32
     ct = build_model(ModelConfig(name="debug-3d"))
-    emb, maps = ct.encode_image(torch.randn(2, 1, 16, 64, 64), return_tokens=True)
+    emb, tok = ct.encode_image(torch.randn(2, 1, 16, 64, 64), return_tokens=True)
     assert emb.shape == (2, 64)
-    assert [tuple(m.shape) for m in maps] == [(2, 8, 8, 16, 16), (2, 16, 4, 8, 8), (2, 32, 2, 4, 4), (2, 64, 1, 2, 2)]
-    assert ct.visual.scales == [(2, 4, 4), (4, 8, 8), (8, 16, 16), (16, 32, 32)]
+    assert [tuple(m.shape) for m in tok.maps] == [(2, 8, 8, 16, 16), (2, 16, 4, 8, 8), (2, 32, 2, 4, 4),
+                                                  (2, 64, 1, 2, 2)]
+    assert tok.strides == ct.visual.scales == [(2, 4, 4), (4, 8, 8), (8, 16, 16), (16, 32, 32)]
     assert ct.image_kind == "3d" and ct.image_size == (16, 64, 64)
 
 
