@@ -7,9 +7,8 @@
   embeddings-like 1-d params and the logit scale get none. DeepSpeed wraps it (ZeRO partitions its states), so the
   same code runs on CPU (gloo) and GPU.
 * Schedule: linear warmup then cosine to ``min_lr_ratio·lr``, stepped by the engine at accumulation boundaries.
-* Checkpoints: DeepSpeed's files for tag ``step_XXXXXXXX`` plus our client state (step, data position, config) and
-  per-rank RNG states; a ``COMPLETE`` marker is written last (atomically, after a barrier), so `latest_complete`
-  never picks a checkpoint that a crash cut short.
+* Checkpoints: see `pretrain.checkpoint` (re-exported here): DeepSpeed's files for tag ``step_XXXXXXXX`` plus our
+  client state, the config as JSON and per-rank RNG states as JSON; a ``COMPLETE`` marker is written last.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import json
 import math
 import os
 import random
-import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -27,10 +25,6 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import OptimConfig, TrainConfig
-
-CKPT_DIR = "checkpoints"
-COMPLETE = "COMPLETE"
-
 
 # ----------------------------------------------------------------------------------------------- process group
 def free_port() -> int:
@@ -154,91 +148,7 @@ def create_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    root = Path(out_dir) / CKPT_DIR
-    if not root.exists():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists())
-
-
-def latest_complete(out_dir: str | os.PathLike) -> Path | None:
-    done = complete_checkpoints(out_dir)
-    return done[-1] if done else None
-
-
-def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, client_state: dict, keep: int = 2) -> Path:
-    """All ranks call this. Files first, the COMPLETE marker last (rank 0, after every rank has written)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    root = Path(out_dir) / CKPT_DIR
-    tag = tag_for(step)
-    tag_dir = root / tag
-    if rank == 0 and tag_dir.exists():  # a stale, incomplete attempt at the same step
-        (tag_dir / COMPLETE).unlink(missing_ok=True)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), tag_dir / f"rng_rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        tmp = tag_dir / (COMPLETE + ".tmp")
-        tmp.write_text(json.dumps({"step": step, **{k: v for k, v in client_state.items() if k != "config"}},
-                                  default=str) + "\n")
-        os.replace(tmp, tag_dir / COMPLETE)
-        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return tag_dir
-
-
-def load_checkpoint(engine, tag_dir: Path) -> dict:
-    """Load DeepSpeed state + RNG from a complete checkpoint. Returns our client state."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
-    if client is None:
-        raise RuntimeError(f"checkpoint {tag_dir}: DeepSpeed could not load it")
-    rng = tag_dir / f"rng_rank{rank}.pt"
-    if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return client
-
-
-def save_model_weights(engine, path: str | os.PathLike) -> None:
-    """A consolidated fp32 state dict for eval / fine-tuning (ZeRO-3 gathers the partitions). All ranks call."""
-    import deepspeed
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    module = engine.module
-    params = list(module.parameters())
-    if engine.zero_optimization_stage() == 3:
-        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    else:
-        import contextlib
-        ctx = contextlib.nullcontext()
-    with ctx:
-        if rank == 0:
-            sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-            tmp = Path(str(path) + ".tmp")
-            torch.save(sd, tmp)
-            os.replace(tmp, path)
-    if dist.is_initialized():
-        dist.barrier()
+# The checkpoint I/O lives in pretrain.checkpoint; these names stay importable from here.
+from pretrain.checkpoint import (  # noqa: E402,F401
+    CKPT_DIR, COMPLETE, complete_checkpoints, latest_complete, load_checkpoint, rng_state as _rng_state,
+    save_checkpoint, save_model_weights, set_rng_state as _set_rng_state, tag_for)

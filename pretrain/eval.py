@@ -483,9 +483,9 @@ def _unflatten(flat: dict) -> dict:
 
 
 def load_run_config(model_dir: str | Path) -> dict:
-    """The resolved config of a pretraining run, nested: MODEL_DIR/config.json, else the `config` client state of
-    the latest complete checkpoint. {} when neither exists."""
-    from pretrain.engine import latest_complete
+    """The resolved config of a pretraining run, nested: MODEL_DIR/config.json, else the config.json the latest
+    complete checkpoint keeps (JSON: nothing is unpickled). {} when neither exists."""
+    from pretrain.checkpoint import CKPT_CONFIG, latest_complete
 
     model_dir = Path(model_dir)
     doc = None
@@ -493,9 +493,8 @@ def load_run_config(model_dir: str | Path) -> dict:
         doc = json.loads((model_dir / "config.json").read_text())
     else:
         tag = latest_complete(model_dir)
-        states = sorted(tag.glob("*model_states.pt")) if tag is not None else []
-        if states:
-            doc = torch.load(states[0], map_location="cpu", weights_only=False).get("config")
+        if tag is not None and (tag / CKPT_CONFIG).is_file():
+            doc = json.loads((tag / CKPT_CONFIG).read_text())
     if not doc:
         return {}
     return _unflatten(doc) if any("." in str(k) for k in doc) else doc

@@ -246,7 +246,7 @@ def _run_pretrain(cfg: Any, config_dict: dict | None, progress: bool) -> TrainRe
             log_file.close()
         result.steps_done = step
         if not result.stopped_early:
-            eng.save_model_weights(engine, out_dir / "model.pt")
+            eng.save_model_weights(engine, out_dir / "model.safetensors")
             if cfg.train.final_eval:
                 result.metrics = _evaluate(engine.module, cfg, rank, device, tracker, step)
             _log_curves(tracker, result, out_dir, rank)
