@@ -4,7 +4,8 @@
     medvlp shards synth|build|inspect|import|merge-index ...
     medvlp tokenizer train --shards DIR --out DIR
     medvlp pretrain RECIPE [--set k=v ...] [--resume]
-    medvlp eval --model-dir RUN_DIR [--shards DIR] ...
+    medvlp eval --model-dir RUN_DIR [--step N] [--shards DIR] ...
+    medvlp export --model-dir RUN_DIR [--step N] --to open_clip|hf --out DIR
     medvlp launch [...] -- <subcommand ...>
     medvlp runs compare|ui ...
 """
@@ -129,6 +130,19 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return run_eval_cli(a)
 
 
+def _cmd_export(a: argparse.Namespace) -> int:
+    from pretrain.export import export
+    from pretrain.pretrained import LoadError
+
+    try:
+        out = export(a.model_dir, a.to, a.out, step=a.step)
+    except (LoadError, ValueError) as e:  # ExportError and LoadError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
+
+
 def _cmd_runs_compare(a: argparse.Namespace) -> int:
     from launch.runs import compare_runs
 
@@ -213,12 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_pretrain)
 
     s = sub.add_parser("eval", help="zero-shot / retrieval / linear-probe evaluation of a trained model")
-    s.add_argument("--model-dir", required=True, help="a pretrain out_dir (model.pt + config)")
+    s.add_argument("--model-dir", required=True,
+                   help="a run folder, a model.safetensors (config beside it) or an exported folder")
+    s.add_argument("--step", type=int, default=None, help="evaluate this COMPLETE checkpoint of the run folder")
     s.add_argument("--shards", default=None, help="shard dir (default: the run's data.train_shards)")
     s.add_argument("--split", default="test")
     s.add_argument("--out", default=None, help="where tables go (default: MODEL_DIR/eval)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override eval.* / data.* keys")
     s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("export", help="write a trained model for open_clip or Hugging Face transformers")
+    s.add_argument("--model-dir", required=True,
+                   help="a run folder, a model.safetensors (config beside it) or an exported folder")
+    s.add_argument("--step", type=int, default=None, help="export this COMPLETE checkpoint of the run folder")
+    s.add_argument("--to", required=True, choices=["open_clip", "hf"], help="target library layout")
+    s.add_argument("--out", required=True, help="new (or empty) output folder")
+    s.set_defaults(fn=_cmd_export)
 
     rn = sub.add_parser("runs", help="compare tracked runs").add_subparsers(dest="sub", required=True)
     s = rn.add_parser("compare", help="table + loss-curve overlay of an experiment's runs")

@@ -441,7 +441,6 @@ def run_eval(model_name: str, state_dict_path: str | Path, shards: str, modality
 
     `model_cfg` / `loss_cfg` (optional) are the run's own, for architectures whose build depends on them (a SigLIP
     run's logit bias); `model_name`, `tokenizer` and the weights path override their fields."""
-    from data_shards.config import DataConfig
     from pretrain.config import ModelConfig
     from pretrain.model import build_model
 
@@ -450,7 +449,19 @@ def run_eval(model_name: str, state_dict_path: str | Path, shards: str, modality
     model_cfg = dataclasses.replace(model_cfg or ModelConfig(), name=model_name, tokenizer=tokenizer,
                                     checkpoint=str(state_dict_path), grad_checkpointing=False)
     model = build_model(model_cfg, loss_cfg) if loss_cfg is not None else build_model(model_cfg)
+    return evaluate_model(model, shards, modality, eval_cfg, out_dir, data_cfg=data_cfg, device=device,
+                          max_samples=max_samples, loader_fn=loader_fn)
+
+
+def evaluate_model(model, shards: str, modality: str, eval_cfg: EvalConfig | None = None,
+                   out_dir: str | Path = "eval_out", *, data_cfg=None, device: str = "cpu",
+                   max_samples: int | None = None, loader_fn: Callable | None = None) -> dict[str, float]:
+    """Evaluate a built model (e.g. `load_pretrained(...).model`) on `shards` (or `data_cfg`) and write the
+    tables and figures into `out_dir`. Returns the metrics."""
+    from data_shards.config import DataConfig
+
     model.to(device)
+    model_name = getattr(model, "name", "model")
     if data_cfg is None:
         size = model.image_size
         data_cfg = DataConfig(train_shards=str(shards), modality=modality,
@@ -535,24 +546,36 @@ def _build_section(cls, values: dict, section: str):
 
 
 def run_eval_cli(a) -> int:
-    """`medvlp eval --model-dir RUN_DIR [--shards DIR] [--split S] [--out DIR] [--set eval.k=v|data.k=v ...]`."""
+    """`medvlp eval --model-dir PATH [--step N] [--shards DIR] [--split S] [--out DIR] [--set eval.k=v|data.k=v]`.
+
+    PATH: a run folder (final weights or latest COMPLETE checkpoint, or `--step`), a `model.safetensors` with its
+    config beside it, or an exported folder (see `pretrain.load_pretrained`)."""
     import sys
 
     import yaml
 
     from data_shards.config import DataConfig
-    from pretrain.config import LossConfig, ModelConfig
+    from pretrain.pretrained import EXPORT_MANIFEST, LoadError, load_pretrained, run_config
 
-    model_dir = Path(a.model_dir)
-    weights = model_dir / "model.pt"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found (a finished `medvlp pretrain` run writes it)")
-    stored = load_run_config(model_dir)
-    if not stored:
-        print(f"warning: no config.json or checkpoint config under {model_dir}; using defaults", file=sys.stderr)
-    sections = {"data": dict(stored.get("data", {})), "eval": dict(stored.get("eval", {})),
-                "model": dict(stored.get("model", {}))}
-    classes = {"data": DataConfig, "eval": EvalConfig, "model": ModelConfig}
+    src = Path(a.model_dir)
+    if not src.exists():
+        print(f"error: {src}: no such file or folder", file=sys.stderr)
+        return 2
+    home = src.parent if src.is_file() else src
+    try:
+        if (home / EXPORT_MANIFEST).is_file():
+            from pretrain.export import export_config
+            stored = export_config(home)
+        else:
+            stored = run_config(home)
+    except (LoadError, ValueError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if stored is None:
+        print(f"warning: no config.yaml / config.json under {home}; using defaults", file=sys.stderr)
+    sections = {"data": dataclasses.asdict(stored.data) if stored is not None else {},
+                "eval": dataclasses.asdict(stored.eval) if stored is not None else {}}
+    classes = {"data": DataConfig, "eval": EvalConfig}
     if getattr(a, "shards", None):
         sections["data"].update(train_shards=a.shards, val_shards="")
     if getattr(a, "split", None):
@@ -566,18 +589,21 @@ def run_eval_cli(a) -> int:
             sections[sec][name] = _coerce_field(classes[sec], name, yaml.safe_load(text), key)
         data_cfg = _build_section(DataConfig, sections["data"], "data")
         eval_cfg = _build_section(EvalConfig, sections["eval"], "eval")
-        model_cfg = _build_section(ModelConfig, sections["model"], "model")
-        loss_cfg = _build_section(LossConfig, dict(stored.get("loss", {})), "loss")
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if not data_cfg.train_shards and not data_cfg.val_shards:
         print("error: no shards: pass --shards DIR (the run's config names none)", file=sys.stderr)
         return 2
-    out_dir = Path(a.out) if getattr(a, "out", None) else model_dir / "eval"
+    try:
+        pre = load_pretrained(src, step=getattr(a, "step", None))
+    except LoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out_dir = Path(a.out) if getattr(a, "out", None) else home / "eval"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = run_eval(model_cfg.name, weights, "", data_cfg.modality, eval_cfg, out_dir, data_cfg=data_cfg,
-                       tokenizer=model_cfg.tokenizer, device=device, model_cfg=model_cfg, loss_cfg=loss_cfg)
+    print(f"evaluating {pre.source}" + (f" (step {pre.step})" if pre.step is not None else ""), file=sys.stderr)
+    metrics = evaluate_model(pre.model, "", data_cfg.modality, eval_cfg, out_dir, data_cfg=data_cfg, device=device)
     print(format_table(metrics))
     print(f"\nwritten: {out_dir / 'eval_table.md'}, {out_dir / 'eval_metrics.json'}")
     return 0

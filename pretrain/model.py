@@ -170,17 +170,15 @@ def build_model(cfg: ModelConfig, loss_cfg: LossConfig | None = None) -> MedCLIP
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> None:
-    """Load a local state dict file (plain, or under "model"/"state_dict"/"module"; a "module." prefix is dropped)."""
+    """Load a local weights file: safetensors, or a torch file read with `weights_only=True` only (a plain state
+    dict, or one under "model"/"state_dict"/"module"; a "module." prefix is dropped). A pickle that needs more than
+    tensors is refused with a ValueError, never executed."""
+    from pretrain.pretrained import read_weights
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.checkpoint: {path} is not a file")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: not a state dict (got {type(sd).__name__})")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    sd, _ = read_weights(path)
     own = model.state_dict()
     bad_shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
