@@ -182,13 +182,16 @@ def safe_torch_load(path: Path, allow: list | None = None) -> Any:
             with torch.serialization.safe_globals(allow):
                 return torch.load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as e:
+    except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else
-                     type(e).__name__)
+        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
         first = first.replace("\x1b[1m", "").replace("\x1b[0m", "")
-        raise LoadError(f"{path}: refused: not a plain tensor file, loading it would run code from the file "
-                        f"(the safe loader said: {first[:200]}); convert trusted weights to safetensors") from None
+        raise LoadError(f"{path}: refused: the file holds pickled objects other than tensors, and loading it would "
+                        f"run code from the file (the safe loader said: {first[:200]}); convert trusted weights to "
+                        f"safetensors") from None
+    except (RuntimeError, AttributeError, TypeError, ValueError, EOFError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"{path}: not a readable torch file ({msg[:200]})") from None
 
 
 def _deepspeed_safe_globals() -> list:
@@ -209,9 +212,6 @@ def _deepspeed_safe_globals() -> list:
         out.append(fragment_address)
     except ImportError:
         pass
-    from collections import OrderedDict
-    from enum import Enum
-    out += [OrderedDict, Enum]
     return out
 
 

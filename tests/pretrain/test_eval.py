@@ -154,9 +154,12 @@ def test_run_eval_cli_rejects_bad_override(tmp_path, capsys):
     assert E.run_eval_cli(a) == 2
     assert "eval.bootstrap: expected int" in capsys.readouterr().err
     assert E.load_run_config(tmp_path)["eval"]["bootstrap"] == 5
-    with pytest.raises(FileNotFoundError, match="model.pt"):
-        E.run_eval_cli(argparse.Namespace(model_dir=str(tmp_path / "none"), shards=None, split="test", out=None,
-                                          set=[]))
+    assert E.run_eval_cli(argparse.Namespace(model_dir=str(tmp_path / "none"), shards=None, split="test", out=None,
+                                             set=[])) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    a.set = []  # the empty model.pt: a clear one-line error naming it, no traceback
+    assert E.run_eval_cli(a) == 2
+    assert "model.pt: not a readable torch file" in capsys.readouterr().err
 
 
 def test_plots_write_pngs(tmp_path):

@@ -41,7 +41,7 @@ def test_smoke_run_tracks_and_checkpoints(cxr_shards, tmp_path):
     res = _run(cfg)
     assert res.steps_done == 6 and len(res.losses) == 6
     assert all(math.isfinite(v) for _, v in res.losses)
-    assert (tmp_path / "model.pt").exists() and (tmp_path / "loss_curve.png").exists()
+    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "model.pt").exists() and (tmp_path / "loss_curve.png").exists()
     from pretrain.engine import complete_checkpoints
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000003", "step_00000006"]
     assert "zeroshot/auc_macro" in res.metrics
