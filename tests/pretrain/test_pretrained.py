@@ -232,7 +232,7 @@ def test_bad_paths_give_clear_errors(tmp_path):
 
 
 def test_no_unsafe_torch_load_in_the_code():
-    """No torch.load(..., weights_only=False) call anywhere in the project's code (DeepSpeed's loaders excepted)."""
+    """No unsafe torch.load call (weights_only off) anywhere in the project's code (DeepSpeed's loaders excepted)."""
     import re
 
     call = re.compile(r"torch\.load\([^)]*weights_only\s*=\s*" + "False")
