@@ -3,7 +3,7 @@
     export("runs/debug", "open_clip", "exports/debug")     # open_clip_config.json + open_clip_model.safetensors
     open_clip.create_model_and_transforms("local-dir:exports/debug")   # the same image / text embeddings
     export("runs/bert", "hf", "exports/bert-hf")           # VisionTextDualEncoderModel folder (ViT + BERT)
-    log_model_artifact("runs/debug")                       # the export, logged to the run's MLflow run
+    log_model_artifact("runs/debug", run_id=RUN_ID)        # an MLflow pyfunc model of the export, registerable
 
 Every export folder also holds `medvlp_export.json` (architecture spec, run config, modality, step) so that
 `load_pretrained(folder)` reads it back into our `MedCLIP`.
@@ -349,30 +349,54 @@ def default_format(spec: dict) -> str:
             raise ExportError(f"no export format fits this model: {e1}; {e2}") from None
 
 
-def log_model_artifact(run_dir: str | os.PathLike, step: int | None = None, to: str | None = None,
-                       run_id: str | None = None, tracking_uri: str | None = None,
-                       artifact_path: str = "model") -> str:
-    """Export the run's model (open_clip or hf, whichever fits unless `to` says) and log the folder as an MLflow
-    artifact directory of run `run_id` (default: the run recorded in the latest checkpoint, else the active run).
-    Register it with `mlflow.register_model("runs:/<run_id>/model", NAME)`. Returns the artifact URI."""
+def build_mlflow_model(run_dir: str | os.PathLike, step: int | None = None, to: str | None = None,
+                       out: str | os.PathLike | None = None) -> Path:
+    """An MLflow pyfunc model folder (MLmodel + the export as artifact "export", models-from-code: no pickle) of
+    the run's model, in open_clip or hf format (whichever fits unless `to` says). Default folder: RUN/mlflow_model."""
     import tempfile
 
     import mlflow
 
     pre = load_pretrained(run_dir, step=step)
     fmt = to or default_format(pre.model.spec)
-    if run_id is None:
-        run_id = _recorded_run_id(Path(run_dir))
-    client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri)
-    if run_id is None:
-        active = mlflow.active_run()
-        if active is None:
-            raise ExportError(f"{run_dir}: no MLflow run to log into (pass run_id=)")
-        run_id = active.info.run_id
+    out = Path(out) if out is not None else Path(run_dir) / "mlflow_model"
+    if out.exists():
+        shutil.rmtree(out)
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_pretrained(pre, fmt, Path(tmp) / "export")
-        client.log_artifacts(run_id, str(folder), artifact_path)
-    client.set_tag(run_id, "medvlp.model_format", fmt)
+        mlflow.pyfunc.save_model(str(out), python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),
+                                 artifacts={"export": str(folder)}, pip_requirements=[],
+                                 metadata={"medvlp_format": fmt, "medvlp_step": pre.step})
+    return out
+
+
+def log_model_artifact(run_dir: str | os.PathLike, step: int | None = None, to: str | None = None, *,
+                       tracker=None, run_id: str | None = None, tracking_uri: str | None = None,
+                       artifact_path: str = "model") -> str:
+    """Build the run's MLflow pyfunc model (`build_mlflow_model`, into RUN/mlflow_model) and log it as the artifact
+    directory `artifact_path` of an MLflow run: through `tracker` (the training loop's `Tracker`; a model no format
+    can express is then skipped with a warning), else of `run_id` (default: the run recorded in the latest
+    checkpoint). Register it with `mlflow.register_model("runs:/<run_id>/model", NAME)`. Returns that URI ("" when
+    skipped)."""
+    if tracker is not None:
+        rid = getattr(tracker, "run_id", None)
+        if not rid:
+            return ""
+        try:
+            folder = build_mlflow_model(run_dir, step, to)
+        except (ExportError, LoadError) as e:
+            log.warning("model artifact not logged: %s", e)
+            return ""
+        tracker.log_artifact(str(folder), artifact_path)
+        return f"runs:/{rid}/{artifact_path}"
+    import mlflow
+
+    run_id = run_id or _recorded_run_id(Path(run_dir))
+    if run_id is None:
+        raise ExportError(f"{run_dir}: no MLflow run recorded in its checkpoints (pass run_id=)")
+    folder = build_mlflow_model(run_dir, step, to)
+    client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri)
+    client.log_artifacts(run_id, str(folder), artifact_path)
     return f"runs:/{run_id}/{artifact_path}"
 
 

@@ -242,3 +242,30 @@ def test_no_unsafe_torch_load_in_the_code():
             if call.search(f.read_text()):
                 hits.append(str(f.relative_to(REPO)))
     assert not hits, hits
+
+
+def test_mlflow_model_artifact_registers_and_predicts(tmp_path):
+    """The export logged as an MLflow pyfunc model directory: registerable, and it embeds texts like our model."""
+    import mlflow
+    import pandas as pd
+
+    from pretrain.export import log_model_artifact
+
+    model, run = _saved_model(tmp_path, "debug")
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("models", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(exp).info.run_id
+    art = log_model_artifact(run, run_id=run_id, tracking_uri=uri)
+    assert art == f"runs:/{run_id}/model"
+    assert {a.path for a in client.list_artifacts(run_id, "model")} >= {"model/MLmodel", "model/artifacts"}
+    mlflow.set_tracking_uri(uri)
+    try:
+        version = mlflow.register_model(art, "medvlp-debug")
+        loaded = mlflow.pyfunc.load_model(f"models:/medvlp-debug/{version.version}")
+        got = loaded.predict(pd.DataFrame({"text": TEXTS}))
+    finally:
+        mlflow.set_tracking_uri(None)
+    with torch.no_grad():
+        want = model.encode_text(model.tokenizer(TEXTS)).numpy()
+    assert np.abs(got - want).max() <= 1e-6

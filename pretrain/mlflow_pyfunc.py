@@ -1,0 +1,27 @@
+"""The MLflow pyfunc wrapper of an exported model (MLflow "models from code": nothing is pickled).
+
+`mlflow.pyfunc.load_model(uri).predict(df)`: a DataFrame with a "text" column gives the L2-normalised text
+embeddings (N, E) as a float32 array; the model folder itself is the artifact "export" (load it with
+`pretrain.load_pretrained(local_path)` for images, or with open_clip / transformers per its format).
+"""
+from __future__ import annotations
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class MedVLPTextEmbedder(PythonModel):
+    def load_context(self, context) -> None:
+        from pretrain import load_pretrained
+
+        self.pre = load_pretrained(context.artifacts["export"])
+
+    def predict(self, context, model_input, params=None):  # noqa: ARG002
+        import torch
+
+        texts = [str(t) for t in model_input["text"]]
+        with torch.no_grad():
+            return self.pre.model.encode_text(self.pre.tokenizer(texts)).float().numpy()
+
+
+mlflow.models.set_model(MedVLPTextEmbedder())
