@@ -269,3 +269,22 @@ def test_mlflow_model_artifact_registers_and_predicts(tmp_path):
     with torch.no_grad():
         want = model.encode_text(model.tokenizer(TEXTS)).numpy()
     assert np.abs(got - want).max() <= 1e-6
+
+
+def test_transform_is_the_streams_eval_view_and_checkpoint_reads_safetensors(tmp_path):
+    from data_shards.schema import Sample
+    from data_shards.transforms import SampleTransform
+    from pretrain import load_pretrained
+    from pretrain.config import ModelConfig
+    from pretrain.model import build_model
+
+    model, run = _saved_model(tmp_path, "debug", modality="patho")
+    p = load_pretrained(run)
+    img = (np.random.default_rng(0).random((96, 80, 3)) * 255).astype(np.uint8)
+    want = SampleTransform("patho", 64, train=False)(Sample(key="k", text="", image=img), np.random.default_rng(0))
+    got = p.transform()(img)
+    assert got.shape == (3, 64, 64) and torch.equal(got, want["image"])
+    assert not torch.equal(p.transform("cxr")(img), got)  # another modality's normalisation
+    # model.checkpoint accepts the safetensors weights a run writes
+    other = build_model(ModelConfig(name="debug", checkpoint=str(run / "model.safetensors")))
+    assert torch.equal(other.visual.net.conv1.weight, model.visual.net.conv1.weight)
