@@ -2,7 +2,8 @@
 
     metrics = evaluate(model, data_cfg, eval_cfg, modality="cxr", label_names=None)   # flat {name: float}
     print(format_table(metrics))                                                       # markdown tables
-    run_eval("debug", "runs/debug/model.pt", "demo_out/shards/cxr", "cxr", EvalConfig(), "runs/debug/eval")
+    run_eval("debug", "runs/debug/model.safetensors", "demo_out/shards/cxr", "cxr", EvalConfig(), "runs/debug/eval")
+    evaluate_model(load_pretrained("runs/debug").model, "demo_out/shards/cxr", "cxr")          # any loadable model
 
 The eval split is streamed once (no augmentation, no resampling, at most `eval.max_samples`), images and report
 texts are embedded in eval mode without gradients; the probe split (train) is streamed once more for the probes.
