@@ -341,7 +341,7 @@ def _spec_of(meta: dict[str, str], cfg: Any, where: Path) -> dict:
         raise LoadError(f"{where}: {e.args[0]}") from None
 
 
-def _finish(model, cfg: Any, tokenizer_src, source: Path, step: int | None, map_location) -> Pretrained:
+def _finish(model, cfg: Any, source: Path, step: int | None, map_location) -> Pretrained:
     if cfg is None:
         cfg = _fallback_root()()
     modality = getattr(getattr(cfg, "data", None), "modality", "cxr")
@@ -366,13 +366,13 @@ def load_pretrained(path: str | os.PathLike, step: int | None = None, map_locati
         sd, meta = read_weights(p)
         spec = _spec_of(meta, cfg, p)
         model = build_from_state(spec, sd, cfg, str(p))
-        return _finish(model, cfg, None, p, _int(meta.get("step")), map_location)
+        return _finish(model, cfg, p, _int(meta.get("step")), map_location)
     if (p / EXPORT_MANIFEST).is_file():
         if step is not None:
             raise LoadError(f"{p}: an exported folder holds one step; --step applies to a run folder")
         from pretrain.export import load_export
         model, cfg, exp_step = load_export(p)
-        return _finish(model, cfg, None, p, exp_step, map_location)
+        return _finish(model, cfg, p, exp_step, map_location)
     cfg = run_config(p)
     final = _final_weights(p)
     tag_dir = _pick_checkpoint(p, step)
@@ -390,7 +390,7 @@ def load_pretrained(path: str | os.PathLike, step: int | None = None, map_locati
     if cfg is None and not meta.get("medvlp_spec"):
         raise LoadError(f"{p}: no config.yaml / config.json: cannot tell which model these weights belong to")
     model = build_from_state(_spec_of(meta, cfg, p), sd, cfg, str(source))
-    return _finish(model, cfg, None, source, at, map_location)
+    return _finish(model, cfg, source, at, map_location)
 
 
 def _int(v: Any) -> int | None:
