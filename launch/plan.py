@@ -73,7 +73,7 @@ class Plan:
     weights: float = 0.0
     grads: float = 0.0
     optimizer: float = 0.0
-    optimizer_temp: float = 0.0  # temporaries of the Adam update (two fp32 copies of the owned parameters)
+    optimizer_temp: float = 0.0  # temporaries of the Adam update (one fp32 copy of the owned parameters)
     activations: float = 0.0
     activations_ckpt: float = 0.0
     loss_extra: dict = field(default_factory=dict)  # backend -> bytes
@@ -182,7 +182,7 @@ def make_plan(model: str | ModelStats, gpus: int, global_batch: int, zero: int =
     accum = per_gpu // micro
     p = stats.params
     w_b, g_b, o_b = (2 * p, 2 * p, 12 * p) if precision == "bf16" else (4 * p, 4 * p, 8 * p)
-    t_b = 8 * p  # the Adam update's temporaries: two fp32 copies of the parameters this rank updates
+    t_b = 4 * p  # the Adam update's temporary (sqrt of the second moment): one fp32 copy of what this rank updates
     if zero >= 1:
         o_b /= gpus
         t_b /= gpus
