@@ -28,6 +28,10 @@ class DataConfig:
     flip: bool | None = None  # random horizontal/3D flips; null = modality default (off for cxr/ct: laterality)
     log_corrupt: int = 5  # corrupt samples logged (with key) per worker; all are counted in the loader stats
     members: list[str] = field(default_factory=list)  # extra batch members (data_shards.members: boxes, ...); [] = none
+    max_bad_in_row: int = 1000  # unreadable shards / corrupt samples in a row (no good one) before the stream fails
+    verify: bool = False  # sha256 of each shard checked against index.json when a worker first opens it
+    on_mismatch: str = "skip"  # verify: a shard whose sha256 differs is skipped and counted (skip) or fails (fail)
+    allow_pipe: bool = True  # accept pipe:CMD shard specs (they run CMD in a shell); false for shared recipes
 
     def validate(self) -> None:
         if self.modality not in ("cxr", "patho", "ct", "slide"):
@@ -48,5 +52,15 @@ class DataConfig:
             from data_shards.members import check_members
 
             check_members(self.members)
+        if self.context_length < 1:
+            raise ValueError(f"context_length: must be >= 1, got {self.context_length}")
+        if self.log_corrupt < 0:
+            raise ValueError(f"log_corrupt: must be >= 0, got {self.log_corrupt}")
+        if self.max_bad_in_row < 1:
+            raise ValueError(f"max_bad_in_row: must be >= 1, got {self.max_bad_in_row}")
+        if self.on_mismatch not in ("skip", "fail"):
+            raise ValueError(f"on_mismatch: {self.on_mismatch!r} is not one of skip, fail")
+        if self.split not in ("train", "val", "test"):
+            raise ValueError(f"split: {self.split!r} is not one of train, val, test")
         if self.volume_size is not None and (len(self.volume_size) != 3 or min(self.volume_size) < 1):
             raise ValueError(f"volume_size: must be 3 positive ints (D, H, W) or null, got {self.volume_size}")

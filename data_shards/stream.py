@@ -57,7 +57,7 @@ import math
 import random
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -68,6 +68,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_shards.config import DataConfig
+from data_shards.guard import (BadRun, DataStreamError, ShardVerifier, StopSignal, StreamStopped, as_stop_check,
+                               check_pipe_allowed)
 from data_shards.members import MemberContext, MemberError, MemberSet
 from data_shards.schema import SCHEMA_VERSION, Sample, SampleDecodeError, decode_sample
 from data_shards.transforms import SampleTransform, collate_bags
@@ -98,6 +100,7 @@ class ShardSet:
     label_names: list[str]
     modality: str
     split: str
+    sha256: list[str] = field(default_factory=list)  # per url, from index.json ("" = unknown)
 
     @property
     def total(self) -> int:
@@ -138,16 +141,17 @@ def resolve_shards(spec: str | list[str], split: str, index_path: str = "") -> S
         urls = [str(Path(spec) / name) for name in entries]
     else:
         urls = list(spec) if isinstance(spec, list) else wds.shardlists.expand_urls(spec)
-    counts = []
+    counts, sums = [], []
     for url in urls:
         # match the index entry by file name (URLs and pipe commands carry it as a path component)
         hit = sorted({t for t in re.findall(r"[^/\s:]+", url) if t in entries})
         if len(hit) != 1:
             raise ValueError(f"shard {url!r}: {'not listed' if not hit else 'ambiguous'} in {where}")
         counts.append(int(entries[hit[0]].get("splits", {}).get(split, 0)))
+        sums.append(str(entries[hit[0]].get("sha256", "")))
     if sum(counts) == 0:
         raise ValueError(f"shards {spec!r}: split {split!r} has no samples (index {where}: {index.get('splits')})")
-    return ShardSet(urls, counts, list(index.get("label_names", [])), index.get("modality", ""), split)
+    return ShardSet(urls, counts, list(index.get("label_names", [])), index.get("modality", ""), split, sums)
 
 
 # ---------------------------------------------------------------------------------------- slot planning
@@ -201,12 +205,21 @@ def plan_slots(shards: ShardSet, cfg: DataConfig, *, rank: int, world_size: int,
 
 
 # ------------------------------------------------------------------------------------ worker-side stages
+def _describe_tar_error(exn: Exception) -> str:
+    """'shard-000001.tar: ReadError: invalid header' from webdataset's (message, stream, url) exception args."""
+    args = [a for a in exn.args if isinstance(a, str)]
+    url = next((a for a in reversed(args[1:]) if "/" in a or a.endswith(".tar")), "")
+    msg = args[0] if args else str(exn)
+    return f"{url + ': ' if url and url not in msg else ''}{type(exn).__name__}: {msg}"[:400]
+
+
 class _Tally:
     """Corrupt samples of one slot: counted, the first few logged; deltas go out with each batch."""
 
-    def __init__(self, slot: int, log_first: int, shared_shards: bool = False) -> None:
+    def __init__(self, slot: int, log_first: int, shared_shards: bool = False, run: BadRun | None = None) -> None:
         self.slot, self.log_first, self.shared_shards = slot, log_first, shared_shards
         self.count, self.keys, self._sent = 0, [], 0
+        self.run = run or BadRun(1 << 62)  # consecutive bad shards / samples (see data_shards.guard)
 
     def bad(self, key: str, why: str) -> None:
         self.count += 1
@@ -216,10 +229,14 @@ class _Tally:
             log.warning("skipping corrupt sample %s (slot %d): %s", key, self.slot, why)
 
     def on_tar_error(self, exn: Exception) -> bool:  # webdataset handler: True = continue
-        if self.shared_shards and self.slot != 0:
-            return True  # every slot reads every shard (modulo split): global slot 0 counts shard errors
-        self.bad(f"<tar {str(exn)[:120]}>", f"{type(exn).__name__}: {exn}")
+        what = _describe_tar_error(exn)
+        if not (self.shared_shards and self.slot != 0):  # modulo split: global slot 0 counts shard errors
+            self.bad(f"<tar {what[:160]}>", what)
+        self.run.bad_shard(what)
         return True
+
+    def on_bad_shard(self, url: str, exn: Exception) -> None:  # checksum mismatch / unreadable before the tar reader
+        self.on_tar_error(exn if url in str(exn) else type(exn)(f"{exn} ({url})"))
 
     def take(self) -> tuple[int, list[str]]:
         n, start = self.count - self._sent, self._sent
@@ -232,15 +249,47 @@ def _select_split(src: Iterator[dict], split: str, tally: _Tally, owner: tuple[i
     bad json is counted only by the slot that owns its raw position: each corrupt sample counts once per rank set."""
     for i, raw in enumerate(src):
         key = raw.get("__key__", "?")
+        tally.run.shard_ok()  # a sample came out of a readable tar
         try:
             doc = json.loads(raw["json"]) if "json" in raw else {}
             sample_split = (doc.get("meta") or {}).get("split", "train")
         except Exception as e:  # noqa: BLE001 - bad json is a corrupt sample, not a crash
             if owner is None or i % owner[1] == owner[0]:
                 tally.bad(key, f"member 'json': {type(e).__name__}: {e}")
+            tally.run.bad_sample(f"sample {key!r}: member 'json': {type(e).__name__}")
             continue
+        tally.run.check_stop()
         if sample_split == split:
             yield raw
+
+
+def _read_tars(src: Iterator[dict], tally: _Tally, verifier: ShardVerifier | None) -> Iterator[dict]:
+    """webdataset's tarfile_to_samples with two more checks: the shard's sha256 (data.verify) and a tar that
+    yields no file at all (zeroed or empty: tarfile reads it as a clean end of archive) counted as unreadable."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+    streams = url_opener(src, handler=tally.on_tar_error)
+    if verifier is not None:
+        streams = verifier(streams, tally.on_bad_shard)
+    current = {"url": "?", "files": 0}
+
+    def watch(opened: Iterator[dict]) -> Iterator[dict]:
+        for sample in opened:
+            current.update(url=sample["url"], files=0)
+            yield sample
+
+    def count(files: Iterator[dict]) -> Iterator[dict]:
+        for f in files:
+            if f == {}:  # end of one shard
+                if current["files"] == 0:
+                    tally.on_tar_error(ValueError(f"{current['url']}: no samples (empty or zeroed tar)"))
+                current["files"] = 0
+            else:
+                current["files"] += 1
+            yield f
+
+    files = count(tar_file_expander(watch(streams), handler=tally.on_tar_error))
+    yield from group_by_keys(files, handler=tally.on_tar_error)
 
 
 def _keep_modulo(src: Iterator[dict], slot: int, n_slots: int) -> Iterator[dict]:
@@ -286,9 +335,11 @@ class _DecodeTransform:
                 out = c.transform(s, rng)
             except Exception as e:  # noqa: BLE001 - any member/transform failure skips only this sample
                 self.tally.bad(key, f"{type(e).__name__}: {e}")
+                self.tally.run.bad_sample(f"sample {key!r}: {type(e).__name__}: {str(e)[:200]}")
                 continue
             if c.members:  # a requested field the sample lacks is a config / data set mismatch: MemberError stops
                 out["_members"] = c.members.decode(s, out)
+            self.tally.run.sample_ok()
             yield {"key": key, "text": s.text, "labels": labels, **out}
 
 
@@ -339,13 +390,16 @@ class SlotStream(IterableDataset):
 
     def __init__(self, plans: list[SlotPlan], cfg: DataConfig, *, rank: int, epoch: int, split: str,
                  modality: str, label_names: list[str], resampled: bool, train: bool,
-                 transform: Callable, tokenizer: Callable | None) -> None:
+                 transform: Callable, tokenizer: Callable | None, sha256: dict[str, str] | None = None) -> None:
         super().__init__()
+        sha256 = sha256 or {}
         self.plans, self.rank, self.epoch, self.split = plans, rank, epoch, split
         self.seed, self.batch_size, self.shuffle_buffer = cfg.seed, cfg.batch_size, cfg.shuffle_buffer
         self.log_corrupt, self.modality, self.label_names = cfg.log_corrupt, modality, label_names
         self.resampled, self.train, self.transform, self.tokenizer = resampled, train, transform, tokenizer
         self.members = MemberSet(cfg.members, MemberContext(tuple(label_names), modality)) if cfg.members else None
+        self.max_bad_in_row, self.stop = cfg.max_bad_in_row, None  # stop: a StopSignal, set by the loader
+        self.verifier = ShardVerifier(sha256, cfg.on_mismatch) if cfg.verify else None
 
     def pipeline(self, slot: int, tally: _Tally) -> wds.DataPipeline:
         p, b = self.plans[slot], self.batch_size
@@ -360,7 +414,7 @@ class SlotStream(IterableDataset):
             shuffle = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)
         return wds.DataPipeline(
             source,
-            wds.tarfile_to_samples(handler=tally.on_tar_error),
+            partial(_read_tars, tally=tally, verifier=self.verifier),
             partial(_select_split, split=self.split, tally=tally, owner=p.modulo),
             partial(_keep_modulo, slot=p.modulo[0], n_slots=p.modulo[1]) if p.modulo else None,
             shuffle,
@@ -382,11 +436,17 @@ class SlotStream(IterableDataset):
         slot = info.id if info is not None else 0
         p = self.plans[slot]
         # in the modulo split the owner of a shard-level error is global slot 0 (rank 0, worker 0)
-        tally = _Tally(p.modulo[0] if p.modulo else slot, self.log_corrupt, shared_shards=p.modulo is not None)
-        if p.urls and p.skip_batches < p.n_batches:
-            yield from self.pipeline(slot, tally)
+        run = BadRun(self.max_bad_in_row, as_stop_check(self.stop))
+        tally = _Tally(p.modulo[0] if p.modulo else slot, self.log_corrupt, shared_shards=p.modulo is not None,
+                       run=run)
+        fault: dict[str, Any] = {}
+        try:
+            if p.urls and p.skip_batches < p.n_batches:
+                yield from self.pipeline(slot, tally)
+        except (DataStreamError, StreamStopped) as e:  # travels in-band: the main process raises it, one line
+            fault = {"_fault": type(e).__name__, "_message": str(e)}
         n, keys = tally.take()
-        yield {_END: True, "_slot": slot, "n_corrupt": n, "corrupt_keys": keys}
+        yield {_END: True, "_slot": slot, "n_corrupt": n, "corrupt_keys": keys, **fault}
 
 
 # ------------------------------------------------------------------------------------------ main side
@@ -394,12 +454,17 @@ class StreamLoader:
     """Iterable of batches in a fixed order; `stats` (corrupt counts over all workers) and `state_dict()`."""
 
     def __init__(self, dataset: SlotStream, schedule: list[int], *, workers: int, epoch: int, start_step: int,
-                 steps_per_epoch: int, seed: int) -> None:
+                 steps_per_epoch: int, seed: int, stop: Any = None) -> None:
         self.dataset, self.schedule, self.workers = dataset, schedule, workers
         self.epoch, self.start_step, self.step = epoch, start_step, start_step
         self.steps_per_epoch, self.seed = steps_per_epoch, seed
         self.label_names = dataset.label_names
         self.stats: dict[str, Any] = {"samples": 0, "corrupt": 0, "corrupt_keys": []}
+        self._stop = as_stop_check(stop)
+
+    def _check_stop(self) -> None:
+        if self._stop is not None and self._stop():
+            raise StreamStopped("data stream: stop requested")
 
     def state_dict(self) -> dict[str, int]:
         """Data position: `make_loader(..., epoch=d["epoch"], start_step=d["step"])` continues from here."""
@@ -431,6 +496,7 @@ class StreamLoader:
         source = self._source()
 
         def pull() -> bool:
+            self._check_stop()
             try:
                 item = next(source, None)
             except MemberError as e:  # from a DataLoader worker: its message carries the worker's traceback
@@ -440,6 +506,8 @@ class StreamLoader:
                 return False
             self._account(item)
             slot = item.pop("_slot")
+            if "_fault" in item:
+                raise (StreamStopped if item["_fault"] == "StreamStopped" else DataStreamError)(item["_message"])
             if item.pop(_END, False):
                 ended[slot] = True
             else:
@@ -474,12 +542,14 @@ def _last_line(msg: str) -> str:
 
 def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenizer: Callable | None = None,
                 epoch: int = 0, start_step: int = 0, train: bool = True, shards: str | list[str] | None = None,
-                split: str | None = None, transform: Callable | None = None) -> StreamLoader:
+                split: str | None = None, transform: Callable | None = None, stop: Any = None) -> StreamLoader:
     """The loader of one epoch of this rank (see the module doc for the semantics).
 
     shards: overrides cfg.train_shards (train) / cfg.val_shards or else cfg.train_shards (eval).
     split: overrides cfg.split. transform: ``(Sample, np.random.Generator) -> dict of tensors`` replacing the
     default `SampleTransform`. tokenizer: picklable ``list[str] -> LongTensor (B, L)``, applied in the workers.
+    stop: a `data_shards.guard.StopSignal` (checked in the workers too), an Event or a zero-arg callable (checked
+    in this process); once set, iterating raises `StreamStopped` (see data_shards.guard).
     """
     cfg.validate()
     if not 0 <= rank < world_size:
@@ -489,6 +559,7 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
     spec = shards if shards is not None else (cfg.train_shards if train else (cfg.val_shards or cfg.train_shards))
     split = split or cfg.split
     shard_set = resolve_shards(spec, split, cfg.index)
+    check_pipe_allowed(shard_set.urls, cfg.allow_pipe)
     modality = shard_set.modality or cfg.modality
     if shard_set.modality and shard_set.modality != cfg.modality:
         log.warning("data.modality is %r but the shards' index.json says %r; using %r",
@@ -502,7 +573,11 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
                                     max_patches=cfg.max_patches)
     dataset = SlotStream(plans, cfg, rank=rank, epoch=epoch, split=split, modality=modality,
                          label_names=shard_set.label_names, resampled=resampled, train=train,
-                         transform=transform, tokenizer=tokenizer)
+                         transform=transform, tokenizer=tokenizer,
+                         sha256={u: h for u, h in zip(shard_set.urls, shard_set.sha256) if h})
+    as_stop_check(stop)  # type check, here rather than in a worker
+    # slots check it too: in this process (workers=0) any callable, across processes only a StopSignal
+    dataset.stop = stop if cfg.workers == 0 or isinstance(stop, StopSignal) else None
     steps = sum(p.n_batches for p in plans)
     return StreamLoader(dataset, schedule, workers=cfg.workers, epoch=epoch, start_step=start_step,
-                        steps_per_epoch=steps, seed=cfg.seed)
+                        steps_per_epoch=steps, seed=cfg.seed, stop=stop)
