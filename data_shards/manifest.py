@@ -17,10 +17,13 @@ a JSONL row is its line in the file.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,45 +219,130 @@ def parse_row(raw: dict[str, Any], line: int, source: str, base_dir: Path,
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def iter_csv_rows(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
-    """(line, row, None) per data row, (line, None, error) per broken row.
+_STRUCTURED = {"key", "image", "volume", "mask", "features", "coords", "report_file", "patient_id", "split",
+               "dataset", "modality"}  # single-line columns: a line break in one means a quote went astray
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that did not decode, kept as lone surrogates
 
-    The first item is (1, {"__header__": [column names]}, None)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        yield 1, {"__header__": header}, None
-        while True:
-            start = reader.line_num + 1
+
+def read_text(path: Path) -> str:
+    """The manifest's text. UTF-8 (with or without BOM) or UTF-16/32 with a BOM; bytes that are not UTF-8 stay as
+    lone surrogates, so the rows holding them are reported by line (`not_utf8`) instead of failing the file."""
+    data = path.read_bytes()
+    for bom, enc in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                     (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
             try:
-                raw = next(reader)
-            except StopIteration:
+                return data.decode(enc)
+            except UnicodeDecodeError as e:
+                line = data[:e.start].decode(enc, errors="ignore").count("\n") + 1
+                raise ManifestError([f"{path.name} line {line}: not valid {enc.upper()} (byte-order mark says "
+                                     f"{enc}): {e.reason}"], header="unreadable manifest") from None
+    if b"\x00" in data[:4096]:
+        line = data[:data.index(b"\x00")].count(b"\n") + 1
+        raise ManifestError([f"{path.name} line {line}: NUL bytes: a binary file or UTF-16 without a byte-order mark; "
+                             "save the manifest as UTF-8"], header="unreadable manifest")
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def not_utf8(values: Iterable[Any]) -> str | None:
+    """'byte 0xe9' for the first undecodable byte among the string values, else None."""
+    for v in values:
+        if isinstance(v, str) and (m := _NOT_UTF8.search(v)):
+            return f"byte 0x{ord(m.group()) - 0xDC00:02x}"
+    return None
+
+
+def _utf8_error(where: str, raw: dict) -> str | None:
+    for col, v in raw.items():
+        if (b := not_utf8([col, v])) is not None:
+            return (f"{where}column '{col}': not valid UTF-8 ({b}); save the manifest as UTF-8 (e.g. "
+                    "`iconv -f latin1 -t utf-8 in.csv > out.csv`)")
+    return None
+
+
+def iter_csv_rows(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
+    """(line, row, None) per data row, (line, None, error) per broken row; every broken row is reported.
+
+    The first item is (1, {"__header__": [column names]}, None). Strict dialect: a quote must open and close a
+    whole cell (a stray or unclosed quote is an error at its line, never a silent merge of rows); a line break
+    may sit only inside a quoted free-text cell (report, extra columns), and such a cell must not swallow a line
+    that is itself a whole row."""
+    text = read_text(Path(path))
+    lines = re.split(r"\r\n|\r|\n", text)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            end = max(reader.line_num, start)
+            span = f"lines {start}-{end}" if end > start else f"line {start}"
+            yield start, None, (f"CSV syntax ({span}): {e}: a stray or unclosed quote? (quote a whole cell, "
+                                'double a quote inside it: "say ""no""")')
+            if header is None:
                 return
-            except csv.Error as e:
-                yield start, None, f"CSV syntax: {e}"
-                return
-            if None in raw:
-                yield start, None, f"{len(header) + len(raw[None])} cells but the header has {len(header)}"
+            continue
+        end = reader.line_num
+        if header is None:
+            if not any(c.strip() for c in cells):
                 continue
-            if not any((v or "").strip() for v in raw.values()):
-                continue  # blank line
-            yield start, raw, None
+            header = [c.strip() for c in cells]
+            if (b := not_utf8(header)) is not None:
+                raise ManifestError([f"{Path(path).name} line {start}: header: not valid UTF-8 ({b}); save the "
+                                     "manifest as UTF-8"], header="unreadable manifest")
+            yield start, {"__header__": header}, None
+            continue
+        if not any(c.strip() for c in cells):
+            continue  # blank line
+        if len(cells) != len(header):
+            yield start, None, f"{len(cells)} cells but the header has {len(header)}"
+            continue
+        raw = dict(zip(header, cells))
+        if end > start and (err := _multiline_error(raw, header, lines, start, end)) is not None:
+            yield start, None, err
+            continue
+        if (err := _utf8_error("", raw)) is not None:
+            yield start, None, err
+            continue
+        yield start, raw, None
+
+
+def _multiline_error(raw: dict, header: list[str], lines: list[str], start: int, end: int) -> str | None:
+    """A record spanning lines start..end: legal only as a quoted free-text cell holding no whole row."""
+    for col, v in raw.items():
+        if "\n" not in v and "\r" not in v:
+            continue
+        if col in _STRUCTURED or col.startswith("label:"):
+            return (f"column '{col}' spans lines {start}-{end}: an unclosed quote? (only free-text columns such as "
+                    "'report' may hold line breaks)")
+    for ln in range(start + 1, end):  # lines wholly inside the record
+        inner = lines[ln - 1] if ln - 1 < len(lines) else ""
+        if inner.count(",") >= len(header) - 1 and len(next(csv.reader([inner]), [])) == len(header):
+            return (f"a quoted cell spans lines {start}-{end} and swallows line {ln}, which reads as a whole row: "
+                    "an unclosed quote?")
+    return None
 
 
 def iter_jsonl_rows(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for i, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield i, None, f"not valid JSON: {e.msg} at char {e.pos}"
-                continue
-            if not isinstance(raw, dict):
-                yield i, None, f"expected a JSON object, got {type(raw).__name__}"
-                continue
-            yield i, raw, None
+    for i, text in enumerate(read_text(Path(path)).splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield i, None, f"not valid JSON: {e.msg} at char {e.pos}"
+            continue
+        if not isinstance(raw, dict):
+            yield i, None, f"expected a JSON object, got {type(raw).__name__}"
+            continue
+        if (err := _utf8_error("", {k: (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+                                    for k, v in raw.items()})) is not None:
+            yield i, None, err
+            continue
+        yield i, raw, None
 
 
 def read_manifest(path: str | os.PathLike, modality: str | None = None) -> tuple[list[Row], list[str], int]:
