@@ -275,6 +275,34 @@ def prefix_to_tag(prefix: str) -> str:
     return f"part{int(m.group(1))}of{int(m.group(2))}" if m else ""
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: a build worker never outlives its builder (killed with SIGKILL, a lost node, ...).
+
+    Linux: the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG); elsewhere, and as a backstop, a
+    daemon thread exits the worker once its parent pid changes. The killed shard's `.tar.tmp` is removed and
+    rebuilt by the next run."""
+    import signal
+    import threading
+    import time
+
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+
+
 def _run_tasks(tasks: list[dict], workers: int, on_error: str, progress: bool) -> list[dict]:
     from tqdm.auto import tqdm
 
@@ -288,7 +316,8 @@ def _run_tasks(tasks: list[dict], workers: int, on_error: str, progress: bool) -
                 break
     else:
         ctx = mp.get_context("spawn")  # fork is unsafe once threads (torch, tqdm) exist in the parent
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as ex:
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
+                                    initializer=_die_with_parent, initargs=(os.getpid(),)) as ex:
             futs = [ex.submit(_encode_shard, t) for t in tasks]
             for fut in cf.as_completed(futs):
                 results.append(fut.result())

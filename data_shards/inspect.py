@@ -127,6 +127,12 @@ def _describe(values: list[int]) -> str:
 
 def inspect_shards(shard_dir, n_examples: int = 4, sheet_path: str | None = None) -> str:
     """Report text for a shard directory; writes a contact-sheet PNG when `sheet_path` is given."""
+    return inspect_report(shard_dir, n_examples, sheet_path)[0]
+
+
+def inspect_report(shard_dir, n_examples: int = 4, sheet_path: str | None = None) -> tuple[str, list[str]]:
+    """(report text, problems): problems name every sha256 mismatch, missing shard, corrupt sample and a sample
+    count that differs from index.json (what `shards inspect --strict` fails on)."""
     shard_dir = Path(shard_dir)
     doc = read_index(shard_dir)
     lines = [f"shards: {shard_dir}", f"  modality {doc.get('modality')}, schema v{doc.get('schema_version')}, "
@@ -152,8 +158,11 @@ def inspect_shards(shard_dir, n_examples: int = 4, sheet_path: str | None = None
                  f"missing shards {len(missing)}")
     lines += [f"    sha256 mismatch: {n}" for n in bad_sha] + [f"    missing: {n}" for n in missing]
     lines += [f"    corrupt: {c}" for c in stats.corrupt[:10]]
-    if stats.n != doc["num_samples"]:
+    problems = [f"sha256 mismatch: {n}" for n in bad_sha] + [f"missing shard: {n}" for n in missing]
+    problems += [f"corrupt: {c}" for c in stats.corrupt]
+    if stats.n + len(stats.corrupt) != doc["num_samples"] or (stats.n != doc["num_samples"] and not stats.corrupt):
         lines.append(f"  WARNING: index says {doc['num_samples']} samples, shards hold {stats.n}")
+        problems.append(f"count: index.json says {doc['num_samples']} samples, the shards hold {stats.n} readable")
     lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.splits.items())))
     for kind, count in stats.kinds.most_common():
         lo, hi = stats.extent[kind]
@@ -170,7 +179,7 @@ def inspect_shards(shard_dir, n_examples: int = 4, sheet_path: str | None = None
     if sheet_path:
         write_contact_sheet(stats.tiles, sheet_path, title=f"{shard_dir.name}: {doc.get('modality')}")
         lines.append(f"contact sheet: {sheet_path}")
-    return "\n".join(lines)
+    return "\n".join(lines), problems
 
 
 def _prevalence(stats: _Stats) -> list[str]:

@@ -130,13 +130,25 @@ def write_index(out_dir: str | os.PathLike, shards: list[ShardInfo], modality: s
     return doc
 
 
+class ShardIndexError(ValueError):
+    """An unreadable index.json."""
+
+    user_facing = True
+
+
 def read_index(shard_dir: str | os.PathLike) -> dict:
     path = Path(shard_dir) / INDEX_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: no index.json; build shards with `medvlp shards build|synth|import`")
-    doc = json.loads(path.read_text())
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardIndexError(f"{path}: not valid JSON ({e}); rebuild it (`medvlp shards build` reuses finished "
+                              "shards)") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("shards"), list):
+        raise ShardIndexError(f"{path}: not a shard index (no 'shards' list)")
     if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {doc.get('schema_version')} != supported {SCHEMA_VERSION}")
+        raise ShardIndexError(f"{path}: schema_version {doc.get('schema_version')} != supported {SCHEMA_VERSION}")
     return doc
 
 

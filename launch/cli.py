@@ -78,16 +78,25 @@ def _cmd_build(a: argparse.Namespace) -> int:
 def _cmd_merge_index(a: argparse.Namespace) -> int:
     from data_shards.build import merge_indexes
 
-    doc = merge_indexes(a.dir)
+    try:
+        doc = merge_indexes(a.dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"merged: {doc['num_samples']} samples in {len(doc['shards'])} shards -> {Path(a.dir) / 'index.json'}")
     return 0
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    from data_shards.inspect import inspect_shards
+    from data_shards.inspect import inspect_report
 
     sheet = a.sheet or str(Path(a.dir) / "contact_sheet.png")
-    print(inspect_shards(a.dir, n_examples=a.n, sheet_path=sheet))
+    text, problems = inspect_report(a.dir, n_examples=a.n, sheet_path=sheet)
+    print(text)
+    if a.strict and problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        print(f"error: {len(problems)} integrity problems in {a.dir}:\n  {shown}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -205,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--n", type=int, default=4, help="examples to show")
     s.add_argument("--sheet", default=None, help="contact-sheet PNG path (default DIR/contact_sheet.png)")
+    s.add_argument("--strict", action="store_true",
+                   help="exit 1 on any sha256 mismatch, missing shard, corrupt sample or count mismatch (CI gates)")
     s.set_defaults(fn=_cmd_inspect)
     s = sh.add_parser("import", help="import a public data set layout")
     s.add_argument("kind", choices=["medmnist", "chexpert", "iuxray", "pcam"])

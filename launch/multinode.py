@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -153,7 +154,24 @@ def _module_cmd() -> list[str]:
     return ["-m", "launch.cli"]
 
 
+_SLURM_VALUES = {  # what each option may hold: #SBATCH lines are not shell-quoted, so they are validated instead
+    "job_name": (re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"), "letters, digits, '.', '_', '-' (up to 128)"),
+    "partition": (re.compile(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*"), "names of letters, digits, '.', '_', '-', "
+                  "comma-separated"),
+    "time": (re.compile(r"(\d+-)?\d+(:\d+){0,2}"), "minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]"),
+}
+
+
+def check_slurm_values(a) -> None:
+    """--job-name / --partition / --time go into #SBATCH lines and file names: refuse anything but plain names."""
+    for name, (pattern, allowed) in _SLURM_VALUES.items():
+        value = getattr(a, name, None)
+        if value is not None and not pattern.fullmatch(str(value)):
+            raise SystemExit(f"medvlp launch: --{name.replace('_', '-')} {str(value)!r}: expected {allowed}")
+
+
 def plan_launch(a) -> LaunchPlan:
+    check_slurm_values(a)
     sub = _with_resume(_sub(a.rest))
     g, n = _gpus(a), a.nodes
     plan = LaunchPlan(env={**({} if a.cpu else NCCL_ENV), **({} if a.hostfile else TORCHRUN_ENV)})
