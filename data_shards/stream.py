@@ -101,6 +101,7 @@ class ShardSet:
     modality: str
     split: str
     sha256: list[str] = field(default_factory=list)  # per url, from index.json ("" = unknown)
+    sizes: list[int] = field(default_factory=list)  # samples per url, all splits, from index.json (-1 = unknown)
 
     @property
     def total(self) -> int:
@@ -141,7 +142,7 @@ def resolve_shards(spec: str | list[str], split: str, index_path: str = "") -> S
         urls = [str(Path(spec) / name) for name in entries]
     else:
         urls = list(spec) if isinstance(spec, list) else wds.shardlists.expand_urls(spec)
-    counts, sums = [], []
+    counts, sums, sizes = [], [], []
     for url in urls:
         # match the index entry by file name (URLs and pipe commands carry it as a path component)
         hit = sorted({t for t in re.findall(r"[^/\s:]+", url) if t in entries})
@@ -149,9 +150,11 @@ def resolve_shards(spec: str | list[str], split: str, index_path: str = "") -> S
             raise ValueError(f"shard {url!r}: {'not listed' if not hit else 'ambiguous'} in {where}")
         counts.append(int(entries[hit[0]].get("splits", {}).get(split, 0)))
         sums.append(str(entries[hit[0]].get("sha256", "")))
+        sizes.append(int(entries[hit[0]].get("count", -1)))
     if sum(counts) == 0:
         raise ValueError(f"shards {spec!r}: split {split!r} has no samples (index {where}: {index.get('splits')})")
-    return ShardSet(urls, counts, list(index.get("label_names", [])), index.get("modality", ""), split, sums)
+    return ShardSet(urls, counts, list(index.get("label_names", [])), index.get("modality", ""), split, sums,
+                    sizes)
 
 
 # ---------------------------------------------------------------------------------------- slot planning
@@ -251,7 +254,9 @@ def _select_split(src: Iterator[dict], split: str, tally: _Tally, owner: tuple[i
         key = raw.get("__key__", "?")
         tally.run.shard_ok()  # a sample came out of a readable tar
         try:
-            doc = json.loads(raw["json"]) if "json" in raw else {}
+            if "json" not in raw:  # every sample has one: a tar cut between members loses it (split unknown)
+                raise ValueError(f"no 'json' member (members: {sorted(k for k in raw if not k.startswith('__'))})")
+            doc = json.loads(raw["json"])
             sample_split = (doc.get("meta") or {}).get("split", "train")
         except Exception as e:  # noqa: BLE001 - bad json is a corrupt sample, not a crash
             if owner is None or i % owner[1] == owner[0]:
@@ -263,29 +268,35 @@ def _select_split(src: Iterator[dict], split: str, tally: _Tally, owner: tuple[i
             yield raw
 
 
-def _read_tars(src: Iterator[dict], tally: _Tally, verifier: ShardVerifier | None) -> Iterator[dict]:
-    """webdataset's tarfile_to_samples with two more checks: the shard's sha256 (data.verify) and a tar that
-    yields no file at all (zeroed or empty: tarfile reads it as a clean end of archive) counted as unreadable."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+def _read_tars(src: Iterator[dict], tally: _Tally, verifier: ShardVerifier | None,
+               sizes: dict[str, int]) -> Iterator[dict]:
+    """webdataset's tarfile_to_samples with more checks: the shard's sha256 (data.verify), and a tar that ends
+    early without an error (zeroed, empty, or cut at a block boundary: tarfile reads that as a clean end of the
+    archive) holding fewer samples than index.json lists is counted as unreadable, naming the shard."""
+    from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
     streams = url_opener(src, handler=tally.on_tar_error)
     if verifier is not None:
         streams = verifier(streams, tally.on_bad_shard)
-    current = {"url": "?", "files": 0}
+    current: dict[str, Any] = {"url": "?", "keys": 0, "last": None}
 
     def watch(opened: Iterator[dict]) -> Iterator[dict]:
         for sample in opened:
-            current.update(url=sample["url"], files=0)
+            current.update(url=sample["url"], keys=0, last=None)
             yield sample
 
     def count(files: Iterator[dict]) -> Iterator[dict]:
         for f in files:
-            if f == {}:  # end of one shard
-                if current["files"] == 0:
-                    tally.on_tar_error(ValueError(f"{current['url']}: no samples (empty or zeroed tar)"))
-                current["files"] = 0
+            if f == {}:  # end of one shard, reached without a read error
+                want, got = sizes.get(current["url"], -1), current["keys"]
+                if got == 0 or 0 <= got < want:
+                    tally.on_tar_error(ValueError(f"{current['url']}: {got} of {want if want >= 0 else '?'} "
+                                                  "samples, then the tar ends (truncated, zeroed or empty)"))
+                current.update(keys=0, last=None)
             else:
-                current["files"] += 1
+                key = base_plus_ext(f.get("fname", ""))[0]
+                if key != current["last"]:
+                    current.update(keys=current["keys"] + 1, last=key)
             yield f
 
     files = count(tar_file_expander(watch(streams), handler=tally.on_tar_error))
@@ -390,9 +401,10 @@ class SlotStream(IterableDataset):
 
     def __init__(self, plans: list[SlotPlan], cfg: DataConfig, *, rank: int, epoch: int, split: str,
                  modality: str, label_names: list[str], resampled: bool, train: bool,
-                 transform: Callable, tokenizer: Callable | None, sha256: dict[str, str] | None = None) -> None:
+                 transform: Callable, tokenizer: Callable | None, sha256: dict[str, str] | None = None,
+                 sizes: dict[str, int] | None = None) -> None:
         super().__init__()
-        sha256 = sha256 or {}
+        sha256, self.sizes = sha256 or {}, sizes or {}
         self.plans, self.rank, self.epoch, self.split = plans, rank, epoch, split
         self.seed, self.batch_size, self.shuffle_buffer = cfg.seed, cfg.batch_size, cfg.shuffle_buffer
         self.log_corrupt, self.modality, self.label_names = cfg.log_corrupt, modality, label_names
@@ -414,7 +426,7 @@ class SlotStream(IterableDataset):
             shuffle = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)
         return wds.DataPipeline(
             source,
-            partial(_read_tars, tally=tally, verifier=self.verifier),
+            partial(_read_tars, tally=tally, verifier=self.verifier, sizes=self.sizes),
             partial(_select_split, split=self.split, tally=tally, owner=p.modulo),
             partial(_keep_modulo, slot=p.modulo[0], n_slots=p.modulo[1]) if p.modulo else None,
             shuffle,
@@ -574,7 +586,8 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
     dataset = SlotStream(plans, cfg, rank=rank, epoch=epoch, split=split, modality=modality,
                          label_names=shard_set.label_names, resampled=resampled, train=train,
                          transform=transform, tokenizer=tokenizer,
-                         sha256={u: h for u, h in zip(shard_set.urls, shard_set.sha256) if h})
+                         sha256={u: h for u, h in zip(shard_set.urls, shard_set.sha256) if h},
+                         sizes=dict(zip(shard_set.urls, shard_set.sizes)))
     as_stop_check(stop)  # type check, here rather than in a worker
     # slots check it too: in this process (workers=0) any callable, across processes only a StopSignal
     dataset.stop = stop if cfg.workers == 0 or isinstance(stop, StopSignal) else None
