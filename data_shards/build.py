@@ -4,7 +4,8 @@ idempotent shard writing -> index.json.
 Flow and guarantees
   1. Validation runs first, in this process, without decoding anything: every bad row is collected with its line
      (`ManifestError`). on_error="fail" raises before anything is written; "skip" drops the rows and reports them
-     (warning + build_errors.txt). Decoding errors found later in the workers are handled the same way.
+     (warning + build_errors.txt). Decoding errors found later in the workers are handled the same way (in fail
+     mode every row is still tried, so the error lists every undecodable row at once).
   2. Rows are ordered by (split, key) and cut into shards by `maxcount` and `maxsize`. The size is estimated from
      the source files on disk (an upper bound for images, which shrink when resized), so no decode is needed.
   3. Workers (spawned processes) each encode one whole SHARD and write it atomically (tmp + rename), then a
@@ -202,11 +203,11 @@ def _encode_shard(task: dict) -> dict:
                 s = load_row(row, task["image_size"])
             except RowDecodeError as e:
                 errors.append(f"{row.where(e.column)}: cannot decode {row.given.get(e.column, '')}: {e}")
-                if task["on_error"] == "fail":
-                    raise _Abort() from e
                 continue
             labels.update(s.labels)
             yield s
+        if errors and task["on_error"] == "fail":  # every row was tried, so every bad one is reported
+            raise _Abort()
 
     path = Path(task["path"])
     try:
@@ -309,11 +310,9 @@ def _run_tasks(tasks: list[dict], workers: int, on_error: str, progress: bool) -
     results: list[dict] = []
     bar = tqdm(total=len(tasks), unit="shard", desc="build", disable=not progress)
     if workers <= 1 or len(tasks) <= 1:
-        for t in tasks:
+        for t in tasks:  # fail mode too tries every shard: the error then lists every bad row at once
             results.append(_encode_shard(t))
             bar.update()
-            if results[-1]["failed"] and on_error == "fail":
-                break
     else:
         ctx = mp.get_context("spawn")  # fork is unsafe once threads (torch, tqdm) exist in the parent
         with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
@@ -322,9 +321,6 @@ def _run_tasks(tasks: list[dict], workers: int, on_error: str, progress: bool) -
             for fut in cf.as_completed(futs):
                 results.append(fut.result())
                 bar.update()
-                if results[-1]["failed"] and on_error == "fail":
-                    for f in futs:
-                        f.cancel()  # shards already running finish (complete and valid); the rest never start
     bar.close()
     return results
 

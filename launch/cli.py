@@ -71,6 +71,12 @@ def _cmd_build(a: argparse.Namespace) -> int:
     except ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a full disk: finished shards are complete and reused by the rerun
+        if isinstance(e, FileNotFoundError):
+            raise
+        print(f"error: writing shards to {a.out} failed: {e}; finished shards are kept, rerun the same command "
+              "once fixed", file=sys.stderr)
+        return 2
     print(f"{doc['num_samples']} samples in {len(doc['shards'])} shards -> {a.out} (splits {doc['splits']})")
     return 0
 
