@@ -69,6 +69,7 @@ def cli_here(*args) -> subprocess.CompletedProcess:
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
     """The error a failed command printed: no Python traceback, and it names the problem on an 'error:' line."""
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errs = [ln for ln in proc.stderr.splitlines() if ln.startswith(("error:", "config error:"))]
+    errs = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.startswith(("error:", "config error:"))
+            or "] error:" in ln or "s]error:" in ln]
     assert errs, proc.stderr[-3000:]
     return proc.stderr
