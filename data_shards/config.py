@@ -62,5 +62,9 @@ class DataConfig:
             raise ValueError(f"on_mismatch: {self.on_mismatch!r} is not one of skip, fail")
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split: {self.split!r} is not one of train, val, test")
+        for name in ("train_shards", "val_shards"):
+            if not self.allow_pipe and "pipe:" in getattr(self, name):
+                raise ValueError(f"{name}: {getattr(self, name)[:200]!r} is a pipe: spec, which runs a shell command; "
+                                 "refused because data.allow_pipe is false")
         if self.volume_size is not None and (len(self.volume_size) != 3 or min(self.volume_size) < 1):
             raise ValueError(f"volume_size: must be 3 positive ints (D, H, W) or null, got {self.volume_size}")

@@ -115,6 +115,8 @@ def test_verify_passes_intact_shards_and_pipe_streams(shards):
 def test_pipe_specs_refused_when_not_allowed(shards):
     spec = "pipe:cat " + str(shards) + "/synth-cxr-{000000..000003}.tar"
     with pytest.raises(ValueError, match=r"allow_pipe: false refuses the shard spec 'pipe:cat .*runs a shell command"):
+        make_loader(_cfg(shards, index=str(shards / "index.json"), allow_pipe=False), shards=spec)
+    with pytest.raises(ValueError, match=r"train_shards: 'pipe:cat .*allow_pipe is false"):
         make_loader(_cfg(spec, index=str(shards / "index.json"), allow_pipe=False))
 
 
