@@ -45,6 +45,8 @@ class LaunchPlan:
     script: str | None = None  # sbatch script text (SLURM)
     script_path: str | None = None
     batch_note: str = ""
+    signal_workers: bool = False  # torchrun plans: a first SIGTERM/SIGINT goes to the launcher's workers
+
 
     def render(self) -> str:
         lines = []
@@ -204,12 +206,14 @@ def plan_launch(a) -> LaunchPlan:
             cmd += [*_module_cmd(), *sub]
             plan.commands.append(cmd)
         plan.env.update(MASTER_ADDR=host, MASTER_PORT=str(p or port))
+        plan.signal_workers = True
         if a.cpu:
             plan.env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
         world = g * n
     else:
         plan.commands = [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(g),
                           *restarts, *_module_cmd(), *sub]]
+        plan.signal_workers = True
         world = g
     plan.batch_note = batch_arithmetic(sub, world)
     return plan
@@ -243,8 +247,10 @@ def run_plan(plan: LaunchPlan, submit: bool = False, timeout: float | None = Non
 
     Fault handling: when one node's launcher exits non-zero, the others get `fail_grace` seconds to notice (their
     workers see the broken process group, torchrun tears them down) and are then terminated, so a dead rank never
-    leaves the job hanging. SIGTERM/SIGINT to this process are passed on to every launcher (torchrun forwards
-    them to its workers, which checkpoint and stop), and `timeout` bounds the whole job.
+    leaves the job hanging. A first SIGTERM/SIGINT to this process goes to the training workers of every torchrun
+    launcher (they checkpoint and exit 0, so torchrun, which treats a signal to itself as a failure, exits 0 too);
+    a second one goes to the launchers themselves, which then stop their workers at once. `timeout` bounds the
+    whole job.
     """
     if plan.script is not None:
         Path(plan.script_path).write_text(plan.script)
@@ -256,10 +262,18 @@ def run_plan(plan: LaunchPlan, submit: bool = False, timeout: float | None = Non
     env = {**os.environ, **plan.env}
     procs = [subprocess.Popen(c, env=env) for c in plan.commands]
 
+    received = {"n": 0}
+
     def _forward(signum, frame):  # noqa: ARG001
+        received["n"] += 1
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                workers = _children(p.pid) if plan.signal_workers and received["n"] == 1 else []
+                for pid in workers or [p.pid]:
+                    try:
+                        os.kill(pid, signum)
+                    except ProcessLookupError:
+                        pass
 
     old = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -272,6 +286,24 @@ def run_plan(plan: LaunchPlan, submit: bool = False, timeout: float | None = Non
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux /proc; [] elsewhere, and the signal then goes to the launcher)."""
+    kids = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return kids
+    for name in entries:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout: float | None, fail_grace: float) -> int:
