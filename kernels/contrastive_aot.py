@@ -43,6 +43,7 @@ class AotResult:
     cubin_bytes: int  # size of the produced cubin
     mma: str  # tensor-core instruction family seen in the PTX: wgmma | mma | none
     ptx: str = ""  # PTX text, for callers that want to inspect it (not shown in tables)
+    with_cols: bool = True  # WITH_COLS variant (False: the two-pass forward and the one-way distributed losses)
 
 
 def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
@@ -81,8 +82,10 @@ def compile_kernel(fn, cfg: dict, dtype: torch.dtype, arch: int, with_cols: bool
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def compile_all(dims=(256, 512, 768, 1024), dtypes=(torch.float32, torch.bfloat16), archs=(90, 80)):
-    """Compile every kernel at each distinct launcher config for ``dims`` × ``dtypes`` × ``archs``."""
+def compile_all(dims=(256, 512, 768, 1024), dtypes=(torch.float32, torch.bfloat16), archs=(90, 80),
+                with_cols=(True, False)):
+    """Compile every kernel at each distinct launcher config for ``dims`` × ``dtypes`` × ``archs`` × the
+    ``WITH_COLS`` variants (the launcher runs both: one-pass symmetric loss, and the two-pass / one-way paths)."""
     results = []
     for dtype in dtypes:
         configs: dict[tuple, list[int]] = {}  # distinct launcher configs → the dims that pick them
@@ -91,29 +94,28 @@ def compile_all(dims=(256, 512, 768, 1024), dtypes=(torch.float32, torch.bfloat1
             configs.setdefault(tuple(sorted((k, tuple(sorted(v.items()))) for k, v in blocks.items())), []).append(D)
         for key, dlist in configs.items():
             blocks = {k: dict(v) for k, v in key}
-            for arch in archs:
-                for which, fn in KERNELS:
-                    cfg = blocks[which]
-                    compiled = compile_kernel(fn, cfg, dtype, arch)
-                    cubin = compiled.asm["cubin"]
-                    ptx = compiled.asm["ptx"]
-                    regs, stack = _res_usage(cubin, fn.__name__)
-                    tiles = " ".join(f"{k.split('_')[1]}{v}" for k, v in cfg.items() if k.startswith("BLOCK_"))
-                    results.append(AotResult(
-                        kernel=fn.__name__, arch=arch, dtype=str(dtype).replace("torch.", ""),
-                        dims=",".join(map(str, dlist)), blocks=tiles, num_warps=cfg["num_warps"],
-                        shared=int(compiled.metadata.shared), regs=regs, stack=stack, cubin_bytes=len(cubin),
-                        mma="wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none"),
-                        ptx=ptx))
+            for arch, cols, (which, fn) in ((a, c, k) for a in archs for c in with_cols for k in KERNELS):
+                cfg = blocks[which]
+                compiled = compile_kernel(fn, cfg, dtype, arch, with_cols=cols)
+                cubin = compiled.asm["cubin"]
+                ptx = compiled.asm["ptx"]
+                regs, stack = _res_usage(cubin, fn.__name__)
+                tiles = " ".join(f"{k.split('_')[1]}{v}" for k, v in cfg.items() if k.startswith("BLOCK_"))
+                results.append(AotResult(
+                    kernel=fn.__name__, arch=arch, dtype=str(dtype).replace("torch.", ""),
+                    dims=",".join(map(str, dlist)), blocks=tiles, num_warps=cfg["num_warps"],
+                    shared=int(compiled.metadata.shared), regs=regs, stack=stack, cubin_bytes=len(cubin),
+                    mma="wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none"),
+                    ptx=ptx, with_cols=cols))
     return results
 
 
 def markdown_table(results) -> str:
-    head = "| kernel | sm | dtype | D | tiles | warps | shared (B) | regs | stack (B) | tensor cores |\n"
-    head += "|---|---|---|---|---|---|---|---|---|---|\n"
+    head = "| kernel | WITH_COLS | sm | dtype | D | tiles | warps | shared (B) | regs | stack (B) | tensor cores |\n"
+    head += "|---|---|---|---|---|---|---|---|---|---|---|\n"
     return head + "".join(
-        f"| {r.kernel} | {r.arch} | {r.dtype} | {r.dims} | {r.blocks} | {r.num_warps} | {r.shared} | {r.regs} "
-        f"| {r.stack} | {r.mma} |\n" for r in results)
+        f"| {r.kernel} | {r.with_cols} | {r.arch} | {r.dtype} | {r.dims} | {r.blocks} | {r.num_warps} | {r.shared} "
+        f"| {r.regs} | {r.stack} | {r.mma} |\n" for r in results)
 
 
 if __name__ == "__main__":

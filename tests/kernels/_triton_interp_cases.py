@@ -14,8 +14,23 @@ import torch.nn.functional as F  # noqa: E402
 from kernels import clip_loss, clip_loss_reference  # noqa: E402
 from kernels import contrastive_triton as ct  # noqa: E402
 
-CASES = [(1, 32, "float32", False), (7, 100, "float32", False), (129, 32, "float32", False),
-         (129, 100, "bfloat16", False), (7, 32, "float32", True), (70, 100, "bfloat16", True)]
+# (n, D, dtype, distributed, two_pass). D = 300 fp32 / 600 bf16 split the backward's output columns into 3
+# programs (BLOCK_DO 128 / 256); two_pass forces the forward's column fallback (row kernel on (k, q)).
+CASES = [(1, 32, "float32", False, False), (7, 100, "float32", False, False), (129, 32, "float32", False, False),
+         (129, 100, "bfloat16", False, False), (7, 32, "float32", True, False), (70, 100, "bfloat16", True, False),
+         (9, 300, "float32", False, False), (9, 600, "bfloat16", False, False), (5, 300, "float32", True, False),
+         (70, 40, "float32", False, True), (70, 100, "bfloat16", False, True)]
+
+
+class _CountLaunches:
+    """Wraps a kernel so `kernel[grid](...)` launches are counted (to see which forward path ran)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
 
 
 def _poisoned_empty(real_empty):
@@ -25,8 +40,22 @@ def _poisoned_empty(real_empty):
     return empty
 
 
-def run_case(n, d, dtype_name, distributed):
+def run_case(n, d, dtype_name, distributed, two_pass):
     dtype = getattr(torch, dtype_name)
+    budget, fwd_kernel = ct._COL_PARTIAL_BYTES, ct._clip_fwd_kernel
+    counter = ct._clip_fwd_kernel = _CountLaunches(fwd_kernel)
+    if two_pass:
+        ct._COL_PARTIAL_BYTES = 0  # no room for column partials: the forward must take the two-pass path
+    try:
+        out = _run_case(n, d, dtype, distributed)
+    finally:
+        ct._COL_PARTIAL_BYTES, ct._clip_fwd_kernel = budget, fwd_kernel
+    out["case"] = [n, d, dtype_name, distributed, two_pass]
+    out["fwd_launches"] = counter.launches
+    return out
+
+
+def _run_case(n, d, dtype, distributed):
     g = torch.Generator().manual_seed(n * 7 + d)
     N = 2 * n + 3 if distributed else n
     img_k = F.normalize(torch.randn(N, d, generator=g), dim=-1).to(dtype)
@@ -49,7 +78,7 @@ def run_case(n, d, dtype_name, distributed):
         a, b = a.float(), b.float()
         errs[f"out{i}"] = {"max_abs": (a - b).abs().max().item(), "ref_max": b.abs().max().item(),
                            "finite": bool(torch.isfinite(a).all())}
-    return {"case": [n, d, dtype_name, distributed], "errs": errs}
+    return {"errs": errs}
 
 
 def run_poison():

@@ -22,11 +22,12 @@ def compiled():
 
 
 def test_every_kernel_compiles_to_cubin(compiled):
-    seen = {(r.kernel, r.arch, r.dtype) for r in compiled}
+    seen = {(r.kernel, r.arch, r.dtype, r.with_cols) for r in compiled}
     for _, fn in aot.KERNELS:
         for arch in (90, 80):
             for dtype in ("float32", "bfloat16"):
-                assert (fn.__name__, arch, dtype) in seen
+                for cols in (True, False):  # WITH_COLS=False: the two-pass forward and the distributed losses
+                    assert (fn.__name__, arch, dtype, cols) in seen
     for r in compiled:
         assert r.cubin_bytes > 1000, f"{r.kernel} sm_{r.arch} {r.dtype}: no cubin"
         assert r.ptx.startswith("//") and f".target sm_{r.arch}" in r.ptx

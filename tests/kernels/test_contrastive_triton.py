@@ -22,14 +22,25 @@ def interp_results():
 def test_triton_values_and_grads_match_reference(interp_results):
     names = ["loss", "d_img", "d_txt", "d_img_k", "d_txt_k", "d_scale"]
     for case in interp_results["cases"]:
-        n, d, dtype, distributed = case["case"]
+        n, d, dtype, distributed, two_pass = case["case"]
         errs = list(case["errs"].values())
         outs = names if distributed else [names[0], names[1], names[2], names[5]]
+        # Relative to each tensor's own largest entry (gradients are small: a floor of 1 would hide a wrong one).
         # fp32: IEEE products; bf16: weights rounded to bf16 before the backward products and bf16 grads.
-        rel = 1e-5 if dtype == "float32" else 1.5e-2
+        rel = 2e-5 if dtype == "float32" else 1e-2
         for name, e in zip(outs, errs):
             assert e["finite"], f"{case['case']} {name}: non-finite output"
-            assert e["max_abs"] <= rel * max(e["ref_max"], 1.0), f"{case['case']} {name}: {e}"
+            assert e["max_abs"] <= rel * e["ref_max"] + 1e-7, f"{case['case']} {name}: {e}"
+
+
+def test_d_split_and_two_pass_cases_ran(interp_results):
+    """The D-split sizes are there, and forcing the column fallback really launched the forward kernel twice."""
+    cases = {tuple(c["case"]): c for c in interp_results["cases"]}
+    assert (9, 300, "float32", False, False) in cases and (9, 600, "bfloat16", False, False) in cases
+    for key, c in cases.items():
+        distributed, two_pass = key[3], key[4]
+        want = 2 if distributed else 2 if two_pass else 1  # distributed: two one-way losses, one launch each
+        assert c["fwd_launches"] == want, key
 
 
 def test_triton_outputs_all_written(interp_results):
