@@ -46,6 +46,15 @@ index, organ labels / sentences, slide composition, ...; see `data_shards.member
 transform and draw no random numbers, so every other batch entry is the same with or without them. A requested
 member that a sample lacks stops the stream with a `MemberError` naming the member and the sample key.
 
+Guards (data_shards.guard). A slot meeting ``data.max_bad_in_row`` unreadable shards or corrupt samples in a row
+(no good one between) stops the stream with `DataStreamError` naming the last one, so a data set that cannot be
+read fails instead of being drawn from forever; a tar that ends early without an error (cut at a block boundary,
+zeroed, empty: fewer samples than index.json lists) and a sample without its ``json`` member count as corrupt.
+``data.verify`` checks each shard's sha256 against index.json when a slot first opens it (``data.on_mismatch``:
+skip and count, or fail). ``make_loader(..., stop=StopSignal())``: once set (safe from a signal handler), iterating
+raises `StreamStopped` within one sample's work, in DataLoader workers too. ``data.allow_pipe=false`` refuses
+``pipe:`` specs, which run a shell command.
+
 Shape legend: B batch, K labels, S image side, D/H/W volume, N patches (padded to the bag maximum), d feature
 dim, L tokens.
 """
