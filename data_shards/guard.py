@@ -26,7 +26,6 @@ import logging
 import multiprocessing as mp
 import os
 import tempfile
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
