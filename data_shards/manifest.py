@@ -327,7 +327,8 @@ def _multiline_error(raw: dict, header: list[str], lines: list[str], start: int,
 
 
 def iter_jsonl_rows(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
-    for i, text in enumerate(read_text(Path(path)).splitlines(), start=1):
+    # split on CR/LF only: str.splitlines would also split at U+2028 etc., which JSON strings may hold raw
+    for i, text in enumerate(re.split(r"\r\n|\r|\n", read_text(Path(path))), start=1):
         if not text.strip():
             continue
         try:
