@@ -46,6 +46,8 @@ MAX_LISTED = 50  # errors shown in an exception message (all of them go to build
 class ManifestError(ValueError):
     """Bad manifest rows. `errors` holds one line per problem: 'manifest.csv line 7: column 'image': ...'."""
 
+    user_facing = True  # `medvlp` prints it as one error, without a traceback
+
     def __init__(self, errors: list[str], header: str = "bad manifest rows"):
         self.errors = list(errors)
         shown = self.errors[:MAX_LISTED]
