@@ -381,7 +381,9 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None) -> FinetuneResult:
     # one process may run several stages one after the other (tests, sweeps): start from a fresh accelerate state
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=rc.mixed_precision, gradient_accumulation_steps=rc.grad_accum,
+    # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` / torchrun then form a gloo group
+    # (accelerate's own --cpu flag with several processes means MPI)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=rc.mixed_precision, gradient_accumulation_steps=rc.grad_accum,
                               deepspeed_plugin=_deepspeed_plugin(rc) if rc.deepspeed else None,
                               step_scheduler_with_optimizer=False)
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -1,7 +1,7 @@
 """A minimal fine-tune stage for the runner's tests: a linear head on the frozen image embedding of the debug model,
 multi-label BCE on the synthetic radiographs' findings. Also the entry point of the 2-process run:
 
-    accelerate launch --cpu --num_processes 2 tests/finetune/ft_probe_stage.py OUT SHARDS INIT BATCH STEPS
+    accelerate launch --multi_gpu --num_processes 2 tests/finetune/ft_probe_stage.py OUT SHARDS INIT BATCH STEPS
 """
 from __future__ import annotations
 

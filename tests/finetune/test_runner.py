@@ -135,11 +135,13 @@ def test_bf16_mixed_precision_runs(tmp_path, cxr_shards, init_weights):
 
 
 # ----------------------------------------------------------------------------------------------- 2 processes
+@pytest.mark.dist
 def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, cxr_shards, init_weights):
-    """accelerate launch --num_processes 2 (CPU, gloo), B=4 per rank == one process with B=8 (same global rows)."""
+    """accelerate launch --multi_gpu --num_processes 2 on CPU (gloo), B=4 per rank == one process with B=8 (the
+    stage hands each rank half of the same global rows; DDP averages the two halves' gradients)."""
     out = tmp_path / "dist"
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(HERE / "ft_probe_stage.py"), str(out), str(cxr_shards), str(init_weights), "4", "4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
