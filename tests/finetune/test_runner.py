@@ -165,3 +165,34 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def test_cli_finetune_runs_a_registered_stage_and_rejects_bad_input(tmp_path, cxr_shards, init_weights, capsys):
+    from finetune import STAGES, register_stage
+    from ft_probe_stage import ProbeConfig
+    from launch.cli import main
+
+    register_stage("probe", ProbeConfig, ProbeStage)
+    try:
+        recipe = tmp_path / "probe.yaml"
+        recipe.write_text(f"kind: probe\nshards: {cxr_shards}\ninit: {init_weights}\n"
+                          "finetune:\n  steps: 3\n  batch_size: 8\n  freeze: ['backbone.*']\n  progress: false\n")
+        out = tmp_path / "run"
+        assert main(["finetune", "probe", str(recipe), "--set", f"finetune.out_dir={out}",
+                     "--set", "finetune.lr=0.01"]) == 0
+        assert json.loads((out / "result.json").read_text())["steps_done"] == 3
+        assert "finetune probe done: 3 steps, 325 trainable parameters" in capsys.readouterr().out
+        # resume of a finished run: nothing left to do, same step count
+        assert main(["finetune", "probe", str(recipe), "--set", f"finetune.out_dir={out}", "--resume"]) == 0
+        assert "resumed from" in capsys.readouterr().out
+
+        assert main(["finetune", "probe", str(recipe), "--set", "finetune.stepz=3"]) == 2
+        assert "finetune.stepz: unknown key" in capsys.readouterr().err
+        recipe.write_text("kind: pcam\n")
+        assert main(["finetune", "probe", str(recipe)]) == 2
+        assert "kind: the recipe is for 'pcam'" in capsys.readouterr().err
+        assert main(["finetune", "prob", str(recipe)]) == 2
+        assert "finetune stage 'prob' is not known (did you mean 'probe'?)" in capsys.readouterr().err
+    finally:
+        STAGES.pop("probe", None)
