@@ -45,6 +45,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -367,10 +368,7 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None) -> FinetuneResult:
 
     `tracker`: a started `pretrain.tracking.Tracker` to log into (the caller ends it); default: one is made from
     `cfg.tracking` on rank 0 (none when the config has no `tracking` section)."""
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import set_seed
-    from tqdm import tqdm
 
     rc = runner_config(cfg)
     rc.validate()
@@ -379,11 +377,27 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None) -> FinetuneResult:
             raise TypeError(f"{type(stage).__name__}: a Stage needs a `{name}` method")
     t0 = time.time()
     # one process may run several stages one after the other (tests, sweeps): start from a fresh accelerate state
-    AcceleratorState._reset_state()
+    # (an existing process group is reused)
+    AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    if rc.deepspeed and "RANK" not in os.environ:  # one process without a launcher: DeepSpeed still wants a group
+        from pretrain.engine import free_port
+
+        # kept after the run: DeepSpeed caches its groups, so a later stage in this process reuses this one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    return _run(stage, cfg, tracker, rc, t0)
+
+
+def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> FinetuneResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
     # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` / torchrun then form a gloo group
-    # (accelerate's own --cpu flag with several processes means MPI)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=rc.mixed_precision, gradient_accumulation_steps=rc.grad_accum,
+    # (accelerate's own --cpu flag with several processes means MPI). DeepSpeed sets up its own group.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not rc.deepspeed,
+                              mixed_precision=rc.mixed_precision, gradient_accumulation_steps=rc.grad_accum,
                               deepspeed_plugin=_deepspeed_plugin(rc) if rc.deepspeed else None,
                               step_scheduler_with_optimizer=False)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -414,6 +428,11 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None) -> FinetuneResult:
         if ckpts:
             accelerator.load_state(str(ckpts[-1]))
             resumed_from = state.step
+            # the restored lr belongs to the saved schedule; recompute it from this config's (steps may have grown)
+            scheduler.base_lrs = [rc.lr] * len(scheduler.base_lrs)
+            mult = lr_multiplier(state.step, rc.warmup_steps, rc.steps, rc.min_lr_ratio)
+            for group in scheduler.optimizer.param_groups:
+                group["lr"] = rc.lr * mult
             if main:
                 print(f"resumed from {ckpts[-1]} (step {state.step})", flush=True)
         elif main:

@@ -196,3 +196,31 @@ def test_cli_finetune_runs_a_registered_stage_and_rejects_bad_input(tmp_path, cx
         assert "finetune stage 'prob' is not known (did you mean 'probe'?)" in capsys.readouterr().err
     finally:
         STAGES.pop("probe", None)
+
+
+def test_deepspeed_zero1_plugin_trains_like_ddp_and_resumes(tmp_path, cxr_shards, init_weights):
+    """finetune.deepspeed=zero1 goes through accelerate's DeepSpeed plugin (a DeepSpeed engine and checkpoint)."""
+    kw = dict(steps=4, batch_size=8, ckpt_every=2, final_eval=False)
+    plain = run_stage(ProbeStage(), probe_config(tmp_path / "plain", cxr_shards, init_weights, **kw))
+    first = run_stage(ProbeStage(), probe_config(tmp_path / "ds", cxr_shards, init_weights, deepspeed="zero1",
+                                                 stop_after=2, **kw))
+    ckpt = Path(first.checkpoint)
+    assert (ckpt / "pytorch_model").is_dir() and (ckpt / "zero_to_fp32.py").is_file()  # DeepSpeed's own layout
+    rest = run_stage(ProbeStage(), probe_config(tmp_path / "ds", cxr_shards, init_weights, deepspeed="zero1",
+                                                resume=True, **kw))
+    assert rest.resumed_from == 2
+    torch.testing.assert_close(torch.tensor(first.losses + rest.losses), torch.tensor(plain.losses),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(load_file(rest.weights)["head.weight"], load_file(plain.weights)["head.weight"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, cxr_shards, init_weights):
+    """A finished 3-step run extended to 5 steps trains on (its lr was 0 at the end of the old cosine)."""
+    short = run_stage(ProbeStage(), probe_config(tmp_path, cxr_shards, init_weights, steps=3, final_eval=False))
+    head3 = load_file(short.weights)["head.weight"]
+    step4 = run_stage(ProbeStage(), probe_config(tmp_path, cxr_shards, init_weights, steps=5, resume=True,
+                                                 stop_after=1, final_eval=False))
+    assert step4.resumed_from == 3 and [s for s, _ in step4.losses] == [4] and step4.stopped
+    head4 = load_file(Path(step4.checkpoint) / "model.safetensors")["head.weight"]
+    assert (head4 - head3).abs().max() > 1e-4  # step 4 ran at the new schedule's lr, not the old one's 0
