@@ -112,6 +112,8 @@ class RunnerConfig:
             raise ValueError(f"keep_ckpts: must be >= 1, got {self.keep_ckpts}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("mixed_precision: fp16 needs a CUDA GPU; use bf16 (or no) on CPU")
         if len(self.betas) != 2:
             raise ValueError(f"betas: expected two numbers, got {self.betas}")
         ds = self.deepspeed
@@ -271,12 +273,12 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
 
 def load_pretrained_model(path: str) -> Any:
     """`pretrain.load_pretrained(path)` (a run folder, a model.safetensors or an exported folder)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"finetune.checkpoint: {path} does not exist")
     try:
         from pretrain import load_pretrained
     except ImportError as e:  # pragma: no cover - depends on the installed pretrain version
         raise RuntimeError("finetune.checkpoint: this pretrain package has no load_pretrained") from e
-    if not Path(path).exists():
-        raise FileNotFoundError(f"finetune.checkpoint: {path} does not exist")
     return load_pretrained(path)
 
 
@@ -522,7 +524,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> F
             tracker.end(status)
     result = FinetuneResult(out_dir=str(out), steps_done=state.step, trainable=trainable, n_trainable=n_train,
                             n_total=n_total, losses=losses, metrics=final, evals=evals, checkpoint=last_ckpt,
-                            weights=str(weights), run_id=run_id, resumed_from=resumed_from, stopped=stopped,
+                            weights="" if stopped else str(weights), run_id=run_id, resumed_from=resumed_from, stopped=stopped,
                             world_size=world,
                             seconds=time.time() - t0)
     if main:

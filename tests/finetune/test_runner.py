@@ -63,6 +63,8 @@ def test_lr_schedule_and_config_errors():
 def test_stage_without_methods_and_all_frozen_are_clear_errors(tmp_path, cxr_shards, init_weights):
     with pytest.raises(TypeError, match="needs a `loss` method"):
         run_stage(type("Half", (), {"build": lambda *a: None, "batches": lambda *a: []})(), probe_config(tmp_path, ""))
+    with pytest.raises(FileNotFoundError, match="finetune.checkpoint: /no/such/run does not exist"):
+        run_stage(ProbeStage(), probe_config(tmp_path, cxr_shards, checkpoint="/no/such/run"))
     with pytest.raises(ValueError, match="every parameter is frozen"):
         run_stage(ProbeStage(), probe_config(tmp_path, cxr_shards, init_weights, freeze=["*"]))
 
