@@ -68,7 +68,7 @@ COMPLETE = "COMPLETE"
 class RunnerConfig:
     """The fine-tune loop (the `finetune:` section of every stage's recipe)."""
 
-    checkpoint: str = ""  # pretrained model: a pretrain run folder, a model.safetensors or an exported folder ("" = none)
+    checkpoint: str = ""  # pretrained model: a pretrain run folder, model.safetensors or exported folder ("" = none)
     out_dir: str = "runs/finetune"  # checkpoints, final weights, config.yaml, result.json
     steps: int = 100  # optimizer steps
     batch_size: int = 32  # micro batch per process (the global batch is batch_size x processes x grad_accum)
@@ -524,9 +524,8 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> F
             tracker.end(status)
     result = FinetuneResult(out_dir=str(out), steps_done=state.step, trainable=trainable, n_trainable=n_train,
                             n_total=n_total, losses=losses, metrics=final, evals=evals, checkpoint=last_ckpt,
-                            weights="" if stopped else str(weights), run_id=run_id, resumed_from=resumed_from, stopped=stopped,
-                            world_size=world,
-                            seconds=time.time() - t0)
+                            weights="" if stopped else str(weights), run_id=run_id, resumed_from=resumed_from,
+                            stopped=stopped, world_size=world, seconds=time.time() - t0)
     if main:
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
     accelerator.wait_for_everyone()

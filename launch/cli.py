@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("finetune", help="fine-tune a pretrained model (accelerate; a stage per method)",
                        description="Run a fine-tune stage through the shared accelerate runner. Stages: "
-                                   + ", ".join(_known_stages()) + ". Start several processes with "
+                                   + (", ".join(_known_stages()) or "(none installed)")
+                                   + ". Start several processes with "
                                    "`accelerate launch --multi_gpu --num_processes N -m launch.cli finetune ...`.")
     s.add_argument("stage", help="stage name (e.g. path-clip, pcam, anatomy, report)")
     s.add_argument("recipe", nargs="?", default=None, help="recipe YAML (its kind must be the stage's)")

@@ -143,8 +143,9 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, cxr_sh
     stage hands each rank half of the same global rows; DDP averages the two halves' gradients)."""
     out = tmp_path / "dist"
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
            str(HERE / "ft_probe_stage.py"), str(out), str(cxr_shards), str(init_weights), "4", "4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
