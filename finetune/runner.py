@@ -388,7 +388,15 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None) -> FinetuneResult:
         # kept after the run: DeepSpeed caches its groups, so a later stage in this process reuses this one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    return _run(stage, cfg, tracker, rc, t0)
+    flag = "ACCELERATE_USE_DEEPSPEED"  # accelerate's PartialState then lets DeepSpeed form the process group
+    set_flag = bool(rc.deepspeed) and os.environ.get(flag) != "true"
+    if set_flag:
+        os.environ[flag] = "true"
+    try:
+        return _run(stage, cfg, tracker, rc, t0)
+    finally:
+        if set_flag:  # a later stage in this process without finetune.deepspeed must not get DeepSpeed
+            os.environ.pop(flag, None)
 
 
 def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> FinetuneResult:
@@ -396,12 +404,16 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> F
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # DeepSpeed without CUDA: accelerate finds no backend by itself (and would run each process alone)
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if rc.deepspeed and not torch.cuda.is_available() else []
     # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` / torchrun then form a gloo group
     # (accelerate's own --cpu flag with several processes means MPI). DeepSpeed sets up its own group.
     accelerator = Accelerator(cpu=not torch.cuda.is_available() and not rc.deepspeed,
                               mixed_precision=rc.mixed_precision, gradient_accumulation_steps=rc.grad_accum,
                               deepspeed_plugin=_deepspeed_plugin(rc) if rc.deepspeed else None,
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     out = Path(rc.out_dir)

@@ -1,7 +1,7 @@
 """A minimal fine-tune stage for the runner's tests: a linear head on the frozen image embedding of the debug model,
 multi-label BCE on the synthetic radiographs' findings. Also the entry point of the 2-process run:
 
-    accelerate launch --multi_gpu --num_processes 2 tests/finetune/ft_probe_stage.py OUT SHARDS INIT BATCH STEPS
+    accelerate launch --multi_gpu --num_processes 2 tests/finetune/ft_probe_stage.py OUT SHARDS INIT BATCH STEPS [zero2]
 """
 from __future__ import annotations
 
@@ -105,9 +105,9 @@ def probe_config(out_dir, shards, init="", **runner) -> ProbeConfig:
 
 
 if __name__ == "__main__":  # the distributed entry point (see the module doc)
-    out, shards, init, batch, steps = sys.argv[1:6]
+    out, shards, init, batch, steps, deepspeed = (sys.argv[1:7] + [""])[:6]
     res = run_stage(ProbeStage(), probe_config(out, shards, init, batch_size=int(batch), steps=int(steps),
-                                               ckpt_every=int(steps)))
+                                               ckpt_every=int(steps), deepspeed=deepspeed))
     from accelerate import PartialState
 
     st = PartialState()

@@ -138,22 +138,26 @@ def test_bf16_mixed_precision_runs(tmp_path, cxr_shards, init_weights):
 
 # ----------------------------------------------------------------------------------------------- 2 processes
 @pytest.mark.dist
-def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, cxr_shards, init_weights):
+@pytest.mark.parametrize("deepspeed", ["", pytest.param("zero2", marks=pytest.mark.slow)])
+def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, cxr_shards, init_weights, deepspeed):
     """accelerate launch --multi_gpu --num_processes 2 on CPU (gloo), B=4 per rank == one process with B=8 (the
-    stage hands each rank half of the same global rows; DDP averages the two halves' gradients)."""
+    stage hands each rank half of the same global rows; DDP, or DeepSpeed ZeRO-2 through accelerate's plugin,
+    averages the two halves' gradients)."""
     out = tmp_path / "dist"
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           str(HERE / "ft_probe_stage.py"), str(out), str(cxr_shards), str(init_weights), "4", "4"]
+           str(HERE / "ft_probe_stage.py"), str(out), str(cxr_shards), str(init_weights), "4", "4", deepspeed]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(d["rank"], d["world"], d["backend"]) for d in ranks] == [(0, 2, "gloo"), (1, 2, "gloo")]
     assert ranks[0]["losses"] == ranks[1]["losses"]  # averaged over both ranks
     (ckpt,) = complete_checkpoints(out)
-    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= files
+    assert ("pytorch_model" if deepspeed else "model.safetensors") in files
 
     one = run_stage(ProbeStage(), probe_config(tmp_path / "one", cxr_shards, init_weights, steps=4, batch_size=8,
                                                ckpt_every=4))
