@@ -148,7 +148,11 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
     from finetune import run_stage
 
     cfg, factory = load_stage_config(a.stage, a.recipe, list(a.set) + (["finetune.resume=true"] if a.resume else []))
-    res = run_stage(factory(), cfg)
+    try:
+        res = run_stage(factory(), cfg)
+    except ValueError as e:  # bad input found while setting up (freeze patterns, a pretrained path, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if res.metrics:
         print("\n".join(f"{k:>24s}  {v:.4f}" for k, v in res.metrics.items()))
     status = "stopped (checkpoint written)" if res.stopped else "done"

@@ -22,18 +22,16 @@ ROOT = HERE.parents[1]
 
 @pytest.fixture(scope="module")
 def init_weights(tmp_path_factory):
-    """A debug model's state dict saved once (the 'pretrained' backbone of every run)."""
+    """A debug model saved once as model.safetensors with its architecture (the 'pretrained' backbone of every run;
+    `init=` loads it into a freshly built model, `finetune.checkpoint=` through `pretrain.load_pretrained`)."""
+    from pretrain.checkpoint import model_metadata, save_state_dict
     from pretrain.config import ModelConfig
     from pretrain.model import build_model
 
     torch.manual_seed(123)
-    path = tmp_path_factory.mktemp("init") / "backbone.pt"
-    torch.save(build_model(ModelConfig(name="debug")).state_dict(), path)
-    return path
-
-
-def _backbone(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(ModelConfig(name="debug"))
+    return save_state_dict(model.state_dict(), tmp_path_factory.mktemp("init") / "model.safetensors",
+                           model_metadata(model))
 
 
 # ----------------------------------------------------------------------------------------------- units
@@ -71,7 +69,7 @@ def test_stage_without_methods_and_all_frozen_are_clear_errors(tmp_path, cxr_sha
 
 # ----------------------------------------------------------------------------------------------- training
 def test_probe_trains_frozen_backbone_untouched_and_logged(tmp_path, cxr_shards, init_weights):
-    cfg = probe_config(tmp_path / "run", cxr_shards, init_weights, steps=24, batch_size=26, lr=0.3, eval_every=12,
+    cfg = probe_config(tmp_path / "run", cxr_shards, checkpoint=str(init_weights), steps=24, batch_size=26, lr=0.3, eval_every=12,
                        ckpt_every=12, keep_ckpts=1, progress=True)
     cfg.tracking.enabled = True
     cfg.tracking.uri = f"sqlite:///{tmp_path}/mlruns.db"
@@ -85,7 +83,7 @@ def test_probe_trains_frozen_backbone_untouched_and_logged(tmp_path, cxr_shards,
     assert res.n_trainable == 65 * 5 and res.trainable == ["head.weight", "head.bias"]
 
     final = load_file(res.weights)
-    init = _backbone(init_weights)
+    init = load_file(init_weights)  # loaded by finetune.checkpoint -> pretrain.load_pretrained
     for k, v in init.items():  # the frozen backbone is bit-identical after 24 optimizer steps
         assert torch.equal(final[f"backbone.{k}"], v), k
     assert final["head.weight"].abs().sum() > 0
@@ -194,6 +192,10 @@ def test_cli_finetune_runs_a_registered_stage_and_rejects_bad_input(tmp_path, cx
         assert main(["finetune", "probe", str(recipe), "--set", f"finetune.out_dir={out}", "--resume"]) == 0
         assert "resumed from" in capsys.readouterr().out
 
+        assert main(["finetune", "probe", str(recipe), "--set", "finetune.freeze=[bakcbone.*]"]) == 2
+        assert "finetune.freeze: pattern 'bakcbone.*' matches no parameter" in capsys.readouterr().err
+        assert main(["finetune", "probe", str(recipe), "--set", f"finetune.checkpoint={recipe}"]) == 2
+        assert str(recipe) in capsys.readouterr().err  # not a model: pretrain.load_pretrained says why
         assert main(["finetune", "probe", str(recipe), "--set", "finetune.stepz=3"]) == 2
         assert "finetune.stepz: unknown key" in capsys.readouterr().err
         recipe.write_text("kind: pcam\n")
