@@ -282,6 +282,19 @@ def load_pretrained_model(path: str) -> Any:
     return load_pretrained(path)
 
 
+def check_checkpoint_files(ckpt: Path) -> None:
+    """Open every pickle of an accelerate checkpoint with the safe loader (tensors, numbers, containers, numpy RNG
+    arrays only) before `load_state` unpickles them in full; `pretrain.LoadError` naming the file otherwise."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    from pretrain.pretrained import check_deepspeed_files, safe_torch_load
+
+    for f in sorted(ckpt.glob("*.pkl")) + sorted(ckpt.glob("*.bin")):
+        safe_torch_load(f, list(TORCH_SAFE_GLOBALS))
+    for sub in sorted(p for p in ckpt.iterdir() if p.is_dir()):  # DeepSpeed's own layout
+        check_deepspeed_files(sub)
+
+
 def _deepspeed_plugin(rc: RunnerConfig):
     from accelerate import DeepSpeedPlugin
 
@@ -401,10 +414,8 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None) -> FinetuneResult:
 
 def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> FinetuneResult:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
     from tqdm import tqdm
-
-    from accelerate.utils import InitProcessGroupKwargs
 
     # DeepSpeed without CUDA: accelerate finds no backend by itself (and would run each process alone)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if rc.deepspeed and not torch.cuda.is_available() else []
@@ -440,6 +451,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> F
     if rc.resume:
         ckpts = complete_checkpoints(out)
         if ckpts:
+            check_checkpoint_files(ckpts[-1])
             accelerator.load_state(str(ckpts[-1]))
             resumed_from = state.step
             # the restored lr belongs to the saved schedule; recompute it from this config's (steps may have grown)

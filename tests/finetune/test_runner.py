@@ -233,3 +233,19 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, cxr_shards, i
     assert step4.resumed_from == 3 and [s for s, _ in step4.losses] == [4] and step4.stopped
     head4 = load_file(Path(step4.checkpoint) / "model.safetensors")["head.weight"]
     assert (head4 - head3).abs().max() > 1e-4  # step 4 ran at the new schedule's lr, not the old one's 0
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+def test_resume_refuses_a_checkpoint_pickle_that_holds_code(tmp_path, cxr_shards, init_weights):
+    first = run_stage(ProbeStage(), probe_config(tmp_path, cxr_shards, init_weights, steps=4, stop_after=2,
+                                                 final_eval=False))
+    bad = Path(first.checkpoint) / "custom_checkpoint_1.pkl"
+    torch.save({"step": _Payload()}, bad)
+    from pretrain import LoadError
+
+    with pytest.raises(LoadError, match="custom_checkpoint_1.pkl: refused"):
+        run_stage(ProbeStage(), probe_config(tmp_path, cxr_shards, init_weights, steps=4, resume=True))
