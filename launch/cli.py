@@ -6,6 +6,7 @@
     medvlp pretrain RECIPE [--set k=v ...] [--resume]
     medvlp eval --model-dir RUN_DIR [--step N] [--shards DIR] ...
     medvlp export --model-dir RUN_DIR [--step N] --to open_clip|hf --out DIR
+    medvlp finetune STAGE [RECIPE] [--set k=v ...] [--resume]
     medvlp launch [...] -- <subcommand ...>
     medvlp runs compare|ui ...
 """
@@ -139,6 +140,42 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
     return 0
 
 
+def load_stage_config(stage: str, recipe: str | None, overrides: list[str]):
+    """(root config, Stage factory) of fine-tune `stage` from a recipe (its `kind` must be the stage's) + overrides."""
+    import dataclasses
+
+    from finetune import get_stage
+    from launch.config import ConfigError, apply_overrides, build, load_recipe_dict
+
+    try:
+        root_cls, factory = get_stage(stage)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    doc = load_recipe_dict(recipe) if recipe else {}
+    want = next((f.default for f in dataclasses.fields(root_cls) if f.name == "kind"), None)
+    have = doc.get("kind")
+    if have is not None and want is not None and have != want:
+        raise ConfigError(f"kind: the recipe is for {have!r}, but `medvlp finetune {stage}` needs kind: {want}")
+    return build(root_cls, apply_overrides(doc, overrides)), factory
+
+
+def _cmd_finetune(a: argparse.Namespace) -> int:
+    from finetune import run_stage
+
+    cfg, factory = load_stage_config(a.stage, a.recipe, list(a.set) + (["finetune.resume=true"] if a.resume else []))
+    try:
+        res = run_stage(factory(), cfg)
+    except ValueError as e:  # bad input found while setting up (freeze patterns, a pretrained path, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if res.metrics:
+        print("\n".join(f"{k:>24s}  {v:.4f}" for k, v in res.metrics.items()))
+    status = "stopped (checkpoint written)" if res.stopped else "done"
+    print(f"finetune {a.stage} {status}: {res.steps_done} steps, {res.n_trainable:,} trainable parameters, "
+          f"out_dir {res.out_dir}, mlflow run {res.run_id}")
+    return 0
+
+
 def _cmd_eval(a: argparse.Namespace) -> int:
     from pretrain.eval import run_eval_cli
 
@@ -178,6 +215,14 @@ def _cmd_launch(a: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- parser
+def _known_stages() -> list[str]:
+    try:
+        from finetune import known_stages
+        return known_stages()
+    except ImportError:
+        return []
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medvlp", description="Medical vision-language pretraining at scale.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -242,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     s.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     s.set_defaults(fn=_cmd_pretrain)
+
+    s = sub.add_parser("finetune", help="fine-tune a pretrained model (accelerate; a stage per method)",
+                       description="Run a fine-tune stage through the shared accelerate runner. Stages: "
+                                   + (", ".join(_known_stages()) or "(none installed)")
+                                   + ". Start several processes with "
+                                   "`accelerate launch --multi_gpu --num_processes N -m launch.cli finetune ...`.")
+    s.add_argument("stage", help="stage name (e.g. path-clip, pcam, anatomy, report)")
+    s.add_argument("recipe", nargs="?", default=None, help="recipe YAML (its kind must be the stage's)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    s.set_defaults(fn=_cmd_finetune)
 
     s = sub.add_parser("eval", help="zero-shot / retrieval / linear-probe evaluation of a trained model")
     s.add_argument("--model-dir", required=True,

@@ -1,0 +1,5 @@
+"""The probe stage module beside these tests is imported by name (pytest runs with --import-mode=importlib)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
