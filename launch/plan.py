@@ -81,6 +81,7 @@ class Plan:
     comm_feature_bytes: float = 0.0  # per optimizer step
     compute_s: float = 0.0
     comm_s: float = 0.0
+    cache_chunk: int = 0  # embedding-cache chunk (0 = off)
 
     @property
     def states(self) -> float:
@@ -163,8 +164,13 @@ def loss_extra_bytes(n_local: int, n_global: int, embed_dim: int) -> dict[str, f
 
 
 def make_plan(model: str | ModelStats, gpus: int, global_batch: int, zero: int = 1, gpus_per_node: int = 8,
-              micro_batch: int | None = None, precision: str = "bf16", hw: Hardware | None = None) -> Plan:
-    """The estimate for one job; raises ValueError on inconsistent sizes."""
+              micro_batch: int | None = None, precision: str = "bf16", hw: Hardware | None = None,
+              cache_chunk: int | None = None) -> Plan:
+    """The estimate for one job; raises ValueError on inconsistent sizes.
+
+    `micro_batch` < per-GPU batch means gradient accumulation: each micro batch's loss sees only W x micro keys.
+    `cache_chunk` instead means the embedding cache (`loss.cache_chunk`): the towers run on chunks (activations of
+    one chunk), the loss sees the whole global batch, and every sample is encoded twice (compute x 4/3)."""
     hw = hw or Hardware()
     stats = model_stats(model) if isinstance(model, str) else model
     if gpus < 1 or global_batch < 1:
@@ -180,6 +186,12 @@ def make_plan(model: str | ModelStats, gpus: int, global_batch: int, zero: int =
     if per_gpu % micro:
         raise ValueError(f"micro batch {micro} does not divide the per-GPU batch {per_gpu}")
     accum = per_gpu // micro
+    if cache_chunk is not None:
+        if micro_batch not in (None, per_gpu):
+            raise ValueError("cache_chunk and micro_batch < per-GPU batch exclude each other")
+        if cache_chunk < 1 or per_gpu % cache_chunk:
+            raise ValueError(f"cache chunk {cache_chunk} does not divide the per-GPU batch {per_gpu}")
+    act_rows = cache_chunk or micro
     p = stats.params
     w_b, g_b, o_b = (2 * p, 2 * p, 12 * p) if precision == "bf16" else (4 * p, 4 * p, 8 * p)
     t_b = 4 * p  # the Adam update's temporary (sqrt of the second moment): one fp32 copy of what this rank updates
@@ -196,15 +208,20 @@ def make_plan(model: str | ModelStats, gpus: int, global_batch: int, zero: int =
     plan = Plan(gpus=gpus, gpus_per_node=min(gpus_per_node, gpus), global_batch=global_batch, micro_batch=micro,
                 grad_accum=accum, zero=zero, precision=precision, model=stats, weights=w_b, grads=g_b, optimizer=o_b,
                 optimizer_temp=t_b,
-                activations=stats.act_bytes_per_sample * micro * act_scale,
-                activations_ckpt=stats.act_ckpt_bytes_per_sample * micro * act_scale,
+                activations=stats.act_bytes_per_sample * act_rows * act_scale,
+                activations_ckpt=stats.act_ckpt_bytes_per_sample * act_rows * act_scale,
                 loss_extra=loss_extra_bytes(micro, n_keys, stats.embed_dim))
+    plan.cache_chunk = cache_chunk or 0
+    if cache_chunk:  # the cached embeddings of both towers and their gradients, fp32
+        plan.loss_extra = {k: v + 4 * micro * stats.embed_dim * 4 for k, v in plan.loss_extra.items()}
     phi = (gpus - 1) / gpus
     elem = 2 if precision == "bf16" else 4
     plan.comm_model_bytes = (3 * phi * p * elem) if zero == 3 else (2 * phi * p * elem)
     plan.comm_feature_bytes = accum * 2 * (2 * phi * n_keys * stats.embed_dim * elem)
     bw = (hw.nvlink_gbs if gpus <= gpus_per_node else hw.ib_gbs) * 1e9
     plan.compute_s = stats.flops_per_sample * per_gpu / (hw.peak_tflops * 1e12 * hw.mfu)
+    if cache_chunk:
+        plan.compute_s *= 4 / 3
     plan.comm_s = (plan.comm_model_bytes + plan.comm_feature_bytes) / bw if gpus > 1 else 0.0
     return plan
 
@@ -252,20 +269,40 @@ def format_plan(plan: Plan, hw: Hardware | None = None) -> str:
     return "\n".join(lines)
 
 
+def fitting_plan(model: str, gpus: int, global_batch: int, zero: int, gpus_per_node: int = 8,
+                 hw: Hardware | None = None) -> tuple[Plan, bool]:
+    """The plan with the whole per-GPU batch in one loss (embedding cache when needed) whose total fits the GPU:
+    the largest power-of-two cache chunk, first without activation checkpointing, then with. -> (plan, ckpt)."""
+    hw = hw or Hardware()
+    limit = hw.gpu_mem_gib * GiB
+    per_gpu = global_batch // max(gpus, 1)
+    chunks = [c for c in (2 ** k for k in range(int(math.log2(max(per_gpu, 1))), -1, -1)) if per_gpu % c == 0]
+    best = None
+    for ckpt in (False, True):
+        for c in chunks:
+            plan = make_plan(model, gpus, global_batch, zero=zero, gpus_per_node=gpus_per_node, hw=hw,
+                             cache_chunk=None if c == per_gpu else c)
+            best = best or (plan, ckpt)
+            if plan.total(ckpt) <= limit:
+                return plan, ckpt
+    return best[0], best[1]
+
+
 def scaling_table(model: str, zero: int, rows: list[tuple[int, int]], gpus_per_node: int = 8,
                   hw: Hardware | None = None) -> str:
-    """A Markdown table of plans: one row per (gpus, global batch)."""
+    """A Markdown table of plans, one row per (gpus, global batch), each with the cache chunk that fits."""
     hw = hw or Hardware()
-    out = ["| GPUs | global batch | per GPU | states GiB | act. GiB (ckpt) | loss extra GiB torch / chunked | "
-           "total GiB | comm GB/step | step s (overlap..none) |",
-           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = ["| GPUs | global batch | per GPU | cache chunk | act. ckpt | states GiB | activations GiB | "
+           "loss extra GiB torch / chunked | total GiB (chunked) | comm GB/step | step s (overlap..none) |",
+           "| ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for gpus, batch in rows:
-        p = make_plan(model, gpus, batch, zero=zero, gpus_per_node=gpus_per_node, hw=hw)
+        p, ckpt = fitting_plan(model, gpus, batch, zero, gpus_per_node, hw)
         comm = (p.comm_model_bytes + p.comm_feature_bytes) / 1e9
+        act = p.activations_ckpt if ckpt else p.activations
         out.append(
-            f"| {gpus} | {batch:,} | {p.micro_batch} | {_g(p.states)} | {_g(p.activations)} ({_g(p.activations_ckpt)}) "
-            f"| {_g(p.loss_extra['torch'])} / {_g(p.loss_extra['chunked'])} | {_g(p.total())} | {comm:.2f} "
-            f"| {max(p.compute_s, p.comm_s):.2f}..{p.compute_s + p.comm_s:.2f} |")
+            f"| {gpus} | {batch:,} | {p.micro_batch} | {p.cache_chunk or '-'} | {'yes' if ckpt else 'no'} "
+            f"| {_g(p.states)} | {_g(act)} | {_g(p.loss_extra['torch'])} / {_g(p.loss_extra['chunked'])} "
+            f"| {_g(p.total(ckpt))} | {comm:.2f} | {max(p.compute_s, p.comm_s):.2f}..{p.compute_s + p.comm_s:.2f} |")
     return "\n".join(out)
 
 
@@ -281,7 +318,8 @@ def run_plan_cli(a) -> int:
                   ib_gbs=a.ib_gbs)
     try:
         plan = make_plan(a.model, a.gpus, a.global_batch, zero=a.zero, gpus_per_node=a.gpus_per_node,
-                         micro_batch=a.micro_batch, precision=a.precision, hw=hw)
+                         micro_batch=a.micro_batch, precision=a.precision, hw=hw,
+                         cache_chunk=a.cache_chunk)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"plan: {e}")
         return 2
@@ -297,6 +335,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--global-batch", type=int, required=True, help="samples per optimizer step, all GPUs")
     p.add_argument("--micro-batch", type=int, default=None, help="per-GPU micro batch (default: global / gpus)")
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3")
+    p.add_argument("--cache-chunk", type=int, default=None, help="embedding-cache chunk (loss.cache_chunk)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     hw = Hardware()
     p.add_argument("--peak-tflops", type=float, default=hw.peak_tflops, help="dense TFLOP/s of one GPU")

@@ -56,3 +56,13 @@ def test_cli_prints_a_plan_and_refuses_bad_input(capsys):
     assert "ZeRO-3" in out and "optimizer state" in out and "2 nodes" in out
     assert main(["plan", "--model", "debug", "--gpus", "3", "--global-batch", "64"]) == 2
     assert "not a multiple" in capsys.readouterr().out
+
+
+def test_the_embedding_cache_keeps_the_whole_batch_in_the_loss():
+    plain = make_plan("debug", 4, 1024, zero=1)
+    cached = make_plan("debug", 4, 1024, zero=1, cache_chunk=16)
+    assert cached.activations == pytest.approx(plain.activations / 16)
+    assert cached.loss_extra["torch"] > plain.loss_extra["torch"]  # same N keys, plus the cached embeddings
+    assert cached.compute_s == pytest.approx(plain.compute_s * 4 / 3)
+    with pytest.raises(ValueError, match="does not divide"):
+        make_plan("debug", 4, 1024, zero=1, cache_chunk=7)
