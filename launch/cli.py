@@ -128,7 +128,7 @@ def _cmd_tokenizer_train(a: argparse.Namespace) -> int:
 
 def _cmd_pretrain(a: argparse.Namespace) -> int:
     from launch.config import load_config
-    from pretrain.train import RunDirError, Trainer, TrainingInterrupted
+    from pretrain.train import RunDirError, Trainer, TrainingInterrupted, check_out_dir
 
     if a.resume and a.overwrite:
         print("error: --resume and --overwrite: choose one (continue the run, or replace it)", file=sys.stderr)
@@ -139,6 +139,7 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
         print(f"error: recipe {a.recipe!r} is a {cfg.kind!r} recipe, not a pretraining one", file=sys.stderr)
         return 2
     try:
+        check_out_dir(cfg, a.overwrite)  # before the minutes a large model takes to build
         res = Trainer(cfg, overwrite=a.overwrite).fit()
     except RunDirError as e:
         print(f"error: {e}", file=sys.stderr)

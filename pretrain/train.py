@@ -244,6 +244,21 @@ def config_differences(saved: dict, new: dict) -> tuple[list[str], list[str]]:
     return refused, harmless
 
 
+def run_files(out_dir: str | Path) -> list[str]:
+    """The entries of OUT_DIR that a run wrote (`RUN_FILES` present)."""
+    return sorted(n for n in RUN_FILES if (Path(out_dir) / n).exists())
+
+
+def check_out_dir(cfg: Any, overwrite: bool = False, found: list[str] | None = None) -> None:
+    """RunDirError unless `cfg.train.out_dir` is free for this run: empty of run files, or resuming, or overwriting.
+    Cheap (no process group): the CLI calls it before building anything; `Trainer.fit` checks again on every rank."""
+    out = Path(cfg.train.out_dir)
+    found = run_files(out) if found is None else found
+    if found and not cfg.train.resume and not overwrite:
+        raise RunDirError(f"train.out_dir {out} already holds a run ({', '.join(found)}): pass --resume to continue "
+                          f"it, --overwrite to replace it, or choose another out_dir")
+
+
 class Trainer:
     """Contrastive pretraining of one `PretrainConfig` under DeepSpeed.
 
@@ -409,14 +424,12 @@ class Trainer:
         """Refuse an out_dir holding another run unless resuming or overwriting; on resume refuse a changed config
         (naming each changed key); write config.yaml (rank 0). Every rank decides together."""
         cfg, out = self.cfg, self.out_dir
-        found = sorted(n for n in RUN_FILES if (out / n).exists())
+        found = run_files(out)
         resume = cfg.train.resume
         if resume and self.overwrite:
             raise RunDirError("train.resume and overwrite: choose one (continue the run, or replace it)")
-        refuse = _any_rank(bool(found) and not resume and not self.overwrite, self.device)
-        if refuse:
-            raise RunDirError(f"train.out_dir {out} already holds a run ({', '.join(found) or 'on another rank'}): "
-                              f"pass --resume to continue it, --overwrite to replace it, or choose another out_dir")
+        if _any_rank(bool(found) and not resume and not self.overwrite, self.device):
+            check_out_dir(cfg, self.overwrite, found=found or ["on another rank"])
         problem = ""
         if resume and self.rank == 0:
             saved = saved_config(out)
@@ -441,8 +454,8 @@ class Trainer:
                     p = out / name
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             out.mkdir(parents=True, exist_ok=True)
-            tmp = out / "config.yaml.tmp"
-            tmp.write_text(dump_yaml(cfg))
+            tmp = out / "config.yaml.tmp"  # the run's recipe: rerunning it starts afresh (resume is a CLI choice)
+            tmp.write_text(dump_yaml(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=False))))
             tmp.replace(out / "config.yaml")
         if dist.is_initialized():
             dist.barrier()

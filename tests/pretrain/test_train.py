@@ -187,6 +187,9 @@ def test_out_dir_refused_resume_checked_unreadable_checkpoint_skipped_overwrite(
         second = _run(load_config("debug", sets(**{"train.resume": "true", "train.log_every": 2})))
     assert "step_00000004 is unreadable" in caplog.text and "falling back" in caplog.text
     assert second.steps_done == 6 and [s for s, _ in second.losses] == [1, 2, 3, 4, 5, 6]
+    import yaml
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["kind"] == "pretrain" and saved["train"]["resume"] is False  # the saved recipe starts afresh
     for s, v in second.losses[2:4]:  # steps 3, 4 replayed from step 2's checkpoint: the same losses
         assert v == pytest.approx(ref[s], rel=1e-6, abs=1e-7)
     # --overwrite replaces the run: only the new run's checkpoints and log lines remain
