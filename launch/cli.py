@@ -147,6 +147,9 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
     except TrainingInterrupted as e:
         print(f"pretrain interrupted: {e}", file=sys.stderr)
         return 128 + int(e.signum or 15)
+    except KeyboardInterrupt:  # Ctrl-C while the model is still being built
+        print("pretrain interrupted before training started", file=sys.stderr)
+        return 130
     if res.metrics:
         from pretrain.eval import format_table
         print(format_table(res.metrics))
