@@ -10,9 +10,9 @@
 Writes benchmarks/results/pretrain-<date>-<hw>.{md,csv}.
 
 Every row is a fresh child process (so neither side inherits the other's allocator, threads or compiled state):
-  * ours: `pretrain.engine.create_engine` (DeepSpeed, ZeRO stage `--zero`) + `build_model` + `ContrastiveLoss`,
-    stepped by the train loop's own `pretrain.train._train_step` on ONE pre-made batch of random images of the
-    model's size and random BPE token ids, already on the device (no data loading at all);
+  * ours: the public `pretrain.train.Trainer` (DeepSpeed engine at ZeRO stage `--zero`, `build_model`,
+    `ContrastiveLoss`), stepped by `Trainer.train_step` (the loop's own step) on ONE pre-made batch of random images
+    of the model's size and random BPE token ids, already on the device (no data loading at all);
   * theirs: `open_clip_train.main --dataset-type synthetic`, whose data set returns one black PIL image run through
     the train preprocessing (RandomResizedCrop, ToTensor, Normalize) and the tokenised "Dummy caption", served by a
     DataLoader with `--openclip-workers` processes; the per-step time is parsed from its "Batch (t)" log lines
@@ -31,6 +31,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import math
 import os
 import re
 import signal
@@ -109,50 +110,38 @@ def synthetic_batch(model, batch: int, device, seed: int) -> dict:
 
 
 def run_ours(spec: dict) -> dict:
-    """Child process: build the real engine, run warmup + steps train steps, return the timings."""
-    from contextlib import nullcontext
-    from types import SimpleNamespace
-
+    """Child process: build the real Trainer, run warmup + steps train steps, return the timings."""
     import torch
 
-    from pretrain import engine as eng
-    from pretrain.config import LossConfig, ModelConfig, OptimConfig, TrainConfig
-    from pretrain.loss import ContrastiveLoss
-    from pretrain.model import build_model
-    from pretrain.train import _train_step  # the loop's own step: forward, loss, finiteness check, backward, step
+    from pretrain.config import PretrainConfig
+    from pretrain.configtree import build
+    from pretrain.registry import get_model_config
+    from pretrain.train import Trainer
 
-    rank, world, local_rank = eng.init_distributed()
-    device = eng.device_for(local_rank)
-    if device.type == "cuda" and spec["cudnn_benchmark"]:
-        # open_clip_train.main sets these on CUDA; without them RN50's convolutions use the default algorithms.
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-    eng.seed_everything(spec["seed"])
-    loss_cfg = LossConfig(backend=spec["loss_backend"])
-    model = build_model(ModelConfig(name=spec["model"]), loss_cfg)
-    train = TrainConfig(steps=spec["warmup"] + spec["steps"], zero_stage=spec["zero"], precision=spec["precision"])
-    train.validate()
-    engine, _, _, _ = eng.create_engine(model, train, OptimConfig(), spec["batch"], world)
-    if spec.get("skip_world1_allreduce") and world == 1 and spec["zero"] == 0:
-        # DeepSpeed ZeRO-0 flattens, all-reduces (over a world of one) and copies back every gradient each step;
-        # with one process the gradients already are the global ones (see the README's finding).
-        engine.enable_backward_allreduce = False
-    loss_fn = ContrastiveLoss(loss_cfg)
-    batch = synthetic_batch(model, spec["batch"], device, spec["seed"])
+    size = get_model_config(spec["model"])["vision"].get("image_size", 64)
+    cfg = build(PretrainConfig, {
+        "model": {"name": spec["model"]}, "loss": {"backend": spec["loss_backend"]},
+        "data": {"batch_size": spec["batch"], "image_size": size if isinstance(size, int) else 64},
+        "train": {"steps": spec["warmup"] + spec["steps"], "zero_stage": spec["zero"], "precision": spec["precision"],
+                  "seed": spec["seed"], "out_dir": "unused-bench-out"},  # fit() is not called: nothing is written
+        "tracking": {"enabled": False}})
+    trainer = Trainer(cfg, progress=False)
+    if trainer.device.type == "cuda" and not spec["cudnn_benchmark"]:
+        torch.backends.cudnn.benchmark = False  # the Trainer sets these on CUDA, as open_clip_train.main does
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    device, train = trainer.device, cfg.train
+    batch = synthetic_batch(trainer.model, spec["batch"], device, spec["seed"])
     # A bf16 engine (GPU) holds bf16 weights; open_clip's ViT stem does not cast its input (the ResNet path in
     # pretrain/towers.py does), so the pre-made images come in the weights' dtype, as a loader could deliver them.
-    batch["image"] = batch["image"].to(next(engine.module.parameters()).dtype)
-    feed = _SameBatch(batch)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
-                if device.type == "cpu" and train.precision == "bf16" else nullcontext())
-    cfg = SimpleNamespace(train=train, loss=loss_cfg)
+    batch["image"] = batch["image"].to(next(trainer.engine.module.parameters()).dtype)
+    trainer.batches = _SameBatch(batch)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ends = []
     sync()
     t0 = time.perf_counter()
     for _ in range(train.steps):
-        _, finite = _train_step(engine, feed, loss_fn, cfg, rank, world, device, autocast)
-        if not finite:
+        if not math.isfinite(trainer.train_step()):
             raise RuntimeError("non-finite loss on the synthetic batch")
         sync()
         ends.append(time.perf_counter())
@@ -210,7 +199,7 @@ def measure_ours(a, model: str, precision: str, env: dict) -> Row:
     row = Row("medvlp", model, precision, a.batch, str(a.zero))
     spec = {"model": model, "precision": precision, "batch": a.batch, "zero": a.zero, "steps": a.steps,
             "warmup": a.warmup, "seed": a.seed, "loss_backend": a.loss_backend,
-            "cudnn_benchmark": not a.no_cudnn_benchmark, "skip_world1_allreduce": a.skip_world1_allreduce}
+            "cudnn_benchmark": not a.no_cudnn_benchmark}
     out: dict = {}
 
     def on_line(line: str) -> bool:
@@ -395,9 +384,7 @@ def table_notes(a, hw: str, models: list[str]) -> list[str]:
         f"Each row: {a.warmup} warm-up steps, then {a.steps} timed optimizer steps; samples/s = batch x steps / "
         "timed seconds; s/step is the mean, 'median s' the median step.",
         f"medvlp: `create_engine` (DeepSpeed ZeRO {a.zero}, one process) + `build_model` + `ContrastiveLoss` "
-        f"(backend {a.loss_backend}), stepped by the train loop's `_train_step`"
-        f"{' with the one-process gradient all-reduce skipped (--skip-world1-allreduce)' if a.skip_world1_allreduce else ''}"
-        ", on one pre-made batch already on "
+        f"(backend {a.loss_backend}), stepped by the public `Trainer.train_step`, on one pre-made batch already on "
         "the device (random images of the model's size, random BPE captions): no data loading. bf16 = DeepSpeed "
         "bf16 engine on GPU, bf16 autocast around the forward on CPU (the train loop's meaning of "
         "train.precision=bf16). AdamW (torch), grad clip 1.0.",
@@ -430,8 +417,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke: debug model, batch 8, 3 steps (1 warm-up)")
     ap.add_argument("--no-cudnn-benchmark", action="store_true",
                     help="ours without cudnn.benchmark/TF32 (open_clip_train always sets them on CUDA)")
-    ap.add_argument("--skip-world1-allreduce", action="store_true",
-                    help="ours: no DeepSpeed gradient all-reduce in a one-process ZeRO-0 run (the proposed engine fix)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per row")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

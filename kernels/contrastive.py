@@ -181,6 +181,21 @@ def _ce_sum(q_nD, k_ND, logit_scale, with_cols: bool, q_offset: int, backend: st
     return triton_ce_sum(q_nD, k_ND, logit_scale, with_cols, q_offset)
 
 
+def resolve_backend(backend: str, on_cuda: bool, n_keys: int | None = None, chunked_min: int = 0) -> str:
+    """The one rule naming the kernel a CLIP-loss call runs: "reference" | "chunked" | "triton".
+
+    "torch" is an alias of "reference". "auto" = triton on a CUDA device when Triton works, else chunked when the key
+    count `n_keys` is at least `chunked_min` (or unknown), else reference. Unknown names raise ValueError."""
+    backend = _ALIASES.get(backend, backend)
+    if backend == "auto":
+        if on_cuda and triton_available()[0]:
+            return "triton"
+        return "chunked" if n_keys is None or n_keys >= chunked_min else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)} (or torch, auto)")
+    return backend
+
+
 # --------------------------------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------------------------------
@@ -191,11 +206,7 @@ def clip_loss(img_q, txt_q, logit_scale, img_k=None, txt_k=None, q_offset: int =
     backend: "reference" | "chunked" | "triton" ("torch" is an alias of "reference", "auto" picks triton on a
     CUDA device when available, else chunked). block: row block of the chunked backend (None = automatic).
     """
-    backend = _ALIASES.get(backend, backend)
-    if backend == "auto":
-        backend = "triton" if img_q.is_cuda and triton_available()[0] else "chunked"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)} (or torch, auto)")
+    backend = resolve_backend(backend, img_q.is_cuda)
     if backend == "reference":
         return clip_loss_reference(img_q, txt_q, logit_scale, img_k, txt_k, q_offset)
     if backend == "triton":

@@ -1,9 +1,9 @@
 """`medvlp` command line: thin argument parsing; the work happens in the packages.
 
-    medvlp config show RECIPE [--set k=v ...]
+    medvlp config show RECIPE [--set k=v ...] [--doc]
     medvlp shards synth|build|inspect|import|merge-index ...
     medvlp tokenizer train --shards DIR --out DIR
-    medvlp pretrain RECIPE [--set k=v ...] [--resume]
+    medvlp pretrain RECIPE|RUN/config.yaml [--set k=v ...] [--resume | --overwrite]
     medvlp eval --model-dir RUN_DIR [--step N] [--shards DIR] ...
     medvlp export --model-dir RUN_DIR [--step N] --to open_clip|hf --out DIR
     medvlp finetune STAGE [RECIPE] [--set k=v ...] [--resume]
@@ -25,9 +25,10 @@ def _cmdline() -> str:
 
 # ----------------------------------------------------------------------------------------------- config
 def _cmd_config_show(a: argparse.Namespace) -> int:
-    from launch.config import dump_yaml, load_config
+    from launch.config import dump_yaml, format_docs, load_config
 
-    print(dump_yaml(load_config(a.recipe, a.set)), end="")
+    cfg = load_config(a.recipe, a.set)
+    print(format_docs(cfg) if a.doc else dump_yaml(cfg), end="")
     return 0
 
 
@@ -126,12 +127,29 @@ def _cmd_tokenizer_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> int:
-    from launch.config import flatten, load_config, to_dict
-    from pretrain.train import run_pretrain
+    from launch.config import load_config
+    from pretrain.train import RunDirError, Trainer, TrainingInterrupted, check_out_dir
 
+    if a.resume and a.overwrite:
+        print("error: --resume and --overwrite: choose one (continue the run, or replace it)", file=sys.stderr)
+        return 2
     overrides = list(a.set) + (["train.resume=true"] if a.resume else [])
     cfg = load_config(a.recipe, overrides)
-    res = run_pretrain(cfg, flatten(to_dict(cfg)))
+    if cfg.kind != "pretrain":
+        print(f"error: recipe {a.recipe!r} is a {cfg.kind!r} recipe, not a pretraining one", file=sys.stderr)
+        return 2
+    try:
+        check_out_dir(cfg, a.overwrite)  # before the minutes a large model takes to build
+        res = Trainer(cfg, overwrite=a.overwrite).fit()
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"pretrain interrupted: {e}", file=sys.stderr)
+        return 128 + int(e.signum or 15)
+    except KeyboardInterrupt:  # Ctrl-C while the model is still being built
+        print("pretrain interrupted before training started", file=sys.stderr)
+        return 130
     if res.metrics:
         from pretrain.eval import format_table
         print(format_table(res.metrics))
@@ -174,6 +192,12 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
     print(f"finetune {a.stage} {status}: {res.steps_done} steps, {res.n_trainable:,} trainable parameters, "
           f"out_dir {res.out_dir}, mlflow run {res.run_id}")
     return 0
+
+
+def _config_keys_epilog(cls) -> str:
+    from launch.config import format_docs
+
+    return "config keys (set with --set KEY=VALUE; the recipe supplies the values):\n" + format_docs(cls)
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
@@ -232,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = cfg.add_parser("show", help="print the resolved config of a recipe")
     s.add_argument("recipe")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.add_argument("--doc", action="store_true", help="one line per key: value and its doc")
     s.set_defaults(fn=_cmd_config_show)
     cfg.add_parser("list", help="list recipes").set_defaults(fn=_cmd_config_list)
 
@@ -282,10 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab-size", type=int, default=2000)
     s.set_defaults(fn=_cmd_tokenizer_train)
 
-    s = sub.add_parser("pretrain", help="contrastive pretraining (DeepSpeed)")
-    s.add_argument("recipe", nargs="?", default="debug")
+    from pretrain.config import PretrainConfig
+
+    s = sub.add_parser("pretrain", help="contrastive pretraining (DeepSpeed)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_config_keys_epilog(PretrainConfig))
+    s.add_argument("recipe", nargs="?", default="debug", help="recipe name or YAML path (a run's config.yaml too)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
-    s.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in train.out_dir from its latest complete checkpoint")
+    s.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in train.out_dir (checkpoints, config, logs) and start afresh")
     s.set_defaults(fn=_cmd_pretrain)
 
     s = sub.add_parser("finetune", help="fine-tune a pretrained model (accelerate; a stage per method)",

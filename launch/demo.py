@@ -15,9 +15,9 @@ from pathlib import Path
 def run_demo(out: str, n: int = 1024, steps: int | None = None, seed: int = 0, extra: list[str] | None = None) -> dict:
     from data_shards.inspect import inspect_shards
     from data_shards.synth import synth_to_shards
-    from launch.config import flatten, load_config, to_dict
+    from launch.config import load_config
     from pretrain.eval import format_table
-    from pretrain.train import run_pretrain
+    from pretrain.train import Trainer
 
     t0 = time.perf_counter()
     out_p = Path(out)
@@ -33,7 +33,7 @@ def run_demo(out: str, n: int = 1024, steps: int | None = None, seed: int = 0, e
     cfg = load_config("debug", overrides + list(extra or []))
     print(f"[2/4] pretrain debug CLIP: {cfg.train.steps} steps x batch {cfg.data.batch_size} (DeepSpeed ZeRO-"
           f"{cfg.train.zero_stage}, loss backend {cfg.loss.backend})", flush=True)
-    res = run_pretrain(cfg, flatten(to_dict(cfg)))
+    res = Trainer(cfg, overwrite=True).fit()  # the demo owns OUT: a rerun replaces its previous run
     print("[3/4] evaluation on the held-out split", flush=True)
     table = format_table(res.metrics)
     first, last = res.losses[0][1], res.losses[-1][1]

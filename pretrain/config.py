@@ -1,7 +1,25 @@
 """Configs owned by pretraining (model, loss, optimizer, loop, eval, tracking)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from data_shards.config import DataConfig
+
+
+def _finite(name: str, v: float, *, positive: bool = False, nonneg: bool = False) -> None:
+    """ValueError("name: ...") unless `v` is a finite number (and > 0 / >= 0 when asked)."""
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: must be a finite number, got {v}")
+    if positive and not v > 0:
+        raise ValueError(f"{name}: must be > 0, got {v}")
+    if nonneg and v < 0:
+        raise ValueError(f"{name}: must be >= 0, got {v}")
+
+
+def _at_least(name: str, v: int, low: int) -> None:
+    if v < low:
+        raise ValueError(f"{name}: must be >= {low}, got {v}")
 
 
 @dataclass
@@ -37,6 +55,8 @@ class LossConfig:
             raise ValueError(f"backend: {self.backend!r} computes the CLIP loss only; SigLIP needs torch or auto")
         if self.chunk_size < 0:
             raise ValueError(f"chunk_size: must be >= 0 (0 = automatic), got {self.chunk_size}")
+        _at_least("cache_chunk", self.cache_chunk, 0)
+        _at_least("auto_chunked_min", self.auto_chunked_min, 0)
 
 
 @dataclass
@@ -50,6 +70,18 @@ class OptimConfig:
     warmup_steps: int = 10  # linear warmup steps
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
+
+    def validate(self) -> None:
+        _finite("lr", self.lr, positive=True)
+        _finite("weight_decay", self.weight_decay, nonneg=True)
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: must be a pair of numbers in [0, 1), got {self.betas}")
+        _finite("eps", self.eps, positive=True)
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        _finite("min_lr_ratio", self.min_lr_ratio, nonneg=True)
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        _finite("grad_clip", self.grad_clip, nonneg=True)
 
 
 @dataclass
@@ -78,6 +110,14 @@ class TrainConfig:
             raise ValueError(f"zero_stage: {self.zero_stage} is not one of 0, 1, 2, 3")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision: {self.precision!r} is not one of auto, fp32, bf16")
+        _at_least("steps", self.steps, 1)
+        _at_least("grad_accum", self.grad_accum, 1)
+        if not self.out_dir.strip():
+            raise ValueError("out_dir: must not be empty")
+        for name in ("ckpt_every", "keep_ckpts", "eval_every", "log_every", "stop_after"):
+            _at_least(name, getattr(self, name), 0)
+        _at_least("max_bad_steps", self.max_bad_steps, 1)
+        _finite("dist_timeout_s", self.dist_timeout_s, positive=True)
 
 
 @dataclass
@@ -99,6 +139,17 @@ class EvalConfig:
     seed: int = 0  # seed of bootstrap resamples and k-shot draws
     retrieval_examples: int = 4  # query images drawn in retrieval_examples.png (0 = no figure)
 
+    def validate(self) -> None:
+        if any(k < 1 for k in self.kshot):
+            raise ValueError(f"kshot: every size must be >= 1, got {self.kshot}")
+        _at_least("kshot_seeds", self.kshot_seeds, 1)
+        _at_least("bootstrap", self.bootstrap, 0)
+        _at_least("max_samples", self.max_samples, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _finite("probe_C", self.probe_C, nonneg=True)
+        _finite("kshot_C", self.kshot_C, positive=True)
+        _at_least("retrieval_examples", self.retrieval_examples, 0)
+
 
 @dataclass
 class TrackingConfig:
@@ -114,3 +165,28 @@ class TrackingConfig:
     http_retries: int = 1  # MLflow HTTP retries per call (bounds the stall when a server dies mid-run)
     http_timeout_s: int = 10  # MLflow HTTP timeout per request, seconds
     max_buffered: int = 100000  # logging calls kept while the store is unreachable (oldest dropped beyond)
+
+    def validate(self) -> None:
+        _finite("probe_timeout_s", self.probe_timeout_s, positive=True)
+        _finite("retry_every_s", self.retry_every_s, nonneg=True)
+        _at_least("http_retries", self.http_retries, 0)
+        _at_least("http_timeout_s", self.http_timeout_s, 1)
+        _at_least("max_buffered", self.max_buffered, 1)
+
+
+@dataclass
+class PretrainConfig:
+    """The whole resolved tree of a pretraining run (the `kind: pretrain` root of a recipe)."""
+
+    kind: str = "pretrain"  # recipe kind: selects this root config (pretrain)
+    data: DataConfig = field(default_factory=DataConfig)  # shards and streaming
+    model: ModelConfig = field(default_factory=ModelConfig)  # towers and projections
+    loss: LossConfig = field(default_factory=LossConfig)  # contrastive loss and its backend
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer, schedule, clipping
+    train: TrainConfig = field(default_factory=TrainConfig)  # steps, checkpoints, DeepSpeed
+    eval: EvalConfig = field(default_factory=EvalConfig)  # zero-shot / retrieval / probes
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+
+    def validate(self) -> None:
+        if self.kind != "pretrain":
+            raise ValueError(f"kind: {self.kind!r} is not a pretraining config (expected 'pretrain')")

@@ -95,16 +95,13 @@ def use_bf16(train: TrainConfig) -> bool:
 
 
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run; a template file (train.deepspeed_config) is merged underneath."""
+    """The DeepSpeed JSON for this run; a template file (train.deepspeed_config, a path) is merged underneath."""
     cfg: dict[str, Any] = {}
     if train.deepspeed_config:
-        path = Path(train.deepspeed_config)
-        if not path.exists():
-            from importlib.resources import files
-            alt = Path(str(files("launch") / "deepspeed" / path.name))
-            if not alt.exists():
-                raise FileNotFoundError(f"train.deepspeed_config: {train.deepspeed_config} not found")
-            path = alt
+        path = Path(train.deepspeed_config)  # a file path: bundled template names are resolved by the caller
+        if not path.is_file():
+            raise FileNotFoundError(f"train.deepspeed_config: {train.deepspeed_config} not found (a template file "
+                                    f"path; `medvlp` resolves bundled names such as zero2.json)")
         cfg = json.loads(path.read_text())
         for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             cfg.pop(k, None)  # batch arithmetic always comes from our config

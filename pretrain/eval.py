@@ -483,67 +483,40 @@ def evaluate_model(model, shards: str, modality: str, eval_cfg: EvalConfig | Non
 
 
 # ----------------------------------------------------------------------------------------------- `medvlp eval`
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        node = out
-        *head, last = str(key).split(".")
-        for h in head:
-            node = node.setdefault(h, {})
-        node[last] = v
-    return out
+def load_run_config(model_dir: str | Path):
+    """The typed resolved config (`PretrainConfig`) of a pretraining run: MODEL_DIR/config.yaml, else a legacy flat
+    MODEL_DIR/config.json, else the config.json the latest complete checkpoint keeps (JSON: nothing is unpickled).
+    Built strictly: an unknown or mistyped stored key fails with `ConfigError` naming its path. None when there is
+    no stored config."""
+    import yaml
 
-
-def load_run_config(model_dir: str | Path) -> dict:
-    """The resolved config of a pretraining run, nested: MODEL_DIR/config.json, else the config.json the latest
-    complete checkpoint keeps (JSON: nothing is unpickled). {} when neither exists."""
     from pretrain.checkpoint import CKPT_CONFIG, latest_complete
+    from pretrain.config import PretrainConfig
+    from pretrain.configtree import ConfigError, build, unflatten
 
     model_dir = Path(model_dir)
-    doc = None
-    if (model_dir / "config.json").is_file():
-        doc = json.loads((model_dir / "config.json").read_text())
-    else:
+    tag = None
+    if not (model_dir / "config.yaml").is_file() and not (model_dir / "config.json").is_file():
         tag = latest_complete(model_dir)
-        if tag is not None and (tag / CKPT_CONFIG).is_file():
-            doc = json.loads((tag / CKPT_CONFIG).read_text())
-    if not doc:
-        return {}
-    return _unflatten(doc) if any("." in str(k) for k in doc) else doc
-
-
-def _coerce_field(cls, name: str, raw: Any, where: str) -> Any:
-    """Convert `raw` (YAML-parsed) to the type of dataclass field `cls.name`; ValueError naming `where`."""
-    default = next((f for f in dataclasses.fields(cls) if f.name == name), None)
-    if default is None:
-        known = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ValueError(f"{where}: unknown key; known keys: {known}")
-    current = getattr(cls(), name)
-    if raw is None or current is None:
-        return raw
-    if isinstance(current, bool):
-        if not isinstance(raw, bool):
-            raise ValueError(f"{where}: expected true/false, got {raw!r}")
-        return raw
+    if (model_dir / "config.yaml").is_file():
+        path = model_dir / "config.yaml"
+    elif (model_dir / "config.json").is_file():
+        path = model_dir / "config.json"
+    elif tag is not None and (tag / CKPT_CONFIG).is_file():
+        path = tag / CKPT_CONFIG
+    else:
+        return None
     try:
-        if isinstance(current, int):
-            if isinstance(raw, float) and not raw.is_integer():
-                raise ValueError
-            return int(raw)
-        if isinstance(current, float):
-            return float(raw)
-        if isinstance(current, list):
-            return [type(current[0])(x) for x in raw] if current else list(raw)
-        return str(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: expected {type(current).__name__}, got {raw!r}") from None
-
-
-def _build_section(cls, values: dict, section: str):
-    """Dataclass `cls` from stored values (unknown stored keys are ignored: they may come from another version)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: _coerce_field(cls, k, v, f"{section}.{k}") for k, v in values.items() if k in names}
-    return cls(**kwargs)
+        doc = yaml.safe_load(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {str(e).splitlines()[0]}") from None
+    if not doc:
+        return None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    if any("." in str(k) for k in doc):  # a legacy flat file
+        doc = unflatten(doc)
+    return build(PretrainConfig, doc)
 
 
 def run_eval_cli(a) -> int:
@@ -552,8 +525,6 @@ def run_eval_cli(a) -> int:
     PATH: a run folder (final weights or latest COMPLETE checkpoint, or `--step`), a `model.safetensors` with its
     config beside it, or an exported folder (see `pretrain.load_pretrained`)."""
     import sys
-
-    import yaml
 
     from data_shards.config import DataConfig
     from pretrain.pretrained import EXPORT_MANIFEST, LoadError, load_pretrained, run_config
@@ -574,23 +545,26 @@ def run_eval_cli(a) -> int:
         return 2
     if stored is None:
         print(f"warning: no config.yaml / config.json under {home}; using defaults", file=sys.stderr)
-    sections = {"data": dataclasses.asdict(stored.data) if stored is not None else {},
-                "eval": dataclasses.asdict(stored.eval) if stored is not None else {}}
-    classes = {"data": DataConfig, "eval": EvalConfig}
+    from pretrain.configtree import apply_overrides, build, to_dict
+
+    doc = {"data": to_dict(stored.data) if stored is not None else {},
+           "eval": to_dict(stored.eval) if stored is not None else {}}
+    sets = []
     if getattr(a, "shards", None):
-        sections["data"].update(train_shards=a.shards, val_shards="")
+        sets += [f"data.train_shards={a.shards}", "data.val_shards="]
     if getattr(a, "split", None):
-        sections["eval"]["split"] = a.split
+        sets.append(f"eval.split={a.split}")
     try:
         for item in getattr(a, "set", []) or []:
-            key, sep, text = item.partition("=")
+            key, sep, _ = item.partition("=")
             sec, _, name = key.partition(".")
             if not sep or sec not in ("eval", "data") or not name:
                 raise ValueError(f"--set {item!r}: expected eval.KEY=VALUE or data.KEY=VALUE")
-            sections[sec][name] = _coerce_field(classes[sec], name, yaml.safe_load(text), key)
-        data_cfg = _build_section(DataConfig, sections["data"], "data")
-        eval_cfg = _build_section(EvalConfig, sections["eval"], "eval")
-    except ValueError as e:
+            sets.append(item)
+        doc = apply_overrides(doc, sets)
+        data_cfg = build(DataConfig, doc["data"], "data")
+        eval_cfg = build(EvalConfig, doc["eval"], "eval")
+    except ValueError as e:  # ConfigError included: the message names the key path
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if not data_cfg.train_shards and not data_cfg.val_shards:

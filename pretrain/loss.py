@@ -135,9 +135,10 @@ class ContrastiveLoss(nn.Module):
                 raise RuntimeError(f"triton backend unavailable: {why}; use loss.backend=chunked")
         if b != "auto":
             return b
-        if q.is_cuda and _triton_status()[0]:
-            return "triton"
-        return "chunked" if n_keys >= self.cfg.auto_chunked_min else "torch"
+        from kernels.contrastive import resolve_backend
+
+        picked = resolve_backend("auto", q.is_cuda, n_keys, self.cfg.auto_chunked_min)
+        return "torch" if picked == "reference" else picked
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor | None = None, rank: int = 0, world_size: int = 1) -> torch.Tensor:

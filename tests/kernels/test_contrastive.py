@@ -159,3 +159,21 @@ def test_block_column_partials_survive_underflow():
     torch.testing.assert_close(lse_B, torch.logsumexp(z, 1), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(part_N, torch.logsumexp(z, 0), rtol=1e-6, atol=1e-5)
     assert torch.isfinite(part_N).all()
+
+
+def test_resolve_backend_is_the_one_auto_rule():
+    from kernels import resolve_backend
+    from kernels.contrastive import triton_available
+    from pretrain.config import LossConfig
+    from pretrain.loss import ContrastiveLoss
+
+    assert resolve_backend("torch", False) == "reference" and resolve_backend("chunked", True) == "chunked"
+    assert resolve_backend("auto", False) == "chunked"  # key count unknown: bounded memory
+    assert resolve_backend("auto", False, n_keys=100, chunked_min=512) == "reference"
+    assert resolve_backend("auto", False, n_keys=512, chunked_min=512) == "chunked"
+    assert resolve_backend("auto", True) == ("triton" if triton_available()[0] else "chunked")
+    with pytest.raises(ValueError, match="backend: 'cuda' is not one of"):
+        resolve_backend("cuda", False)
+    loss = ContrastiveLoss(LossConfig(backend="auto", auto_chunked_min=64))
+    q = torch.zeros(4, 8)
+    assert loss.backend_for(q, 63) == "torch" and loss.backend_for(q, 64) == "chunked"

@@ -152,8 +152,14 @@ def test_run_eval_cli_rejects_bad_override(tmp_path, capsys):
     assert "eval.bogus: unknown key" in capsys.readouterr().err
     a.set = ["eval.bootstrap=many"]
     assert E.run_eval_cli(a) == 2
-    assert "eval.bootstrap: expected int" in capsys.readouterr().err
-    assert E.load_run_config(tmp_path)["eval"]["bootstrap"] == 5
+    assert "eval.bootstrap: expected an integer" in capsys.readouterr().err
+    assert E.load_run_config(tmp_path).eval.bootstrap == 5  # typed, from the legacy flat config.json
+    (tmp_path / "config.yaml").write_text("eval:\n  bootstrap: 7\n  bogus: 1\n")
+    with pytest.raises(ValueError, match="eval.bogus: unknown key"):  # strict: a stored unknown key names its path
+        E.load_run_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("kind: pretrain\neval:\n  bootstrap: 7\n")
+    assert E.load_run_config(tmp_path).eval.bootstrap == 7  # config.yaml wins over config.json
+    (tmp_path / "config.yaml").unlink()
     assert E.run_eval_cli(argparse.Namespace(model_dir=str(tmp_path / "none"), shards=None, split="test", out=None,
                                              set=[])) == 2
     assert "no such file or folder" in capsys.readouterr().err

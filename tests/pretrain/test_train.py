@@ -156,3 +156,146 @@ def test_zero_2proc_cpu_trains(cxr_shards, tmp_path, stage):
     early = sum(losses[s] for s in range(1, 4)) / 3
     late = sum(losses[s] for s in range(18, 21)) / 3
     assert late < early - 0.05, f"loss did not fall under ZeRO-{stage}: {early:.3f} -> {late:.3f}"
+
+
+# ------------------------------------------------------------------------------------------------ run folder safety
+def _quiet(**extra):
+    return {"tracking.enabled": "false", "train.final_eval": "false", **extra}
+
+
+def test_out_dir_refused_resume_checked_unreadable_checkpoint_skipped_overwrite(cxr_shards, tmp_path, caplog):
+    from pretrain.engine import complete_checkpoints
+    from pretrain.train import RunDirError, run_pretrain
+
+    out = tmp_path / "run"
+    sets = lambda **e: tiny_overrides(cxr_shards, out, steps=6, **_quiet(**{"train.ckpt_every": 2, **e}))  # noqa: E731
+    first = _run(load_config("debug", sets(**{"train.stop_after": 4})))
+    assert first.steps_done == 4 and (out / "config.yaml").is_file()
+    ref = _losses(out)
+    # a new run into the same folder is refused (nothing is touched)
+    with pytest.raises(RunDirError, match="already holds a run .*--resume.*--overwrite"):
+        _run(load_config("debug", sets()))
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000002", "step_00000004"]
+    # a resume with a changed recipe names each changed key
+    with pytest.raises(RunDirError, match=r"optim.lr: 0.001 -> 0.002; optim.warmup_steps: 2 -> 3"):
+        _run(load_config("debug", sets(**{"train.resume": "true", "optim.lr": 0.002, "optim.warmup_steps": 3})))
+    # the latest checkpoint is unreadable: a warning, then the previous complete one
+    states = sorted((out / "checkpoints" / "step_00000004").glob("*model_states.pt"))
+    assert states
+    states[0].write_bytes(states[0].read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="medvlp.pretrain"):
+        second = _run(load_config("debug", sets(**{"train.resume": "true", "train.log_every": 2})))
+    assert "step_00000004 is unreadable" in caplog.text and "falling back" in caplog.text
+    assert second.steps_done == 6 and [s for s, _ in second.losses] == [1, 2, 3, 4, 5, 6]
+    import yaml
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["kind"] == "pretrain" and saved["train"]["resume"] is False  # the saved recipe starts afresh
+    for s, v in second.losses[2:4]:  # steps 3, 4 replayed from step 2's checkpoint: the same losses
+        assert v == pytest.approx(ref[s], rel=1e-6, abs=1e-7)
+    # --overwrite replaces the run: only the new run's checkpoints and log lines remain
+    third = run_pretrain(load_config("debug", tiny_overrides(cxr_shards, out, steps=2, **_quiet())), progress=False,
+                         overwrite=True)
+    assert third.steps_done == 2
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000002"]
+    assert sorted(_losses(out)) == [1, 2] and len((out / "train_log.jsonl").read_text().splitlines()) == 2
+
+
+def test_run_config_yaml_is_a_recipe_and_cli_refuses_the_used_folder(cxr_shards, tmp_path):
+    out = tmp_path / "a"
+    res = _run(load_config("debug", tiny_overrides(cxr_shards, out, steps=3, **_quiet())))
+    cmd = [sys.executable, "-m", "launch.cli", "pretrain", str(out / "config.yaml")]
+    env = {**_clean_env(), "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "already holds a run" in bad.stderr and "Traceback" not in bad.stderr
+    again = subprocess.run(cmd + ["--set", f"train.out_dir={tmp_path / 'b'}"], cwd=REPO, capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    b = _losses(tmp_path / "b")
+    assert [b[s] for s in (1, 2, 3)] == [v for _, v in res.losses]  # the same run, bit for bit
+
+
+def test_resume_is_exact_with_a_dropout_tower(cxr_shards, tmp_path):
+    """debug-bert has dropout: a resume must keep the restored RNG (not reseed), or its masks differ."""
+    from pretrain.tokenizer import train_tokenizer_from_shards
+
+    tok = train_tokenizer_from_shards(cxr_shards, tmp_path / "tok", vocab_size=200, min_frequency=1)
+    sets = lambda out, **e: tiny_overrides(cxr_shards, out, steps=4, **_quiet(**{  # noqa: E731
+        "model.name": "debug-bert", "model.tokenizer": str(tok), "train.ckpt_every": 2, **e}))
+    full = _run(load_config("debug", sets(tmp_path / "full")))
+    first = _run(load_config("debug", sets(tmp_path / "part", **{"train.stop_after": 2})))
+    assert first.steps_done == 2
+    second = _run(load_config("debug", sets(tmp_path / "part", **{"train.resume": "true"})))
+    a, b = dict(full.losses), dict(second.losses)
+    assert sorted(b) == [1, 2, 3, 4]
+    for s in (3, 4):
+        assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-7), f"step {s}: resumed {b[s]} vs uninterrupted {a[s]}"
+
+
+class _Hang:
+    """A batch source that never yields (like a stream of unreadable shards), swallowing ordinary exceptions."""
+
+    def __init__(self, real=None, good: int = 0) -> None:
+        self.real, self.good, self.calls = real, good, 0
+
+    def next(self):
+        self.calls += 1
+        if self.calls <= self.good:
+            return self.real.next()
+        if self.calls == self.good + 1 and self.good:
+            os.kill(os.getpid(), signal.SIGTERM)
+        while True:
+            try:
+                time.sleep(0.01)
+            except Exception:  # noqa: BLE001 - what a skip-corrupt-sample loop does
+                pass
+
+    def position(self):
+        return self.real.position() if self.real else {"epoch": 0, "step": 0}
+
+    def rewind(self, pos):
+        if self.real:
+            self.real.rewind(pos)
+
+
+def test_signal_while_waiting_for_data_before_the_first_step_exits_at_once(cxr_shards, tmp_path):
+    import threading
+
+    from pretrain.train import Trainer, TrainingInterrupted
+
+    trainer = Trainer(load_config("debug", tiny_overrides(cxr_shards, tmp_path, steps=4, **_quiet())), progress=False)
+    trainer.batches = _Hang()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    t0 = time.time()
+    timer.start()
+    with pytest.raises(TrainingInterrupted, match="before the first step"):
+        trainer.fit()
+    assert time.time() - t0 < 60 and trainer.batches.calls == 1
+
+
+def test_signal_while_waiting_for_data_checkpoints_the_last_full_step(cxr_shards, tmp_path):
+    from pretrain.engine import latest_complete
+    from pretrain.train import Trainer
+
+    cfg = load_config("debug", tiny_overrides(cxr_shards, tmp_path, steps=6, **_quiet(**{"train.ckpt_every": 0,
+                                                                                        "train.grad_accum": 2})))
+    trainer = Trainer(cfg, progress=False)
+    real = trainer._batch_source()
+    trainer.batches = _Hang(real, good=5)  # steps 1, 2 (4 micro batches), then one good micro batch, then a hang
+    res = trainer.fit()
+    assert res.stopped_by_signal and res.steps_done == 2
+    ck = latest_complete(tmp_path)
+    assert ck.name == "step_00000002"
+    assert json.loads((ck / "COMPLETE").read_text())["data"]["step"] == 4  # the partial step's batch is not counted
+
+
+def test_second_signal_exits_at_once():
+    from pretrain.train import TrainingInterrupted, _StopFlag
+
+    flag = _StopFlag()
+    with pytest.raises(TrainingInterrupted, match="before the first step"):
+        flag._handler(signal.SIGTERM, None)
+    flag.armed = True
+    flag._handler(signal.SIGTERM, None)
+    assert flag.stop
+    with pytest.raises(TrainingInterrupted, match="received twice"):
+        flag._handler(signal.SIGINT, None)
