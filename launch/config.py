@@ -40,10 +40,24 @@ def register_root(kind: str, cls: type) -> None:
 
 
 def root_for(kind: Any) -> type:
+    """The root config class of recipe ``kind``; a fine-tune stage's is found through its registration
+    (``kind: path_clip`` is the stage `medvlp finetune path-clip`)."""
+    if kind not in ROOTS and isinstance(kind, str):
+        from finetune import get_stage
+
+        try:
+            cls, _ = get_stage(kind.replace("_", "-"))
+        except ValueError:
+            cls = None
+        if cls is not None:
+            register_root(kind, cls)
     if kind not in ROOTS:
-        near = suggest(str(kind), ROOTS)
+        from finetune import known_stages
+
+        known = list(ROOTS) + [k.replace("-", "_") for k in known_stages() if k.replace("-", "_") not in ROOTS]
+        near = suggest(str(kind), known)
         hint = f" (did you mean {near}?)" if near else ""
-        raise ConfigError(f"kind: {kind!r} is not one of {', '.join(ROOTS)}{hint}")
+        raise ConfigError(f"kind: {kind!r} is not one of {', '.join(known)}{hint}")
     return ROOTS[kind]
 
 

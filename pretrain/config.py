@@ -165,6 +165,7 @@ class TrackingConfig:
     http_retries: int = 1  # MLflow HTTP retries per call (bounds the stall when a server dies mid-run)
     http_timeout_s: int = 10  # MLflow HTTP timeout per request, seconds
     max_buffered: int = 100000  # logging calls kept while the store is unreachable (oldest dropped beyond)
+    log_model: bool = True  # at the end of training, log the model as a registrable MLflow model (pyfunc)
 
     def validate(self) -> None:
         _finite("probe_timeout_s", self.probe_timeout_s, positive=True)

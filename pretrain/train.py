@@ -85,6 +85,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # final eval metrics
     stopped_by_signal: bool = False
     stopped_early: bool = False  # by a signal or train.stop_after (a checkpoint was written)
+    model_uri: str = ""  # the MLflow model logged at the end ("runs:/<id>/model"; "" when not logged)
     out_dir: str = ""
     run_id: str | None = None
     samples_per_s: float = 0.0
@@ -529,6 +530,10 @@ class Trainer:
                     if cfg.train.final_eval:
                         result.metrics = self.evaluate()
                     _log_curves(tracker, result, self.out_dir, rank)
+                    if rank == 0 and cfg.tracking.enabled and cfg.tracking.log_model:
+                        from pretrain.export import log_model_artifact
+
+                        result.model_uri = log_model_artifact(self.out_dir, tracker=tracker)
                 elif result.stopped_by_signal:
                     tracker.end("KILLED")
         finally:

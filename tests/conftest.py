@@ -22,7 +22,7 @@ def tiny_overrides(shards, out_dir, steps=6, **extra):
         "data.train_shards": str(shards), "data.batch_size": 8, "data.shuffle_buffer": 16,
         "train.steps": steps, "train.out_dir": str(out_dir), "train.ckpt_every": 3, "train.log_every": 1,
         "optim.warmup_steps": 2, "eval.kshot": "[1, 2]", "eval.kshot_seeds": 1, "eval.bootstrap": 20,
-        "tracking.uri": f"sqlite:///{out_dir}/mlruns.db",
+        "tracking.uri": f"sqlite:///{out_dir}/mlruns.db", "tracking.log_model": "false",
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]

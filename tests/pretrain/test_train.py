@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from launch.config import flatten, load_config, to_dict
@@ -37,7 +38,7 @@ def _run(cfg):
 
 
 def test_smoke_run_tracks_and_checkpoints(cxr_shards, tmp_path):
-    cfg = load_config("debug", tiny_overrides(cxr_shards, tmp_path, steps=6))
+    cfg = load_config("debug", tiny_overrides(cxr_shards, tmp_path, steps=6, **{"tracking.log_model": "true"}))
     res = _run(cfg)
     assert res.steps_done == 6 and len(res.losses) == 6
     assert all(math.isfinite(v) for _, v in res.losses)
@@ -52,6 +53,9 @@ def test_smoke_run_tracks_and_checkpoints(cxr_shards, tmp_path):
     assert len(client.get_metric_history(res.run_id, "train/loss")) == 6
     arts = {a.path for a in client.list_artifacts(res.run_id)}
     assert "loss_curve.png" in arts
+    assert res.model_uri == f"runs:/{res.run_id}/model" and "model" in arts  # a registrable MLflow model
+    model = mlflow.pyfunc.load_model(client.download_artifacts(res.run_id, "model", str(tmp_path / "dl")))
+    assert np.asarray(model.predict(["No effusion."])).shape == (1, 64)  # text embeddings of the debug model
 
 
 def test_resume_continues_exactly(cxr_shards, tmp_path):
