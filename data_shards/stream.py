@@ -591,7 +591,7 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
     if transform is None:
         transform = SampleTransform(modality, cfg.image_size, train=train and cfg.augment, flip=cfg.flip,
                                     pair_views=cfg.pair_views, volume_size=cfg.volume_size,
-                                    max_patches=cfg.max_patches)
+                                    max_patches=cfg.max_patches, hu_windows=cfg.hu_windows, aug=cfg.aug)
     dataset = SlotStream(plans, cfg, rank=rank, epoch=epoch, split=split, modality=modality,
                          label_names=shard_set.label_names, resampled=resampled, train=train,
                          transform=transform, tokenizer=tokenizer,
