@@ -60,7 +60,7 @@ class DataConfig:
     augment: bool = True  # random augmentation for training
     seed: int = 0  # base seed: the stream is deterministic given (seed, epoch, rank, worker)
     context_length: int = 77  # text tokens per caption
-    index: str = ""  # index.json of remote/pipe shard specs ("" = the index.json beside local shards)
+    index: str = ""  # index.json path, URL or pipe:CMD ("" = beside the shards: local dir, folder URL or first shard URL)
     max_patches: int = 4096  # slide bags are randomly subsampled (eval: evenly strided) to at most this (0 = all)
     pair_views: bool = False  # 2D: also yield Path-CLIP weak/strong views ("image_weak", "image_strong")
     flip: bool | None = None  # random horizontal/3D flips; null = modality default (off for cxr/ct: laterality)
@@ -101,7 +101,7 @@ class DataConfig:
             raise ValueError(f"on_mismatch: {self.on_mismatch!r} is not one of skip, fail")
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split: {self.split!r} is not one of train, val, test")
-        for name in ("train_shards", "val_shards"):
+        for name in ("train_shards", "val_shards", "index"):
             if not self.allow_pipe and "pipe:" in getattr(self, name):
                 raise ValueError(f"{name}: {getattr(self, name)[:200]!r} is a pipe: spec, which runs a shell command; "
                                  "refused because data.allow_pipe is false")

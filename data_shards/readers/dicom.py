@@ -146,7 +146,10 @@ def dicom_image(ds, opts: ReadOptions, column: str = "image", name: str = "") ->
     if lut:
         from pydicom.pixels import apply_voi
 
-        y = np.asarray(apply_voi(x, ds, 0), dtype=np.float64)
+        xi = x.astype(np.int64) if np.array_equal(x, np.rint(x)) else x  # LUTs index integer values
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = np.asarray(apply_voi(xi, ds, 0), dtype=np.float64)
         bits = int(lut[0].LUTDescriptor[2]) or 16
         y01 = np.clip(y / (2.0**bits - 1), 0.0, 1.0)
         meta["window_source"] = "voi_lut"
