@@ -174,6 +174,11 @@ def _text(raw: dict[str, Any], col: str) -> str:
     return "" if v is None else str(v).strip()
 
 
+def _folder_like(given: str) -> bool:
+    """A folder name (checked on disk later): trailing '/', no suffix, or a numeric one (a DICOM UID)."""
+    return given.endswith(("/", "\\")) or not Path(given).suffix or Path(given).suffix[1:].isdigit()
+
+
 def parse_row(raw: dict[str, Any], line: int, source: str, base_dir: Path,
               modality: str | None = None) -> tuple[Row | None, list[str]]:
     """One raw row -> (Row, []) or (None, errors). No filesystem access."""
@@ -185,8 +190,9 @@ def parse_row(raw: dict[str, Any], line: int, source: str, base_dir: Path,
     given = {c: _text(raw, c) for c in PATH_COLUMNS if _text(raw, c)}
     for col, sfx in _SUFFIXES.items():
         if col in given and not given[col].lower().endswith(sfx) and not (
-                col in ("volume", "mask") and not Path(given[col]).suffix):
-            errs.append((col, f"{given[col]!r}: expected one of {', '.join(sfx)}"))
+                col in ("volume", "mask") and _folder_like(given[col])):
+            errs.append((col, f"{given[col]!r}: expected one of {', '.join(sfx)}"
+                              f"{' or a folder' if col in ('volume', 'mask') else ''}"))
     if "mask" in given and kind != "volume":
         errs.append(("mask", "a mask needs a 'volume'"))
     if "coords" in given and kind != "features":
