@@ -222,7 +222,8 @@ def _encode_shard(task: dict) -> dict:
     def samples() -> Iterator[Sample]:
         for row in task["rows"]:
             try:
-                s = load_row(row, task["image_size"], task.get("read"))
+                read = task.get("read")
+                s = load_row(row, task["image_size"]) if read is None else load_row(row, task["image_size"], read)
             except RowDecodeError as e:
                 errors.append(f"{row.where(e.column)}: cannot decode {row.given.get(e.column, '')}: {e}")
                 continue
@@ -376,7 +377,7 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
             done[name] = prev
         else:
             tasks.append({"path": str(out / name), "rows": group, "plan": digest, "image_size": image_size,
-                          "on_error": on_error, "read": read})
+                          "on_error": on_error, "read": None if read == readers.ReadOptions() else read})
     tag = f".part{part[0]}of{part[1]}" if part else ""
     if tasks:  # the old index may name shards being rewritten: no index until the set is whole again
         (out / f"index{tag}.json").unlink(missing_ok=True)
