@@ -516,6 +516,10 @@ def merge_indexes(out_dir) -> dict:
     build = {"merged_parts": n, "manifest": docs[0]["build"]["manifest"], "num_dropped": dropped,
              "part_commands": [d.get("command") for d in docs]}
     labels = sorted({lab for d in docs for lab in d["label_names"]})
+    organs = {json.dumps(d["organ_names"]) for d in docs if "organ_names" in d}
+    if len(organs) > 1:
+        raise ValueError(f"{out}: parts number organs differently ({sorted(organs)}); rebuild them with --organs")
+    top = {"organ_names": json.loads(organs.pop())} if organs else {}
     return write_index(out, infos, docs[0]["modality"], labels, command=f"merge of {n} parts",
-                       extra={"build": build})
+                       extra={**top, "build": build})
 
