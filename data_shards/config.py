@@ -23,22 +23,22 @@ class AugmentConfig:
     ct_noise_std: float = 0.0  # CT: Gaussian noise, sigma drawn in [0, std] (windowed units); 0 = off
     ct_crop_scale: float = 1.0  # CT: random sub-volume of this fraction per axis, resized back; 1 = off
 
-    def validate(self, path: str = "aug") -> None:
+    def validate(self, prefix: str = "") -> None:
         for name in ("crop_scale", "crop_ratio"):
             v = getattr(self, name)
             if v is not None and (len(v) != 2 or not 0 < v[0] <= v[1] or (name == "crop_scale" and v[1] > 1)):
-                raise ValueError(f"{path}.{name}: need [min, max] with 0 < min <= max"
+                raise ValueError(f"{prefix}{name}: need [min, max] with 0 < min <= max"
                                  f"{' <= 1' if name == 'crop_scale' else ''}, got {v}")
         for name in ("brightness", "contrast", "gamma", "ct_scale", "ct_shift", "ct_noise_std"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{path}.{name}: must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{prefix}{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("intensity_p", "ct_intensity_p"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{path}.{name}: a probability in [0, 1], got {getattr(self, name)}")
+                raise ValueError(f"{prefix}{name}: a probability in [0, 1], got {getattr(self, name)}")
         if any(a not in (0, 1, 2) for a in self.ct_flip_axes):
-            raise ValueError(f"{path}.ct_flip_axes: axes of (D, H, W) are 0, 1, 2; got {self.ct_flip_axes}")
+            raise ValueError(f"{prefix}ct_flip_axes: axes of (D, H, W) are 0, 1, 2; got {self.ct_flip_axes}")
         if not 0 < self.ct_crop_scale <= 1:
-            raise ValueError(f"{path}.ct_crop_scale: must be in (0, 1], got {self.ct_crop_scale}")
+            raise ValueError(f"{prefix}ct_crop_scale: must be in (0, 1], got {self.ct_crop_scale}")
 
 
 @dataclass
@@ -107,6 +107,6 @@ class DataConfig:
                                  "refused because data.allow_pipe is false")
         if not self.hu_windows or any(len(w) != 2 or not w[0] < w[1] for w in self.hu_windows):
             raise ValueError(f"hu_windows: need one or more [lo, hi] pairs with lo < hi, got {self.hu_windows}")
-        self.aug.validate()
+        self.aug.validate("aug.")
         if self.volume_size is not None and (len(self.volume_size) != 3 or min(self.volume_size) < 1):
             raise ValueError(f"volume_size: must be 3 positive ints (D, H, W) or null, got {self.volume_size}")
