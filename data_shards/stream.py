@@ -587,7 +587,9 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
                 split: str | None = None, transform: Callable | None = None, stop: Any = None) -> StreamLoader:
     """The loader of one epoch of this rank (see the module doc for the semantics).
 
-    shards: overrides cfg.train_shards (train) / cfg.val_shards or else cfg.train_shards (eval).
+    shards: overrides cfg.train_shards (train) / cfg.val_shards or else cfg.train_shards (eval). A local dir, a
+    folder URL (``https://host/set/``: index.json and shards fetched from it), a brace spec / URL (index.json beside
+    the first shard, or cfg.index) or a ``pipe:`` spec (cfg.index names its index; see data_shards.remote).
     split: overrides cfg.split. transform: ``(Sample, np.random.Generator) -> dict of tensors`` replacing the
     default `SampleTransform`. tokenizer: picklable ``list[str] -> LongTensor (B, L)``, applied in the workers.
     stop: a `data_shards.guard.StopSignal` (checked in the workers too), an Event or a zero-arg callable (checked
