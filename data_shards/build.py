@@ -16,7 +16,9 @@ Flow and guarantees
      index.part{i}of{n}.json; `merge_indexes` joins the parts and checks no sample is missing or doubled.
 
 Image handling: 8-bit L/RGB stay uint8, 16-bit PNG ("I;16", "I") stays uint16; RGBA/P/CMYK -> RGB, LA/1 -> L; the
-longer side is resized to at most `image_size` (LANCZOS; uint16 through float32 and rounding). DICOM is not read.
+longer side is resized to at most `image_size` (LANCZOS; uint16 through float32 and rounding). DICOM radiographs,
+DICOM series folders, NIfTI volumes/masks and segmentations/ folders are read by `data_shards.readers` (options in
+`ReadOptions`; `salt` hashes patient ids and keys, see `data_shards.readers.phi`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from data_shards import readers
 from data_shards.manifest import (ManifestError, Row, assign_splits, check_files, check_global, part_of,
                                   read_manifest)
 from data_shards.schema import SCHEMA_VERSION, SPLITS, Sample
@@ -168,18 +171,37 @@ def _load_features(row: Row) -> tuple[np.ndarray, np.ndarray | None]:
     return feats.astype(np.float16), coords
 
 
-def load_row(row: Row, image_size: int) -> Sample:
+def _clinical(column: str, fn, *args):
+    """A data_shards.readers call: its ReadError names the column; any other failure is an error of `column`."""
+    try:
+        return fn(*args)
+    except readers.ReadError as e:
+        raise RowDecodeError(e.column, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure becomes a row error naming the column
+        raise RowDecodeError(column, f"{type(e).__name__}: {e}") from e
+
+
+def load_row(row: Row, image_size: int, read: readers.ReadOptions | None = None) -> Sample:
     """Decode one validated row into a Sample. Raises RowDecodeError naming the column."""
+    read = read or readers.ReadOptions()
     text = row.text
     if text is None:
         text = _guard("report_file", lambda p: Path(p).read_text(encoding="utf-8").strip(), row.paths["report_file"])
         if not text:
             raise RowDecodeError("report_file", f"{row.given['report_file']}: empty report")
     meta = {**row.meta, "dataset": row.dataset, "modality": row.modality, "split": row.split,
-            "patient_id": row.patient_id, "source": row.given[row.kind]}
+            "patient_id": row.patient_id, **({} if read.hash_ids else {"source": row.given[row.kind]})}
     s = Sample(key=row.key, text=text, labels=dict(sorted(row.labels.items())), meta=meta)
-    if row.kind == "image":
+    if row.kind == "image" and readers.is_dicom_file(row.paths["image"]):
+        s.image, more = _clinical("image", readers.load_image_file, row.paths["image"], image_size, read, _resize_u16)
+        s.meta.update(more)
+    elif row.kind == "image":
         s.image = _guard("image", load_image, row.paths["image"], image_size)
+    elif row.kind == "volume" and any(readers.is_clinical_volume(row.paths[c]) for c in ("volume", "mask")
+                                      if c in row.paths):
+        s.volume, s.mask, more = _clinical("volume", readers.load_volume_files, row.paths["volume"],
+                                           row.paths.get("mask"), read, _load_array)
+        s.meta.update(more)
     elif row.kind == "volume":
         s.volume, s.mask = _load_volume(row)
     else:
@@ -200,7 +222,8 @@ def _encode_shard(task: dict) -> dict:
     def samples() -> Iterator[Sample]:
         for row in task["rows"]:
             try:
-                s = load_row(row, task["image_size"])
+                read = task.get("read")
+                s = load_row(row, task["image_size"]) if read is None else load_row(row, task["image_size"], read)
             except RowDecodeError as e:
                 errors.append(f"{row.where(e.column)}: cannot decode {row.given.get(e.column, '')}: {e}")
                 continue
@@ -241,7 +264,8 @@ def _reusable(path: Path, plan: str) -> dict | None:
 _SPLIT_ORDER = {s: i for i, s in enumerate(SPLITS)}
 
 
-def plan_shards(rows: list[Row], maxcount: int, maxsize: int, image_size: int) -> list[tuple[list[Row], str]]:
+def plan_shards(rows: list[Row], maxcount: int, maxsize: int, image_size: int,
+                read: readers.ReadOptions | None = None) -> list[tuple[list[Row], str]]:
     """Rows ordered by (split, key), cut by count and estimated bytes. Each shard gets a digest of its inputs."""
     rows = sorted(rows, key=lambda r: (_SPLIT_ORDER.get(r.split, 9), r.key))
     groups: list[list[Row]] = []
@@ -255,6 +279,8 @@ def plan_shards(rows: list[Row], maxcount: int, maxsize: int, image_size: int) -
     out = []
     for g in groups:
         doc = {"schema": SCHEMA_VERSION, "image_size": image_size, "rows": [r.fingerprint() for r in g]}
+        if read is not None and read != readers.ReadOptions():
+            doc["read"] = repr(read)
         out.append((g, hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()))
     return out
 
@@ -329,8 +355,10 @@ def _run_tasks(tasks: list[dict], workers: int, on_error: str, progress: bool) -
 def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str] | None = None, workers: int = 2,
                maxcount: int = 1000, maxsize: int = 1 << 30, image_size: int = 512, on_error: str = "fail",
                part: tuple[int, int] | None = None, command: str | None = None, progress: bool = True,
-               extra: dict | None = None) -> dict:
+               extra: dict | None = None, read: readers.ReadOptions | None = None) -> dict:
     """Encode validated rows (splits already assigned) into shards + index. Shared by the builder and importers."""
+    read, clinical_extra = readers.prepare(rows, read)
+    extra = {**(extra or {}), **clinical_extra}
     errors = list(errors or [])
     if errors and on_error == "fail":
         raise ManifestError(errors)
@@ -339,7 +367,7 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
     out = Path(out_dir)
     (out / SIDECAR_DIR).mkdir(parents=True, exist_ok=True)
     prefix = f"part{part[0]:03d}of{part[1]:03d}" if part else "shard"
-    plan = plan_shards(rows, maxcount, maxsize, image_size)
+    plan = plan_shards(rows, maxcount, maxsize, image_size, read)
     names = [shard_name(prefix, k) for k in range(len(plan))]
     _clean(out, prefix, set(names))
     done, tasks = {}, []
@@ -349,7 +377,7 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
             done[name] = prev
         else:
             tasks.append({"path": str(out / name), "rows": group, "plan": digest, "image_size": image_size,
-                          "on_error": on_error})
+                          "on_error": on_error, "read": None if read == readers.ReadOptions() else read})
     tag = f".part{part[0]}of{part[1]}" if part else ""
     if tasks:  # the old index may name shards being rewritten: no index until the set is whole again
         (out / f"index{tag}.json").unlink(missing_ok=True)
@@ -365,12 +393,13 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
     modality = rows[0].modality
     written = sum(i.count for i in infos)
     in_build = (extra or {}).get("num_rows_in_build", len(rows))
+    top = {k: extra.pop(k) for k in ("organ_names",) if k in extra}  # index-level fields, beside label_names
     build = {**(extra or {}), "num_planned": len(rows), "num_dropped": in_build - written,
              "num_errors": len(errors), "image_size": image_size, "maxcount": maxcount, "maxsize": maxsize,
              "reused_shards": len(names) - len(tasks)}
     if part:
         build["part"] = {"i": part[0], "n": part[1]}
-    return write_index(out, infos, modality, label_names, command=command, extra={"build": build},
+    return write_index(out, infos, modality, label_names, command=command, extra={**top, "build": build},
                        name=f"index{tag}.json")
 
 
@@ -384,8 +413,11 @@ def _report_errors(path: Path, errors: list[str]) -> None:
 
 def build_shards(manifest, out_dir, *, workers=2, maxcount=1000, maxsize=1 << 30, image_size=512, on_error="fail",
                  val_frac=0.1, test_frac=0.1, seed=0, part=None, modality=None, command=None,
-                 progress=True) -> dict:
-    """Build WebDataset shards + index from a CSV/JSONL manifest. Returns the index document (see module doc)."""
+                 progress=True, read=None, salt: bytes | None = None) -> dict:
+    """Build WebDataset shards + index from a CSV/JSONL manifest. Returns the index document (see module doc).
+
+    read: `readers.ReadOptions` for DICOM/NIfTI rows. salt: hash patient ids, keys and identifier columns with
+    it (`readers.phi`) before anything else sees them."""
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error: {on_error!r} is not 'fail' or 'skip'")
     if maxcount < 1 or maxsize < 1 or image_size < 1:
@@ -395,6 +427,9 @@ def build_shards(manifest, out_dir, *, workers=2, maxcount=1000, maxsize=1 << 30
         if not 0 <= i < n:
             raise ValueError(f"part: need 0 <= i < n, got {part}")
     rows, errors, n_rows = read_manifest(manifest, modality)
+    if salt is not None:
+        readers.phi.hash_rows(rows, salt)
+        read = readers.replace_options(read, hash_ids=True)
     rows, more = check_global(rows)
     errors += more
     valid_total = len(rows)
@@ -412,7 +447,7 @@ def build_shards(manifest, out_dir, *, workers=2, maxcount=1000, maxsize=1 << 30
              "seed": seed, "val_frac": val_frac, "test_frac": test_frac, "num_rows_in_build": in_build}
     return build_rows(rows, out_dir, errors=errors, workers=workers, maxcount=maxcount, maxsize=maxsize,
                       image_size=image_size, on_error=on_error, part=part, command=command, progress=progress,
-                      extra=extra)
+                      extra=extra, read=read)
 
 
 def _line_of(err: str) -> int:
@@ -481,6 +516,10 @@ def merge_indexes(out_dir) -> dict:
     build = {"merged_parts": n, "manifest": docs[0]["build"]["manifest"], "num_dropped": dropped,
              "part_commands": [d.get("command") for d in docs]}
     labels = sorted({lab for d in docs for lab in d["label_names"]})
+    organs = {json.dumps(d["organ_names"]) for d in docs if "organ_names" in d}
+    if len(organs) > 1:
+        raise ValueError(f"{out}: parts number organs differently ({sorted(organs)}); rebuild them with --organs")
+    top = {"organ_names": json.loads(organs.pop())} if organs else {}
     return write_index(out, infos, docs[0]["modality"], labels, command=f"merge of {n} parts",
-                       extra={"build": build})
+                       extra={**top, "build": build})
 

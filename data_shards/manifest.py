@@ -1,8 +1,9 @@
 """Reading and validating a build manifest (CSV or JSONL) into `Row`s, with every bad row named by its line.
 
 A manifest has one row per sample. Columns (CSV header / JSON keys):
-  image                 2D image path (PNG, JPEG, TIFF, ... anything PIL reads)
-  volume, mask          3D volume (D, H, W) and organ label map, .npy or .npz
+  image                 2D image path (PNG, JPEG, TIFF, ... anything PIL reads; DICOM .dcm radiographs)
+  volume, mask          3D volume (D, H, W) and organ label map: .npy/.npz, NIfTI (.nii, .nii.gz), a DICOM series
+                        folder (volume) or a segmentations/ folder of one NIfTI per organ (mask)
   features, coords      patch-feature bag (n, d) and its (n, 2) coordinates, .npy or .pt (slides)
   report | report_file  the report text, inline or as a UTF-8 file
   labels                JSON dict {finding: 1 | 0 | -1}; or one column per finding `label:<finding>` (1/0/-1/blank)
@@ -33,7 +34,8 @@ from data_shards.schema import MODALITIES, SPLITS
 
 MEDIA_KINDS = ("image", "volume", "features")  # exactly one per row
 PATH_COLUMNS = ("image", "volume", "mask", "features", "coords", "report_file")
-_SUFFIXES = {"volume": (".npy", ".npz"), "mask": (".npy", ".npz"), "features": (".npy", ".pt"),
+_CLINICAL = (".nii", ".nii.gz")  # volume/mask may also be a folder: a DICOM series or a segmentations/ folder
+_SUFFIXES = {"volume": (".npy", ".npz", *_CLINICAL), "mask": (".npy", ".npz", *_CLINICAL), "features": (".npy", ".pt"),
              "coords": (".npy", ".pt")}
 _KIND_MODALITIES = {"image": ("cxr", "patho"), "volume": ("ct",), "features": ("slide",)}
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
@@ -172,6 +174,11 @@ def _text(raw: dict[str, Any], col: str) -> str:
     return "" if v is None else str(v).strip()
 
 
+def _folder_like(given: str) -> bool:
+    """A folder name (checked on disk later): trailing '/', no suffix, or a numeric one (a DICOM UID)."""
+    return given.endswith(("/", "\\")) or not Path(given).suffix or Path(given).suffix[1:].isdigit()
+
+
 def parse_row(raw: dict[str, Any], line: int, source: str, base_dir: Path,
               modality: str | None = None) -> tuple[Row | None, list[str]]:
     """One raw row -> (Row, []) or (None, errors). No filesystem access."""
@@ -182,8 +189,10 @@ def parse_row(raw: dict[str, Any], line: int, source: str, base_dir: Path,
     kind = kinds[0] if kinds else ""
     given = {c: _text(raw, c) for c in PATH_COLUMNS if _text(raw, c)}
     for col, sfx in _SUFFIXES.items():
-        if col in given and Path(given[col]).suffix.lower() not in sfx:
-            errs.append((col, f"{given[col]!r}: expected one of {', '.join(sfx)}"))
+        if col in given and not given[col].lower().endswith(sfx) and not (
+                col in ("volume", "mask") and _folder_like(given[col])):
+            errs.append((col, f"{given[col]!r}: expected one of {', '.join(sfx)}"
+                              f"{' or a folder' if col in ('volume', 'mask') else ''}"))
     if "mask" in given and kind != "volume":
         errs.append(("mask", "a mask needs a 'volume'"))
     if "coords" in given and kind != "features":

@@ -82,7 +82,8 @@ from data_shards.guard import (BadRun, DataStreamError, ShardVerifier, StopSigna
 from data_shards.members import MemberContext, MemberError, MemberSet
 from data_shards.schema import SCHEMA_VERSION, Sample, SampleDecodeError, decode_sample
 from data_shards.transforms import SampleTransform, collate_bags
-from data_shards.writer import INDEX_NAME, read_index
+from data_shards import remote
+from data_shards.writer import INDEX_NAME, ShardIndexError, read_index
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,18 @@ class ShardSet:
         return sum(self.counts)
 
 
-def _load_index_file(path: Path) -> dict:
+def _check_index(doc: Any, where: str) -> dict:
+    if not isinstance(doc, dict) or not isinstance(doc.get("shards"), list):
+        raise ShardIndexError(f"{where}: not a shard index (no 'shards' list)")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise ShardIndexError(f"{where}: schema_version {doc.get('schema_version')} != supported {SCHEMA_VERSION}")
+    return doc
+
+
+def _load_index_file(path: Path | str, allow_pipe: bool = True) -> dict:
+    if isinstance(path, str) and remote.is_remote(path):  # http(s)://, s3-style URL or pipe:CMD
+        return _check_index(remote.fetch_json(path, allow_pipe), path)
+    path = Path(path)
     if path.is_dir() or path.name == INDEX_NAME:
         return read_index(path if path.is_dir() else path.parent)
     doc = json.loads(path.read_text())  # e.g. a part index (index.part0of2.json)
@@ -126,12 +138,18 @@ def _load_index_file(path: Path) -> dict:
     return doc
 
 
-def _find_index(spec: str | list[str], index_path: str) -> tuple[dict, str]:
+def _find_index(spec: str | list[str], index_path: str, allow_pipe: bool = True) -> tuple[dict, str]:
     if index_path:
-        return _load_index_file(Path(index_path)), index_path
+        return _load_index_file(index_path if remote.is_remote(index_path) else Path(index_path), allow_pipe), index_path
     if isinstance(spec, str) and Path(spec).is_dir():
         return read_index(spec), str(Path(spec) / INDEX_NAME)
+    if isinstance(spec, str) and remote.is_folder_url(spec):
+        where = remote.join(spec, INDEX_NAME)
+        return _load_index_file(where, allow_pipe), where
     first = spec[0] if isinstance(spec, list) else wds.shardlists.expand_urls(spec)[0]
+    if remote.is_url(first):
+        where = remote.index_beside(first)
+        return _load_index_file(where, allow_pipe), where
     d = Path(first).parent
     if not (d / INDEX_NAME).exists():
         raise FileNotFoundError(f"shards {spec!r}: no {INDEX_NAME} in {d}; set data.index to the index of "
@@ -139,16 +157,19 @@ def _find_index(spec: str | list[str], index_path: str) -> tuple[dict, str]:
     return read_index(d), str(d / INDEX_NAME)
 
 
-def resolve_shards(spec: str | list[str], split: str, index_path: str = "") -> ShardSet:
-    """A shard dir (with index.json), a brace spec / URL / pipe spec, or a list of URLs -> ShardSet."""
+def resolve_shards(spec: str | list[str], split: str, index_path: str = "", allow_pipe: bool = True) -> ShardSet:
+    """A shard dir (with index.json), a folder URL (with index.json), a brace spec / URL / pipe spec, or a list of
+    URLs -> ShardSet. The index of a URL spec is fetched from beside it (see data_shards.remote)."""
     if not spec:
         raise ValueError("data shards: empty shard spec (set data.train_shards / data.val_shards)")
-    index, where = _find_index(spec, index_path)
+    index, where = _find_index(spec, index_path, allow_pipe)
     if not isinstance(index.get("shards"), list):
         raise ValueError(f"{where}: no 'shards' list")
     entries = {sh["name"]: sh for sh in index["shards"]}
     if isinstance(spec, str) and Path(spec).is_dir():
         urls = [str(Path(spec) / name) for name in entries]
+    elif isinstance(spec, str) and remote.is_folder_url(spec):
+        urls = [remote.join(spec, name) for name in entries]
     else:
         urls = list(spec) if isinstance(spec, list) else wds.shardlists.expand_urls(spec)
     counts, sums, sizes = [], [], []
@@ -566,7 +587,9 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
                 split: str | None = None, transform: Callable | None = None, stop: Any = None) -> StreamLoader:
     """The loader of one epoch of this rank (see the module doc for the semantics).
 
-    shards: overrides cfg.train_shards (train) / cfg.val_shards or else cfg.train_shards (eval).
+    shards: overrides cfg.train_shards (train) / cfg.val_shards or else cfg.train_shards (eval). A local dir, a
+    folder URL (``https://host/set/``: index.json and shards fetched from it), a brace spec / URL (index.json beside
+    the first shard, or cfg.index) or a ``pipe:`` spec (cfg.index names its index; see data_shards.remote).
     split: overrides cfg.split. transform: ``(Sample, np.random.Generator) -> dict of tensors`` replacing the
     default `SampleTransform`. tokenizer: picklable ``list[str] -> LongTensor (B, L)``, applied in the workers.
     stop: a `data_shards.guard.StopSignal` (checked in the workers too), an Event or a zero-arg callable (checked
@@ -579,7 +602,7 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
         raise ValueError(f"epoch {epoch} / start_step {start_step} must be >= 0")
     spec = shards if shards is not None else (cfg.train_shards if train else (cfg.val_shards or cfg.train_shards))
     split = split or cfg.split
-    shard_set = resolve_shards(spec, split, cfg.index)
+    shard_set = resolve_shards(spec, split, cfg.index, cfg.allow_pipe)
     check_pipe_allowed(shard_set.urls, cfg.allow_pipe)
     modality = shard_set.modality or cfg.modality
     if shard_set.modality and shard_set.modality != cfg.modality:
@@ -591,7 +614,7 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
     if transform is None:
         transform = SampleTransform(modality, cfg.image_size, train=train and cfg.augment, flip=cfg.flip,
                                     pair_views=cfg.pair_views, volume_size=cfg.volume_size,
-                                    max_patches=cfg.max_patches)
+                                    max_patches=cfg.max_patches, hu_windows=cfg.hu_windows, aug=cfg.aug)
     dataset = SlotStream(plans, cfg, rank=rank, epoch=epoch, split=split, modality=modality,
                          label_names=shard_set.label_names, resampled=resampled, train=train,
                          transform=transform, tokenizer=tokenizer,

@@ -7,7 +7,7 @@ are named ``Rand*``; deterministic ones ignore ``rng``.
 
 Shape legend:
   img_CHW   float32 image, C = 1 (grey) or 3 (RGB), values in [0, 1] until `Normalize`
-  vol_DHW   float32 CT volume;  mask_DHW  int64 organ label map
+  vol_DHW   float32 CT volume (vol_CDHW: C = one channel per HU window);  mask_DHW  int64 organ label map
   feats_ND  float32 patch-feature bag (N patches of d dims);  coords_N2  int64 patch coordinates
   S         output side of 2D images (cfg.image_size)
 """
@@ -239,15 +239,26 @@ class Normalize:
 
 
 # -------------------------------------------------------------------------------------- 2D view recipes
-def image_view(modality: str, size: int, train: bool, flip: bool | None = None) -> Compose:
-    """The single-view 2D pipeline: train = crop/flip/intensity or colour jitter; eval = resize + centre crop."""
+def image_view(modality: str, size: int, train: bool, flip: bool | None = None, aug: Any = None) -> Compose:
+    """The single-view 2D pipeline: train = crop/flip/intensity or colour jitter; eval = resize + centre crop.
+
+    aug: a `data_shards.config.AugmentConfig` (crop range, intensity strengths); None = its defaults."""
     flip = DEFAULT_FLIP.get(modality, False) if flip is None else flip
     if not train:
         return Compose([ResizeCenterCrop(size), Normalize(modality)])
-    ts: list[Transform] = [RandResizedCrop(size, scale=(0.6, 1.0) if modality == "cxr" else (0.5, 1.0))]
+    scale = (0.6, 1.0) if modality == "cxr" else (0.5, 1.0)
+    ratio = (3 / 4, 4 / 3)
+    if aug is not None:
+        scale = tuple(aug.crop_scale) if aug.crop_scale is not None else scale
+        ratio = tuple(aug.crop_ratio) if aug.crop_ratio is not None else ratio
+    ts: list[Transform] = [RandResizedCrop(size, scale=scale, ratio=ratio)]
     if flip:
         ts.append(RandFlip())
-    ts.append(RandColorJitter() if modality == "patho" else RandIntensity())
+    if modality == "patho":
+        ts.append(RandColorJitter())
+    else:
+        ts.append(RandIntensity() if aug is None else
+                  RandIntensity(aug.brightness, aug.contrast, aug.gamma, aug.intensity_p))
     ts.append(Normalize(modality))
     return Compose(ts)
 
@@ -280,12 +291,22 @@ def hu_window(vol_DHW: np.ndarray | torch.Tensor, window: tuple[float, float] = 
     return (v.clamp(lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
 
 
+def hu_windows(vol_DHW: np.ndarray | torch.Tensor, windows: Sequence[Sequence[float]] = (HU_WINDOW,)) -> torch.Tensor:
+    """One `hu_window` per (lo, hi) window, stacked as channels: vol_CDHW (C = len(windows)).
+
+    A window given as centre C / width W (e.g. lung C -600 W 1500) is (C - W/2, C + W/2) = (-1350, 150)."""
+    v = torch.as_tensor(np.asarray(vol_DHW, dtype=np.float32))
+    return torch.stack([hu_window(v, (float(w[0]), float(w[1]))) for w in windows])
+
+
 def resize_volume(vol_DHW: torch.Tensor, mask_DHW: torch.Tensor | None, size: Sequence[int] | None):
-    """Trilinear resize of the volume, nearest of the mask (labels must stay labels)."""
-    if size is None or tuple(vol_DHW.shape) == tuple(size):
+    """Trilinear resize of the volume ((D, H, W) or (C, D, H, W)), nearest of the mask (labels stay labels)."""
+    if size is None or tuple(vol_DHW.shape[-3:]) == tuple(size):
         return vol_DHW, mask_DHW
     size = tuple(int(s) for s in size)
-    vol_DHW = F.interpolate(vol_DHW[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+    v = vol_DHW[None, None] if vol_DHW.ndim == 3 else vol_DHW[None]
+    v = F.interpolate(v, size=size, mode="trilinear", align_corners=False)[0]
+    vol_DHW = v[0] if vol_DHW.ndim == 3 else v
     if mask_DHW is not None:
         mask_DHW = F.interpolate(mask_DHW[None, None].float(), size=size, mode="nearest")[0, 0].long()
     return vol_DHW, mask_DHW
@@ -293,7 +314,8 @@ def resize_volume(vol_DHW: torch.Tensor, mask_DHW: torch.Tensor | None, size: Se
 
 @dataclass
 class RandFlip3D:
-    """Flip volume and mask together along each of `axes` with probability `p` (axes of (D, H, W))."""
+    """Flip volume and mask together along each of `axes` with probability `p` (axes of (D, H, W); the volume
+    may carry a leading channel axis)."""
 
     axes: tuple[int, ...] = (2,)
     p: float = 0.5
@@ -302,7 +324,7 @@ class RandFlip3D:
         vol_DHW, mask_DHW = pair
         for ax in self.axes:
             if rng.random() < self.p:
-                vol_DHW, mask_DHW = vol_DHW.flip(ax), mask_DHW.flip(ax)
+                vol_DHW, mask_DHW = vol_DHW.flip(ax - 3), mask_DHW.flip(ax - 3)
         return vol_DHW, mask_DHW
 
 
@@ -320,6 +342,37 @@ class RandIntensity3D:
         if rng.random() >= self.p:
             return vol_DHW, mask_DHW
         return (vol_DHW * a + b).clamp(-1.0, 1.0), mask_DHW
+
+
+@dataclass
+class RandNoise3D:
+    """Gaussian noise on the windowed volume, sigma drawn in [0, `std`], with probability `p`; clipped to [-1, 1]."""
+
+    std: float = 0.02
+    p: float = 0.5
+
+    def __call__(self, pair: tuple[torch.Tensor, torch.Tensor], rng: np.random.Generator):
+        vol, mask_DHW = pair
+        sigma = rng.uniform(0.0, self.std)
+        if rng.random() >= self.p:
+            return vol, mask_DHW
+        noise = torch.from_numpy(rng.standard_normal(tuple(vol.shape), dtype=np.float32)) * sigma
+        return (vol + noise).clamp(-1.0, 1.0), mask_DHW
+
+
+@dataclass
+class RandCrop3D:
+    """A random sub-volume of `scale` of each axis, resized back to the input size (trilinear / nearest mask)."""
+
+    scale: float = 0.9
+
+    def __call__(self, pair: tuple[torch.Tensor, torch.Tensor], rng: np.random.Generator):
+        vol, mask_DHW = pair
+        shape = tuple(vol.shape[-3:])
+        size = [max(1, round(n * self.scale)) for n in shape]
+        start = [int(rng.integers(0, n - s + 1)) for n, s in zip(shape, size)]
+        sl = tuple(slice(a, a + s) for a, s in zip(start, size))
+        return resize_volume(vol[(..., *sl)], mask_DHW[sl], shape)
 
 
 # ----------------------------------------------------------------------------------------------- slide
@@ -348,7 +401,7 @@ class SampleTransform:
     """Sample -> dict of per-sample tensors, per modality (the default transform of the stream).
 
     2D: {"image"} or, with `pair_views`, {"image", "image_weak", "image_strong"} ("image" is the weak view);
-    CT: {"volume" (1, D, H, W), "mask" (D, H, W)}; slide: {"feats" (N, d), "coords" (N, 2)}.
+    CT: {"volume" (C, D, H, W) with C = len(hu_windows), "mask" (D, H, W)}; slide: {"feats" (N, d), "coords" (N, 2)}.
     """
 
     modality: str
@@ -358,14 +411,24 @@ class SampleTransform:
     pair_views: bool = False  # Path-CLIP weak/strong views
     volume_size: Sequence[int] | None = None
     max_patches: int = 0
+    hu_windows: Sequence[Sequence[float]] = (HU_WINDOW,)  # CT windows (lo, hi), stacked as channels
+    aug: Any = None  # data_shards.config.AugmentConfig; None = its defaults
 
     def __post_init__(self) -> None:
-        s, m = self.image_size, self.modality
-        self._single = image_view(m, s, self.train, self.flip)
+        from data_shards.config import AugmentConfig
+
+        s, m, a = self.image_size, self.modality, self.aug or AugmentConfig()
+        self._single = image_view(m, s, self.train, self.flip, self.aug)
         self._weak = weak_view(m, s, self.flip) if self.train else self._single
         self._strong = strong_view(m, s, self.flip) if self.train else self._single
         flip3d = DEFAULT_FLIP["ct"] if self.flip is None else self.flip
-        self._ct = Compose(([RandFlip3D()] if flip3d else []) + [RandIntensity3D()]) if self.train else None
+        ct: list[Transform] = [RandFlip3D(tuple(a.ct_flip_axes))] if flip3d and a.ct_flip_axes else []
+        if a.ct_crop_scale < 1:
+            ct.append(RandCrop3D(a.ct_crop_scale))
+        ct.append(RandIntensity3D(a.ct_scale, a.ct_shift, a.ct_intensity_p))
+        if a.ct_noise_std > 0:
+            ct.append(RandNoise3D(a.ct_noise_std))
+        self._ct = Compose(ct) if self.train else None
         self._bag = RandSubsamplePatches(self.max_patches, self.train)
 
     def __call__(self, s: Sample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -376,16 +439,16 @@ class SampleTransform:
             weak, strong = self._weak(img_CHW, rng), self._strong(img_CHW, rng)
             return {"image": weak, "image_weak": weak, "image_strong": strong}
         if s.volume is not None:
-            vol_DHW = hu_window(s.volume)
+            vol_CDHW = hu_windows(s.volume, self.hu_windows)
             mask_DHW = torch.from_numpy(s.mask.astype(np.int64)) if s.mask is not None else None
-            if mask_DHW is not None and mask_DHW.shape != vol_DHW.shape:
-                raise ValueError(f"mask shape {tuple(mask_DHW.shape)} != volume shape {tuple(vol_DHW.shape)}")
-            vol_DHW, mask_DHW = resize_volume(vol_DHW, mask_DHW, self.volume_size)
+            if mask_DHW is not None and mask_DHW.shape != vol_CDHW.shape[1:]:
+                raise ValueError(f"mask shape {tuple(mask_DHW.shape)} != volume shape {tuple(vol_CDHW.shape[1:])}")
+            vol_CDHW, mask_DHW = resize_volume(vol_CDHW, mask_DHW, self.volume_size)
             if mask_DHW is None:
-                mask_DHW = torch.zeros(vol_DHW.shape, dtype=torch.long)
+                mask_DHW = torch.zeros(vol_CDHW.shape[1:], dtype=torch.long)
             if self._ct is not None:
-                vol_DHW, mask_DHW = self._ct((vol_DHW, mask_DHW), rng)
-            return {"volume": vol_DHW.contiguous()[None], "mask": mask_DHW.contiguous()}
+                vol_CDHW, mask_DHW = self._ct((vol_CDHW, mask_DHW), rng)
+            return {"volume": vol_CDHW.contiguous(), "mask": mask_DHW.contiguous()}
         if s.feats is not None:
             n = s.feats.shape[0]
             coords = s.coords if s.coords is not None else np.zeros((n, 2), dtype=np.int64)

@@ -63,13 +63,40 @@ def _parse_part(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+def _floats(text: str | None, n: int, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n:
+        raise SystemExit(f"{flag}: expected {n} comma-separated numbers, got {text!r}")
+    return vals
+
+
+def _read_options(a: argparse.Namespace):
+    """ReadOptions and salt of the clinical-format flags of `shards build`."""
+    from data_shards.readers import ReadOptions
+    from data_shards.readers.phi import read_salt
+
+    if a.hash_ids != bool(a.salt_file):
+        raise SystemExit("--hash-ids and --salt-file go together (the salt keeps the hashes from being guessed)")
+    read = ReadOptions(window=_floats(a.dicom_window, 2, "--dicom-window"), voi=a.dicom_voi,
+                       spacing=_floats(a.spacing, 3, "--spacing"),
+                       organs=tuple(o for o in (a.organs or "").split(",") if o), hash_ids=a.hash_ids)
+    return read, (read_salt(a.salt_file) if a.hash_ids else None)
+
+
 def _cmd_build(a: argparse.Namespace) -> int:
     from data_shards.build import ManifestError, build_shards
 
+    read, salt = _read_options(a)
     try:
         doc = build_shards(a.manifest, a.out, workers=a.workers, maxcount=a.maxcount, maxsize=int(a.maxsize_mb * 2**20),
                            image_size=a.image_size, on_error=a.on_error, val_frac=a.val_frac, test_frac=a.test_frac,
-                           seed=a.seed, part=_parse_part(a.part), modality=a.modality, command=_cmdline())
+                           seed=a.seed, part=_parse_part(a.part), modality=a.modality, command=_cmdline(),
+                           read=read, salt=salt)
     except ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -282,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--modality", default=None, choices=[None, "cxr", "patho", "ct", "slide"])
     s.add_argument("--part", default=None, help="I/N: build only slice I of N (parallel builders)")
+    s.add_argument("--hash-ids", action="store_true",
+                   help="replace patient ids, sample keys and identifier columns by salted hashes (needs --salt-file)")
+    s.add_argument("--salt-file", default=None, help="file of >= 16 secret bytes salting --hash-ids")
+    s.add_argument("--dicom-window", default=None, metavar="C,W",
+                   help="window centre,width for DICOM radiographs without a VOI of their own")
+    s.add_argument("--dicom-voi", choices=["auto", "none"], default="auto",
+                   help="auto: use the file's VOI LUT / window when present; none: ignore it")
+    s.add_argument("--spacing", default=None, metavar="D,H,W",
+                   help="resample NIfTI / DICOM-series volumes (and masks, nearest) to this spacing in mm")
+    s.add_argument("--organs", default=None, metavar="A,B,...",
+                   help="label order of segmentations/ mask folders (default: sorted organ file names)")
     s.set_defaults(fn=_cmd_build)
     s = sh.add_parser("merge-index", help="join index.part*.json of parallel builds into index.json")
     s.add_argument("dir")
@@ -294,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 on any sha256 mismatch, missing shard, corrupt sample or count mismatch (CI gates)")
     s.set_defaults(fn=_cmd_inspect)
     s = sh.add_parser("import", help="import a public data set layout")
-    s.add_argument("kind", choices=["medmnist", "chexpert", "iuxray", "pcam"])
+    s.add_argument("kind", choices=["medmnist", "chexpert", "iuxray", "pcam", "mimic_cxr", "ct_reports"])
     s.add_argument("src")
     s.add_argument("--out", required=True)
     s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="importer option")

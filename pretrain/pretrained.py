@@ -58,18 +58,20 @@ class Pretrained:
     def transform(self, modality: str | None = None, train: bool = False) -> Callable:
         """The stream's per-sample view for `modality` (default: the model's): a callable on a decoded image,
         uint8/uint16 (H, W) / (H, W, 3) array or float (C, H, W) tensor in [0, 1] -> normalised (3, S, S) tensor;
-        for CT, a (D, H, W) Hounsfield volume -> (1, D, H, W). `train=True` gives the random training view."""
-        from data_shards.transforms import hu_window, image_view, resize_volume, to_float_image
+        for CT, a (D, H, W) Hounsfield volume -> (C, D, H, W), one channel per `data.hu_windows` window. `train=True` gives the random training view."""
+        from data_shards.transforms import HU_WINDOW, hu_windows, image_view, resize_volume, to_float_image
 
         modality = modality or self.modality
         size = self.model.image_size
         if modality == "ct" or self.model.image_kind == "3d":
             vol_size = list(size) if not isinstance(size, int) else None
 
+            windows = getattr(getattr(self.config, "data", None), "hu_windows", None) or [HU_WINDOW]
+
             def ct(vol_DHW):
-                v = hu_window(np.asarray(vol_DHW) if not torch.is_tensor(vol_DHW) else vol_DHW)
+                v = hu_windows(np.asarray(vol_DHW) if not torch.is_tensor(vol_DHW) else vol_DHW, windows)
                 v, _ = resize_volume(v, None, vol_size)
-                return v.contiguous()[None]
+                return v.contiguous()
 
             return ct
         if modality == "slide":

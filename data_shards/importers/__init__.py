@@ -1,7 +1,8 @@
 """Importers of public data-set layouts into medvlp shards: `import_dataset(kind, src, out_dir, **opts)`.
 
 kinds: medmnist (.npz), chexpert (CheXpert / MIMIC-CXR label CSV + images), iuxray (reports + projections CSVs +
-images), pcam (PatchCamelyon HDF5). Options arrive as Python values or as the CLI's `KEY=VALUE` strings; each
+images), pcam (PatchCamelyon HDF5), mimic_cxr (MIMIC-CXR DICOM tree + reports), ct_reports (NIfTI volumes + reports
+CSV, organ masks from segmentations/ folders). Options arrive as Python values or as the CLI's `KEY=VALUE` strings; each
 importer converts them to their types and rejects unknown ones by name.
 """
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 IMPORTERS = {"medmnist": ("data_shards.importers.medmnist", "import_medmnist"),
              "chexpert": ("data_shards.importers.chexpert", "import_chexpert"),
              "iuxray": ("data_shards.importers.iuxray", "import_iuxray"),
-             "pcam": ("data_shards.importers.pcam", "import_pcam")}
+             "pcam": ("data_shards.importers.pcam", "import_pcam"),
+             "mimic_cxr": ("data_shards.importers.mimic_cxr", "import_mimic_cxr"),
+             "ct_reports": ("data_shards.importers.ct_reports", "import_ct_reports")}
 
 
 def import_dataset(kind: str, src: str | Path, out_dir: str | Path, **opts: Any) -> dict:

@@ -77,8 +77,43 @@ def resolve_image(given: str, csv_path: Path, root: str) -> str:
     return str(csv_path.parent / p)
 
 
+# Options of importers of clinical formats (DICOM, NIfTI): see data_shards.readers.
+CLINICAL_OPTIONS: dict[str, tuple[type, Any, str]] = {
+    "hash_ids": (bool, False, "replace patient/study ids and keys by salted hashes (needs salt_file)"),
+    "salt_file": (str, "", "file of >= 16 secret bytes salting hash_ids"),
+    "window": (str, "", "C,W: window for DICOM radiographs without a VOI of their own"),
+    "voi": (str, "auto", "auto: use the file's VOI LUT / window when present; none: ignore it"),
+    "spacing": (str, "", "D,H,W mm: resample volumes (masks nearest) to this spacing"),
+    "organs": (str, "", "A,B,...: label order of segmentations/ mask folders (default: sorted names)"),
+}
+
+
+def clinical_read(kind: str, o: dict[str, Any], rows: list) -> Any:
+    """ReadOptions from the CLINICAL_OPTIONS of `o`; with hash_ids the rows' identifiers are hashed in place."""
+    from data_shards.readers import ReadOptions
+    from data_shards.readers.phi import hash_rows, read_salt
+
+    def nums(name: str, n: int):
+        if not o[name]:
+            return None
+        try:
+            vals = tuple(float(v) for v in str(o[name]).split(","))
+        except ValueError:
+            vals = ()
+        if len(vals) != n:
+            raise ValueError(f"{kind} importer: option {name}={o[name]!r} is not {n} comma-separated numbers")
+        return vals
+
+    if o["hash_ids"] != bool(o["salt_file"]):
+        raise ValueError(f"{kind} importer: options hash_ids and salt_file go together")
+    if o["hash_ids"]:
+        hash_rows(rows, read_salt(o["salt_file"]))
+    return ReadOptions(window=nums("window", 2), voi=o["voi"], spacing=nums("spacing", 3),
+                       organs=tuple(x for x in o["organs"].split(",") if x), hash_ids=o["hash_ids"])
+
+
 def build_image_rows(rows: list, errors: list[str], out_dir: str | os.PathLike, o: dict[str, Any],
-                     extra: dict) -> dict:
+                     extra: dict, read: Any = None) -> dict:
     """Rows of image files -> the builder's validation, patient splits, parallel encoding and index."""
     from data_shards.build import build_rows
     from data_shards.manifest import assign_splits, check_files, check_global
@@ -96,4 +131,4 @@ def build_image_rows(rows: list, errors: list[str], out_dir: str | os.PathLike, 
     rows, more = check_files(rows)
     return build_rows(rows, out_dir, errors=errors + more, workers=o["workers"], maxcount=o["maxcount"],
                       maxsize=o["maxsize"], image_size=o["image_size"], on_error=o["on_error"],
-                      command=o["command"], progress=o["progress"], extra=extra)
+                      command=o["command"], progress=o["progress"], extra=extra, read=read)
