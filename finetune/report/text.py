@@ -1,0 +1,98 @@
+"""Report texts: the training layout (diagnosis first, after the prompt) and the clinical labels parsed back from a
+report, by the same rules for references and generations.
+
+    train_text("Tumor occupies about 40% of the tissue. Final diagnosis: carcinoma.")
+        -> "Final diagnosis: carcinoma. Tumor occupies about 40% of the tissue."
+    report_text(<that>) -> the original order (diagnosis sentence last)
+    parse_diagnosis("... Final diagnosis: chronic inflammation.", ["benign", "inflammation", "carcinoma"])
+        -> "inflammation"
+    parse_composition("Tumor occupies about 40% ... less than 5% necrosis ...", TISSUE_WORDS)
+        -> {"tumor": 40.0, "necrosis": 2.5}
+
+Rules. The diagnosis is the phrase after "Final diagnosis:" up to the sentence end; its class is the first class name
+whose word (or a word starting with its first 6 letters, so "inflammatory" counts for "inflammation") occurs in
+the phrase. A composition statement is a sentence with a percentage ("about N%", "N %", "less than 5%" = 2.5); it
+belongs to the tissue whose keyword occurs first in the sentence (`TISSUE_WORDS`). Missing "normal" is the rest.
+"""
+from __future__ import annotations
+
+import re
+
+DIAGNOSIS_RE = re.compile(r"final\s+diagnosis\s*:\s*([^.]*)\.?", re.IGNORECASE)
+TISSUE_WORDS: dict[str, tuple[str, ...]] = {  # tissue -> keywords that name it in a sentence
+    "tumor": ("tumor", "tumour", "carcinoma", "malignan"),
+    "inflammation": ("inflammat",),
+    "necrosis": ("necros", "necrot"),
+    "normal": ("normal", "unremarkable", "remaining", "benign"),
+}
+_PERCENT_RE = re.compile(r"(less\s+than\s+)?(\d+(?:\.\d+)?)\s*%", re.IGNORECASE)
+_SENTENCE_RE = re.compile(r"[^.]+")
+
+
+def clean(text: str) -> str:
+    """Detokenised model output -> normal spacing ("about 40 % ." -> "about 40%.")."""
+    t = re.sub(r"\s+([.,:;%)])", r"\1", text)
+    t = re.sub(r"\(\s+", "(", t)
+    return re.sub(r"\s+", " ", t).strip()
+
+
+def split_diagnosis(report: str) -> tuple[str, str]:
+    """(the report without its "Final diagnosis: X." sentence, that sentence or "")."""
+    m = DIAGNOSIS_RE.search(report)
+    if not m:
+        return report.strip(), ""
+    body = (report[:m.start()] + report[m.end():]).strip()
+    return re.sub(r"\s+", " ", body), m.group(0).strip().rstrip(".") + "."
+
+
+def train_text(report: str) -> str:
+    """Diagnosis sentence first (so that the prompt "Final diagnosis:" starts every training text)."""
+    body, diag = split_diagnosis(report)
+    return f"{diag} {body}".strip()
+
+
+def report_text(text: str) -> str:
+    """Back to the reference layout: the diagnosis sentence last."""
+    body, diag = split_diagnosis(clean(text))
+    return f"{body} {diag}".strip()
+
+
+def parse_diagnosis(report: str, classes: list[str]) -> str | None:
+    """The class named in the "Final diagnosis:" phrase, or None when there is none (see the module doc)."""
+    m = DIAGNOSIS_RE.search(report)
+    if not m:
+        return None
+    words = re.findall(r"[a-z]+", m.group(1).lower())
+    for c in classes:
+        stem = c.lower()[:6]
+        if c.lower() in words or any(w.startswith(stem) for w in words):
+            return c
+    return None
+
+
+def parse_composition(report: str, tissue_words: dict[str, tuple[str, ...]] | None = None) -> dict[str, float]:
+    """{tissue: percent} stated in the report (see the module doc); tissues it does not state are absent."""
+    tissue_words = tissue_words or TISSUE_WORDS
+    out: dict[str, float] = {}
+    for sent in _SENTENCE_RE.findall(report):
+        m = _PERCENT_RE.search(sent)
+        if not m:
+            continue
+        low = sent.lower()
+        hits = [(low.find(w), t) for t, ws in tissue_words.items() for w in ws if w in low]
+        if not hits:
+            continue
+        tissue = min(hits)[1]
+        value = 2.5 if m.group(1) else float(m.group(2))
+        out.setdefault(tissue, value)
+    return out
+
+
+def composition_vector(report: str, tissues: list[str], rest: str = "normal") -> list[float]:
+    """Percent per tissue in `tissues` order: unstated tissues 0, except `rest` = 100 - the others when unstated."""
+    got = parse_composition(report)
+    vec = [float(got.get(t, 0.0)) for t in tissues]
+    if rest in tissues and rest not in got:
+        i = tissues.index(rest)
+        vec[i] = max(0.0, 100.0 - sum(v for j, v in enumerate(vec) if j != i))
+    return vec
