@@ -69,27 +69,31 @@ class SlideSplit:
 _SPLITS: dict[tuple, SlideSplit] = {}
 
 
-def load_split(dc: DataConfig, split: str, max_samples: int = 0, shards: str | None = None) -> SlideSplit:
-    """All slides of `split` (at most `max_samples`, 0 = all) in index order, cached per process."""
+def load_split(dc: DataConfig, split: str, max_samples: int = 0, shards: str | None = None,
+               ground_truth: bool = True) -> SlideSplit:
+    """All slides of `split` (at most `max_samples`, 0 = all) in index order, cached per process. Without
+    `ground_truth` the class index and composition are not read (zeros): slides that store neither still load."""
     spec = shards or dc.train_shards
-    key = (str(spec), split, max_samples, dc.max_patches, dc.index)
+    key = (str(spec), split, max_samples, dc.max_patches, dc.index, ground_truth)
     if key in _SPLITS:
         return _SPLITS[key]
     cfg = dataclasses.replace(data_config(dc, 32), train_shards=str(spec), val_shards="", workers=0, augment=False,
                               resampled=False, shuffle_buffer=0)
+    if not ground_truth:
+        cfg.members = [m for m in cfg.members if m not in MEMBERS]
     keys, feats, texts, cls, comp = [], [], [], [], []
     tissues: list[str] = []
     classes: list[str] = []
     for b in make_loader(cfg, train=False, split=split):
         classes = b["label_names"]
-        tissues = list(b["composition_names"])
+        tissues = list(b.get("composition_names", []))
         for i in range(len(b["key"])):
             n = int(b["feats_mask"][i].sum())
             keys.append(b["key"][i])
             feats.append(b["feats"][i, :n].clone())
             texts.append(b["text"][i])
-            cls.append(int(b["class_index"][i]))
-            comp.append(b["composition"][i].numpy())
+            cls.append(int(b["class_index"][i]) if "class_index" in b else -1)
+            comp.append(b["composition"][i].numpy() if "composition" in b else np.zeros(0, np.float32))
         if max_samples and len(keys) >= max_samples:
             break
     if max_samples:

@@ -143,10 +143,12 @@ class ReportLM(nn.Module):
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         self._ctx.checkpointing = bool(on)
+        enable = getattr(self.lm, "activation_checkpointing_enable", None) or self.lm.gradient_checkpointing_enable
+        disable = getattr(self.lm, "activation_checkpointing_disable", None) or self.lm.gradient_checkpointing_disable
         if on:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.lm.gradient_checkpointing_disable()
+            disable()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 latents: torch.Tensor | None = None, **kwargs):
