@@ -143,17 +143,23 @@ class ReportLM(nn.Module):
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         self._ctx.checkpointing = bool(on)
-        enable = getattr(self.lm, "activation_checkpointing_enable", None) or self.lm.gradient_checkpointing_enable
-        disable = getattr(self.lm, "activation_checkpointing_disable", None) or self.lm.gradient_checkpointing_disable
-        if on:
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = {"use_reentrant": False}
+        if hasattr(self.lm, "activation_checkpointing_enable"):  # transformers >= 5
+            if on:
+                self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                self.lm.activation_checkpointing_disable()
+        elif on:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         else:
-            disable()
+            self.lm.gradient_checkpointing_disable()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 latents: torch.Tensor | None = None, **kwargs):
         """The LM's forward (logits, loss with `labels=`) with `latents` (B, M, O) fed to every XATTN block."""
         self._ctx.latents = latents
+        if self.training:
+            kwargs.setdefault("use_cache", False)  # no KV cache to build while training
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()

@@ -79,6 +79,7 @@ def test_xattn_gets_gradients_under_gradient_checkpointing():
     _, model = _lms()
     model.train()
     model.set_gradient_checkpointing(True)
+    assert model.lm.is_gradient_checkpointing and model._ctx.checkpointing
     for p in model.lm.parameters():
         p.requires_grad_(False)  # the LM frozen: only XATTN trains (the case the reference got wrong)
     blocks = model.xattn_blocks()

@@ -41,14 +41,21 @@ def test_stage2_needs_a_stage1_run(slides, tmp_path):
         ReportStage().build(None, _cfg(slides, tmp_path, 2, 1, init=str(tmp_path)))
 
 
-def test_two_stages_beat_the_template_baseline(slides, tmp_path):
+@pytest.fixture(scope="module")
+def stage1(slides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    r1 = run_stage(ReportStage(), _cfg(slides, out, 1, 100))
+    return out, r1
+
+
+def test_two_stages_beat_the_template_baseline(slides, stage1, tmp_path):
     from finetune.report.run import report_table
 
-    r1 = run_stage(ReportStage(), _cfg(slides, tmp_path / "s1", 1, 100))
+    s1, r1 = stage1
     assert r1.metrics["acc"] >= 0.9  # MIL classification through the resampler
     assert not any(n.startswith("lm.") for n in r1.trainable)
 
-    cfg2 = _cfg(slides, tmp_path / "s2", 2, 500, init=str(tmp_path / "s1"), lr=5e-3, warmup_steps=20)
+    cfg2 = _cfg(slides, tmp_path / "s2", 2, 500, init=str(s1), lr=5e-3, warmup_steps=20)
     r2 = run_stage(ReportStage(), cfg2)
     assert not any(n.startswith(("resampler.", "head.")) for n in r2.trainable)  # frozen in stage 2
     assert any(".xattn." in n for n in r2.trainable)
@@ -82,3 +89,16 @@ def test_two_stages_beat_the_template_baseline(slides, tmp_path):
                  "--strategy", "beam", "--max-samples", "6"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6 and all("Final diagnosis:" in r["report"] for r in rows)
+
+
+def test_stage2_under_deepspeed_with_gradient_checkpointing(slides, stage1, tmp_path):
+    """The runner's DeepSpeed plugin (ZeRO-2) trains the XATTN blocks with the LM layers checkpointed."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(slides, tmp_path / "ds", 2, 3, init=str(stage1[0]), batch_size=4, deepspeed="zero2", final_eval=False)
+    cfg.model.grad_checkpointing = True
+    res = run_stage(ReportStage(), cfg)
+    assert res.steps_done == 3 and all(v == v for _, v in res.losses)
+    before, after = load_file(str(stage1[0] / "model.safetensors")), load_file(res.weights)
+    changed = [k for k in after if ".xattn." in k and not torch.equal(after[k], before[k])]
+    assert changed and all(torch.equal(after[k], before[k]) for k in after if k.startswith("resampler."))
