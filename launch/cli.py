@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "alembic", "mlflow"):
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "alembic", "mlflow", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from launch.config import ConfigError
 
