@@ -265,21 +265,18 @@ def _cmd_features_extract(a: argparse.Namespace) -> int:
 
 
 def _report_run(checkpoint: str, overrides: list[str]):
-    """(config, model, tokenizer) of a trained report run (its config.yaml + dotted overrides)."""
-    import yaml
-
+    """(config, model, tokenizer) of a trained report run (its config.yaml, a `kind: report` recipe, + overrides)."""
     from finetune.report.config import ReportConfig
     from finetune.report.run import load_report_run, run_paths
-    from launch.config import ConfigError, apply_overrides, build
+    from launch.config import ConfigError, load_config
 
     run, _ = run_paths(checkpoint)
     path = run / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no config.yaml beside the weights")
-    doc = yaml.safe_load(path.read_text()) or {}
-    if doc.get("kind", "report") != "report":
-        raise ConfigError(f"--checkpoint {checkpoint}: a {doc.get('kind')!r} run, not a report run")
-    cfg = build(ReportConfig, apply_overrides(doc, overrides))
+    cfg = load_config(str(path), overrides)
+    if not isinstance(cfg, ReportConfig):
+        raise ConfigError(f"--checkpoint {checkpoint}: a {getattr(cfg, 'kind', '?')!r} run, not a report run")
     model, tok = load_report_run(checkpoint, cfg)
     return cfg, model, tok
 

@@ -5,6 +5,19 @@ from launch.cli import load_stage_config
 from launch.config import ConfigError
 
 
+def test_kind_report_selects_the_report_root(tmp_path):
+    from finetune.report import ReportConfig
+    from launch.config import ROOTS, dump_yaml, load_config, to_dict
+
+    cfg = load_config("report-synth", ["finetune.stage=2"])
+    assert isinstance(cfg, ReportConfig) and ROOTS["report"] is ReportConfig
+    # the resolved tree, as a run folder saves it, is itself a recipe of the same kind
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_yaml(cfg))
+    again = load_config(str(saved))
+    assert isinstance(again, ReportConfig) and to_dict(again) == to_dict(cfg)
+
+
 def test_report_recipe_loads_for_both_stages():
     from finetune.report import ReportConfig, ReportStage
 
