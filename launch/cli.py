@@ -277,6 +277,8 @@ def _report_run(checkpoint: str, overrides: list[str]):
     cfg = load_config(str(path), overrides)
     if not isinstance(cfg, ReportConfig):
         raise ConfigError(f"--checkpoint {checkpoint}: a {getattr(cfg, 'kind', '?')!r} run, not a report run")
+    if cfg.finetune.stage != 2:
+        raise ConfigError(f"--checkpoint {checkpoint}: a stage-1 run (its LM is untrained); give the stage-2 run")
     model, tok = load_report_run(checkpoint, cfg)
     return cfg, model, tok
 
@@ -286,7 +288,11 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
     overrides = list(a.set) + ([f"gen.strategy={a.strategy}"] if a.strategy else [])
     cfg, model, tok = _report_run(a.checkpoint, overrides)
-    rows = write_generations(model, tok, cfg, a.shards, a.out, split=a.split, max_samples=a.max_samples)
+    try:
+        rows = write_generations(model, tok, cfg, a.shards, a.out, split=a.split, max_samples=a.max_samples)
+    except ValueError as e:  # shards without the split, bags of another width, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{len(rows)} reports ({cfg.gen.strategy}) -> {a.out}")
     for r in rows[:2]:
         print(f"  {r['key']}: {r['report']}")
@@ -299,7 +305,11 @@ def _cmd_report_eval(a: argparse.Namespace) -> int:
 
     cfg, model, tok = _report_run(a.checkpoint, list(a.set))
     out = a.out or str(Path(a.checkpoint if Path(a.checkpoint).is_dir() else Path(a.checkpoint).parent) / "eval")
-    res, run_id = report_table(model, tok, cfg, a.shards, out, split=a.split, config_flat=flatten(to_dict(cfg)))
+    try:
+        res, run_id = report_table(model, tok, cfg, a.shards, out, split=a.split, config_flat=flatten(to_dict(cfg)))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"split {res.split}, {res.n} slides ({cfg.gen.strategy} decoding)")
     print(res.table())
     print(f"table and generations -> {out}; mlflow run {run_id}")

@@ -48,7 +48,7 @@ def stage1(slides, tmp_path_factory):
     return out, r1
 
 
-def test_two_stages_beat_the_template_baseline(slides, stage1, tmp_path):
+def test_two_stages_beat_the_template_baseline(slides, stage1, tmp_path, capsys):
     from finetune.report.run import report_table
 
     s1, r1 = stage1
@@ -89,6 +89,13 @@ def test_two_stages_beat_the_template_baseline(slides, stage1, tmp_path):
                  "--strategy", "beam", "--max-samples", "6"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6 and all("Final diagnosis:" in r["report"] for r in rows)
+    # bad input: one line, exit code 2
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(s1), "--shards", str(slides), "--out", str(out)]) == 2
+    assert "a stage-1 run (its LM is untrained)" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path / "s2"), "--shards", str(slides), "--out", str(out),
+                 "--split", "nosuch"]) == 2
+    assert "split 'nosuch' has no samples" in capsys.readouterr().err
 
 
 def test_stage2_under_deepspeed_with_gradient_checkpointing(slides, stage1, tmp_path):
