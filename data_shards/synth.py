@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numbers
 import os
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -60,10 +61,16 @@ def prompts(modality: str, finding: str) -> tuple[list[str], list[str]]:
     return list(pos), list(neg)
 
 
-def synth_samples(modality: str, n: int, seed: int = 0, size: int | None = None) -> Iterator[Sample]:
+def synth_samples(modality: str, n: int, seed: int = 0, size: int | None = None,
+                  domain: str | None = None) -> Iterator[Sample]:
     """The first `n` samples of the corpus `(modality, seed, size)`. `size`: image side for cxr/patho, in-plane
-    side for ct (depth = size // 2), feature dim for slide; None = the modality's default."""
+    side for ct (depth = size // 2), feature dim for slide; None = the modality's default. `domain` (patho only):
+    the lab look of the patches (synth_histo.PATHO_DOMAINS); None = the default H&E."""
     gen, visits = _GENERATORS[check_modality(modality)]
+    if domain is not None and modality != "patho":
+        raise ValueError(f"domain applies to patho only, not {modality}")
+    if domain is not None and domain != "he":
+        gen = partial(patho_sample, domain=domain)
     check_seed(seed)
     if size is not None and (not isinstance(size, numbers.Integral) or isinstance(size, bool)):
         raise ValueError(f"size must be an int or None, got {size!r}")
@@ -72,15 +79,16 @@ def synth_samples(modality: str, n: int, seed: int = 0, size: int | None = None)
         yield gen(seed, study, size)
 
 
-def _default_command(modality: str, n: int, seed: int, shard_size: int, size: int | None) -> str:
+def _default_command(modality: str, n: int, seed: int, shard_size: int, size: int | None,
+                     domain: str | None = None) -> str:
     # Deterministic (unlike sys.argv), so two builds with the same arguments give byte-identical index.json.
     return f"medvlp shards synth --modality {modality} --n {n} --seed {seed} --shard-size {shard_size}" + (
-        f" --size {size}" if size is not None else "")
+        f" --size {size}" if size is not None else "") + (f" --domain {domain}" if domain else "")
 
 
 def synth_to_shards(out_dir: str | os.PathLike, modality: str = "cxr", n: int = 512, seed: int = 0,
                     shard_size: int = 128, size: int | None = None, command: str | None = None,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, domain: str | None = None) -> dict:
     """Write `n` samples as shards of `shard_size` plus index.json under `out_dir`; return the index document.
     modality "all" writes out_dir/<modality>/ for each modality and returns {modality: index}."""
     if modality == "all":
@@ -89,12 +97,12 @@ def synth_to_shards(out_dir: str | os.PathLike, modality: str = "cxr", n: int = 
     check_modality(modality)
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
-    samples: Iterator[Sample] = synth_samples(modality, n, seed, size)
+    samples: Iterator[Sample] = synth_samples(modality, n, seed, size, domain)
     if progress:
         from tqdm import tqdm
 
         samples = tqdm(samples, total=n, desc=f"synth {modality}", unit="sample")
     infos = write_shards(samples, out_dir, prefix=f"synth-{modality}", maxcount=shard_size)
-    cmd = command if command is not None else _default_command(modality, n, seed, shard_size, size)
-    return write_index(out_dir, infos, modality, label_names(modality), command=cmd,
-                       extra={"dataset": f"synth-{modality}", "seed": seed, "size": size})
+    cmd = command if command is not None else _default_command(modality, n, seed, shard_size, size, domain)
+    extra = {"dataset": f"synth-{modality}", "seed": seed, "size": size, **({"domain": domain} if domain else {})}
+    return write_index(out_dir, infos, modality, label_names(modality), command=cmd, extra=extra)

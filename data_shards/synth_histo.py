@@ -7,6 +7,10 @@ patho  RGB uint8 (S, S, 3) patches of three classes (labels {"tumor": 1/0}, meta
          tumor     crowded large irregular dark-purple nuclei on basophilic (purplish) cytoplasm
          inflamed  dense small round very dark lymphocyte nuclei; no tumor
        Stain colours vary per patient (one slide per patient), as between real labs and scanners.
+       `domain` (PATHO_DOMAINS) renders the same tissue as another lab would: "he" (default, the corpus the
+       other generators and the demo use) or "lab2": a brown (DAB-like) nuclear stain on a pale blue-grey
+       counterstain, scanned slightly out of focus. Same classes, same morphology (nuclear size, density,
+       shape), different look: a target domain for few-label adaptation (docs/path_clip.md).
 slide  bags of patch features (n, d) float16 with n in [20, 200] and grid coords (n, 2) int32 as (x, y). Each
        patch has a tissue type (normal, tumor, inflammation, necrosis); each type is a Gaussian cluster around a
        fixed centre (the same for every seed), types form spatially coherent regions (necrosis at the heart of
@@ -52,10 +56,26 @@ _CAPTIONS = {
 }
 
 
-def _stain(prng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {"H": np.array([75.0, 40.0, 130.0]) + prng.normal(0, 8, 3),  # haematoxylin: nuclei
-            "E": np.array([235.0, 150.0, 195.0]) + prng.normal(0, 8, 3),  # eosin: stroma, cytoplasm
-            "bg": np.array([250.0, 238.0, 244.0])}
+PATHO_DOMAINS = ("he", "lab2")
+_PALETTES = {"he": ([75.0, 40.0, 130.0], [235.0, 150.0, 195.0], [250.0, 238.0, 244.0]),  # H, E, background
+             "lab2": ([110.0, 70.0, 35.0], [170.0, 190.0, 215.0], [232.0, 236.0, 240.0])}
+
+
+def _stain(prng: np.random.Generator, domain: str = "he") -> dict[str, np.ndarray]:
+    h, e, bg = _PALETTES[domain]
+    return {"H": np.array(h) + prng.normal(0, 8, 3),  # nuclear stain (haematoxylin / DAB-like)
+            "E": np.array(e) + prng.normal(0, 8, 3),  # counterstain: stroma, cytoplasm
+            "bg": np.array(bg)}
+
+
+def _defocus(img_HWC: np.ndarray) -> np.ndarray:
+    """Binomial [1, 2, 1] / 4 blur applied twice along each axis (an out-of-focus scanner)."""
+    for _ in range(2):
+        for ax in (0, 1):
+            p = np.pad(img_HWC, [(1, 1) if a == ax else (0, 0) for a in range(3)], mode="edge")
+            lo, mid, hi = (np.take(p, range(k, k + img_HWC.shape[ax]), axis=ax) for k in range(3))
+            img_HWC = 0.25 * lo + 0.5 * mid + 0.25 * hi
+    return img_HWC
 
 
 def _paint_nuclei(img_HWC, rng, cls: str, stain, S: int) -> None:
@@ -84,7 +104,7 @@ def _paint_nuclei(img_HWC, rng, cls: str, stain, S: int) -> None:
         img_HWC[y0:y1, x0:x1] = img_HWC[y0:y1, x0:x1] * (1 - alpha) + col * alpha
 
 
-def render_patho(rng: np.random.Generator, cls: str, stain, S: int) -> np.ndarray:
+def render_patho(rng: np.random.Generator, cls: str, stain, S: int, domain: str = "he") -> np.ndarray:
     yy, xx = grid((S, S))
     theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
     warp = smooth_noise(rng, (S, S), S / 4)
@@ -99,20 +119,25 @@ def render_patho(rng: np.random.Generator, cls: str, stain, S: int) -> np.ndarra
     cyto = stain["E"] * 0.8 + stain["H"] * 0.2 if cls == "tumor" else stain["E"]  # basophilic tumor cytoplasm
     img_HWC = stain["bg"] + tissue[..., None] * (cyto - stain["bg"])
     _paint_nuclei(img_HWC, rng, cls, stain, S)
+    if domain == "lab2":
+        img_HWC = _defocus(img_HWC)
     img_HWC = img_HWC + rng.normal(0, 3, img_HWC.shape)
     return np.clip(np.rint(img_HWC), 0, 255).astype(np.uint8)
 
 
-def patho_sample(seed: int, study: Study, size: int | None = None) -> Sample:
+def patho_sample(seed: int, study: Study, size: int | None = None, domain: str = "he") -> Sample:
     S = DEFAULT_SIZE_PATHO if size is None else size
     if S < 16:
         raise ValueError(f"patho size must be >= 16 pixels, got {S}")
-    stain = _stain(patient_rng(seed, "patho", study.patient))
+    if domain not in PATHO_DOMAINS:
+        raise ValueError(f"patho domain {domain!r} is not one of {', '.join(PATHO_DOMAINS)}")
+    stain = _stain(patient_rng(seed, "patho", study.patient), domain)
     rng = study_rng(seed, "patho", study.index)
     cls = PATHO_CLASSES[int(rng.choice(len(PATHO_CLASSES), p=PATHO_CLASS_PROBS))]
-    img_HWC = render_patho(rng, cls, stain, S)
+    img_HWC = render_patho(rng, cls, stain, S, domain)
     caption = join_sentences([pick(text_rng(seed, "patho", study.index), _CAPTIONS[cls])])
-    meta = {**base_meta("patho", study, seed), "class": cls, "class_index": PATHO_CLASSES.index(cls)}
+    meta = {**base_meta("patho", study, seed), "class": cls, "class_index": PATHO_CLASSES.index(cls),
+            **({"domain": domain} if domain != "he" else {})}
     return Sample(key=sample_key("patho", study.index), text=caption, image=img_HWC,
                   labels={"tumor": int(cls == "tumor")}, meta=meta)
 

@@ -47,7 +47,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     from data_shards.synth import synth_to_shards
 
     doc = synth_to_shards(a.out, modality=a.modality, n=a.n, seed=a.seed, shard_size=a.shard_size, size=a.size,
-                          command=_cmdline())
+                          command=_cmdline(), domain=a.domain)
     docs = doc if a.modality == "all" else {a.modality: doc}
     for mod, d in docs.items():
         print(f"{mod}: {d['num_samples']} samples in {len(d['shards'])} shards, splits {d['splits']}")
@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shard-size", type=int, default=128, help="samples per shard")
     s.add_argument("--size", type=int, default=None, help="image side (2D) override")
+    s.add_argument("--domain", default=None, choices=["he", "lab2"],
+                   help="patho only: the lab look of the patches (lab2 = a target domain for adaptation)")
     s.set_defaults(fn=_cmd_synth)
     s = sh.add_parser("build", help="build shards from a CSV/JSONL manifest")
     s.add_argument("--manifest", required=True)
