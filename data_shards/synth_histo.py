@@ -9,8 +9,10 @@ patho  RGB uint8 (S, S, 3) patches of three classes (labels {"tumor": 1/0}, meta
        Stain colours vary per patient (one slide per patient), as between real labs and scanners.
        `domain` (PATHO_DOMAINS) renders the same tissue as another lab would: "he" (default, the corpus the
        other generators and the demo use) or "lab2": a brown (DAB-like) nuclear stain on a pale blue-grey
-       counterstain, scanned slightly out of focus. Same classes, same morphology (nuclear size, density,
-       shape), different look: a target domain for few-label adaptation (docs/path_clip.md).
+       counterstain, scanned slightly out of focus, and harder patches: tumour (or lymphocytes) in part of the
+       patch only, normal stroma around it, and small foci of enlarged reactive nuclei in half of the non-tumour
+       patches. Same classes and nuclear morphology, different look: a target domain for few-label adaptation
+       (docs/path_clip.md).
 slide  bags of patch features (n, d) float16 with n in [20, 200] and grid coords (n, 2) int32 as (x, y). Each
        patch has a tissue type (normal, tumor, inflammation, necrosis); each type is a Gaussian cluster around a
        fixed centre (the same for every seed), types form spatially coherent regions (necrosis at the heart of
@@ -78,12 +80,15 @@ def _defocus(img_HWC: np.ndarray) -> np.ndarray:
     return img_HWC
 
 
-def _paint_nuclei(img_HWC, rng, cls: str, stain, S: int) -> None:
-    """Alpha-blend haematoxylin ellipses into the patch, in place."""
+def _paint_nuclei(img_HWC, rng, cls: str, stain, S: int, keep=None) -> None:
+    """Alpha-blend haematoxylin ellipses into the patch, in place (only centres where `keep(cy, cx)` holds)."""
     density, (r0, r1), elong, dark = _NUCLEI[cls]
     k = S / 64.0
     count = int(rng.poisson(density * S * S))
     cy, cx = rng.uniform(0, S, count), rng.uniform(0, S, count)
+    if keep is not None:
+        inside = keep(cy, cx)
+        cy, cx, count = cy[inside], cx[inside], int(inside.sum())
     r = rng.uniform(r0, r1, count) * k
     e = 1 + rng.uniform(0, elong, count)
     ang = rng.uniform(0, np.pi, count)
@@ -104,6 +109,21 @@ def _paint_nuclei(img_HWC, rng, cls: str, stain, S: int) -> None:
         img_HWC[y0:y1, x0:x1] = img_HWC[y0:y1, x0:x1] * (1 - alpha) + col * alpha
 
 
+def _paint_lab2(img_HWC, rng, cls: str, stain, S: int) -> None:
+    """lab2 nuclei: a tumour patch has tumour cells in a disc covering ~15-45 % of it (normal stroma around), an
+    inflamed patch lymphocytes in such a disc; about half of all non-tumour patches carry a small focus of
+    enlarged reactive nuclei (a look-alike of tumour cells)."""
+    cy0, cx0 = rng.uniform(0.25 * S, 0.75 * S, 2)
+    rad = S * np.sqrt(rng.uniform(0.15, 0.45) / np.pi)
+    disc = lambda y, x: np.hypot(y - cy0, x - cx0) < rad  # noqa: E731
+    _paint_nuclei(img_HWC, rng, "normal", stain, S, keep=lambda y, x: ~disc(y, x) if cls != "normal" else y >= 0)
+    if cls != "normal":
+        _paint_nuclei(img_HWC, rng, cls, stain, S, keep=disc)
+    if cls != "tumor" and rng.random() < 0.5:
+        ry, rx = rng.uniform(0.2 * S, 0.8 * S, 2)
+        _paint_nuclei(img_HWC, rng, "tumor", stain, S, keep=lambda y, x: np.hypot(y - ry, x - rx) < 0.12 * S)
+
+
 def render_patho(rng: np.random.Generator, cls: str, stain, S: int, domain: str = "he") -> np.ndarray:
     yy, xx = grid((S, S))
     theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
@@ -118,9 +138,11 @@ def render_patho(rng: np.random.Generator, cls: str, stain, S: int, domain: str 
         tissue = np.clip(tissue + 0.15, 0, 1)
     cyto = stain["E"] * 0.8 + stain["H"] * 0.2 if cls == "tumor" else stain["E"]  # basophilic tumor cytoplasm
     img_HWC = stain["bg"] + tissue[..., None] * (cyto - stain["bg"])
-    _paint_nuclei(img_HWC, rng, cls, stain, S)
-    if domain == "lab2":
+    if domain == "lab2":  # partial tumour, reactive atypia: the class is in part of the patch only
+        _paint_lab2(img_HWC, rng, cls, stain, S)
         img_HWC = _defocus(img_HWC)
+    else:
+        _paint_nuclei(img_HWC, rng, cls, stain, S)
     img_HWC = img_HWC + rng.normal(0, 3, img_HWC.shape)
     return np.clip(np.rint(img_HWC), 0, 255).astype(np.uint8)
 

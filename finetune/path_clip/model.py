@@ -12,11 +12,12 @@ RFR is a bias-free Linear+ReLU stack whose bottleneck scales with the width: E -
 
 Self-adaptive residual ratio (the paper leaves the formula open; this is ours):
 
-    alpha = lo + (hi - lo) * sigmoid(theta) * tau
+    alpha = lo + (hi - lo) * sigmoid(g * theta) * tau
 
-theta is a learned scalar, tau in [0, 1] is the dual-view agreement: the mean cosine similarity of the RFR
-outputs of the weak and the strong view of the same images, mapped to [0, 1] as (1 + cos) / 2 and averaged over
-training batches with an exponential moving average (momentum `tau_momentum`, a buffer saved with the weights,
+theta is a learned scalar (g = `theta_gain`, default 10: Adam moves a parameter by about the learning rate per
+step whatever its gradient's size, so the gain lets alpha move on the adapter's time scale rather than stay
+put); tau in [0, 1] is the dual-view agreement: the mean cosine similarity of the RFR outputs of the weak and
+the strong view of the same images, mapped to [0, 1] as (1 + cos) / 2 and averaged over training batches with an exponential moving average (momentum `tau_momentum`, a buffer saved with the weights,
 used as is at evaluation). tau is detached: the adapter must not collapse the two views just to raise its own
 weight. When strong and weak views agree (the refinement is stable under augmentation) alpha grows and the
 refined feature counts more; when they disagree (the adapter fits view-specific detail: over-fitting) alpha
@@ -76,10 +77,10 @@ def view_agreement(z_weak_BE: torch.Tensor, z_strong_BE: torch.Tensor) -> torch.
 
 
 class ResidualRatio(nn.Module):
-    """alpha = lo + (hi - lo) * sigmoid(theta) * tau (adaptive) or the constant `alpha` (fixed); see module doc."""
+    """alpha = lo + (hi - lo) * sigmoid(g * theta) * tau (adaptive) or the constant `alpha` (fixed); see module doc."""
 
     def __init__(self, mode: str = "adaptive", alpha: float = 0.5, lo: float = 0.0, hi: float = 1.0,
-                 tau_momentum: float = 0.9) -> None:
+                 tau_momentum: float = 0.9, theta_gain: float = 10.0) -> None:
         super().__init__()
         if mode not in ("adaptive", "fixed"):
             raise ValueError(f"alpha_mode: {mode!r} is not one of adaptive, fixed")
@@ -89,11 +90,15 @@ class ResidualRatio(nn.Module):
             raise ValueError(f"alpha: {alpha} is outside [{lo}, {hi}]")
         if not 0.0 <= tau_momentum < 1.0:
             raise ValueError(f"tau_momentum: must be in [0, 1), got {tau_momentum}")
+        if theta_gain <= 0:
+            raise ValueError(f"theta_gain: must be > 0, got {theta_gain}")
         self.mode, self.lo, self.hi, self.momentum = mode, float(lo), float(hi), float(tau_momentum)
+        self.gain = float(theta_gain)
         self.fixed = float(alpha)
         # theta starts where alpha = `alpha` at full agreement (tau = 1); clamped away from sigmoid's asymptotes.
         u = min(max((alpha - lo) / (hi - lo), 1e-3), 1 - 1e-3)
-        self.theta = nn.Parameter(torch.full((1,), math.log(u / (1 - u))), requires_grad=mode == "adaptive")
+        self.theta = nn.Parameter(torch.full((1,), math.log(u / (1 - u)) / self.gain),
+                                  requires_grad=mode == "adaptive")
         self.register_buffer("tau", torch.ones(1))  # running dual-view agreement
         self.register_buffer("tau_seen", torch.zeros(1))  # 0 until the first update
 
@@ -111,7 +116,7 @@ class ResidualRatio(nn.Module):
         if self.mode == "fixed":
             return self.theta.new_tensor(self.fixed).reshape(())
         t = (self.tau if tau is None else tau.detach()).reshape(())
-        return self.lo + (self.hi - self.lo) * torch.sigmoid(self.theta.reshape(())) * t
+        return self.lo + (self.hi - self.lo) * torch.sigmoid(self.gain * self.theta.reshape(())) * t
 
 
 class PathCLIPHead(nn.Module):

@@ -24,11 +24,11 @@ def test_rfr_widths_scale_with_the_embedding():
 def test_adaptive_alpha_stays_in_bounds(theta):
     r = ResidualRatio("adaptive", alpha=0.5, lo=0.1, hi=0.8)
     with torch.no_grad():
-        r.theta.fill_(theta)
+        r.theta.fill_(theta / r.gain)
     for tau in (0.0, 0.3, 1.0):
         a = r(torch.tensor(tau)).item()
         assert 0.1 - 1e-6 <= a <= 0.8 + 1e-6
-    # formula: lo + (hi - lo) * sigmoid(theta) * tau
+    # formula: lo + (hi - lo) * sigmoid(g * theta) * tau
     expect = 0.1 + 0.7 * (1 / (1 + math.exp(-theta))) * 0.3
     assert r(torch.tensor(0.3)).item() == pytest.approx(expect, rel=1e-6)
     # starts at alpha (=0.5) at full agreement

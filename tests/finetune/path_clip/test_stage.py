@@ -1,0 +1,110 @@
+"""The Path-CLIP stage on the fine-tune runner, on a tiny fabricated PCam release imported with the PCam importer:
+class ids from the shards, frozen towers (no gradient, weights bit-identical), reproducible cells, bad input."""
+import copy
+import dataclasses
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from data_shards.importers import import_dataset
+from finetune.path_clip.config import (AdapterConfig, FewShotData, FewShotRunnerConfig, PathCLIPConfig,
+                                       ProtocolConfig, TaskConfig)
+from finetune.path_clip.data import TaskSpec
+from finetune.path_clip.protocol import run_cell
+from finetune.path_clip.stage import PathCLIPStage, TaskContext, draw_budget
+from finetune.runner import run_stage
+from pretrain.config import ModelConfig, TrackingConfig
+from pretrain.model import build_model
+
+PROMPTS = {"normal": ["this is a photo of healthy lymph node tissue"],
+           "tumor": ["this is a photo of lymph node tumor tissue"]}
+
+
+def _fake_pcam(folder, n_per_split=(24, 8, 16), seed=0):
+    """PCam-format HDF5 files whose 'tumour' patches are darker with a bright centre square."""
+    rng = np.random.default_rng(seed)
+    for name, n in zip(("train", "valid", "test"), n_per_split):
+        y = (np.arange(n) % 2).astype(np.uint8)
+        x = rng.integers(120, 200, (n, 96, 96, 3)).astype(np.uint8)
+        x[y == 1] //= 2
+        x[y == 1, 32:64, 32:64] = 230
+        with h5py.File(folder / f"camelyonpatch_level_2_split_{name}_x.h5", "w") as f:
+            f.create_dataset("x", data=x)
+        with h5py.File(folder / f"camelyonpatch_level_2_split_{name}_y.h5", "w") as f:
+            f.create_dataset("y", data=y.reshape(n, 1, 1, 1))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pcam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pcam")
+    raw = root / "raw"
+    raw.mkdir()
+    _fake_pcam(raw)
+    import_dataset("pcam", raw, root / "shards")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="debug")).eval()
+    return root / "shards", SimpleNamespace(model=model, modality="patho")
+
+
+def _cfg(shards, out, **ft):
+    kw = dict(out_dir=str(out), steps=6, batch_size=8, lr=1e-2, log_every=2, progress=False, shots=4, views=3)
+    kw.update(ft)
+    return PathCLIPConfig(data=FewShotData(shards=str(shards)),
+                          task=TaskConfig(label="tumor", class_names=["normal", "tumor"], prompts=PROMPTS),
+                          finetune=FewShotRunnerConfig(**kw), protocol=ProtocolConfig(alpha_grid=[0.5, 1.0]),
+                          tracking=TrackingConfig(enabled=False))
+
+
+def test_pcam_layout_reaches_the_stage_and_towers_stay_frozen(pcam, tmp_path):
+    shards, pre = pcam
+    cfg = _cfg(shards, tmp_path / "run")
+    ctx = TaskContext(pre, cfg)
+    assert ctx.task.class_names == ["normal", "tumor"]
+    assert ctx.train.y_N.tolist() == [i % 2 for i in range(24)]  # PCam's y, in file order
+    assert len(ctx.eval_split) == 16 and ctx.f_eval.shape == (16, 64)
+    before = copy.deepcopy(pre.model.state_dict())
+    stage = PathCLIPStage(ctx)
+    res = run_stage(stage, cfg)
+    assert res.steps_done == 6 and np.bincount(ctx.train.y_N[stage.budget.idx]).tolist() == [4, 4]
+    assert stage.budget.f_weak.shape == (3, 8, 64) and stage.budget.f_strong.shape == (3, 8, 64)
+    # only the adapter and alpha's theta train; the towers are not in the trained module and never get a gradient
+    assert set(res.trainable) == {"head.rfr.net.0.weight", "head.rfr.net.2.weight", "head.rfr.net.4.weight",
+                                  "head.rfr.net.6.weight", "head.ratio.theta"}
+    after = pre.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in pre.model.parameters())
+    assert set(res.metrics) >= {"acc", "f1_macro", "auc", "alpha", "tau"}
+    assert 0.0 <= res.metrics["alpha"] <= 1.0
+
+
+def test_cells_reproduce_with_the_same_seed(pcam, tmp_path):
+    shards, pre = pcam
+    cfg = _cfg(shards, tmp_path / "unused")
+    ctx = TaskContext(pre, cfg)
+    b = draw_budget(ctx, 2, 0.0, seed=1, views=3)
+    b2 = draw_budget(ctx, 2, 0.0, seed=1, views=3)
+    assert np.array_equal(b.idx, b2.idx) and torch.equal(b.f_weak, b2.f_weak)
+    for method in ("path_clip", "residual_adapter", "tip_adapter"):
+        m1 = run_cell(method, ctx, b, cfg, seed=1, out=tmp_path / f"{method}1")
+        m2 = run_cell(method, ctx, b2, cfg, seed=1, out=tmp_path / f"{method}2")
+        assert m1 == m2, method
+    assert run_cell("residual_adapter", ctx, b, cfg, 1, tmp_path / "r")["alpha"] in (0.5, 1.0)
+
+
+def test_bad_task_settings_fail_clearly(pcam, tmp_path):
+    shards, pre = pcam
+    with pytest.raises(ValueError, match="task.label: 'tumour' is not a label of the shards"):
+        TaskContext(pre, dataclasses.replace(_cfg(shards, tmp_path), task=TaskConfig(label="tumour")))
+    with pytest.raises(ValueError, match="task.prompts: \\['cancer'\\] are not class names"):
+        TaskSpec.build(["tumor"], label="tumor", prompts={"cancer": ["x"]})
+    with pytest.raises(FileNotFoundError, match="data.shards: .* is not a shard dir"):
+        TaskContext(pre, _cfg(tmp_path / "nope", tmp_path))
+    with pytest.raises(ValueError, match="finetune: set exactly one of shots"):
+        run_stage(PathCLIPStage(TaskContext(pre, _cfg(shards, tmp_path))), _cfg(shards, tmp_path / "r", shots=0))
+    with pytest.raises(Exception, match="method: 'adapter' is not one of"):
+        from pretrain.configtree import build
+        build(PathCLIPConfig, {"adapter": {"method": "adapter"}})
