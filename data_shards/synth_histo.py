@@ -8,11 +8,11 @@ patho  RGB uint8 (S, S, 3) patches of three classes (labels {"tumor": 1/0}, meta
          inflamed  dense small round very dark lymphocyte nuclei; no tumor
        Stain colours vary per patient (one slide per patient), as between real labs and scanners.
        `domain` (PATHO_DOMAINS) renders the same tissue as another lab would: "he" (default, the corpus the
-       other generators and the demo use) or "lab2": a brown (DAB-like) nuclear stain on a pale blue-grey
-       counterstain, scanned slightly out of focus, and harder patches: tumour (or lymphocytes) in part of the
-       patch only, normal stroma around it, and small foci of enlarged reactive nuclei in half of the non-tumour
-       patches. Same classes and nuclear morphology, different look: a target domain for few-label adaptation
-       (docs/path_clip.md).
+       other generators and the demo use) or "lab2": a dark-field, fluorescence-like scan (bright nuclei on a
+       dark background; the stain colours inverted), slightly out of focus, and harder patches: tumour (or
+       lymphocytes) in part of the patch only, normal stroma around it, and small foci of enlarged reactive
+       nuclei in half of the non-tumour patches. Same classes and nuclear morphology, a very different look: a
+       target domain for few-label adaptation (docs/path_clip.md).
 slide  bags of patch features (n, d) float16 with n in [20, 200] and grid coords (n, 2) int32 as (x, y). Each
        patch has a tissue type (normal, tumor, inflammation, necrosis); each type is a Gaussian cluster around a
        fixed centre (the same for every seed), types form spatially coherent regions (necrosis at the heart of
@@ -140,7 +140,7 @@ def render_patho(rng: np.random.Generator, cls: str, stain, S: int, domain: str 
     img_HWC = stain["bg"] + tissue[..., None] * (cyto - stain["bg"])
     if domain == "lab2":  # partial tumour, reactive atypia: the class is in part of the patch only
         _paint_lab2(img_HWC, rng, cls, stain, S)
-        img_HWC = _defocus(img_HWC)
+        img_HWC = 255.0 - _defocus(img_HWC)  # dark field: bright nuclei on a dark background
     else:
         _paint_nuclei(img_HWC, rng, cls, stain, S)
     img_HWC = img_HWC + rng.normal(0, 3, img_HWC.shape)

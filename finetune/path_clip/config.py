@@ -47,7 +47,7 @@ class AdapterConfig:
     alpha: float = 0.5  # fixed alpha, or the adaptive alpha at full agreement before training
     alpha_lo: float = 0.0  # lower bound of the adaptive alpha
     alpha_hi: float = 1.0  # upper bound of the adaptive alpha
-    noise_std: float = 0.5  # hidden representation perturbation: noise std relative to the feature's RMS entry
+    noise_std: float = 0.1  # hidden representation perturbation: noise std relative to the feature's RMS entry
     dvc_weight: float = 1.0  # lambda of the dual-view contrastive loss (0 = off)
     temperature: float = 0.1  # NT-Xent temperature of the DVC loss
     tau_momentum: float = 0.9  # moving-average momentum of the dual-view agreement tau

@@ -13,10 +13,10 @@ def test_lab2_keeps_classes_and_changes_the_look():
     assert [s.labels for s in he] == [s.labels for s in lab2]
     assert [s.meta["class"] for s in he] == [s.meta["class"] for s in lab2]
     assert all(s.meta["domain"] == "lab2" and "domain" not in h.meta for h, s in zip(he, lab2))
-    # different palette: pink H&E (red above blue) vs a blue-grey counterstain (blue above red)
+    # bright-field pink H&E (bright, red above blue) vs a dark field with bright nuclei
     mean_he = np.mean([s.image.reshape(-1, 3).mean(0) for s in he], 0)
     mean_l2 = np.mean([s.image.reshape(-1, 3).mean(0) for s in lab2], 0)
-    assert mean_he[0] > mean_he[2] and mean_l2[2] > mean_l2[0]
+    assert mean_he[0] > mean_he[2] and mean_he.mean() > 150 and mean_l2.mean() < 100
     assert not np.array_equal(he[0].image, lab2[0].image)
 
 
