@@ -33,6 +33,7 @@ class FewShotData:
 class TaskConfig:
     """What is classified and the class prompts (prompts travel with the recipe: the eval never guesses them)."""
 
+    classes: str = "labels"  # labels (task.label / one-hot label names) | class_index (the batch member)
     label: str = ""  # binary task: the 1/0 label of the shards (e.g. tumor); "" = one class per label name (one-hot)
     class_names: list[str] = field(default_factory=list)  # class names (binary: negative, positive); [] = from labels
     prompts: dict[str, list[str]] = field(default_factory=dict)  # class name -> prompts (averaged); [] = a template

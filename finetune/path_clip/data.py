@@ -9,7 +9,9 @@ views with the frozen image tower.
 Class ids. A binary task (`task.label` names one 1/0 label of the shards, e.g. PCam's "tumor") has classes
 [negative, positive]; a single-label multi-class data set (one-hot labels, e.g. MedMNIST pathmnist) has one
 class per label name, the class being the label that is 1. Samples whose label is uncertain (-1), or with no /
-several classes set in the multi-class case, are left out and counted.
+several classes set in the multi-class case, are left out and counted. `task.classes: class_index` reads the
+class from the `class_index` batch member instead (json meta.class_index, e.g. the synthetic patches' normal /
+tumor / inflamed), with `task.class_names` naming the classes in index order.
 
 Two passes over the split: the first reads only each sample's json (labels), the second decodes the images of
 the chosen subset, so a large training split (PCam: 262 144 patches) is never held in memory.
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from data_shards.members import MemberError, MissingField
 from data_shards.schema import decode_sample
 from data_shards.stream import resolve_shards
 from data_shards.transforms import image_view, strong_view, to_float_image, weak_view
@@ -41,6 +44,7 @@ class TaskSpec:
     prompts: list[list[str]]  # per class, >= 1 prompt (their embeddings are averaged: a prompt ensemble)
     label: str = ""  # binary task: the 1/0 label; "" = single-label multi-class over `label_names`
     label_names: list[str] = field(default_factory=list)  # the shards' label names (multi-class)
+    member: str = ""  # "class_index": the class comes from that batch member, not from the labels
 
     @property
     def num_classes(self) -> int:
@@ -48,10 +52,16 @@ class TaskSpec:
 
     @classmethod
     def build(cls, label_names: list[str], *, label: str = "", class_names: list[str] | None = None,
-              prompts: dict[str, list[str]] | None = None) -> "TaskSpec":
+              prompts: dict[str, list[str]] | None = None, classes: str = "labels") -> "TaskSpec":
         """From the shards' label names and the recipe's task section (class names / prompts optional)."""
         prompts = dict(prompts or {})
-        if label:
+        if classes not in ("labels", "class_index"):
+            raise ValueError(f"task.classes: {classes!r} is not one of labels, class_index")
+        if classes == "class_index":
+            if not class_names or len(class_names) < 2:
+                raise ValueError("task.class_names: the class_index member needs the class names, in index order")
+            names = list(class_names)
+        elif label:
             if label not in label_names:
                 raise ValueError(f"task.label: {label!r} is not a label of the shards ({label_names})")
             names = list(class_names or [f"no {label.replace('_', ' ')}", label.replace("_", " ")])
@@ -72,10 +82,19 @@ class TaskSpec:
             if isinstance(p, str):
                 p = [p]
             plist.append([str(x) for x in p])
-        return cls(class_names=names, prompts=plist, label=label, label_names=list(label_names))
+        return cls(class_names=names, prompts=plist, label=label, label_names=list(label_names),
+                   member="class_index" if classes == "class_index" else "")
 
-    def class_of(self, labels: dict) -> int:
-        """Class id of a sample's label dict, or -1 when it has none (uncertain / no or several classes)."""
+    def class_of(self, labels: dict, doc: dict | None = None, key: str = "") -> int:
+        """Class id of a sample's label dict (or json `doc`, member mode), or -1 when it has none."""
+        if self.member:
+            from data_shards.members import MEMBERS, MemberContext
+            from data_shards.schema import Sample
+
+            c = MEMBERS[self.member].decode(doc or {}, Sample(key=key, text=""), MemberContext(tuple(self.label_names)))
+            if not 0 <= c < self.num_classes:
+                raise ValueError(f"sample {key!r}: class_index {c} is outside the {self.num_classes} task.class_names")
+            return int(c)
         if self.label:
             v = labels.get(self.label)
             return int(v) if v in (0, 1) else -1
@@ -131,7 +150,10 @@ def read_split(shards: str, split: str, task: TaskSpec, limit: int = 0) -> Split
             raise ValueError(f"{shards}: sample {raw.get('__key__')!r} has no readable json member ({e})") from e
         if (doc.get("meta") or {}).get("split", "train") != split:
             continue
-        c = task.class_of(doc.get("labels") or {})
+        try:
+            c = task.class_of(doc.get("labels") or {}, doc, raw["__key__"])
+        except (MissingField, MemberError) as e:  # a data set / task mismatch, not a corrupt sample
+            raise ValueError(f"{shards}: sample {raw['__key__']!r}: task.classes {task.member}: {e}") from e
         if c < 0:
             skipped += 1
             continue

@@ -59,7 +59,7 @@ class TaskContext:
         self.image_size = d.image_size or int(self.model.image_size)
         t = cfg.task
         self.task = D.TaskSpec.build(list(index.get("label_names", [])), label=t.label,
-                                     class_names=t.class_names or None, prompts=t.prompts)
+                                     class_names=t.class_names or None, prompts=t.prompts, classes=t.classes)
         self.text_CE = D.encode_prompts(self.model, self.task.prompts)
         self.scale = float(self.model.scale().detach())
         self.train = D.read_split(d.shards, d.train_split, self.task)

@@ -53,3 +53,16 @@ def test_metrics_against_hand_values():
     assert math.isnan(classification_metrics(np.array([0, 0]), np.eye(2))["auc"])
     with pytest.raises(ValueError, match="do not match"):
         classification_metrics(np.array([0, 1, 1]), np.eye(2))
+
+
+def test_task_classes_from_the_class_index_member():
+    from finetune.path_clip.data import TaskSpec
+
+    t = TaskSpec.build(["tumor"], classes="class_index", class_names=["normal", "tumor", "inflamed"])
+    assert t.class_of({}, {"meta": {"class_index": 2}}, "k") == 2
+    with pytest.raises(ValueError, match="class_index 5 is outside"):
+        t.class_of({}, {"meta": {"class_index": 5}}, "k")
+    b = TaskSpec.build(["tumor"], label="tumor")
+    assert b.class_names == ["no tumor", "tumor"] and b.class_of({"tumor": -1}) == -1
+    m = TaskSpec.build(["a", "b", "c"])
+    assert m.class_of({"a": 0, "b": 1, "c": 0}) == 1 and m.class_of({"a": 1, "b": 1}) == -1
