@@ -230,6 +230,21 @@ def _config_keys_epilog(cls) -> str:
     return "config keys (set with --set KEY=VALUE; the recipe supplies the values):\n" + format_docs(cls)
 
 
+def _cmd_eval_few_shot(a: argparse.Namespace) -> int:
+    from finetune.path_clip.protocol import run_protocol
+
+    cfg, _ = load_stage_config("path-clip", a.recipe, list(a.set))
+    try:
+        res = run_protocol(cfg, command=_cmdline().replace("medvlp eval-few-shot", "medvlp eval few-shot"))
+    except ValueError as e:  # bad input found while setting up (task, shards, budgets, pretrained path)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(res["table"], end="")
+    print(f"few-shot protocol done in {res['seconds']:.0f} s: {cfg.protocol.out_dir}/fewshot.md, fewshot.png, "
+          f"results.json; mlflow run {res.get('run_id')}")
+    return 0
+
+
 def _cmd_eval(a: argparse.Namespace) -> int:
     from pretrain.eval import run_eval_cli
 
@@ -441,7 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     s.set_defaults(fn=_cmd_finetune)
 
-    s = sub.add_parser("eval", help="zero-shot / retrieval / linear-probe evaluation of a trained model")
+
+    s = sub.add_parser("eval-few-shot", help="`medvlp eval few-shot RECIPE`: the few-label protocol (Path-CLIP and "
+                       "baselines at every label budget and seed; one table)",
+                       description="Every method of protocol.methods at every label budget (protocol.label_fractions "
+                                   "and protocol.shots) and seed: a Markdown table, a PNG and one MLflow parent run "
+                                   "with a child per cell. See docs/path_clip.md.")
+    s.add_argument("recipe", help="a kind: path_clip recipe (e.g. path-clip-patho)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.set_defaults(fn=_cmd_eval_few_shot)
+
+    s = sub.add_parser("eval", help="zero-shot / retrieval / linear-probe evaluation of a trained model "
+                                    "(few-label protocol: `medvlp eval few-shot RECIPE`)")
     s.add_argument("--model-dir", required=True,
                    help="a run folder, a model.safetensors (config beside it) or an exported folder")
     s.add_argument("--step", type=int, default=None, help="evaluate this COMPLETE checkpoint of the run folder")
@@ -514,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "few-shot"]:  # `medvlp eval few-shot RECIPE` is the eval-few-shot command
+        argv = ["eval-few-shot"] + argv[2:]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
