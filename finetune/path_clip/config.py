@@ -91,9 +91,9 @@ class ProtocolConfig:
     seeds: int = 3  # labelled subsets (and training seeds) per budget
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # methods in the table
     alpha_grid: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])  # residual adapter's alphas
-    probe_C: float = 1.0  # inverse L2 strength of the linear probe (logistic regression)
-    tip_alpha: float = 1.0  # Tip-Adapter: weight of the cache logits
-    tip_beta: float = 5.5  # Tip-Adapter: sharpness of the cache affinities exp(-beta (1 - cos))
+    probe_C: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0])  # linear probe's C, picked on val
+    tip_alpha: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])  # Tip-Adapter cache weights (on val)
+    tip_beta: list[float] = field(default_factory=lambda: [1.0, 5.5, 10.0])  # Tip-Adapter sharpness (on val)
     full_lr: float = 1e-4  # full fine-tune of the image tower: learning rate
     full_steps: int = 60  # full fine-tune: optimizer steps
     out_dir: str = "runs/path-clip-fewshot"  # table, figure, per-cell runs and results.json
@@ -108,6 +108,10 @@ class ProtocolConfig:
             raise ValueError("label_fractions: each in (0, 1]; shots: each >= 1")
         if any(not 0 <= a <= 1 for a in self.alpha_grid) or not self.alpha_grid:
             raise ValueError("alpha_grid: one or more values in [0, 1]")
+        for name in ("probe_C", "tip_alpha", "tip_beta"):
+            vals = getattr(self, name)
+            if not vals or any(v <= 0 for v in vals):
+                raise ValueError(f"{name}: one or more values > 0")
 
 
 @dataclass

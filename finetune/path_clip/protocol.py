@@ -8,15 +8,17 @@ s = 0 .. `protocol.seeds` - 1 the labelled subset is drawn with seed s (the same
 view cache is embedded once, and every method of `protocol.methods` is measured on the eval split:
 
   zero_shot              class-prompt logits of the frozen model (no labels; the same number at every budget)
-  linear_probe           logistic regression (C = `protocol.probe_C`) on the labelled images' frozen embeddings
+  linear_probe           logistic regression on the labelled images' frozen embeddings, C from `protocol.probe_C`
   tip_adapter            training-free cache: s f.T^T + a exp(-b (1 - f.K^T)) L  (keys K = labelled embeddings,
-                         L their one-hot labels; a, b = `protocol.tip_alpha`, `protocol.tip_beta`)
+                         L their one-hot labels; a, b from `protocol.tip_alpha` x `protocol.tip_beta`)
   residual_adapter       CLIPath-style residual adapter, alpha picked from `protocol.alpha_grid` on the val split
   path_clip              the method (adapter.* settings)
   path_clip_fixed_alpha  the method with alpha fixed at `adapter.alpha` (ablation of the self-adaptive ratio)
   full_finetune          the whole image tower trained on the labelled images (`protocol.full_lr`, `full_steps`)
 
-The trained methods run through the fine-tune runner (`run_stage`), seeded with s. MLflow: one parent run for the
+Every setting a method picks from a grid (probe C, Tip-Adapter a and b, the residual adapter's alpha) is picked by
+accuracy on the val split (`data.val_split`), as CLIPath and Tip-Adapter do; the eval split is never used to
+choose. The trained methods run through the fine-tune runner (`run_stage`), seeded with s. MLflow: one parent run for the
 protocol and a child run per (method, budget, seed) cell. Same config and seeds -> the same numbers.
 Legend: N eval samples, n labelled, E embedding width, C classes.
 """
@@ -52,24 +54,31 @@ def zero_shot_logits(ctx: TaskContext) -> np.ndarray:
     return (ctx.scale * ctx.f_eval @ ctx.text_CE.t()).numpy()
 
 
-def linear_probe_logits(b: Budget, f_eval: torch.Tensor, C: float, num_classes: int) -> np.ndarray:
+def linear_probe_logits(b: Budget, f_NE: torch.Tensor, C: float, num_classes: int) -> np.ndarray:
     """Log-probabilities of a multinomial logistic regression on the labelled embeddings (classes absent from the
     labelled subset cannot occur: budgets keep every class)."""
     from sklearn.linear_model import LogisticRegression
 
-    clf = LogisticRegression(C=C, max_iter=2000)
+    clf = LogisticRegression(C=C, max_iter=5000)
     clf.fit(b.f_eval.numpy(), b.y.numpy())
-    out = np.full((f_eval.shape[0], num_classes), -1e9)
-    out[:, clf.classes_] = np.log(np.clip(clf.predict_proba(f_eval.numpy()), 1e-12, 1.0))
+    out = np.full((f_NE.shape[0], num_classes), -1e9)
+    out[:, clf.classes_] = np.log(np.clip(clf.predict_proba(f_NE.numpy()), 1e-12, 1.0))
     return out
 
 
-def tip_adapter_logits(ctx: TaskContext, b: Budget, alpha: float, beta: float) -> np.ndarray:
+def tip_adapter_logits(ctx: TaskContext, b: Budget, f_NE: torch.Tensor, alpha: float, beta: float) -> np.ndarray:
     """Tip-Adapter (Zhang et al., 2022), training-free: zero-shot logits + alpha * exp(-beta(1 - cos)) @ one-hot."""
-    f = ctx.f_eval
-    aff = torch.exp(-beta * (1 - f @ b.f_eval.t()))
+    aff = torch.exp(-beta * (1 - f_NE @ b.f_eval.t()))
     onehot = F.one_hot(b.y, ctx.task.num_classes).float()
-    return (ctx.scale * f @ ctx.text_CE.t() + alpha * aff @ onehot).numpy()
+    return (ctx.scale * f_NE @ ctx.text_CE.t() + alpha * aff @ onehot).numpy()
+
+
+def pick_on_val(ctx: TaskContext, settings: list, logits_fn) -> tuple[Any, dict]:
+    """(best setting by val accuracy (first on ties), eval-split metrics with it); logits_fn(setting, f) -> logits."""
+    y_val, f_val = ctx.val()
+    accs = [classification_metrics(y_val, logits_fn(s, f_val))["acc"] for s in settings]
+    best = settings[int(np.argmax(accs))]
+    return best, {**classification_metrics(ctx.eval_split.y_N, logits_fn(best, ctx.f_eval)), "val_acc": max(accs)}
 
 
 # ----------------------------------------------------------------------------------------------- cells
@@ -101,9 +110,13 @@ def run_cell(method: str, ctx: TaskContext, b: Budget, cfg: PathCLIPConfig, seed
     if method == "zero_shot":
         return classification_metrics(y, zero_shot_logits(ctx))
     if method == "linear_probe":
-        return classification_metrics(y, linear_probe_logits(b, ctx.f_eval, p.probe_C, ctx.task.num_classes))
+        C, m = pick_on_val(ctx, list(p.probe_C),
+                           lambda c, f: linear_probe_logits(b, f, c, ctx.task.num_classes))
+        return {**m, "C": float(C)}
     if method == "tip_adapter":
-        return classification_metrics(y, tip_adapter_logits(ctx, b, p.tip_alpha, p.tip_beta))
+        (a, be), m = pick_on_val(ctx, [(a, be) for a in p.tip_alpha for be in p.tip_beta],
+                                 lambda s, f: tip_adapter_logits(ctx, b, f, *s))
+        return {**m, "tip_alpha": float(a), "tip_beta": float(be)}
     if method == "residual_adapter":
         best: dict | None = None
         for a in p.alpha_grid:
