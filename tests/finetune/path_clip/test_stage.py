@@ -108,3 +108,50 @@ def test_bad_task_settings_fail_clearly(pcam, tmp_path):
     with pytest.raises(Exception, match="method: 'adapter' is not one of"):
         from pretrain.configtree import build
         build(PathCLIPConfig, {"adapter": {"method": "adapter"}})
+
+
+def test_protocol_table_figure_and_mlflow_runs(pcam, tmp_path):
+    from mlflow import MlflowClient
+
+    from finetune.path_clip.config import METHODS
+    from finetune.path_clip.protocol import run_protocol
+
+    shards, pre = pcam
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = dataclasses.replace(
+        _cfg(shards, tmp_path / "unused"),
+        protocol=ProtocolConfig(label_fractions=[], shots=[2], seeds=1, alpha_grid=[0.5, 1.0], full_steps=2,
+                                out_dir=str(tmp_path / "fs")),
+        tracking=TrackingConfig(uri=uri, experiment="fewshot-test"))
+    res = run_protocol(cfg, pretrained=pre, command="medvlp eval few-shot test")
+    assert {r["method"] for r in res["rows"]} == set(METHODS) and res["budgets"] == ["2-shot"]
+    table = (tmp_path / "fs" / "fewshot.md").read_text()
+    assert "**Path-CLIP**" in table and "2-shot (n=4)" in table and "Macro-F1" in table and "AUC" in table
+    assert (tmp_path / "fs" / "fewshot.png").stat().st_size > 1000
+    zs = [r for r in res["rows"] if r["method"] == "zero_shot"][0]
+    tip = [r for r in res["rows"] if r["method"] == "tip_adapter"][0]
+    assert tip["tip_alpha"] in (1.0, 3.0, 10.0) and 0 <= zs["acc"] <= 1
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("fewshot-test")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.info.run_id == res["run_id"]][0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(METHODS)
+    assert "acc/path_clip/2-shot" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"fewshot.md", "fewshot.png"}
+
+
+def test_tip_adapter_and_probe_by_hand(pcam, tmp_path):
+    from finetune.path_clip.protocol import linear_probe_logits, tip_adapter_logits
+
+    shards, pre = pcam
+    ctx = TaskContext(pre, _cfg(shards, tmp_path))
+    b = draw_budget(ctx, 2, 0.0, seed=0, views=0)
+    f = ctx.f_eval[:3]
+    got = tip_adapter_logits(ctx, b, f, 2.0, 5.5)
+    for i in range(3):
+        for c in range(2):
+            cache = sum(np.exp(-5.5 * (1 - float(f[i] @ b.f_eval[j]))) for j in range(len(b.y)) if int(b.y[j]) == c)
+            assert got[i, c] == pytest.approx(ctx.scale * float(f[i] @ ctx.text_CE[c]) + 2.0 * cache, rel=1e-5)
+    lp = linear_probe_logits(b, f, 10.0, 2)
+    assert lp.shape == (3, 2) and np.allclose(np.exp(lp).sum(1), 1.0)
