@@ -25,7 +25,7 @@ def test_few_shot_beats_zero_shot_and_chance(patho_run, capsys):
     from finetune.path_clip.protocol import zero_shot_logits
     from finetune.path_clip.metrics import classification_metrics
     from finetune.path_clip.stage import TaskContext
-    from launch.config import load_config
+    from launch.cli import load_stage_config
     from pretrain import load_pretrained
 
     root = patho_run
@@ -36,7 +36,7 @@ def test_few_shot_beats_zero_shot_and_chance(patho_run, capsys):
     assert rc == 0
     res = json.loads((root / "ft" / "result.json").read_text())
     acc = res["metrics"]["acc"]
-    cfg = load_config("path-clip-patho", sets)
+    cfg, _ = load_stage_config("path-clip", "path-clip-patho", sets)
     ctx = TaskContext(load_pretrained(str(root / "run")), cfg)
     zs = classification_metrics(ctx.eval_split.y_N, zero_shot_logits(ctx))["acc"]
     chance = np.bincount(ctx.eval_split.y_N).max() / len(ctx.eval_split)
