@@ -106,7 +106,7 @@ def test_bad_task_settings_fail_clearly(pcam, tmp_path):
     with pytest.raises(ValueError, match="finetune: set exactly one of shots"):
         run_stage(PathCLIPStage(TaskContext(pre, _cfg(shards, tmp_path))), _cfg(shards, tmp_path / "r", shots=0))
     with pytest.raises(Exception, match="method: 'adapter' is not one of"):
-        from pretrain.configtree import build
+        from launch.config import build
         build(PathCLIPConfig, {"adapter": {"method": "adapter"}})
 
 
