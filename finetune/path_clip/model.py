@@ -17,13 +17,13 @@ Self-adaptive residual ratio (the paper leaves the formula open; this is ours):
 theta is a learned scalar (g = `theta_gain`, default 10: Adam moves a parameter by about the learning rate per
 step whatever its gradient's size, so the gain lets alpha move on the adapter's time scale rather than stay
 put); tau in [0, 1] is the dual-view agreement: the mean cosine similarity of the RFR outputs of the weak and
-the strong view of the same images, mapped to [0, 1] as (1 + cos) / 2 and averaged over training batches with an exponential moving average (momentum `tau_momentum`, a buffer saved with the weights,
-used as is at evaluation). tau is detached: the adapter must not collapse the two views just to raise its own
-weight. When strong and weak views agree (the refinement is stable under augmentation) alpha grows and the
-refined feature counts more; when they disagree (the adapter fits view-specific detail: over-fitting) alpha
-shrinks toward `lo` and the frozen feature dominates. alpha stays within [lo, hi] by construction. The fixed
-mode (`alpha_mode="fixed"`) uses alpha = `alpha` exactly (the CLIPath / CLIP-Adapter residual adapter, and the
-ablation of the adaptive ratio).
+the strong view of the same images, mapped to [0, 1] as (1 + cos) / 2 and averaged over training batches with an
+exponential moving average (momentum `tau_momentum`, a buffer saved with the weights, used as is at evaluation).
+tau is detached: the adapter must not collapse the two views just to raise its own weight. When strong and weak
+views agree (the refinement is stable under augmentation) alpha grows and the refined feature counts more; when
+they disagree (the adapter fits view-specific detail: over-fitting) alpha shrinks toward `lo` and the frozen
+feature dominates. alpha stays within [lo, hi] by construction. The fixed mode (`alpha_mode="fixed"`) uses
+alpha = `alpha` exactly (the CLIPath / CLIP-Adapter residual adapter, and the ablation of the adaptive ratio).
 
 Shape legend: B batch, E embedding width, C classes, H hidden width.
 """

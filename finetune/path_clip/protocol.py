@@ -18,8 +18,8 @@ view cache is embedded once, and every method of `protocol.methods` is measured 
 
 Every setting a method picks from a grid (probe C, Tip-Adapter a and b, the residual adapter's alpha) is picked by
 accuracy on the val split (`data.val_split`), as CLIPath and Tip-Adapter do; the eval split is never used to
-choose. The trained methods run through the fine-tune runner (`run_stage`), seeded with s. MLflow: one parent run for the
-protocol and a child run per (method, budget, seed) cell. Same config and seeds -> the same numbers.
+choose. The trained methods run through the fine-tune runner (`run_stage`), seeded with s. MLflow: one parent run
+for the protocol and a child run per (method, budget, seed) cell. Same config and seeds -> the same numbers.
 Legend: N eval samples, n labelled, E embedding width, C classes.
 """
 from __future__ import annotations
