@@ -104,7 +104,11 @@ class ResidualRatio(nn.Module):
 
     @torch.no_grad()
     def update_tau(self, tau_batch: torch.Tensor) -> None:
+        """Fold one batch's agreement into the running tau (averaged over processes when several train)."""
         t = tau_batch.detach().float().reshape(1).to(self.tau.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+            t /= torch.distributed.get_world_size()
         if float(self.tau_seen) == 0.0:
             self.tau.copy_(t)
             self.tau_seen.fill_(1.0)
