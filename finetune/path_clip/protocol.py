@@ -178,7 +178,7 @@ def plot_accuracy(agg: dict, budgets: list[str], methods: list[str], path: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     xs = np.arange(len(budgets))
     for m in methods:
         mean = np.array([agg.get((m, b), {}).get("acc_mean", np.nan) for b in budgets])
@@ -191,7 +191,7 @@ def plot_accuracy(agg: dict, budgets: list[str], methods: list[str], path: Path,
     ax.set_ylabel("accuracy (eval split)")
     ax.set_title(title or "accuracy vs label budget", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
