@@ -231,6 +231,7 @@ def run_protocol(cfg: PathCLIPConfig, pretrained: Any = None, command: str = "")
     p = cfg.protocol
     out = Path(p.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # hundreds of runner calls: no per-save INFO lines
     ctx = TaskContext(pretrained, cfg)
     budgets = budgets_of(cfg)
     parent = None
