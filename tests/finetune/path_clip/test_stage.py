@@ -155,3 +155,23 @@ def test_tip_adapter_and_probe_by_hand(pcam, tmp_path):
             assert got[i, c] == pytest.approx(ctx.scale * float(f[i] @ ctx.text_CE[c]) + 2.0 * cache, rel=1e-5)
     lp = linear_probe_logits(b, f, 10.0, 2)
     assert lp.shape == (3, 2) and np.allclose(np.exp(lp).sum(1), 1.0)
+
+
+def test_pathmnist_layout_gives_one_class_per_label_name(pcam, tmp_path):
+    _, pre = pcam
+    rng = np.random.default_rng(3)
+    arrays = {}
+    for split, n in {"train": 27, "val": 9, "test": 18}.items():
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 9).reshape(n, 1).astype(np.uint8)
+    np.savez(tmp_path / "pathmnist.npz", **arrays)
+    import_dataset("medmnist", tmp_path / "pathmnist.npz", tmp_path / "shards")
+    cfg = dataclasses.replace(_cfg(tmp_path / "shards", tmp_path / "run"), task=TaskConfig())
+    ctx = TaskContext(pre, cfg)
+    assert ctx.task.num_classes == 9 and "colorectal adenocarcinoma epithelium" in ctx.task.class_names
+    assert np.bincount(ctx.train.y_N, minlength=9).tolist() == [3] * 9  # one class per sample, from the one-hot labels
+    b = draw_budget(ctx, 1, 0.0, seed=0, views=2)
+    assert np.bincount(ctx.train.y_N[b.idx], minlength=9).tolist() == [1] * 9
+    m = run_cell("path_clip", ctx, b, dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, views=2)),
+                 seed=0, out=tmp_path / "cell")
+    assert set(m) >= {"acc", "f1_macro", "auc"} and 0 <= m["acc"] <= 1
