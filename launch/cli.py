@@ -5,6 +5,7 @@
     medvlp tokenizer train --shards DIR --out DIR
     medvlp pretrain RECIPE|RUN/config.yaml [--set k=v ...] [--resume | --overwrite]
     medvlp eval --model-dir RUN_DIR [--step N] [--shards DIR] ...
+    medvlp eval few-shot RECIPE [--set k=v ...]
     medvlp export --model-dir RUN_DIR [--step N] --to open_clip|hf --out DIR
     medvlp finetune STAGE [RECIPE] [--set k=v ...] [--resume]
     medvlp features extract --checkpoint CKPT --shards PATCHES --out DIR
@@ -455,7 +456,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     s.set_defaults(fn=_cmd_finetune)
-
 
     s = sub.add_parser("eval-few-shot", help="`medvlp eval few-shot RECIPE`: the few-label protocol (Path-CLIP and "
                        "baselines at every label budget and seed; one table)",
