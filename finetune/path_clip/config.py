@@ -20,7 +20,7 @@ class FewShotData:
     modality: str = ""  # 2D modality of the images (patho | cxr); "" = the shards' own (index.json)
     image_size: int = 0  # square side the views are cropped to; 0 = the model's input size
     train_split: str = "train"  # split the labelled subset is drawn from
-    val_split: str = "val"  # split used to pick the residual adapter's alpha from the grid
+    val_split: str = "val"  # split the baselines' grid settings are picked on (probe C, Tip-Adapter a, b; alpha)
     eval_split: str = "test"  # split every metric is measured on
     max_eval: int = 0  # eval / val samples used at most (first in shard order; 0 = the whole split)
 
