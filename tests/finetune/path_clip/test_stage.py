@@ -175,3 +175,13 @@ def test_pathmnist_layout_gives_one_class_per_label_name(pcam, tmp_path):
     m = run_cell("path_clip", ctx, b, dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, views=2)),
                  seed=0, out=tmp_path / "cell")
     assert set(m) >= {"acc", "f1_macro", "auc"} and 0 <= m["acc"] <= 1
+
+
+def test_recipe_builds_the_path_clip_root_and_round_trips():
+    from launch.config import build, dump_yaml, load_config, to_dict
+
+    cfg = load_config("path-clip-patho", ["finetune.shots=8"])
+    assert isinstance(cfg, PathCLIPConfig) and cfg.finetune.shots == 8 and cfg.task.label == "tumor"
+    assert to_dict(build(PathCLIPConfig, to_dict(cfg))) == to_dict(cfg) and "kind: path_clip" in dump_yaml(cfg)
+    with pytest.raises(Exception, match="finetune.shots: must be >= 0"):
+        load_config("path-clip-patho", ["finetune.shots=-1"])
