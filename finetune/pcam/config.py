@@ -65,6 +65,7 @@ class PcamEvalConfig:
     threshold: float = 0.5  # heatmap threshold (of the peak-normalised map) for boxes
     max_batches: int = 0  # evaluate at most this many batches (0 = the whole split)
     overlays: int = 8  # heatmap overlays of this many fixed examples per evaluation (0 = none), logged to MLflow
+    boxes: bool = True  # the split stores ground-truth boxes (false: AUC only, e.g. CheXpert's label CSVs)
 
     def validate(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:

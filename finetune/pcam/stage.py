@@ -124,7 +124,7 @@ class PcamStage:
         from data_shards.stream import make_loader
 
         train = split == "train"
-        return make_loader(self._data(cfg, [] if train else ["boxes"]), rank=rank, world_size=world, epoch=epoch,
+        return make_loader(self._data(cfg, ["boxes"] if not train and cfg.eval.boxes else []), rank=rank, world_size=world, epoch=epoch,
                            start_step=start_step, train=train, split=None if train else split)
 
     def _label_names(self, cfg: PcamConfig) -> list[str]:
@@ -207,8 +207,11 @@ class PcamStage:
             out = model(img)
             S = int(img.shape[-1])
             heat_BKHW = heatmaps(out["maps"].float(), (S, S)).cpu()
-            boxes = boxes_to_view(batch["boxes"], batch["boxes_image_hw"], S)
-            gt = ground_truth_from_batch(boxes, batch["boxes_count"], self._remap(batch))
+            if cfg.eval.boxes:
+                boxes = boxes_to_view(batch["boxes"], batch["boxes_image_hw"], S)
+                gt = ground_truth_from_batch(boxes, batch["boxes_count"], self._remap(batch))
+            else:
+                gt = [[] for _ in batch["key"]]
             labels = self.columns(batch)
             meter.update(out["logits"].float().cpu(), labels, heat_BKHW, gt)
             for b, items in enumerate(gt):
