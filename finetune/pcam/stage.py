@@ -167,7 +167,8 @@ class PcamStage:
             if cfg.head.backbone == "frozen" or n in unused:
                 p.requires_grad_(False)
         if unused:
-            log.info("frozen (do not reach the feature map): %s", ", ".join(unused))
+            log.info("%d tower tensors do not reach the feature map and are frozen (%s, ...)", len(unused),
+                     ", ".join(unused[:3]))
         if _is_main():
             _write_meta(cfg.finetune.out_dir, {
                 "spec": {k: clip.spec[k] for k in ("embed_dim", "vision") if k in clip.spec},
