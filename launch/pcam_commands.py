@@ -1,7 +1,7 @@
 """`medvlp localize` and `medvlp pcam-table`: thin argument parsing over `finetune.pcam`.
 
     medvlp localize --checkpoint RUN IMAGE... --out DIR [--threshold T] [--findings a,b]
-    medvlp pcam-table RECIPE --out DIR [--poolings avg,max,lse,pcam] [--set KEY=VALUE ...]
+    medvlp pcam-table RECIPE --out DIR [--poolings avg,max,lse,pcam] [--seeds 0,1,2] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -36,8 +36,13 @@ def _cmd_pcam_table(a: argparse.Namespace) -> int:
 
     cfg = load_config(a.recipe, a.set, cls=PcamConfig)
     poolings = [p for p in a.poolings.split(",") if p]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()] if a.seeds else None
+    except ValueError:
+        print(f"error: --seeds: {a.seeds!r} is not a comma-separated list of integers", file=sys.stderr)
+        return 2
     command = "medvlp " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    compare_poolings(cfg, a.out, poolings, command=command)
+    compare_poolings(cfg, a.out, poolings, seeds, command=command)
     print(open(f"{a.out}/poolings.md").read(), end="")
     return 0
 
@@ -56,5 +61,6 @@ def add_pcam_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("recipe")
     s.add_argument("--out", required=True, help="folder of the runs and of poolings.md / poolings.json")
     s.add_argument("--poolings", default="avg,max,lse,pcam")
+    s.add_argument("--seeds", default="", help="comma-separated seeds (finetune.seed and data.seed); default: the recipe's")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     s.set_defaults(fn=_cmd_pcam_table)

@@ -97,3 +97,35 @@ def test_unknown_finding_in_policies_is_named(chexpert_shards):
     cfg.head.findings = ["Pneumonia"]
     with pytest.raises(ValueError, match=r"head.findings: \['Pneumonia'\] are not labels"):
         PcamStage().build(None, cfg)
+
+
+def test_pretrained_backbone_is_loaded_and_stays_frozen(chexpert_shards, tmp_path):
+    """finetune.checkpoint -> load_pretrained: the tower starts from the pretrained weights; `backbone: frozen`
+    keeps them; only the head trains."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from finetune.pcam.stage import PcamStage
+    from finetune.runner import run_stage
+    from pretrain.checkpoint import model_metadata, save_state_dict
+    from pretrain.config import ModelConfig
+    from pretrain.model import build_model
+
+    torch.manual_seed(3)
+    clip = build_model(ModelConfig(name="debug-rn")).eval()
+    run = tmp_path / "pretrained"
+    run.mkdir()
+    save_state_dict(clip.state_dict(), run / "model.safetensors", model_metadata(clip))
+    (run / "config.json").write_text(json.dumps({"model.name": "debug-rn", "data.modality": "cxr"}))
+    cfg = _cfg(chexpert_shards, "ignore")
+    cfg.finetune.checkpoint, cfg.finetune.out_dir = str(run), str(tmp_path / "ft")
+    cfg.head.model, cfg.head.feature_level = "debug", -2  # head.model is ignored when a checkpoint is given
+    result = run_stage(PcamStage(), cfg)
+    sd = load_file(result.weights)
+    for name, v in clip.visual.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            torch.testing.assert_close(sd[f"visual.{name}"], v, msg=name)
+    assert all(n.startswith("head.") for n in result.trainable)
+    meta = json.loads((tmp_path / "ft" / "pcam_model.json").read_text())
+    assert meta["model"] == clip.name and meta["spec"]["vision"]["type"] == "resnet"
