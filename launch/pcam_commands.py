@@ -31,11 +31,15 @@ def _cmd_localize(a: argparse.Namespace) -> int:
 
 def _cmd_pcam_table(a: argparse.Namespace) -> int:
     from finetune.pcam.compare import compare_poolings
-    from finetune.pcam.config import PcamConfig
-    from launch.config import load_config
+    from finetune.pcam.model import POOLINGS
+    from launch.cli import load_stage_config
 
-    cfg = load_config(a.recipe, a.set, cls=PcamConfig)
     poolings = [p for p in a.poolings.split(",") if p]
+    bad = [p for p in poolings if p not in POOLINGS]
+    if bad or not poolings:
+        print(f"error: --poolings: {bad or poolings} are not among {', '.join(POOLINGS)}", file=sys.stderr)
+        return 2
+    cfg, _ = load_stage_config("pcam", a.recipe, a.set)
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()] if a.seeds else None
     except ValueError:

@@ -106,3 +106,37 @@ def test_localize_finds_a_lesion_at_a_known_place(lesion_run, tmp_path):
         localize(tmp_path, [tmp_path / "case.png"], tmp_path / "x")
     with pytest.raises(LocalizeError, match="cannot read the image"):
         localize(root / "run", [tmp_path / "missing.png"], tmp_path / "y")
+
+
+def _tiny(root, uri):
+    return ["--set", f"data.train_shards={root / 'shards'}", "--set", "finetune.steps=2", "--set",
+            "finetune.batch_size=8", "--set", "data.shuffle_buffer=16", "--set", "eval.overlays=1", "--set",
+            f"tracking.uri={uri}", "--set", "finetune.progress=false"]
+
+
+def test_cli_finetune_localize_and_table(lesion_run, tmp_path, capsys):
+    """`medvlp finetune pcam RECIPE`, `medvlp localize` and `medvlp pcam-table` through the real CLI."""
+    from PIL import Image
+
+    from launch.cli import main
+
+    root, _, uri = lesion_run
+    run = tmp_path / "ft"
+    assert main(["finetune", "pcam", "pcam-synth", *_tiny(root, uri), "--set", f"finetune.out_dir={run}"]) == 0
+    assert (run / "model.safetensors").is_file() and (run / "pcam_model.json").is_file()
+    img, _ = lesion_image(np.random.default_rng(1), cx=40.0, cy=20.0)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    assert main(["localize", "--checkpoint", str(run), str(tmp_path / "a.png"), "--out", str(tmp_path / "loc")]) == 0
+    assert "a.png: lesion p=" in capsys.readouterr().out
+    assert json.loads((tmp_path / "loc" / "boxes.json").read_text())[0]["findings"]["lesion"]["overlay"] == \
+        "a_lesion.png"
+    assert main(["localize", "--checkpoint", str(tmp_path), str(tmp_path / "a.png"), "--out", str(tmp_path / "x")]) == 2
+    assert "no model.safetensors" in capsys.readouterr().err
+    out = tmp_path / "table"
+    assert main(["pcam-table", "pcam-synth", "--out", str(out), "--poolings", "avg,pcam", *_tiny(root, uri)]) == 0
+    doc = json.loads((out / "poolings.json").read_text())
+    assert list(doc["runs"]) == ["avg", "pcam"] and doc["findings"] == ["lesion"]
+    md = (out / "poolings.md").read_text()
+    assert "| avg |" in md and "| pcam |" in md and "command: `medvlp pcam-table" in md
+    assert main(["pcam-table", "pcam-synth", "--out", str(out), "--poolings", "mean"]) == 2
+    assert "--poolings: ['mean']" in capsys.readouterr().err
