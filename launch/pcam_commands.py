@@ -45,7 +45,10 @@ def _cmd_pcam_table(a: argparse.Namespace) -> int:
     except ValueError:
         print(f"error: --seeds: {a.seeds!r} is not a comma-separated list of integers", file=sys.stderr)
         return 2
-    command = "medvlp " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    args = ["pcam-table", a.recipe, "--out", a.out, "--poolings", ",".join(poolings)]
+    args += ["--seeds", a.seeds] if a.seeds else []
+    args += [x for kv in a.set for x in ("--set", kv)]
+    command = "medvlp " + " ".join(shlex.quote(x) for x in args)
     compare_poolings(cfg, a.out, poolings, seeds, command=command)
     print(open(f"{a.out}/poolings.md").read(), end="")
     return 0

@@ -7,3 +7,10 @@ metrics.py  AUC per finding, pointing game, IoU and localisation accuracy at IoU
 stage.py    the Stage on the fine-tune runner;  config.py  the `kind: pcam` root
 localize.py `medvlp localize`;  compare.py  the pooling comparison table
 """
+from finetune import register_stage
+from finetune.pcam.config import PcamConfig
+from finetune.pcam.stage import PcamStage
+
+register_stage("pcam", PcamConfig, PcamStage)
+
+__all__ = ["PcamConfig", "PcamStage"]

@@ -36,7 +36,6 @@ def load_localizer(checkpoint: str | Path) -> tuple[PcamModel, dict]:
     from safetensors.torch import load_file
 
     from finetune.pcam.config import PcamHeadConfig
-    from pretrain.configtree import build
     from pretrain.towers import build_vision
 
     p = Path(checkpoint)
@@ -47,7 +46,11 @@ def load_localizer(checkpoint: str | Path) -> tuple[PcamModel, dict]:
     if not meta_path.is_file():
         raise LocalizeError(f"--checkpoint {p}: no {MODEL_META} beside {weights.name} (not a PCAM run)")
     meta = json.loads(meta_path.read_text())
-    head_cfg = build(PcamHeadConfig, meta["head"], "head")
+    try:
+        head_cfg = PcamHeadConfig(**meta["head"])
+        head_cfg.validate()
+    except (TypeError, ValueError, KeyError) as e:
+        raise LocalizeError(f"--checkpoint {meta_path}: bad head section ({e})") from None
     visual = build_vision(int(meta["spec"]["embed_dim"]), meta["spec"]["vision"])
     model, _ = build_pcam_model(visual, int(meta["image_size"]), len(meta["findings"]), head_cfg)
     sd = load_file(str(weights))
