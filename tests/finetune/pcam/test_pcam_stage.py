@@ -140,3 +140,18 @@ def test_cli_finetune_localize_and_table(lesion_run, tmp_path, capsys):
     assert "| avg |" in md and "| pcam |" in md and "command: `medvlp pcam-table" in md
     assert main(["pcam-table", "pcam-synth", "--out", str(out), "--poolings", "mean"]) == 2
     assert "--poolings: ['mean']" in capsys.readouterr().err
+
+
+def test_pcam_recipes_load_and_round_trip():
+    from launch.cli import load_stage_config
+    from launch.config import build, list_recipes, load_recipe_dict, to_dict
+
+    names = [n for n in list_recipes() if load_recipe_dict(n).get("kind") == "pcam"]
+    assert "pcam-synth" in names
+    for name in names:
+        cfg, factory = load_stage_config("pcam", name, [])
+        assert isinstance(cfg, PcamConfig) and cfg.head.pooling in ("avg", "max", "lse", "pcam")
+        assert to_dict(build(PcamConfig, to_dict(cfg))) == to_dict(cfg)
+    from launch.config import ConfigError
+    with pytest.raises(ConfigError, match="head.pooling: 'mean' is not one of"):
+        load_stage_config("pcam", "pcam-synth", ["head.pooling=mean"])
