@@ -152,6 +152,7 @@ def test_pcam_recipes_load_and_round_trip():
         cfg, factory = load_stage_config("pcam", name, [])
         assert isinstance(cfg, PcamConfig) and cfg.head.pooling in ("avg", "max", "lse", "pcam")
         assert to_dict(build(PcamConfig, to_dict(cfg))) == to_dict(cfg)
-    from launch.config import ConfigError
+    from launch.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="head.pooling: 'mean' is not one of"):
         load_stage_config("pcam", "pcam-synth", ["head.pooling=mean"])
+    assert isinstance(load_config("pcam-synth"), PcamConfig)  # kind: pcam selects the root (config show, docs)
