@@ -68,6 +68,7 @@ def add_pcam_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("recipe")
     s.add_argument("--out", required=True, help="folder of the runs and of poolings.md / poolings.json")
     s.add_argument("--poolings", default="avg,max,lse,pcam")
-    s.add_argument("--seeds", default="", help="comma-separated seeds (finetune.seed and data.seed); default: the recipe's")
+    s.add_argument("--seeds", default="",
+                   help="comma-separated seeds (finetune.seed and data.seed); default: the recipe's")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     s.set_defaults(fn=_cmd_pcam_table)

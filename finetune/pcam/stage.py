@@ -124,7 +124,8 @@ class PcamStage:
         from data_shards.stream import make_loader
 
         train = split == "train"
-        return make_loader(self._data(cfg, ["boxes"] if not train and cfg.eval.boxes else []), rank=rank, world_size=world, epoch=epoch,
+        members = ["boxes"] if not train and cfg.eval.boxes else []  # ground truth only where it is scored
+        return make_loader(self._data(cfg, members), rank=rank, world_size=world, epoch=epoch,
                            start_step=start_step, train=train, split=None if train else split)
 
     def _label_names(self, cfg: PcamConfig) -> list[str]:
