@@ -4,7 +4,8 @@
         def build(self, pretrained, cfg): ...          # -> nn.Module (forward takes what `loss` passes)
         def loss(self, model, batch): ...              # -> (scalar loss, {"name": float, ...})
         def batches(self, cfg, split, rank, world): ...  # -> iterable of batch dicts for this process
-        def evaluate(self, model, cfg): ...            # optional -> {"metric": float}
+        def evaluate(self, model, cfg): ...            # optional -> {"metric": float}; may also declare the
+                                                       # keywords `step` and `tracker` (figures/artifacts, rank 0)
 
     result = run_stage(MyStage(), cfg)                 # cfg: the stage's root config, with a `finetune:` section
 
@@ -21,7 +22,8 @@ What the loop does, in order:
    scheduler step. Loss and the stage's metrics are averaged over micro batches and processes.
 4. Every `log_every` steps the averaged metrics go to MLflow (rank 0 only, `pretrain.tracking.Tracker`; the
    flattened config is logged as params); every `eval_every` steps and at the end `stage.evaluate` runs (on every
-   process, model in eval mode, no grad; rank 0's result is logged under `eval/`).
+   process, model in eval mode, no grad; rank 0's result is logged under `eval/`). An `evaluate` that declares
+   `step` / `tracker` keywords gets the step and, on rank 0, the MLflow tracker (None elsewhere) for artifacts.
 5. Every `ckpt_every` steps and at the end `accelerator.save_state` writes `OUT/checkpoints/step_NNNNNN/`
    (model as safetensors, optimizer, scheduler, RNG states of every process, the loop position); a `COMPLETE`
    marker is written last, and only the `keep_ckpts` newest complete checkpoints are kept. With
@@ -564,7 +566,8 @@ def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, tracker, step: i
     inner.eval()
     try:
         with torch.no_grad(), accelerator.autocast():
-            metrics = {k: float(v) for k, v in (fn(inner, cfg) or {}).items()}
+            extra = _accepted(fn, step=step, tracker=tracker if accelerator.is_main_process else None)
+            metrics = {k: float(v) for k, v in (fn(inner, cfg, **extra) or {}).items()}
     finally:
         set_train_mode(model, rc.frozen_eval)
     if tracker is not None and accelerator.is_main_process:
@@ -572,6 +575,15 @@ def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, tracker, step: i
     if accelerator.is_main_process:
         print(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
     return metrics
+
+
+def _accepted(fn, **candidates) -> dict:
+    """The keyword arguments among `candidates` that `fn` declares: a stage's optional hooks, e.g. `evaluate`'s
+    `step` and `tracker` (for artifacts such as figures; None off rank 0)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return candidates
+    return {k: v for k, v in candidates.items() if k in params}
 
 
 def _save(accelerator, out: Path, step: int, keep: int) -> str:

@@ -13,6 +13,7 @@
     medvlp report eval --checkpoint RUN [--shards SLIDES]
     medvlp launch [...] -- <subcommand ...>
     medvlp runs compare|ui ...
+    medvlp localize --checkpoint RUN IMAGE... --out DIR;  medvlp pcam-table RECIPE --out DIR
 """
 from __future__ import annotations
 
@@ -525,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=5000)
     s.add_argument("--uri", default=None)
     s.set_defaults(fn=_cmd_runs_ui)
+
+    from launch.pcam_commands import add_pcam_commands
+    add_pcam_commands(sub)
 
     s = sub.add_parser("launch", help="single/multi-node launch (torchrun, deepspeed, SLURM)")
     try:

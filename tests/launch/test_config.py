@@ -188,7 +188,7 @@ def test_every_key_has_a_one_line_doc():
     ("eval.kshot=[0, 2]", "eval.kshot: every size must be >= 1"),
     ("loss.cache_chunk=-1", "loss.cache_chunk: must be >= 0"),
     ("tracking.http_timeout_s=0", "tracking.http_timeout_s: must be >= 1"),
-    ("kind=pcam", "kind: 'pcam' is not one of pretrain"),
+    ("kind=segmentation", "kind: 'segmentation' is not one of pretrain"),
 ])
 def test_range_checks_name_the_key(override, message):
     with pytest.raises(ConfigError) as ei:
