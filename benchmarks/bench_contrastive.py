@@ -122,8 +122,9 @@ def run_row(row: str, n: int, d: int, reps: int, dtype_name: str, rep_budget_s: 
     return {"time_s": statistics.median(times), "reps": len(times), "peak_extra_gib": peak / 2**30}
 
 
-def matmul_peak_gflops(size: int = 4096, dtype_name: str = "float32") -> float:
-    """GFLOP/s of one dense size³ matmul here, now (the roofline reference; run it beside what it normalises)."""
+def matmul_peak_gflops(size: int = 4096, dtype_name: str = "float32") -> tuple[float, float]:
+    """(GFLOP per wall s, GFLOP per CPU s) of one dense size³ matmul here, now (the roofline reference; run it
+    beside what it normalises)."""
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,11 +133,12 @@ def matmul_peak_gflops(size: int = 4096, dtype_name: str = "float32") -> float:
     torch.mm(a[:256], b)  # thread pools and BLAS kernels loaded outside the timing
     if dev == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     torch.mm(a, b)
     if dev == "cuda":
         torch.cuda.synchronize()
-    return 2 * size ** 3 / (time.perf_counter() - t0) / 1e9
+    flop = 2 * size ** 3 / 1e9
+    return flop / (time.perf_counter() - t0), flop / max(time.process_time() - c0, 1e-9)
 
 
 def interleave(rows: list[str], n: int, d: int, rounds: int, dtype_name: str, peak_size: int = 4096) -> dict:
@@ -156,46 +158,58 @@ def interleave(rows: list[str], n: int, d: int, rounds: int, dtype_name: str, pe
         small = [t.detach()[:256].clone().requires_grad_() for t in (img, txt)]
         fn(small[0], small[1], scale).backward()
     times: dict[str, list[float]] = {row: [] for row in rows}
+    cpu: dict[str, list[float]] = {row: [] for row in rows}
     peaks: list[float] = []
+    cpu_peaks: list[float] = []
     for r in range(rounds):
         order = rows if r % 2 == 0 else rows[::-1]  # ABBA…: neither row always runs right after the matmul
-        peaks.append(matmul_peak_gflops(peak_size, dtype_name))
+        wall_peak, cpu_peak = matmul_peak_gflops(peak_size, dtype_name)
+        peaks.append(wall_peak)
+        cpu_peaks.append(cpu_peak)
         for row in order:
             img.grad = txt.grad = scale.grad = None
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[row](img, txt, scale).backward()
             if cuda:
                 torch.cuda.synchronize()
             times[row].append(time.perf_counter() - t0)
-        print(json.dumps({"round": r, "peak_gflops": round(peaks[-1], 1),
-                          **{row: round(times[row][-1], 3) for row in rows}}), flush=True)
-    return {"times": times, "peaks": peaks}
+            cpu[row].append(time.process_time() - c0)
+        print(json.dumps({"round": r, "peak_gflops": round(peaks[-1], 1), "peak_gflop_per_cpu_s": round(cpu_peak, 1),
+                          **{row: round(times[row][-1], 3) for row in rows},
+                          **{f"{row}_cpu_s": round(cpu[row][-1], 3) for row in rows}}), flush=True)
+    return {"times": times, "peaks": peaks, "cpu": cpu, "cpu_peaks": cpu_peaks}
 
 
 def _interleave_report(res: dict, rows: list[str], n: int, d: int, dtype_name: str, hw: str) -> str:
-    times, peaks = res["times"], res["peaks"]
+    times, peaks, cpu, cpu_peaks = res["times"], res["peaks"], res["cpu"], res["cpu_peaks"]
     med = statistics.median
-    peak = med(peaks)
+    peak, cpu_peak = med(peaks), med(cpu_peaks)
     lines = [f"# Contrastive loss fwd+bwd, interleaved — {hw}, {dtype_name}, N={n}, D={d}, "
              f"{dt.date.today().isoformat()}", "",
              f"{len(peaks)} rounds, rows alternating in one process (ABBA…); each round also times a dense 4096³ "
              f"matmul: median {peak:.1f} GFLOP/s (min {min(peaks):.1f}, max {max(peaks):.1f}), the peak the "
-             f"fractions below use. torch threads: {_threads()}. Load average at the end (1/5/15 min): {_load()}.", "",
-             "| row | passes of 2·N²·D | median (s) | min–max (s) | GFLOP/s | of matmul peak |",
-             "|---|---|---|---|---|---|"]
+             f"fractions below use; per CPU second (process time, which other jobs' load disturbs far less than "
+             f"wall time) {cpu_peak:.1f} GFLOP. torch threads: {_threads()}. Load average at the end (1/5/15 min): "
+             f"{_load()}.", "",
+             "| row | passes of 2·N²·D | median (s) | min–max (s) | GFLOP/s | of matmul peak | CPU s (median) "
+             "| GFLOP per CPU s | of matmul's |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         t = times[row]
         passes = _pass_count(row, d, dtype_name) or 0
         gf = passes * 2 * n * n * d / med(t) / 1e9
-        lines.append(f"| {row} | {passes} | {med(t):.3f} | {min(t):.3f}–{max(t):.3f} | {gf:.1f} | {gf / peak:.0%} |")
+        gfc = passes * 2 * n * n * d / med(cpu[row]) / 1e9
+        lines.append(f"| {row} | {passes} | {med(t):.3f} | {min(t):.3f}–{max(t):.3f} | {gf:.1f} | {gf / peak:.0%} "
+                     f"| {med(cpu[row]):.3f} | {gfc:.1f} | {gfc / cpu_peak:.0%} |")
     if "naive" in rows:
         lines.append("")
         for row in rows:
             if row == "naive":
                 continue
-            ratio = [a / b for a, b in zip(times[row], times["naive"])]
-            lines.append(f"{row} / naive per round: median {med(ratio):.3f} (min {min(ratio):.3f}, max {max(ratio):.3f}; "
-                         + ", ".join(f"{x:.3f}" for x in ratio) + ")")
+            for what, series in (("wall", times), ("CPU", cpu)):
+                ratio = [a / b for a, b in zip(series[row], series["naive"])]
+                lines.append(f"{row} / naive, {what} time per round: median {med(ratio):.3f} (min {min(ratio):.3f}, "
+                             f"max {max(ratio):.3f}; " + ", ".join(f"{x:.3f}" for x in ratio) + ")  ")
     return "\n".join(lines) + "\n"
 
 

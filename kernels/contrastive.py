@@ -14,6 +14,9 @@ them (the O(n·D) positive term is folded into the same autograd.Function, so ea
   forward keeps only the LSE vectors (O(N)); backward recomputes each block. Memory O(N·D + B·N).
   Passes of 2·N²·D flops: forward 1 (the single-device form gets the row LSE from the block directly and the
   column LSE by merging per-block partials from the same block), backward 3 (recompute, dQ, dK): 4 in all.
+  Elementwise passes over each B×N block: forward 5 (max, shift, exp, row sum, column mat-vec); backward 3 (one
+  exp of the logits shifted by their row LSE inside the matmul's accumulator, then the column softmax as a
+  rank-1 rescale of the row softmax: w = w_row + (w_row·a_i)·b_j), exact two-exp fallback for LSE spreads > 45.
 * ``triton``    — fused kernels in ``kernels.contrastive_triton`` (GPU, or CPU under TRITON_INTERPRET=1).
 
 Distributed form: ``img_q, txt_q`` are this rank's n rows, ``img_k, txt_k`` the N gathered rows of all ranks
