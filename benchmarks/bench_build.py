@@ -148,8 +148,8 @@ def main() -> None:
             f"{a.maxcount} per shard; median of {a.rounds} rounds (bare and builds alternating). "
             f"Load average at the end (1/5/15 min): {load}. Worker fork server start-up (once per build "
             f"process, not in the times below): {startup:.1f} s.\n\n"
-            f"Scaling = rate_N / (N x the 1-worker rate); builder/bare per worker = the bare loop's rate over the builder's rate per worker "
-            f"bare loop.\n\n"
+            f"Scaling = rate_N / (N x the 1-worker rate); builder/bare per worker = the bare loop's rate over the "
+            f"builder's rate per worker.\n\n"
             f"| what | cold s | samples/s | source MB/s | scaling | builder/bare per worker | shards MB | rerun s |\n"
             f"|---|---|---|---|---|---|---|---|\n")
     path.write_text(head + "\n".join(lines) + "\n")
