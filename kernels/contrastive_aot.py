@@ -115,13 +115,12 @@ def compile_candidates(dims=(256, 512, 768, 1024), dtypes=(torch.float32, torch.
     form: it adds the column exp and partials), once per distinct config; ``dims`` lists the dims that pick it."""
     results = []
     for dtype in dtypes:
-        configs: dict[tuple, list[int]] = {}  # (which, config) -> dims
+        configs: dict[tuple, tuple[str, dict, list[int]]] = {}  # (which, config) -> (which, config, dims)
         for D in dims:
             for which, cands in ct.tune_candidates(D, dtype).items():
                 for cfg in cands:
-                    configs.setdefault((which, tuple(sorted(cfg.items()))), []).append(D)
-        for (which, items), dlist in configs.items():
-            cfg = dict(items)
+                    configs.setdefault((which, tuple(sorted(cfg.items()))), (which, cfg, []))[2].append(D)
+        for which, cfg, dlist in configs.values():
             for arch, (kind, fn) in ((a, k) for a in archs for k in KERNELS):
                 if kind != which:
                     continue
