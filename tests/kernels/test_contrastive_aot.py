@@ -103,3 +103,10 @@ def test_autotune_is_off_under_the_interpreter(monkeypatch):
     monkeypatch.delenv("MEDVLP_TRITON_AUTOTUNE")
     assert ct.autotune_enabled()
     assert ct.pass_count(512, torch.bfloat16, block_do=128) == 11  # a tuned BLOCK_DO changes the passes
+    from triton.runtime.autotuner import Autotuner
+
+    kernel, cands = ct._tuned(ct._clip_bwd_dq_kernel, "bwd", 512, torch.bfloat16)
+    assert isinstance(kernel, Autotuner) and kernel.keys == ["D", "WITH_COLS"]
+    assert [c.kwargs["BLOCK_DO"] for c in kernel.configs] == [c["BLOCK_DO"] for c in cands] == [256, 128]
+    assert ct._tuned(ct._clip_bwd_dq_kernel, "bwd", 500, torch.bfloat16)[0] is kernel  # one tuner per D bucket
+    assert ct._chosen(kernel, cands) == cands[0]  # before any launch: the ahead-of-time config
