@@ -102,7 +102,9 @@ def open_clip_side(model_name: str, batch: int, seed: int):
     def step():
         opt.zero_grad()
         out = fwd(img, tok)
-        loss = lss(out["image_features"], out["text_features"], out["logit_scale"])
+        if isinstance(out, dict):
+            out = (out["image_features"], out["text_features"], out["logit_scale"])
+        loss = lss(*out[:3])
         loss.backward()
         clip(model.parameters(), 1.0)
         opt_step()
@@ -178,7 +180,7 @@ def main(argv=None) -> None:
     for ph in PHASES:
         o = med([x.get(ph, 0.0) for x in res["ours"]])
         c = med([x.get(ph, 0.0) for x in res["open_clip"]])
-        lines.append(f"| {ph} | {o:.0f} | {c:.0f} | {o / c:.2f} |" if c > 0 else f"| {ph} | {o:.0f} | {c:.0f} | — |")
+        lines.append(f"| {ph} | {o:.1f} | {c:.1f} | {o / c:.2f} |" if c > 0 else f"| {ph} | {o:.1f} | {c:.1f} | — |")
     lines.append(f"| wall s per step (profiled) | {med(walls['ours']):.2f} | {med(walls['open_clip']):.2f} | "
                  f"{med(walls['ours']) / med(walls['open_clip']):.2f} |")
     text = "\n".join(lines) + "\n"
