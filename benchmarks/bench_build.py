@@ -60,7 +60,8 @@ def bare_pil(files: list[Path], image_size: int) -> None:
             sc = image_size / max(w, h)
             size = (max(1, round(w * sc)), max(1, round(h * sc))) if sc < 1 else (w, h)
             if im.mode.startswith("I"):  # 16-bit: LANCZOS in float32 and round back, as the builder does
-                arr = np.asarray(Image.fromarray(np.asarray(im).astype(np.float32), mode="F").resize(size, Image.LANCZOS))
+                f32 = Image.fromarray(np.asarray(im).astype(np.float32), mode="F")
+                arr = np.asarray(f32.resize(size, Image.LANCZOS))
                 out = Image.fromarray(np.clip(np.rint(arr), 0, 65535).astype(np.uint16))
             else:
                 out = im.resize(size, Image.LANCZOS)
@@ -127,7 +128,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     bare_rate = a.n / med(bare)
     rate1 = a.n / med(cold[min(a.workers)]) / min(a.workers)
-    lines = [f"| bare PIL loop (1 process) | {med(bare):.2f} | {bare_rate:.2f} | {src_mb / med(bare):.1f} | — | — | — | — |"]
+    lines = [f"| bare PIL loop (1 process) | {med(bare):.2f} | {bare_rate:.2f} | {src_mb / med(bare):.1f} "
+             "| — | — | — | — |"]
     for w in a.workers:
         c, rate = med(cold[w]), a.n / med(cold[w])
         lines.append(f"| builder, {w} worker{'s' if w > 1 else ''} | {c:.2f} | {rate:.2f} | {src_mb / c:.1f} | "

@@ -7,7 +7,8 @@ from launch.demo import _timing_eval, wall_split
 
 
 def test_wall_split_subtracts_eval_from_training() -> None:
-    assert wall_split(100.0, 5.0, 30.0, 8.0) == "wall time: install 100 s, corpus 5 s, training 22 s, eval 8 s; total 135 s"
+    assert wall_split(100.0, 5.0, 30.0, 8.0) == ("wall time: install 100 s, corpus 5 s, training 22 s, eval 8 s; "
+                                                 "total 135 s")
     assert wall_split(None, 5.0, 30.0, 8.0) == "wall time: corpus 5 s, training 22 s, eval 8 s; total 35 s"
 
 
