@@ -3,6 +3,12 @@
     python benchmarks/bench_contrastive.py                       # D=256, N = 4096, 8192, ... until a cap
     python benchmarks/bench_contrastive.py --dims 256,512,768 --n-max 65536 --timeout 300
     python benchmarks/bench_contrastive.py --quick               # N = 4096 only, one repetition
+    python benchmarks/bench_contrastive.py --interleave --n 16384 --rounds 5   # naive vs chunked, ABAB in one process
+
+``--interleave`` times the rows alternately in one process (A B A B …, plus a dense 4096³ fp32 matmul each round
+as the machine's measured peak), so a load change on a shared machine hits every row alike; it prints each row's
+median, min–max spread, GFLOP/s (passes of 2·N²·D over the time) and fraction of the measured matmul peak, and
+the chunked/naive ratio per round (median and spread). Writes contrastive-interleave-<date>-<hardware>.md.
 
 Rows: naive torch (materialised logits + F.cross_entropy, the kernels' reference), open_clip's ClipLoss,
 ``chunked``; on CUDA also ``triton`` and Inf-CL (``inf_cl``, skipped with the reason when not installed).
@@ -116,6 +122,97 @@ def run_row(row: str, n: int, d: int, reps: int, dtype_name: str, rep_budget_s: 
     return {"time_s": statistics.median(times), "reps": len(times), "peak_extra_gib": peak / 2**30}
 
 
+def matmul_peak_gflops(size: int = 4096, dtype_name: str = "float32") -> tuple[float, float]:
+    """(GFLOP per wall s, GFLOP per CPU s) of one dense size³ matmul here, now (the roofline reference; run it
+    beside what it normalises)."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, device=dev, dtype=getattr(torch, dtype_name))
+    b = torch.randn(size, size, device=dev, dtype=a.dtype)
+    torch.mm(a[:256], b)  # thread pools and BLAS kernels loaded outside the timing
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    torch.mm(a, b)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    flop = 2 * size ** 3 / 1e9
+    return flop / (time.perf_counter() - t0), flop / max(time.process_time() - c0, 1e-9)
+
+
+def interleave(rows: list[str], n: int, d: int, rounds: int, dtype_name: str, peak_size: int = 4096) -> dict:
+    """Rows timed alternately (one fwd+bwd each per round) in this process, with the matmul peak each round."""
+    import torch
+    import torch.nn.functional as F
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    img = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(dev, dtype).requires_grad_()
+    txt = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(dev, dtype).requires_grad_()
+    scale = torch.tensor(1 / 0.07, device=dev, requires_grad=True)
+    fns = {row: _loss_fn(row) for row in rows}
+    for fn in fns.values():  # warm-up on a slice: thread pools, kernels
+        small = [t.detach()[:256].clone().requires_grad_() for t in (img, txt)]
+        fn(small[0], small[1], scale).backward()
+    times: dict[str, list[float]] = {row: [] for row in rows}
+    cpu: dict[str, list[float]] = {row: [] for row in rows}
+    peaks: list[float] = []
+    cpu_peaks: list[float] = []
+    for r in range(rounds):
+        order = rows if r % 2 == 0 else rows[::-1]  # ABBA…: neither row always runs right after the matmul
+        wall_peak, cpu_peak = matmul_peak_gflops(peak_size, dtype_name)
+        peaks.append(wall_peak)
+        cpu_peaks.append(cpu_peak)
+        for row in order:
+            img.grad = txt.grad = scale.grad = None
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[row](img, txt, scale).backward()
+            if cuda:
+                torch.cuda.synchronize()
+            times[row].append(time.perf_counter() - t0)
+            cpu[row].append(time.process_time() - c0)
+        print(json.dumps({"round": r, "peak_gflops": round(peaks[-1], 1), "peak_gflop_per_cpu_s": round(cpu_peak, 1),
+                          **{row: round(times[row][-1], 3) for row in rows},
+                          **{f"{row}_cpu_s": round(cpu[row][-1], 3) for row in rows}}), flush=True)
+    return {"times": times, "peaks": peaks, "cpu": cpu, "cpu_peaks": cpu_peaks}
+
+
+def _interleave_report(res: dict, rows: list[str], n: int, d: int, dtype_name: str, hw: str) -> str:
+    times, peaks, cpu, cpu_peaks = res["times"], res["peaks"], res["cpu"], res["cpu_peaks"]
+    med = statistics.median
+    peak, cpu_peak = med(peaks), med(cpu_peaks)
+    lines = [f"# Contrastive loss fwd+bwd, interleaved — {hw}, {dtype_name}, N={n}, D={d}, "
+             f"{dt.date.today().isoformat()}", "",
+             f"{len(peaks)} rounds, rows alternating in one process (ABBA…); each round also times a dense 4096³ "
+             f"matmul: median {peak:.1f} GFLOP/s (min {min(peaks):.1f}, max {max(peaks):.1f}), the peak the "
+             f"fractions below use; per CPU second (process time, which other jobs' load disturbs far less than "
+             f"wall time) {cpu_peak:.1f} GFLOP. torch threads: {_threads()}. Load average at the end (1/5/15 min): "
+             f"{_load()}.", "",
+             "| row | passes of 2·N²·D | median (s) | min–max (s) | GFLOP/s | of matmul peak | CPU s (median) "
+             "| GFLOP per CPU s | of matmul's |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        t = times[row]
+        passes = _pass_count(row, d, dtype_name) or 0
+        gf = passes * 2 * n * n * d / med(t) / 1e9
+        gfc = passes * 2 * n * n * d / med(cpu[row]) / 1e9
+        lines.append(f"| {row} | {passes} | {med(t):.3f} | {min(t):.3f}–{max(t):.3f} | {gf:.1f} | {gf / peak:.0%} "
+                     f"| {med(cpu[row]):.3f} | {gfc:.1f} | {gfc / cpu_peak:.0%} |")
+    if "naive" in rows:
+        lines.append("")
+        for row in rows:
+            if row == "naive":
+                continue
+            for what, series in (("wall", times), ("CPU", cpu)):
+                ratio = [a / b for a, b in zip(series[row], series["naive"])]
+                lines.append(f"{row} / naive, {what} time per round: median {med(ratio):.3f} (min {min(ratio):.3f}, "
+                             f"max {max(ratio):.3f}; " + ", ".join(f"{x:.3f}" for x in ratio) + ")  ")
+    return "\n".join(lines) + "\n"
+
+
 def _hardware() -> tuple[str, str, bool]:
     """(slug for file names, description, has CUDA)."""
     import torch
@@ -171,6 +268,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak for the roofline column")
     p.add_argument("--quick", action="store_true", help="N = n-min only, one repetition")
+    p.add_argument("--interleave", action="store_true", help="rows alternately in one process (see above)")
+    p.add_argument("--n", type=int, default=16384, help="N for --interleave")
+    p.add_argument("--rounds", type=int, default=5, help="rounds for --interleave")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output folder")
     p.add_argument("--_row"), p.add_argument("--_n", type=int), p.add_argument("--_d", type=int)
     p.add_argument("--_reps", type=int, default=3)
@@ -180,6 +280,17 @@ def main(argv=None) -> None:
         return
     slug, hw, cuda = _hardware()
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    if args.interleave:
+        rows = args.rows.split(",") if args.rows else ["naive", "chunked"]
+        d = int(args.dims.split(",")[0])
+        report = _interleave_report(interleave(rows, args.n, d, args.rounds, args.dtype), rows, args.n, d,
+                                    args.dtype, hw)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"contrastive-interleave-{dt.date.today().isoformat()}-{slug}-n{args.n}.md"
+        path.write_text(report)
+        print(report + f"wrote {path}")
+        return
     if args.quick:
         args.n_max, args.reps = args.n_min, 1
     rows = args.rows.split(",") if args.rows else list(GPU_ROWS if cuda else CPU_ROWS)
@@ -202,6 +313,12 @@ def main(argv=None) -> None:
                     break
                 n *= 2
     _write(records, slug, hw, args, cuda)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _load() -> str:

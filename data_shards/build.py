@@ -8,10 +8,11 @@ Flow and guarantees
      mode every row is still tried, so the error lists every undecodable row at once).
   2. Rows are ordered by (split, key) and cut into shards by `maxcount` and `maxsize`. The size is estimated from
      the source files on disk (an upper bound for images, which shrink when resized), so no decode is needed.
-  3. Workers (spawned processes) each encode one whole SHARD and write it atomically (tmp + rename), then a
-     sidecar `.build/NAME.json` with the shard's plan digest and sha256. A rerun skips every shard whose `.tar`
-     and sidecar exist, whose plan digest matches (same rows, same source file sizes/mtimes, same image_size)
-     and whose sha256 still matches; our own leftover `*.tmp` files are removed first.
+  3. Workers (forks of one server that imported the builder once) each encode one whole SHARD and write it
+     atomically (tmp + rename), then a sidecar `.build/NAME.json` with the shard's plan digest and sha256. A
+     rerun skips every shard whose `.tar` and sidecar exist, whose plan digest matches (same rows, same source
+     file sizes/mtimes, same image_size) and whose sha256 still matches; our own leftover `*.tmp` files are
+     removed first.
   4. `part=(i, n)` builds only the patients with `part_of(patient) == i`; names carry the part and the index is
      index.part{i}of{n}.json; `merge_indexes` joins the parts and checks no sample is missing or doubled.
 
@@ -302,32 +303,68 @@ def prefix_to_tag(prefix: str) -> str:
     return f"part{int(m.group(1))}of{int(m.group(2))}" if m else ""
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(builder_pid: int) -> None:
     """Worker initializer: a build worker never outlives its builder (killed with SIGKILL, a lost node, ...).
 
-    Linux: the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG); elsewhere, and as a backstop, a
-    daemon thread exits the worker once its parent pid changes. The killed shard's `.tar.tmp` is removed and
-    rebuilt by the next run."""
+    The worker's parent is the builder (spawn) or the pool's fork server, which exits when the builder does.
+    Linux: the kernel sends SIGKILL when that parent dies (PR_SET_PDEATHSIG); elsewhere, and as a backstop, a
+    daemon thread exits the worker once its parent changes or the builder is gone. The killed shard's
+    `.tar.tmp` is removed and rebuilt by the next run."""
     import signal
     import threading
     import time
 
+    parent = os.getppid()
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+
+    def gone() -> bool:
+        if os.getppid() != parent:
+            return True
+        try:
+            os.kill(builder_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+    if gone():  # the parent died before the line above took effect
         os._exit(1)
 
     def watch() -> None:
         while True:
             time.sleep(0.5)
-            if os.getppid() != parent_pid:
+            if gone():
                 os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+
+
+def _pool_context():
+    """Start method of the build workers.
+
+    forkserver where the platform has it: one server process imports this module (numpy, PIL, webdataset and the
+    torch webdataset pulls in) once, and every worker is a fork of it, so N workers cost one import instead of N
+    interpreters each importing torch (seconds apiece, longer than a small shard takes to encode). Forking from the
+    server, not from the builder, stays safe when the builder already runs threads. spawn elsewhere."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["__main__", __name__])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def _warm_pool(workers: int) -> None:
+    """Start the workers' fork server now: it imports in the background while this process reads the manifest."""
+    if workers > 1 and _pool_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 def _run_tasks(tasks: list[dict], workers: int, on_error: str, progress: bool) -> list[dict]:
@@ -340,7 +377,7 @@ def _run_tasks(tasks: list[dict], workers: int, on_error: str, progress: bool) -
             results.append(_encode_shard(t))
             bar.update()
     else:
-        ctx = mp.get_context("spawn")  # fork is unsafe once threads (torch, tqdm) exist in the parent
+        ctx = _pool_context()  # not fork: unsafe once threads (torch, tqdm) exist in the parent
         with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
                                     initializer=_die_with_parent, initargs=(os.getpid(),)) as ex:
             futs = [ex.submit(_encode_shard, t) for t in tasks]
@@ -364,6 +401,7 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
         raise ManifestError(errors)
     if not rows:
         raise ManifestError(errors or ["no rows to build"], header="nothing to build")
+    _warm_pool(workers)
     out = Path(out_dir)
     (out / SIDECAR_DIR).mkdir(parents=True, exist_ok=True)
     prefix = f"part{part[0]:03d}of{part[1]:03d}" if part else "shard"
@@ -426,6 +464,7 @@ def build_shards(manifest, out_dir, *, workers=2, maxcount=1000, maxsize=1 << 30
         i, n = part
         if not 0 <= i < n:
             raise ValueError(f"part: need 0 <= i < n, got {part}")
+    _warm_pool(workers)
     rows, errors, n_rows = read_manifest(manifest, modality)
     if salt is not None:
         readers.phi.hash_rows(rows, salt)

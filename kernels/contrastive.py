@@ -14,6 +14,9 @@ them (the O(n·D) positive term is folded into the same autograd.Function, so ea
   forward keeps only the LSE vectors (O(N)); backward recomputes each block. Memory O(N·D + B·N).
   Passes of 2·N²·D flops: forward 1 (the single-device form gets the row LSE from the block directly and the
   column LSE by merging per-block partials from the same block), backward 3 (recompute, dQ, dK): 4 in all.
+  Elementwise passes over each B×N block: forward 5 (max, shift, exp, row sum, column mat-vec); backward 3 (one
+  exp of the logits shifted by their row LSE inside the matmul's accumulator, then the column softmax as a
+  rank-1 rescale of the row softmax: w = w_row + (w_row·a_i)·b_j), exact two-exp fallback for LSE spreads > 45.
 * ``triton``    — fused kernels in ``kernels.contrastive_triton`` (GPU, or CPU under TRITON_INTERPRET=1).
 
 Distributed form: ``img_q, txt_q`` are this rank's n rows, ``img_k, txt_k`` the N gathered rows of all ranks
@@ -83,19 +86,25 @@ def clip_loss_reference(img_q, txt_q, logit_scale, img_k=None, txt_k=None, q_off
 # --------------------------------------------------------------------------------------------------------------
 # Column partials below this lost their leading digits to fp32 underflow: recompute those columns exactly.
 _UNDERFLOW = 1e-30
+# The backward's rank-1 column weights need the block's largest row LSE within _SPREAD of the smallest column LSE
+# (a column weight whose row weight underflowed is then below e^(−87+45) ≈ 6e-19); otherwise it takes both exps.
+_SPREAD = 45.0
 
 
-def _block_lse_both(qs_BD, k_ND, z_BN):
-    """Row LSE (B) and column partial LSE (N) of one logits block ``qs·kᵀ`` with a single exp pass.
+def _block_lse_both(qs_BD, k_ND, z_BN, with_cols: bool = True):
+    """Row LSE (B) [and column partial LSE (N)] of one logits block ``qs·kᵀ`` with a single exp pass.
 
-    Rows are shifted by their own max (exact). Columns reuse the same exponentials, reweighted by
-    exp(row max − block max) in one mat-vec; a column whose entries all sit far below the block max (logit
-    spreads > ~70, possible at s = 100) underflows there and is recomputed exactly from its logits.
+    Rows are shifted by their own max (exact; the largest term is exactly 1, which keeps the sum's rounding at
+    the reference's level). Columns reuse the same exponentials, reweighted by exp(row max − block max) in one
+    mat-vec; a column whose entries all sit far below the block max (logit spreads > ~70, possible at s = 100)
+    underflows there and is recomputed exactly from its logits.
     """
     torch.mm(qs_BD, k_ND.T, out=z_BN)
     m_B = z_BN.amax(dim=1)
     e_BN = z_BN.sub_(m_B[:, None]).exp_()  # in place: the logits are not needed again for most columns
     lse_B = m_B + e_BN.sum(dim=1).log()
+    if not with_cols:
+        return lse_B, None
     top = m_B.max()
     col_N = torch.mv(e_BN.T, torch.exp(m_B - top))
     part_N = top + col_N.log()
@@ -103,6 +112,28 @@ def _block_lse_both(qs_BD, k_ND, z_BN):
     if bad.numel():
         part_N[bad] = torch.logsumexp(torch.mm(qs_BD, k_ND[bad].T), dim=0)
     return lse_B, part_N
+
+
+def _block_weights(qs_BD, k_ND, lse_B, lse_N, z_BN, w_BN):
+    """∂(Σ LSE)/∂logits of one block: row softmax (+ column softmax when lse_N is given), in w_BN.
+
+    Row part: one exp of the logits shifted by their row LSE inside the matmul's accumulator. Column part:
+    exp(z − lse_N_j) = w_row·exp(lse_n_i − C)·exp(C − lse_N_j), a rank-1 rescale of the row weights (factors in
+    fp64), which saves a second N² exp pass. Valid while max_i lse_n_i − min_j lse_N_j ≤ _SPREAD (a column weight
+    whose row weight underflowed is then below e^-42); otherwise both exps are taken exactly.
+    """
+    if lse_N is None:
+        return torch.addmm(lse_B[:, None].neg(), qs_BD, k_ND.T, out=w_BN).exp_()
+    hi = lse_B.max()
+    if float(hi - lse_N.min()) <= _SPREAD:
+        w_row = torch.addmm(lse_B[:, None].neg(), qs_BD, k_ND.T, out=z_BN).exp_()
+        a_B = torch.exp(lse_B.double() - hi.double()).float()
+        b_N = torch.exp(hi.double() - lse_N.double()).float()
+        torch.mul(w_row, a_B[:, None], out=w_BN)
+        return torch.addcmul(w_row, w_BN, b_N[None, :], out=w_BN)
+    s_BN = torch.mm(qs_BD, k_ND.T, out=z_BN)  # exact: both softmaxes from the logits (2 exp passes)
+    torch.sub(s_BN, lse_B[:, None], out=w_BN).exp_()
+    return w_BN.add_(s_BN.sub_(lse_N[None, :]).exp_())
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -127,11 +158,9 @@ class _ChunkedCE(torch.autograd.Function):
             qb_BD = qf_nD[b0:b0 + block]
             rows = qb_BD.shape[0]
             pos += (qb_BD * kf_ND[q_offset + b0:q_offset + b0 + rows]).sum()
+            lse_b, part_N = _block_lse_both(qb_BD * s, kf_ND, z_buf[:rows], with_cols)
             if with_cols:
-                lse_b, part_N = _block_lse_both(qb_BD * s, kf_ND, z_buf[:rows])
                 torch.logaddexp(lse_N, part_N, out=lse_N)
-            else:
-                lse_b = torch.logsumexp(torch.mm(qb_BD * s, kf_ND.T, out=z_buf[:rows]), dim=1)
             lse_n[b0:b0 + block] = lse_b
         del z_buf
         ctx.save_for_backward(q_nD, k_ND, scale, lse_n, lse_N if with_cols else lse_n.new_empty(0))
@@ -155,11 +184,8 @@ class _ChunkedCE(torch.autograd.Function):
         for b0 in range(0, n, block):
             qb_BD = qf_nD[b0:b0 + block]
             rows = qb_BD.shape[0]
-            s_BN = torch.mm(qb_BD * s, kf_ND.T, out=z_buf[:rows])
-            # w = ∂(Σ LSE)/∂logits = row softmax (+ column softmax), built in the two reused block buffers.
-            w_BN = torch.sub(s_BN, lse_n[b0:b0 + block, None], out=w_buf[:rows]).exp_()
-            if with_cols:
-                w_BN.add_(s_BN.sub_(lse_N[None, :]).exp_())
+            w_BN = _block_weights(qb_BD * s, kf_ND, lse_n[b0:b0 + block], lse_N if with_cols else None,
+                                  z_buf[:rows], w_buf[:rows])
             dk_ND.addmm_(w_BN.T, qb_BD)
             dk_ND[off + b0:off + b0 + rows].sub_(qb_BD, alpha=c)  # the positives' key gradient
             dqraw_BD = torch.mm(w_BN, kf_ND).sub_(kf_ND[off + b0:off + b0 + rows], alpha=c)

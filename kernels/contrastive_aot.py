@@ -110,6 +110,34 @@ def compile_all(dims=(256, 512, 768, 1024), dtypes=(torch.float32, torch.bfloat1
     return results
 
 
+def compile_candidates(dims=(256, 512, 768, 1024), dtypes=(torch.float32, torch.bfloat16), archs=(90, 80)):
+    """Compile every autotuning candidate (``ct.tune_candidates``) of every kernel, WITH_COLS=True (the heavier
+    form: it adds the column exp and partials), once per distinct config; ``dims`` lists the dims that pick it."""
+    results = []
+    for dtype in dtypes:
+        configs: dict[tuple, tuple[str, dict, list[int]]] = {}  # (which, config) -> (which, config, dims)
+        for D in dims:
+            for which, cands in ct.tune_candidates(D, dtype).items():
+                for cfg in cands:
+                    configs.setdefault((which, tuple(sorted(cfg.items()))), (which, cfg, []))[2].append(D)
+        for which, cfg, dlist in configs.values():
+            for arch, (kind, fn) in ((a, k) for a in archs for k in KERNELS):
+                if kind != which:
+                    continue
+                compiled = compile_kernel(fn, cfg, dtype, arch, with_cols=True)
+                cubin, ptx = compiled.asm["cubin"], compiled.asm["ptx"]
+                regs, stack = _res_usage(cubin, fn.__name__)
+                tiles = " ".join(f"{k.split('_')[1]}{v}" for k, v in cfg.items() if k.startswith("BLOCK_"))
+                results.append(AotResult(
+                    kernel=fn.__name__, arch=arch, dtype=str(dtype).replace("torch.", ""),
+                    dims=",".join(map(str, dlist)), blocks=tiles + f" st{cfg['num_stages']}",
+                    num_warps=cfg["num_warps"], shared=int(compiled.metadata.shared), regs=regs, stack=stack,
+                    cubin_bytes=len(cubin),
+                    mma="wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none"),
+                    ptx=ptx, with_cols=True))
+    return results
+
+
 def markdown_table(results) -> str:
     head = "| kernel | WITH_COLS | sm | dtype | D | tiles | warps | shared (B) | regs | stack (B) | tensor cores |\n"
     head += "|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -119,4 +147,6 @@ def markdown_table(results) -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_table(compile_all()))
+    import sys
+
+    print(markdown_table(compile_candidates() if "--candidates" in sys.argv else compile_all()))

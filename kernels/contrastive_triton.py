@@ -27,6 +27,12 @@ backward products (as in flash attention). Any M, N, D via masking; D is looped 
 Ahead-of-time compile (tests/kernels/test_contrastive_aot.py, triton 3.8, no GPU): resource use per kernel at
 the launcher's block sizes is recorded in kernels/README_SECTION.md.
 
+Autotuning: on a GPU each kernel is wrapped in ``triton.autotune`` keyed on D and WITH_COLS (the autotuner adds
+the tensors' dtypes to the key), over ``tune_candidates(D, dtype)``: the ahead-of-time config first, then
+neighbours (bigger row/key tiles, more stages or warps, a narrower BLOCK_DO that frees registers) that compile
+for sm_80 and sm_90 without spills. The first call per (D, dtype, WITH_COLS) times them; MEDVLP_TRITON_AUTOTUNE=0
+keeps the ahead-of-time config, and the CPU interpreter always does. Roofline model: docs/performance.md.
+
 Legend: M = query rows, N = key rows, D = embedding dim; q_MD, k_ND, lse_M (row LSE), lse_N (column LSE).
 """
 from __future__ import annotations
@@ -194,10 +200,73 @@ def pick_blocks(D: int, dtype: torch.dtype) -> dict:
     return {"fwd": fwd, "bwd": bwd}
 
 
-def pass_count(D: int, dtype: torch.dtype, with_cols: bool = True) -> int:
-    """Passes of 2·M·N·D flops one forward + backward makes (the module doc's formula)."""
-    n_split = triton.cdiv(D, pick_blocks(D, dtype)["bwd"]["BLOCK_DO"])
+def pass_count(D: int, dtype: torch.dtype, with_cols: bool = True, block_do: int | None = None) -> int:
+    """Passes of 2·M·N·D flops one forward + backward makes (the module doc's formula); block_do: the backward's
+    BLOCK_DO if not the ahead-of-time choice (an autotuned config)."""
+    n_split = triton.cdiv(D, block_do or pick_blocks(D, dtype)["bwd"]["BLOCK_DO"])
     return 1 + 2 * (n_split + 1)
+
+
+# Autotuning candidates around the ahead-of-time choice, per (dtype, kernel kind): each entry changes pick_blocks'
+# config by these keys (BLOCK_K and BLOCK_DO are then capped by D as there). Every candidate compiles for sm_80 and
+# sm_90 without spills (stack 0; tests/kernels/test_contrastive_aot.py), measured with WITH_COLS, the heavier form.
+_TUNE_DELTAS = {
+    (torch.float32, "fwd"): ({}, {"BLOCK_M": 128}, {"BLOCK_N": 128}, {"num_warps": 4}),
+    (torch.float32, "bwd"): ({}, {"num_warps": 8}),  # larger tiles or 2 stages spill (fp32 IEEE operand layouts)
+    (torch.bfloat16, "fwd"): ({}, {"num_stages": 3}, {"BLOCK_M": 128}, {"BLOCK_N": 128}),
+    # bf16 backward: BLOCK_M=128 with BLOCK_DO=128 spills 72-152 B; BLOCK_DO=128 frees registers for 2 stages.
+    (torch.bfloat16, "bwd"): ({}, {"BLOCK_DO": 128, "num_stages": 2}),
+}
+
+
+def tune_candidates(D: int, dtype: torch.dtype) -> dict:
+    """{"fwd": [cfg, ...], "bwd": [cfg, ...]}: the ahead-of-time config first, then its tuning neighbours."""
+    base = pick_blocks(D, dtype)
+    d_pow2 = max(16, triton.next_power_of_2(D))
+    key_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # fp16 tunes like bf16
+    out = {}
+    for which in ("fwd", "bwd"):
+        seen, cands = set(), []
+        for delta in _TUNE_DELTAS[(key_dtype, which)]:
+            cfg = dict(base[which], **delta)
+            if "BLOCK_DO" in cfg:
+                cfg["BLOCK_DO"] = min(cfg["BLOCK_DO"], d_pow2)
+            key = tuple(sorted(cfg.items()))
+            if key not in seen:
+                seen.add(key)
+                cands.append(cfg)
+        out[which] = cands
+    return out
+
+
+def autotune_enabled() -> bool:
+    """Autotune on a GPU unless MEDVLP_TRITON_AUTOTUNE=0; never under the interpreter (it would time Python)."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("MEDVLP_TRITON_AUTOTUNE", "1") != "0"
+
+
+_TUNERS: dict = {}
+
+
+def _tuned(fn, which: str, D: int, dtype: torch.dtype):
+    """(kernel to launch, candidate configs): a triton.autotune wrapper keyed on D and WITH_COLS (the autotuner
+    adds the tensors' dtypes to the key itself), or the plain kernel with the ahead-of-time config."""
+    cands = tune_candidates(D, dtype)[which] if autotune_enabled() else [pick_blocks(D, dtype)[which]]
+    if len(cands) == 1:
+        return fn, cands
+    key = (fn.__name__, D if D < 16 else triton.next_power_of_2(D), str(dtype))
+    if key not in _TUNERS:
+        configs = [triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK_")}, num_warps=c["num_warps"],
+                                 num_stages=c["num_stages"]) for c in cands]
+        _TUNERS[key] = triton.autotune(configs=configs, key=["D", "WITH_COLS"])(fn)
+    return _TUNERS[key], cands
+
+
+def _chosen(kernel, cands: list[dict]) -> dict:
+    """The config the last launch of `kernel` ran with."""
+    best = getattr(kernel, "best_config", None)
+    if best is None:
+        return cands[0]
+    return dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -210,47 +279,54 @@ def _dot_args(dtype: torch.dtype) -> dict:
 def _fwd(q_MD, k_ND, scale, with_cols: bool):
     M, D = q_MD.shape
     N = k_ND.shape[0]
-    cfg = pick_blocks(D, q_MD.dtype)["fwd"]
-    tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-    run = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_args(q_MD.dtype))
+    kernel, cands = _tuned(_clip_fwd_kernel, "fwd", D, q_MD.dtype)
+    run = _dot_args(q_MD.dtype)
+    if len(cands) == 1:  # fixed config: tiles and launch options passed here
+        run.update({k: v for k, v in cands[0].items() if k.startswith("BLOCK_")},
+                   num_warps=cands[0]["num_warps"], num_stages=cands[0]["num_stages"])
     lse_M = torch.empty(M, dtype=torch.float32, device=q_MD.device)
-    n_mblocks = triton.cdiv(M, cfg["BLOCK_M"])
+    # Sized for the candidate with the most row blocks; the chosen config's rows are sliced out afterwards.
+    n_mblocks = max(triton.cdiv(M, c["BLOCK_M"]) for c in cands)
     one_pass = with_cols and n_mblocks * N * 4 <= _COL_PARTIAL_BYTES
     col_part = torch.empty((n_mblocks, N) if one_pass else (1,), dtype=torch.float32, device=q_MD.device)
-    _clip_fwd_kernel[(n_mblocks,)](q_MD, k_ND, lse_M, col_part, scale, M, N, D, q_MD.stride(0), k_ND.stride(0),
-                                   WITH_COLS=one_pass, **tiles, **run)
+    kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](q_MD, k_ND, lse_M, col_part, scale, M, N, D,
+                                                           q_MD.stride(0), k_ND.stride(0), WITH_COLS=one_pass, **run)
     if not with_cols:
         return lse_M, None
     if one_pass:
-        return lse_M, torch.logsumexp(col_part, dim=0)
+        used = triton.cdiv(M, _chosen(kernel, cands)["BLOCK_M"])
+        return lse_M, torch.logsumexp(col_part[:used], dim=0)
     lse_N = torch.empty(N, dtype=torch.float32, device=q_MD.device)
-    _clip_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](k_ND, q_MD, lse_N, col_part, scale, N, M, D,
-                                                        k_ND.stride(0), q_MD.stride(0), WITH_COLS=False,
-                                                        **tiles, **run)
+    kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]),)](k_ND, q_MD, lse_N, col_part, scale, N, M, D,
+                                                           k_ND.stride(0), q_MD.stride(0), WITH_COLS=False, **run)
     return lse_M, lse_N
 
 
 def _bwd(q_MD, k_ND, scale, lse_M, lse_N):
     M, D = q_MD.shape
     N = k_ND.shape[0]
-    cfg = pick_blocks(D, q_MD.dtype)["bwd"]
-    tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_DO")}
-    run = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_args(q_MD.dtype))
+    dq_kernel, cands = _tuned(_clip_bwd_dq_kernel, "bwd", D, q_MD.dtype)
+    dk_kernel, _ = _tuned(_clip_bwd_dk_kernel, "bwd", D, q_MD.dtype)
+    run = _dot_args(q_MD.dtype)
+    if len(cands) == 1:
+        run.update({k: v for k, v in cands[0].items() if k.startswith("BLOCK_")},
+                   num_warps=cands[0]["num_warps"], num_stages=cands[0]["num_stages"])
     with_cols = lse_N is not None
     lse_c = lse_N if with_cols else lse_M
-    n_split = triton.cdiv(D, cfg["BLOCK_DO"])
     dq_MD = torch.empty((M, D), dtype=torch.float32, device=q_MD.device)
     dk_ND = torch.empty((N, D), dtype=torch.float32, device=q_MD.device)
-    grid_m = triton.cdiv(M, cfg["BLOCK_M"])
-    ds_part = torch.empty((grid_m, n_split), dtype=torch.float32, device=q_MD.device)
-    _clip_bwd_dq_kernel[(grid_m, n_split)](q_MD, k_ND, lse_M, lse_c, dq_MD, ds_part, scale, M, N, D,
-                                           q_MD.stride(0), k_ND.stride(0), dq_MD.stride(0),
-                                           WITH_COLS=with_cols, **tiles, **run)
-    _clip_bwd_dk_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), n_split)](q_MD, k_ND, lse_M, lse_c, dk_ND, scale, M, N, D,
-                                                                  q_MD.stride(0), k_ND.stride(0), dk_ND.stride(0),
-                                                                  WITH_COLS=with_cols, **tiles, **run)
+    ds_part = torch.empty(max(triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(D, c["BLOCK_DO"]) for c in cands),
+                          dtype=torch.float32, device=q_MD.device)
+    dq_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_DO"]))](
+        q_MD, k_ND, lse_M, lse_c, dq_MD, ds_part, scale, M, N, D, q_MD.stride(0), k_ND.stride(0), dq_MD.stride(0),
+        WITH_COLS=with_cols, **run)
+    dk_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(D, meta["BLOCK_DO"]))](
+        q_MD, k_ND, lse_M, lse_c, dk_ND, scale, M, N, D, q_MD.stride(0), k_ND.stride(0), dk_ND.stride(0),
+        WITH_COLS=with_cols, **run)
     # Every d-split program of a row block computed the same ds partial; column 0 holds one copy each.
-    return dq_MD, dk_ND, ds_part[:, 0].sum()
+    cfg = _chosen(dq_kernel, cands)
+    grid_m, n_split = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"])
+    return dq_MD, dk_ND, ds_part[:grid_m * n_split].view(grid_m, n_split)[:, 0].sum()
 
 
 class _TritonCE(torch.autograd.Function):

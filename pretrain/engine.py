@@ -27,6 +27,24 @@ import torch.distributed as dist
 from pretrain.config import OptimConfig, TrainConfig
 
 # ----------------------------------------------------------------------------------------------- process group
+# DeepSpeed ops that training never calls but that DeepSpeed would build with a C++ compiler at start-up.
+# deepspeed_shm_comm: every TorchBackend on the CPU accelerator JIT-compiles it (about 34 s on a fresh 2-core machine,
+# then loaded from ~/.cache/torch_extensions) for `inference_all_reduce` only, used by DeepSpeed's tensor-parallel
+# inference layers. Our all-reduces, all-gathers and reduce-scatters go through torch.distributed (gloo/NCCL).
+UNUSED_DEEPSPEED_OPS = ("deepspeed_shm_comm",)
+
+
+def skip_unused_deepspeed_ops() -> None:
+    """Mark `UNUSED_DEEPSPEED_OPS` incompatible so DeepSpeed neither compiles nor loads them (idempotent).
+
+    Must run before the first TorchBackend exists (deepspeed.init_distributed or deepspeed.initialize)."""
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # probed on first access (cheap), then one shared dict
+    for name in UNUSED_DEEPSPEED_OPS:
+        compatible[name] = False
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -40,6 +58,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
 
     import deepspeed
 
+    skip_unused_deepspeed_ops()
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # single process, no launcher
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -132,6 +151,7 @@ def create_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig
     """deepspeed.initialize with our optimizer and schedule. Returns (engine, optimizer, scheduler, ds_config)."""
     import deepspeed
 
+    skip_unused_deepspeed_ops()  # deepspeed.initialize creates the process group if nobody did
     optimizer = build_optimizer(model, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, optim, train.steps))
     ds_cfg = deepspeed_config(train, optim, micro_batch, world_size)
