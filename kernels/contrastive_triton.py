@@ -30,8 +30,9 @@ the launcher's block sizes is recorded in kernels/README_SECTION.md.
 Autotuning: on a GPU each kernel is wrapped in ``triton.autotune`` keyed on D and WITH_COLS (the autotuner adds
 the tensors' dtypes to the key), over ``tune_candidates(D, dtype)``: the ahead-of-time config first, then
 neighbours (bigger row/key tiles, more stages or warps, a narrower BLOCK_DO that frees registers) that compile
-for sm_80 and sm_90 without spills. The first call per (D, dtype, WITH_COLS) times them; MEDVLP_TRITON_AUTOTUNE=0
-keeps the ahead-of-time config, and the CPU interpreter always does. Roofline model: docs/performance.md.
+for sm_80 and sm_90 without spills. The first call per (D, dtype, WITH_COLS) times them. Autotuning is opt-in
+(MEDVLP_TRITON_AUTOTUNE=1) until its launch path has been run on a GPU; by default, and always under the CPU
+interpreter, the ahead-of-time config is used. Roofline model: docs/performance.md.
 
 Legend: M = query rows, N = key rows, D = embedding dim; q_MD, k_ND, lse_M (row LSE), lse_N (column LSE).
 """
@@ -240,8 +241,9 @@ def tune_candidates(D: int, dtype: torch.dtype) -> dict:
 
 
 def autotune_enabled() -> bool:
-    """Autotune on a GPU unless MEDVLP_TRITON_AUTOTUNE=0; never under the interpreter (it would time Python)."""
-    return os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("MEDVLP_TRITON_AUTOTUNE", "1") != "0"
+    """Autotune on a GPU when MEDVLP_TRITON_AUTOTUNE=1 (opt-in: not yet run on a GPU); never under the interpreter
+    (it would time Python)."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("MEDVLP_TRITON_AUTOTUNE", "0") == "1"
 
 
 _TUNERS: dict = {}

@@ -98,9 +98,9 @@ def test_autotune_is_off_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not ct.autotune_enabled()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("MEDVLP_TRITON_AUTOTUNE", "0")
-    assert not ct.autotune_enabled()
-    monkeypatch.delenv("MEDVLP_TRITON_AUTOTUNE")
+    monkeypatch.delenv("MEDVLP_TRITON_AUTOTUNE", raising=False)
+    assert not ct.autotune_enabled()  # opt-in until the tuned launch path has run on a GPU
+    monkeypatch.setenv("MEDVLP_TRITON_AUTOTUNE", "1")
     assert ct.autotune_enabled()
     assert ct.pass_count(512, torch.bfloat16, block_do=128) == 11  # a tuned BLOCK_DO changes the passes
     from triton.runtime.autotuner import Autotuner
