@@ -6,7 +6,9 @@ Flow and guarantees
      (`ManifestError`). on_error="fail" raises before anything is written; "skip" drops the rows and reports them
      (warning + build_errors.txt). Decoding errors found later in the workers are handled the same way (in fail
      mode every row is still tried, so the error lists every undecodable row at once).
-  2. Rows are ordered by (split, key) and cut into shards by `maxcount` and `maxsize`. The size is estimated from
+  2. Rows are ordered by split, then in a seeded random order within the split (a hash of (seed, key), so a
+     part build and the whole build agree and no shard holds one class of a class-sorted manifest), and cut
+     into shards by `maxcount` and `maxsize`. The size is estimated from
      the source files on disk (an upper bound for images, which shrink when resized), so no decode is needed.
   3. Workers (forks of one server that imported the builder once) each encode one whole SHARD and write it
      atomically (tmp + rename), then a sidecar `.build/NAME.json` with the shard's plan digest and sha256. A
@@ -42,7 +44,7 @@ from PIL import Image, ImageOps
 from data_shards import readers
 from data_shards.manifest import (ManifestError, Row, assign_splits, check_files, check_global, part_of,
                                   read_manifest)
-from data_shards.schema import SCHEMA_VERSION, SPLITS, Sample
+from data_shards.schema import SCHEMA_VERSION, SPLITS, LabelSpec, Sample
 from data_shards.writer import INDEX_NAME, ShardInfo, sha256_file, shard_name, write_index, write_shard
 
 __all__ = ["build_shards", "build_rows", "merge_indexes", "ManifestError", "load_row"]
@@ -265,10 +267,16 @@ def _reusable(path: Path, plan: str) -> dict | None:
 _SPLIT_ORDER = {s: i for i, s in enumerate(SPLITS)}
 
 
+def shuffle_key(seed: int, key: str) -> bytes:
+    """The seeded within-split position of a sample: a hash of (seed, key), independent of the other rows."""
+    return hashlib.blake2b(f"{int(seed)}/{key}".encode("utf-8"), digest_size=8).digest()
+
+
 def plan_shards(rows: list[Row], maxcount: int, maxsize: int, image_size: int,
-                read: readers.ReadOptions | None = None) -> list[tuple[list[Row], str]]:
-    """Rows ordered by (split, key), cut by count and estimated bytes. Each shard gets a digest of its inputs."""
-    rows = sorted(rows, key=lambda r: (_SPLIT_ORDER.get(r.split, 9), r.key))
+                read: readers.ReadOptions | None = None, seed: int = 0) -> list[tuple[list[Row], str]]:
+    """Rows ordered by split, then by `shuffle_key(seed, key)`, cut by count and estimated bytes. Each shard gets
+    a digest of its inputs."""
+    rows = sorted(rows, key=lambda r: (_SPLIT_ORDER.get(r.split, 9), shuffle_key(seed, r.key), r.key))
     groups: list[list[Row]] = []
     size = 0
     for r in rows:
@@ -392,8 +400,12 @@ def _run_tasks(tasks: list[dict], workers: int, on_error: str, progress: bool) -
 def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str] | None = None, workers: int = 2,
                maxcount: int = 1000, maxsize: int = 1 << 30, image_size: int = 512, on_error: str = "fail",
                part: tuple[int, int] | None = None, command: str | None = None, progress: bool = True,
-               extra: dict | None = None, read: readers.ReadOptions | None = None) -> dict:
-    """Encode validated rows (splits already assigned) into shards + index. Shared by the builder and importers."""
+               extra: dict | None = None, read: readers.ReadOptions | None = None, seed: int = 0,
+               labels: LabelSpec | dict | None = None) -> dict:
+    """Encode validated rows (splits already assigned) into shards + index. Shared by the builder and importers.
+
+    `seed` orders the samples within a split; `labels` is the label spec written into index.json (a dict may
+    leave out class_names: the label columns met in the rows are used)."""
     read, clinical_extra = readers.prepare(rows, read)
     extra = {**(extra or {}), **clinical_extra}
     errors = list(errors or [])
@@ -405,7 +417,7 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
     out = Path(out_dir)
     (out / SIDECAR_DIR).mkdir(parents=True, exist_ok=True)
     prefix = f"part{part[0]:03d}of{part[1]:03d}" if part else "shard"
-    plan = plan_shards(rows, maxcount, maxsize, image_size, read)
+    plan = plan_shards(rows, maxcount, maxsize, image_size, read, seed)
     names = [shard_name(prefix, k) for k in range(len(plan))]
     _clean(out, prefix, set(names))
     done, tasks = {}, []
@@ -437,8 +449,37 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
              "reused_shards": len(names) - len(tasks)}
     if part:
         build["part"] = {"i": part[0], "n": part[1]}
+    build["shuffle_seed"] = seed
     return write_index(out, infos, modality, label_names, command=command, extra={**top, "build": build},
-                       name=f"index{tag}.json")
+                       name=f"index{tag}.json", labels=complete_label_spec(labels, label_names))
+
+
+def complete_label_spec(labels: LabelSpec | dict | None, label_names: list[str]) -> LabelSpec | None:
+    """A label spec with class_names filled from the data when the given one leaves them out."""
+    if labels is None or isinstance(labels, LabelSpec):
+        return labels
+    doc = dict(labels)
+    doc.setdefault("class_names", list(label_names))
+    doc["prompts"] = {c: v for c, v in (doc.get("prompts") or {}).items() if c in doc["class_names"]}
+    return LabelSpec.from_dict(doc, "labels")
+
+
+def read_label_spec(path: str | os.PathLike) -> dict:
+    """A label-spec file (YAML or JSON): {kind, class_names?, templates?, negative_templates?, prompts?}."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"label spec file {p} not found")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML/JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{p}: expected a mapping with 'kind' (multi-label | single-label | binary)")
+    LabelSpec.from_dict({"class_names": ["_"] if doc.get("kind") != "single-label" else ["_", "__"], **doc},
+                        str(p))  # check it now, before any shard is written
+    return doc
 
 
 def _report_errors(path: Path, errors: list[str]) -> None:
@@ -451,11 +492,14 @@ def _report_errors(path: Path, errors: list[str]) -> None:
 
 def build_shards(manifest, out_dir, *, workers=2, maxcount=1000, maxsize=1 << 30, image_size=512, on_error="fail",
                  val_frac=0.1, test_frac=0.1, seed=0, part=None, modality=None, command=None,
-                 progress=True, read=None, salt: bytes | None = None) -> dict:
+                 progress=True, read=None, salt: bytes | None = None,
+                 labels: LabelSpec | dict | None = None) -> dict:
     """Build WebDataset shards + index from a CSV/JSONL manifest. Returns the index document (see module doc).
 
     read: `readers.ReadOptions` for DICOM/NIfTI rows. salt: hash patient ids, keys and identifier columns with
-    it (`readers.phi`) before anything else sees them."""
+    it (`readers.phi`) before anything else sees them. labels: the label spec (kind, templates, prompts;
+    class_names default to the manifest's label columns); None = multi-label (binary for one label) with
+    "X." / "No X." prompts."""
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error: {on_error!r} is not 'fail' or 'skip'")
     if maxcount < 1 or maxsize < 1 or image_size < 1:
@@ -486,7 +530,7 @@ def build_shards(manifest, out_dir, *, workers=2, maxcount=1000, maxsize=1 << 30
              "seed": seed, "val_frac": val_frac, "test_frac": test_frac, "num_rows_in_build": in_build}
     return build_rows(rows, out_dir, errors=errors, workers=workers, maxcount=maxcount, maxsize=maxsize,
                       image_size=image_size, on_error=on_error, part=part, command=command, progress=progress,
-                      extra=extra, read=read)
+                      extra=extra, read=read, seed=seed, labels=labels)
 
 
 def _line_of(err: str) -> int:
@@ -560,5 +604,5 @@ def merge_indexes(out_dir) -> dict:
         raise ValueError(f"{out}: parts number organs differently ({sorted(organs)}); rebuild them with --organs")
     top = {"organ_names": json.loads(organs.pop())} if organs else {}
     return write_index(out, infos, docs[0]["modality"], labels, command=f"merge of {n} parts",
-                       extra={**top, "build": build})
+                       extra={**top, "build": build}, labels=docs[0].get("labels"))
 

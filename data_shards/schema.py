@@ -141,3 +141,107 @@ def decode_sample(members: dict[str, Any]) -> Sample:
     labels = doc.pop("labels", {}) or {}
     meta = doc.pop("meta", {}) or {}
     return Sample(key=key, text=text, labels=labels, meta=meta, extra=doc, **arrays)
+
+
+# ----------------------------------------------------------------------------------------------- label spec
+LABEL_KINDS = ("multi-label", "single-label", "binary")
+DEFAULT_POSITIVE = ("{c}.",)
+DEFAULT_NEGATIVE = ("No {c}.",)
+
+
+@dataclass
+class LabelSpec:
+    """What a data set's labels mean and how to prompt for them; stored as ``index.json["labels"]``.
+
+    kind            "multi-label" (any subset of the findings, each 1/0/-1), "single-label" (exactly one class per
+                    sample, stored one-hot) or "binary" (one finding, 1/0)
+    class_names     the classes / findings in the data set's own order
+    templates       caption/prompt templates with ``{c}`` for the class name: the class prompts of a single-label
+                    set (averaged as an ensemble), the positive prompts of a multi-label or binary one
+    negative_templates  the negative prompts of a multi-label or binary finding (ignored for single-label)
+    prompts         per-class prompt lists overriding the templates: {name: {"positive": [...], "negative": [...]}}
+    """
+
+    kind: str
+    class_names: list[str]
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_POSITIVE))
+    negative_templates: list[str] = field(default_factory=lambda: list(DEFAULT_NEGATIVE))
+    prompts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "labels") -> "LabelSpec":
+        if self.kind not in LABEL_KINDS:
+            raise ValueError(f"{where}.kind: {self.kind!r} is not one of {', '.join(LABEL_KINDS)}")
+        if not self.class_names or len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"{where}.class_names: need >= 1 distinct names, got {self.class_names!r}")
+        if self.kind == "binary" and len(self.class_names) != 1:
+            raise ValueError(f"{where}.class_names: a binary label set has one finding, got {self.class_names!r}")
+        if self.kind == "single-label" and len(self.class_names) < 2:
+            raise ValueError(f"{where}.class_names: a single-label set needs >= 2 classes, got {self.class_names!r}")
+        for name, tmpls in (("templates", self.templates), ("negative_templates", self.negative_templates)):
+            if not isinstance(tmpls, list) or not all(isinstance(t, str) and "{c}" in t for t in tmpls):
+                raise ValueError(f"{where}.{name}: need a list of strings with '{{c}}', got {tmpls!r}")
+        if not self.templates:
+            raise ValueError(f"{where}.templates: need >= 1 template")
+        if self.kind != "single-label" and not self.negative_templates and not all(
+                self.prompts.get(c, {}).get("negative") for c in self.class_names):
+            raise ValueError(f"{where}.negative_templates: a {self.kind} set needs negative prompts")
+        unknown = sorted(set(self.prompts) - set(self.class_names))
+        if unknown:
+            raise ValueError(f"{where}.prompts: classes {unknown} are not in class_names {self.class_names}")
+        for c, d in self.prompts.items():
+            bad = sorted(set(d) - {"positive", "negative"})
+            if bad or not all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in d.values()):
+                raise ValueError(f"{where}.prompts.{c}: expected {{'positive': [str], 'negative': [str]}}, got {d!r}")
+        return self
+
+    @staticmethod
+    def _readable(name: str) -> str:
+        return name.replace("_", " ").strip()
+
+    def positive_prompts(self, name: str) -> list[str]:
+        """The class prompts (single-label) or positive prompts (multi-label / binary) of `name`."""
+        own = self.prompts.get(name, {}).get("positive")
+        return list(own) if own else [t.format(c=self._readable(name)) for t in self.templates]
+
+    def negative_prompts(self, name: str) -> list[str]:
+        own = self.prompts.get(name, {}).get("negative")
+        return list(own) if own else [t.format(c=self._readable(name)) for t in self.negative_templates]
+
+    def protocol(self) -> str:
+        """One line naming the zero-shot protocol this label kind gets."""
+        if self.kind == "single-label":
+            return (f"single-label: softmax over the {len(self.class_names)} class prompts (CLIP), "
+                    f"ensemble of {len(self.templates)} template(s)")
+        return f"{self.kind}: per finding, softmax over its positive / negative prompt pair"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "class_names": list(self.class_names), "templates": list(self.templates),
+                "negative_templates": list(self.negative_templates),
+                "prompts": {c: {k: list(v) for k, v in sorted(d.items())} for c, d in sorted(self.prompts.items())}}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], where: str = "labels") -> "LabelSpec":
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where}: expected a mapping, got {type(doc).__name__}")
+        unknown = sorted(set(doc) - {"kind", "class_names", "templates", "negative_templates", "prompts"})
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}")
+        for req in ("kind", "class_names"):
+            if req not in doc:
+                raise ValueError(f"{where}.{req}: missing")
+        spec = cls.__new__(cls)
+        spec.kind, spec.class_names = doc["kind"], list(doc["class_names"])
+        spec.templates = list(doc.get("templates", DEFAULT_POSITIVE))
+        spec.negative_templates = list(doc.get("negative_templates", DEFAULT_NEGATIVE))
+        spec.prompts = {str(c): {k: list(v) for k, v in d.items()} for c, d in (doc.get("prompts") or {}).items()}
+        return spec.validate(where)
+
+    @classmethod
+    def infer(cls, label_names: list[str]) -> "LabelSpec":
+        """The spec of an index written before label specs existed: multi-label (binary for one finding), with
+        the "X." / "No X." pair."""
+        names = list(label_names)
+        return cls(kind="binary" if len(names) == 1 else "multi-label", class_names=names)

@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
-from data_shards.schema import Sample
+from data_shards.schema import LabelSpec, Sample
 from data_shards.synth_ct import CT_ORGANS, CT_PROMPTS, CT_VISITS, ct_sample
 from data_shards.synth_cxr import CXR_PROMPTS, CXR_VISITS, FINDINGS_CXR, cxr_sample
 from data_shards.synth_histo import (PATHO_PROMPTS, PATHO_VISITS, SLIDE_DIAGNOSES, SLIDE_PROMPTS, SLIDE_VISITS,
@@ -32,7 +32,7 @@ from data_shards.synth_histo import (PATHO_PROMPTS, PATHO_VISITS, SLIDE_DIAGNOSE
 from data_shards.synth_util import Study, check_modality, check_seed, iter_studies
 from data_shards.writer import write_index, write_shards
 
-__all__ = ["FINDINGS_CXR", "SYNTH_MODALITIES", "label_names", "prompts", "synth_samples", "synth_to_shards"]
+__all__ = ["FINDINGS_CXR", "SYNTH_MODALITIES", "label_names", "label_spec", "prompts", "synth_samples", "synth_to_shards"]
 
 SYNTH_MODALITIES = ("cxr", "patho", "ct", "slide")
 _GENERATORS: dict[str, tuple[Callable[[int, Study, int | None], Sample], tuple[float, ...]]] = {
@@ -59,6 +59,22 @@ def prompts(modality: str, finding: str) -> tuple[list[str], list[str]]:
         raise KeyError(f"{modality}: no prompts for label {finding!r}; labels are {label_names(modality)}")
     pos, neg = table[finding]
     return list(pos), list(neg)
+
+
+_KINDS = {"cxr": "multi-label", "patho": "binary", "ct": "multi-label", "slide": "single-label"}
+
+
+def label_spec(modality: str) -> LabelSpec:
+    """The corpus's label kind and prompts, as written into index.json (the evaluation reads them from there).
+    Slides carry one diagnosis each (single-label: the class prompt is the positive one); the others are
+    multi-label findings (patho: one binary finding) prompted with their positive / negative sets."""
+    names = label_names(modality)
+    table = _PROMPTS[modality]
+    if _KINDS[modality] == "single-label":
+        return LabelSpec("single-label", names, templates=["{c}."], negative_templates=[],
+                         prompts={c: {"positive": list(table[c][0])} for c in names})
+    return LabelSpec(_KINDS[modality], names,
+                     prompts={c: {"positive": list(table[c][0]), "negative": list(table[c][1])} for c in names})
 
 
 def synth_samples(modality: str, n: int, seed: int = 0, size: int | None = None,
@@ -105,4 +121,5 @@ def synth_to_shards(out_dir: str | os.PathLike, modality: str = "cxr", n: int = 
     infos = write_shards(samples, out_dir, prefix=f"synth-{modality}", maxcount=shard_size)
     cmd = command if command is not None else _default_command(modality, n, seed, shard_size, size, domain)
     extra = {"dataset": f"synth-{modality}", "seed": seed, "size": size, **({"domain": domain} if domain else {})}
-    return write_index(out_dir, infos, modality, label_names(modality), command=cmd, extra=extra)
+    return write_index(out_dir, infos, modality, label_names(modality), command=cmd, extra=extra,
+                       labels=label_spec(modality))

@@ -6,7 +6,11 @@ the same samples give byte-identical shards.
 
 index.json (schema version `SCHEMA_VERSION`):
   {"schema_version", "modality", "label_names", "num_samples", "splits": {split: count},
-   "shards": [{"name", "count", "bytes", "sha256", "splits": {split: count}}], "command", "created_by"}
+   "shards": [{"name", "count", "bytes", "sha256", "splits": {split: count}}], "command", "created_by",
+   "labels": {"kind", "class_names", "templates", "negative_templates", "prompts"}}
+"labels" (a `LabelSpec`) says whether the set is multi-label, single-label multi-class or binary, and how to
+prompt for its classes; the evaluation picks its zero-shot protocol from it. Indexes without it read as
+multi-label (binary for one finding) with "X." / "No X." prompts (`label_spec`).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import Iterable
 
 import webdataset as wds
 
-from data_shards.schema import SCHEMA_VERSION, Sample, encode_sample
+from data_shards.schema import SCHEMA_VERSION, LabelSpec, Sample, encode_sample
 
 FIXED_MTIME = 0.0  # reproducible tar headers
 INDEX_NAME = "index.json"
@@ -108,8 +112,22 @@ def _approx_size(s: Sample) -> int:
 
 
 def write_index(out_dir: str | os.PathLike, shards: list[ShardInfo], modality: str, label_names: list[str],
-                command: str | None = None, extra: dict | None = None, name: str = INDEX_NAME) -> dict:
-    """Write index.json (or `name`, e.g. a part index) atomically beside the shards and return it."""
+                command: str | None = None, extra: dict | None = None, name: str = INDEX_NAME,
+                labels: LabelSpec | dict | None = None) -> dict:
+    """Write index.json (or `name`, e.g. a part index) atomically beside the shards and return it.
+
+    `labels`: the label spec (kind, class names, prompt templates); None = inferred (`LabelSpec.infer`). Its
+    class names must be the label names (a class no sample carries may be listed: it is added to label_names)."""
+    if labels is None:
+        labels = LabelSpec.infer(list(label_names)) if label_names else None
+    elif isinstance(labels, dict):
+        labels = LabelSpec.from_dict(labels)
+    if labels is not None:
+        extra_names = sorted(set(label_names) - set(labels.class_names))
+        if extra_names:
+            raise ValueError(f"{name}: samples carry labels {extra_names} that the label spec's class_names "
+                             f"{labels.class_names} do not list")
+        label_names = list(label_names) + [c for c in labels.class_names if c not in set(label_names)]
     splits: Counter[str] = Counter()
     for sh in shards:
         splits.update(sh.splits)
@@ -123,6 +141,8 @@ def write_index(out_dir: str | os.PathLike, shards: list[ShardInfo], modality: s
         "command": command if command is not None else " ".join(sys.argv),
         **(extra or {}),
     }
+    if labels is not None:
+        doc["labels"] = labels.to_dict()
     path = Path(out_dir) / name
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -150,6 +170,14 @@ def read_index(shard_dir: str | os.PathLike) -> dict:
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise ShardIndexError(f"{path}: schema_version {doc.get('schema_version')} != supported {SCHEMA_VERSION}")
     return doc
+
+
+def label_spec(index: dict) -> LabelSpec | None:
+    """The index's label spec (inferred for indexes written without one); None when it has no labels."""
+    if "labels" in index:
+        return LabelSpec.from_dict(index["labels"], "index.json labels")
+    names = list(index.get("label_names") or [])
+    return LabelSpec.infer(names) if names else None
 
 
 def shard_urls(shard_dir: str | os.PathLike) -> list[str]:

@@ -131,7 +131,8 @@ class EvalConfig:
     kshot_seeds: int = 3  # seeds per k
     bootstrap: int = 200  # bootstrap resamples for AUC 95% CIs
     max_samples: int = 2000  # evaluation samples streamed (per split)
-    split: str = "test"  # split the metrics are measured on
+    split: str = "test"  # split the final metrics are measured on (read once, at the end of training)
+    val_split: str = "val"  # split of the periodic evaluations during training (falls back to `split` if empty)
     probe_split: str = "train"  # split the linear / k-shot probes are fitted on
     probe_C: float = 0.0  # logistic-regression C of the full probe; 0 = chosen per finding on a validation hold-out
     kshot_C: float = 1.0  # logistic-regression C of the k-shot probes (too few samples to validate)
@@ -166,6 +167,8 @@ class TrackingConfig:
     http_timeout_s: int = 10  # MLflow HTTP timeout per request, seconds
     max_buffered: int = 100000  # logging calls kept while the store is unreachable (oldest dropped beyond)
     log_model: bool = True  # at the end of training, log the model as a registrable MLflow model (pyfunc)
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, disk, network, GPU) of the run, rank 0
+    system_metrics_every_s: float = 10.0  # system metrics sampling interval, seconds
 
     def validate(self) -> None:
         _finite("probe_timeout_s", self.probe_timeout_s, positive=True)
@@ -173,6 +176,7 @@ class TrackingConfig:
         _at_least("http_retries", self.http_retries, 0)
         _at_least("http_timeout_s", self.http_timeout_s, 1)
         _at_least("max_buffered", self.max_buffered, 1)
+        _finite("system_metrics_every_s", self.system_metrics_every_s, positive=True)
 
 
 @dataclass

@@ -5,18 +5,27 @@
     run_eval("debug", "runs/debug/model.safetensors", "demo_out/shards/cxr", "cxr", EvalConfig(), "runs/debug/eval")
     evaluate_model(load_pretrained("runs/debug").model, "demo_out/shards/cxr", "cxr")          # any loadable model
 
-The eval split is streamed once (no augmentation, no resampling, at most `eval.max_samples`), images and report
-texts are embedded in eval mode without gradients; the probe split (train) is streamed once more for the probes.
-* zero-shot (CLIP, METHODS.md §1/§3): per finding X a positive and a negative prompt set ("X." / "No X.", or the
-  corpus' own from `prompts_fn`); each set's embedding is the mean of its L2-normalised prompt embeddings,
-  renormalised (prompt ensemble). score = softmax(s·cos(img, pos), s·cos(img, neg))[pos]
-  = sigmoid(s·(cos_pos − cos_neg)) with the model's learned scale s. AUC per finding over samples whose label is
-  not uncertain (-1), macro mean, percentile-bootstrap 95% CIs, and accuracy/sensitivity/specificity at the ROC
-  point nearest (0, 1).
+The eval split is streamed once (no augmentation, no resampling); with `eval.max_samples` > 0 a seeded random,
+label-stratified subset of the WHOLE split is embedded (`pretrain.zeroshot.choose_keys`), never the first N in
+shard order. Images and report texts are embedded in eval mode without gradients; the probe split (train) is
+streamed once more, its subset drawn the same way. A split where a label has one class gets a warning naming it.
+During training (`evaluate_for_training` before the last step) the metrics are measured on `eval.val_split`; the
+final evaluation reads `eval.split` (test) once.
+* zero-shot (CLIP, METHODS.md §1/§3), by the label kind recorded in the shards' index.json (`LabelSpec`):
+  single-label → softmax over the class prompts (CLIP's protocol; prompt ensembles over templates), AUC one-vs-rest
+  per class plus top-1 / balanced accuracy; multi-label and binary → per finding a positive and a negative prompt
+  set, score = softmax(s·cos(img, pos), s·cos(img, neg))[pos] = sigmoid(s·(cos_pos − cos_neg)) with the model's
+  learned scale s. Prompts come from the index (the data set's own caption templates), never from the synthetic
+  corpus' code. The protocol is printed above the table, logged as the MLflow tag `eval.zeroshot_protocol` and as
+  the metric "zeroshot/single_label" (1 / 0). AUC (`sklearn.metrics`) per finding over samples whose label is not
+  uncertain (-1), macro mean, BCa bootstrap 95% CIs (`scipy.stats.bootstrap`), and accuracy / sensitivity /
+  specificity at the ROC point nearest (0, 1). The per-sample scores go to eval_scores.npz, which
+  `medvlp runs compare --ci` pairs across runs.
 * retrieval: image→text and text→image R@1/5/10 over the eval samples' own reports. A candidate counts as correct
   when its report text is *identical* to the query's (templated corpora repeat reports; distinguishing identical
   strings is impossible), which for unique reports is "same index". Ties are pessimistic (see `recall_at_k`).
-* probes: logistic regression per finding on frozen image embeddings (train split → eval split), and k-shot.
+* probes: logistic regression per finding on frozen image embeddings (train split → eval split; C by
+  `LogisticRegressionCV`), and k-shot.
 
 Metric names: "zeroshot/auc/<finding>", "zeroshot/auc_macro", "zeroshot/auc_macro_ci_lo", "retrieval/i2t_r1",
 "probe/auc/<finding>", "probe/auc_macro", "kshot/<k>/auc_mean", "kshot/<k>/auc_std", ... (see `format_table`).
@@ -36,12 +45,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from data_shards.schema import LabelSpec
 from pretrain import metrics as M
+from pretrain import zeroshot as Z
 from pretrain.config import EvalConfig
+from pretrain.zeroshot import PromptsFn
 
 log = logging.getLogger("medvlp.eval")
-
-PromptsFn = Callable[[str, str], tuple[Sequence[str], Sequence[str]]]  # (modality, finding) -> (pos, neg) prompts
 RETRIEVAL_KS = (1, 5, 10)
 
 
@@ -56,6 +66,7 @@ class Embedded:
     label_names: list[str]
     texts: list[str]
     examples: list[torch.Tensor] = field(default_factory=list)  # the first few images, for figures
+    keys: list[str] = field(default_factory=list)  # sample keys, row order
 
 
 def _image_of(batch: dict, where: str) -> torch.Tensor:
@@ -71,33 +82,35 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
-def encode_texts(model, texts: Sequence[str], device, batch_size: int = 64) -> torch.Tensor:
-    """(len(texts), E) L2-normalised float32 text embeddings, embedded in batches."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tok = model.tokenize(list(texts[i:i + batch_size])).to(device)
-        out.append(model.encode_text(tok, normalize=True).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
-
-
-@torch.no_grad()
 def embed_split(model, data_cfg, *, split: str, max_samples: int, device, batch_size: int = 64,
                 with_text: bool = True, n_examples: int = 0, loader_fn: Callable | None = None,
-                shards: str | None = None) -> Embedded:
+                shards: str | None = None, keys: set[str] | None = None) -> Embedded:
     """Stream `split` once (train=False) and embed its images (and report texts). `max_samples` <= 0: no limit.
 
-    `shards` None = the loader's eval choice (data.val_shards, else data.train_shards)."""
+    `shards` None = the loader's eval choice (data.val_shards, else data.train_shards). `keys`: embed only the
+    samples with these keys (the chosen subset; None = all)."""
     if loader_fn is None:
         from data_shards.stream import make_loader as loader_fn
     cfg = dataclasses.replace(data_cfg, batch_size=batch_size, augment=False)
     where = f"{shards or getattr(cfg, 'val_shards', '') or getattr(cfg, 'train_shards', '')} [{split}]"
     dtype = _model_dtype(model)
-    imgs, txts, labels, texts, examples = [], [], [], [], []
+    imgs, txts, labels, texts, examples, all_keys = [], [], [], [], [], []
     names: list[str] | None = None
     n = 0
     extra = {"shards": shards} if shards else {}
     for batch in loader_fn(cfg, rank=0, world_size=1, tokenizer=None, train=False, split=split, **extra):
         x = _image_of(batch, where)
+        b_keys = [str(k) for k in batch.get("key", [f"{split}/{n + i}" for i in range(x.shape[0])])]
+        if keys is not None:  # the chosen subset: keep its rows of this batch
+            rows = [i for i, k in enumerate(b_keys) if k in keys]
+            if not rows:
+                continue
+            if len(rows) < len(b_keys):
+                sel = torch.tensor(rows, dtype=torch.long)
+                batch = {**batch, "labels": batch["labels"][sel] if batch.get("labels") is not None else None,
+                         "text": [batch["text"][i] for i in rows] if "text" in batch else None}
+                batch = {k: v for k, v in batch.items() if v is not None}
+                x, b_keys = x[sel], [b_keys[i] for i in rows]
         take = x.shape[0] if max_samples <= 0 else min(x.shape[0], max_samples - n)
         if take <= 0:
             break
@@ -106,8 +119,9 @@ def embed_split(model, data_cfg, *, split: str, max_samples: int, device, batch_
             names = b_names
         elif b_names != names:
             raise ValueError(f"{where}: label names changed between batches ({names} vs {b_names}, keys "
-                             f"{list(batch.get('key', []))[:3]})")
+                             f"{b_keys[:3]})")
         x = x[:take]
+        all_keys.extend(b_keys[:take])
         if len(examples) < n_examples:
             examples.extend(x[: n_examples - len(examples)].cpu())
         imgs.append(model.encode_image(x.to(device, dtype=dtype if x.is_floating_point() else None),
@@ -122,63 +136,34 @@ def embed_split(model, data_cfg, *, split: str, max_samples: int, device, batch_
     if n == 0:
         raise ValueError(f"{where}: the split yielded no samples (is it empty, or the split name wrong?)")
     return Embedded(img_NE=torch.cat(imgs).numpy(), txt_NE=torch.cat(txts).numpy() if with_text else None,
-                    labels_NK=torch.cat(labels).numpy(), label_names=names or [], texts=texts, examples=examples)
+                    labels_NK=torch.cat(labels).numpy(), label_names=names or [], texts=texts, examples=examples,
+                    keys=all_keys)
 
 
 # ----------------------------------------------------------------------------------------------- zero-shot
 def default_prompts(finding: str) -> tuple[list[str], list[str]]:
     """"X." vs "No X." from the label name (underscores read as spaces)."""
-    name = finding.replace("_", " ").strip()
-    return [f"{name}."], [f"No {name}."]
+    return LabelSpec.infer([finding]).positive_prompts(finding), LabelSpec.infer([finding]).negative_prompts(finding)
 
 
-def corpus_prompts_fn() -> PromptsFn:
-    """The embedded corpus' prompt sets when it knows the finding, else `default_prompts` (real data sets)."""
-    try:
-        from data_shards.synth import prompts as synth_prompts
-    except ImportError:
-        synth_prompts = None
-
-    def fn(modality: str, finding: str):
-        if synth_prompts is not None:
-            try:
-                pos, neg = synth_prompts(modality, finding)
-                if pos and neg:
-                    return list(pos), list(neg)
-            except (KeyError, ValueError):
-                pass
-        return default_prompts(finding)
-
-    return fn
-
-
-def model_scale(model) -> float:
-    """s = exp(t) clamped at 100, from `model.scale()` or the `logit_scale` parameter (log)."""
-    if callable(getattr(model, "scale", None)):
-        return float(model.scale().detach().float().reshape(-1)[0])
-    t = float(model.logit_scale.detach().float().reshape(-1)[0])
-    return math.exp(min(t, math.log(100.0)))
+def corpus_prompts_fn() -> PromptsFn | None:
+    """None: prompts now travel with the data (index.json["labels"], read by `evaluate_detailed`). Kept so that
+    callers passing `prompts_fn=corpus_prompts_fn()` get the index's prompts."""
+    return None
 
 
 @torch.no_grad()
 def prompt_embeddings(model, label_names: Sequence[str], modality: str, prompts_fn: PromptsFn | None, device,
                       batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(pos_KE, neg_KE): per finding the renormalised mean of its L2-normalised prompt embeddings."""
-    pos_KE, neg_KE = [], []
-    for name in label_names:
-        pos, neg = prompts_fn(modality, name) if prompts_fn is not None else default_prompts(name)
-        if not pos or not neg:
-            raise ValueError(f"prompts for finding {name!r} ({modality}): need >= 1 positive and >= 1 negative")
-        for prompts, out in ((pos, pos_KE), (neg, neg_KE)):
-            emb = encode_texts(model, list(prompts), device, batch_size).mean(0)
-            out.append(torch.nn.functional.normalize(emb, dim=-1))
-    return torch.stack(pos_KE).numpy(), torch.stack(neg_KE).numpy()
+    """(pos_KE, neg_KE) of the pair protocol: per finding the renormalised mean of its L2-normalised prompt
+    embeddings (`prompts_fn`, else "X." / "No X.")."""
+    return Z.pair_embeddings(model, LabelSpec.infer(list(label_names)), label_names, modality, prompts_fn, device,
+                             batch_size)
 
 
-def zero_shot_scores(img_NE: np.ndarray, pos_KE: np.ndarray, neg_KE: np.ndarray, scale: float) -> np.ndarray:
-    """score_NK = P(positive prompt) = softmax over (s·cos_pos, s·cos_neg) = sigmoid(s·(cos_pos − cos_neg))."""
-    diff_NK = scale * (img_NE @ pos_KE.T - img_NE @ neg_KE.T)
-    return 1.0 / (1.0 + np.exp(-diff_NK.astype(np.float64)))
+zero_shot_scores = Z.pair_scores
+model_scale = Z.model_scale
+encode_texts = Z.encode_texts
 
 
 def zero_shot_metrics(labels_NK: np.ndarray, score_NK: np.ndarray, names: Sequence[str], n_boot: int,
@@ -191,9 +176,6 @@ def zero_shot_metrics(labels_NK: np.ndarray, score_NK: np.ndarray, names: Sequen
         out[f"zeroshot/n_pos/{name}"] = float((y == 1).sum())
         out[f"zeroshot/n_neg/{name}"] = float((y == 0).sum())
         auc = M.roc_auc(y, s, warn=False)
-        if not math.isfinite(auc):
-            warnings.warn(f"zero-shot: finding {name!r} has one class in the eval split; AUC is NaN", RuntimeWarning,
-                          stacklevel=2)
         lo, hi = M.bootstrap_ci(M.roc_auc, y, s, n=n_boot, seed=seed) if math.isfinite(auc) else (math.nan,) * 2
         op = M.operating_point(y, s)
         ops.append(op)
@@ -236,22 +218,31 @@ class EvalReport:
     sim_NN: np.ndarray | None = None
     texts: list[str] = field(default_factory=list)
     examples: list[torch.Tensor] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # sample keys of the rows (pairs runs in `runs compare --ci`)
+    protocol: str = ""  # the zero-shot protocol line (printed above the table, logged as a tag)
+    split: str = ""
 
 
 def _probe_metrics(model, data_cfg, eval_cfg: EvalConfig, ev: Embedded, device, max_samples: int,
                    loader_fn) -> dict[str, float]:
     out: dict[str, float] = {}
+    shards = getattr(data_cfg, "train_shards", "") or None
     try:
-        # the probes fit on the training shards even when the metrics are measured on separate val_shards
-        tr = embed_split(model, data_cfg, split=eval_cfg.probe_split, max_samples=max_samples, device=device,
-                         batch_size=eval_cfg.batch_size, with_text=False, loader_fn=loader_fn,
-                         shards=getattr(data_cfg, "train_shards", "") or None)
+        # the probes fit on the training shards even when the metrics are measured on separate val_shards; the
+        # probe set is a seeded, stratified draw from the whole probe split
+        chosen, _, _ = Z.choose_keys(data_cfg, eval_cfg.probe_split, max_samples, eval_cfg.seed,
+                                     loader_fn=loader_fn, shards=shards, batch_size=eval_cfg.batch_size)
+        tr = embed_split(model, data_cfg, split=eval_cfg.probe_split, max_samples=max_samples if chosen is None else 0,
+                         device=device, batch_size=eval_cfg.batch_size, with_text=False, loader_fn=loader_fn,
+                         shards=shards, keys=chosen)
     except ValueError as e:
         warnings.warn(f"probes skipped: {e}", RuntimeWarning, stacklevel=2)
         return out
     if tr.label_names != ev.label_names:
-        raise ValueError(f"probe split {eval_cfg.probe_split!r} has findings {tr.label_names}, eval split has "
-                         f"{ev.label_names}")
+        if set(ev.label_names) - set(tr.label_names):
+            raise ValueError(f"probe split {eval_cfg.probe_split!r} has findings {tr.label_names}, eval split has "
+                             f"{ev.label_names}")
+        tr.labels_NK = tr.labels_NK[:, [tr.label_names.index(n) for n in ev.label_names]]
     out["probe/n_train"] = float(len(tr.img_NE))
     if eval_cfg.linear_probe:
         res = M.linear_probe(tr.img_NE, tr.labels_NK, ev.img_NE, ev.labels_NK, ev.label_names,
@@ -271,17 +262,25 @@ def _probe_metrics(model, data_cfg, eval_cfg: EvalConfig, ev: Embedded, device, 
 
 def evaluate_detailed(model, data_cfg, eval_cfg: EvalConfig | None = None, *, modality: str | None = None,
                       label_names: Sequence[str] | None = None, prompts_fn: PromptsFn | None = None,
-                      device="cpu", max_samples: int | None = None, loader_fn: Callable | None = None) -> EvalReport:
-    """`evaluate`, returning the arrays behind the numbers too (for ROC / retrieval figures)."""
+                      device="cpu", max_samples: int | None = None, loader_fn: Callable | None = None,
+                      label_spec: LabelSpec | None = None, split: str | None = None) -> EvalReport:
+    """`evaluate`, returning the arrays behind the numbers too (for ROC / retrieval figures).
+
+    `label_spec` None = the shards' index.json["labels"] (inferred multi-label when absent); `split` None =
+    `eval_cfg.split`."""
     eval_cfg = eval_cfg or EvalConfig()
     modality = modality or getattr(data_cfg, "modality", "cxr")
     limit = eval_cfg.max_samples if max_samples is None else max_samples
+    split = split or eval_cfg.split
+    spec_in = label_spec if label_spec is not None else Z.shard_label_spec(data_cfg)
     was_training = model.training
     model.eval()
     try:
-        ev = embed_split(model, data_cfg, split=eval_cfg.split, max_samples=limit, device=device,
+        chosen, _, _ = Z.choose_keys(data_cfg, split, limit, eval_cfg.seed, loader_fn=loader_fn,
+                                     batch_size=eval_cfg.batch_size)
+        ev = embed_split(model, data_cfg, split=split, max_samples=limit if chosen is None else 0, device=device,
                          batch_size=eval_cfg.batch_size, with_text=eval_cfg.retrieval,
-                         n_examples=eval_cfg.retrieval_examples, loader_fn=loader_fn)
+                         n_examples=eval_cfg.retrieval_examples, loader_fn=loader_fn, keys=chosen)
         if label_names is not None and list(label_names) != ev.label_names:
             if ev.label_names and set(label_names) - set(ev.label_names):
                 raise ValueError(f"label_names {list(label_names)} are not all in the split's {ev.label_names}")
@@ -290,14 +289,19 @@ def evaluate_detailed(model, data_cfg, eval_cfg: EvalConfig | None = None, *, mo
                 ev.labels_NK = ev.labels_NK[:, cols]
             ev.label_names = list(label_names)
         metrics: dict[str, float] = {"eval/n_samples": float(len(ev.img_NE))}
-        report = EvalReport(metrics, ev.label_names, labels_NK=ev.labels_NK, texts=ev.texts, examples=ev.examples)
+        report = EvalReport(metrics, ev.label_names, labels_NK=ev.labels_NK, texts=ev.texts, examples=ev.examples,
+                            keys=ev.keys, split=split)
         has_labels = len(ev.label_names) > 0 and ev.labels_NK.shape[1] == len(ev.label_names)
         if eval_cfg.zero_shot and has_labels:
-            pos_KE, neg_KE = prompt_embeddings(model, ev.label_names, modality, prompts_fn, device,
-                                               eval_cfg.batch_size)
-            report.zs_score_NK = zero_shot_scores(ev.img_NE, pos_KE, neg_KE, model_scale(model))
+            spec = Z.resolve_spec(spec_in, ev.label_names)
+            report.zs_score_NK, report.protocol = Z.zero_shot(model, ev.img_NE, spec, ev.label_names, modality,
+                                                              device, prompts_fn, eval_cfg.batch_size)
+            log.info("zero-shot protocol: %s", report.protocol)
+            metrics["zeroshot/single_label"] = float(spec.kind == "single-label")
             metrics.update(zero_shot_metrics(ev.labels_NK, report.zs_score_NK, ev.label_names, eval_cfg.bootstrap,
                                              eval_cfg.seed))
+            if spec.kind == "single-label":
+                metrics.update(Z.single_label_metrics(ev.labels_NK, report.zs_score_NK))
         elif eval_cfg.zero_shot:
             warnings.warn("zero-shot skipped: the eval split has no labels", RuntimeWarning, stacklevel=2)
         if eval_cfg.retrieval:
@@ -347,14 +351,29 @@ def _ci(m: dict, lo_key: str, hi_key: str) -> str:
     return "n/a" if _fmt(lo) == "n/a" or _fmt(hi) == "n/a" else f"[{_fmt(lo)}, {_fmt(hi)}]"
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-    """Markdown tables of a flat metrics dict: zero-shot per finding (+ probe AUC), retrieval, k-shot, the rest.
+def protocol_line(metrics: dict[str, Any], protocol: str = "") -> str:
+    """The zero-shot protocol in words, from `protocol` or from the "zeroshot/single_label" metric."""
+    if protocol:
+        return f"Zero-shot protocol: {protocol}."
+    flag = metrics.get("zeroshot/single_label")
+    if flag is None:
+        return ""
+    return ("Zero-shot protocol: single-label: softmax over the class prompts (CLIP)." if float(flag) == 1.0 else
+            "Zero-shot protocol: multi-label: per finding, softmax over its positive / negative prompt pair.")
+
+
+def format_table(metrics: dict[str, Any], protocol: str = "") -> str:
+    """Markdown tables of a flat metrics dict: the zero-shot protocol line, zero-shot per finding (+ probe AUC),
+    retrieval, k-shot, the rest.
 
     Deterministic: findings in sorted order with the macro row last, k ascending, other keys sorted.
     """
     m = dict(metrics)
-    used: set[str] = set()
+    used: set[str] = {"zeroshot/single_label"}
     parts = []
+    line = protocol_line(m, protocol)
+    if line:
+        parts.append(line)
     findings = sorted({k.split("/", 2)[2] for k in m if k.startswith(("zeroshot/auc/", "probe/auc/"))})
     if findings:
         rows = ["| finding | zero-shot AUC | 95% CI | acc | sens | spec | pos/neg | probe AUC |",
@@ -406,9 +425,16 @@ def write_outputs(report: EvalReport, out_dir: str | Path, n_examples: int = 4, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"table": out / "eval_table.md", "metrics": out / "eval_metrics.json"}
-    files["table"].write_text(format_table(report.metrics) + "\n")
+    files["table"].write_text(format_table(report.metrics, report.protocol) + "\n")
     clean = {k: (v if math.isfinite(v) else None) for k, v in sorted(report.metrics.items())}
     files["metrics"].write_text(json.dumps(clean, indent=1) + "\n")
+    if report.zs_score_NK is not None and report.keys and len(report.keys) == len(report.zs_score_NK):
+        files["scores"] = out / "eval_scores.npz"
+        np.savez_compressed(files["scores"], keys=np.asarray(report.keys, dtype=str),
+                            labels=np.asarray(report.labels_NK, dtype=np.float32),
+                            scores=np.asarray(report.zs_score_NK, dtype=np.float64),
+                            label_names=np.asarray(report.label_names, dtype=str),
+                            protocol=np.asarray(report.protocol), split=np.asarray(report.split))
     if report.zs_score_NK is not None and report.label_names:
         curves = {n: (report.labels_NK[:, k], report.zs_score_NK[:, k]) for k, n in enumerate(report.label_names)}
         files["roc"] = plots.roc_png(curves, out / "roc.png")
@@ -419,16 +445,31 @@ def write_outputs(report: EvalReport, out_dir: str | Path, n_examples: int = 4, 
                                                           out / "retrieval_examples.png", gt_texts=report.texts[:q])
     if tracker is not None:
         tracker.log_metrics(report.metrics, step)
+        if report.protocol:
+            tracker.set_tags({"eval.zeroshot_protocol": report.protocol, "eval.split": report.split})
         for p in files.values():
             tracker.log_artifact(str(p), "eval")
     return files
 
 
 def evaluate_for_training(module, cfg, *, device="cpu", out_dir: str | Path = ".", tracker=None,
-                          step: int | None = None) -> dict[str, float]:
-    """The training loop's hook: evaluate `module` per `cfg.eval` on `cfg.data`, write OUT_DIR/eval/*, log it."""
-    report = evaluate_detailed(module, cfg.data, cfg.eval, modality=cfg.data.modality, prompts_fn=corpus_prompts_fn(),
-                               device=device)
+                          step: int | None = None, final: bool | None = None) -> dict[str, float]:
+    """The training loop's hook: evaluate `module` per `cfg.eval` on `cfg.data`, write OUT_DIR/eval/*, log it.
+
+    Periodic evaluations (`final` False; None = "step is before train.steps") measure on `eval.val_split`, so the
+    test split is read once, by the final evaluation (`eval.split`)."""
+    steps = getattr(getattr(cfg, "train", None), "steps", None)
+    if final is None:
+        final = step is None or steps is None or step >= steps
+    split = cfg.eval.split
+    if not final and getattr(cfg.eval, "val_split", ""):
+        index = Z._index_of(cfg.data, None)
+        if index is None or (index.get("splits") or {}).get(cfg.eval.val_split, 0) > 0:
+            split = cfg.eval.val_split
+        else:
+            log.warning("eval.val_split %r has no samples; the periodic evaluation uses %r", cfg.eval.val_split,
+                        split)
+    report = evaluate_detailed(module, cfg.data, cfg.eval, modality=cfg.data.modality, device=device, split=split)
     write_outputs(report, Path(out_dir) / "eval", cfg.eval.retrieval_examples, tracker, step)
     return report.metrics
 
@@ -579,6 +620,25 @@ def run_eval_cli(a) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"evaluating {pre.source}" + (f" (step {pre.step})" if pre.step is not None else ""), file=sys.stderr)
     metrics = evaluate_model(pre.model, "", data_cfg.modality, eval_cfg, out_dir, data_cfg=data_cfg, device=device)
-    print(format_table(metrics))
+    print((out_dir / "eval_table.md").read_text() if (out_dir / "eval_table.md").is_file() else format_table(metrics))
     print(f"\nwritten: {out_dir / 'eval_table.md'}, {out_dir / 'eval_metrics.json'}")
+    if stored is not None and not (home / EXPORT_MANIFEST).is_file():
+        _log_eval_child(getattr(stored, "tracking", None), home, out_dir, metrics,
+                        data_cfg.val_shards or data_cfg.train_shards)
     return 0
+
+
+def _log_eval_child(tracking, model_dir: Path, out_dir: Path, metrics: dict, shards: str) -> None:
+    """Log the evaluation as a child run of the training run (the store and experiment of the run's config)."""
+    from pretrain.tracking import log_eval_run
+
+    if tracking is None:
+        return
+    tags = {}
+    scores = out_dir / "eval_scores.npz"
+    if scores.is_file():
+        with np.load(scores) as z:
+            tags = {"eval.zeroshot_protocol": str(z["protocol"]), "eval.split": str(z["split"])}
+    run_id = log_eval_run(tracking, model_dir, out_dir, metrics, shards=str(shards), tags=tags)
+    if run_id:
+        print(f"MLflow: evaluation logged as run {run_id}")

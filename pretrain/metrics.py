@@ -1,5 +1,9 @@
-"""Evaluation metrics as pure functions: ROC AUC (+ bootstrap CI), operating point, retrieval R@K, linear probes.
+"""Evaluation metrics as pure functions: ROC AUC (+ bootstrap CI), operating point, retrieval R@K, linear probes,
+paired bootstrap comparison of two models, stratified sample selection.
 
+The numbers come from the libraries people check them against: `sklearn.metrics.roc_auc_score` / `roc_curve`
+for AUC and ROC, `sklearn.linear_model.LogisticRegressionCV` for the probe's C, `scipy.stats.bootstrap` (BCa)
+for confidence intervals. This module adds the conventions around them (uncertain labels, NaN for one class).
 Everything here is deterministic given its `seed` and takes numpy arrays (torch tensors are converted).
 Legend: N train / M test samples, K findings, Q queries, C candidates, E embedding width.
 Labels are 1 (positive), 0 (negative) or -1 (uncertain); uncertain labels are left out of every AUC and probe.
@@ -22,62 +26,48 @@ def _np(x) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- ROC
-def _average_ranks(x_N: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties sharing the mean of their ranks (the Mann-Whitney convention)."""
-    order = np.argsort(x_N, kind="mergesort")
-    xs = x_N[order]
-    # boundaries of runs of equal values
-    starts = np.r_[0, np.flatnonzero(xs[1:] != xs[:-1]) + 1]
-    ends = np.r_[starts[1:], len(xs)]
-    mean_rank = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1 .. ends
-    ranks = np.empty(len(xs), dtype=np.float64)
-    ranks[order] = np.repeat(mean_rank, ends - starts)
-    return ranks
+def _keep(y, score) -> tuple[np.ndarray, np.ndarray]:
+    """(binary labels, float scores) of the entries that are not uncertain and have a finite score."""
+    y_N, s_N = _np(y).reshape(-1), _np(score).astype(np.float64).reshape(-1)
+    if y_N.shape != s_N.shape:
+        raise ValueError(f"labels {y_N.shape} and scores {s_N.shape} differ in length")
+    keep = (y_N != UNCERTAIN) & np.isfinite(s_N)
+    return (y_N[keep] > 0).astype(np.int64), s_N[keep]
 
 
 def roc_auc(y, score, *, warn: bool = True) -> float:
-    """Area under the ROC curve = P(score_pos > score_neg) + ½·P(score_pos == score_neg).
+    """Area under the ROC curve (`sklearn.metrics.roc_auc_score`; tied scores count one half).
 
-    Computed exactly from average ranks (Mann-Whitney U), so tied scores count one half. Entries with
-    label -1 (uncertain) or a non-finite score are ignored. With a single class left the AUC is undefined:
-    returns NaN (with a RuntimeWarning unless `warn=False`).
+    Entries with label -1 (uncertain) or a non-finite score are ignored. With a single class left the AUC is
+    undefined: returns NaN (with a RuntimeWarning unless `warn=False`).
     """
-    y_N, s_N = _np(y).reshape(-1), _np(score).astype(np.float64).reshape(-1)
-    if y_N.shape != s_N.shape:
-        raise ValueError(f"roc_auc: labels {y_N.shape} and scores {s_N.shape} differ in length")
-    keep = (y_N != UNCERTAIN) & np.isfinite(s_N)
-    y_N, s_N = y_N[keep] > 0, s_N[keep]
-    n_pos, n_neg = int(y_N.sum()), int((~y_N).sum())
+    from sklearn.metrics import roc_auc_score
+
+    try:
+        y_N, s_N = _keep(y, score)
+    except ValueError as e:
+        raise ValueError(f"roc_auc: {e}") from None
+    n_pos = int(y_N.sum())
+    n_neg = len(y_N) - n_pos
     if n_pos == 0 or n_neg == 0:
         if warn:
             warnings.warn(f"roc_auc: only one class present ({n_pos} positives, {n_neg} negatives); AUC is NaN",
                           RuntimeWarning, stacklevel=2)
         return float("nan")
-    ranks = _average_ranks(s_N)
-    u = ranks[y_N].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(y_N, s_N))
 
 
 def roc_curve(y, score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds) over the distinct scores, from (0, 0) at threshold +inf; uncertain labels ignored.
+    """(fpr, tpr, thresholds) at every distinct score (`sklearn.metrics.roc_curve`, no point dropped), from (0, 0)
+    at threshold +inf; uncertain labels ignored. A sample is called positive when score >= threshold."""
+    from sklearn.metrics import roc_curve as sk_roc_curve
 
-    A sample is called positive when score >= threshold.
-    """
-    y_N, s_N = _np(y).reshape(-1), _np(score).astype(np.float64).reshape(-1)
-    keep = (y_N != UNCERTAIN) & np.isfinite(s_N)
-    y_N, s_N = y_N[keep] > 0, s_N[keep]
-    order = np.argsort(-s_N, kind="mergesort")
-    s_sorted, y_sorted = s_N[order], y_N[order]
-    if len(s_N):
-        last_of_run = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), len(s_sorted) - 1]
-    else:
-        last_of_run = np.array([], dtype=int)
-    tp = np.cumsum(y_sorted)[last_of_run]
-    fp = np.cumsum(~y_sorted)[last_of_run]
-    n_pos, n_neg = max(int(y_N.sum()), 1), max(int((~y_N).sum()), 1)
-    fpr = np.r_[0.0, fp / n_neg]
-    tpr = np.r_[0.0, tp / n_pos]
-    thr = np.r_[np.inf, s_sorted[last_of_run]]
+    y_N, s_N = _keep(y, score)
+    if len(y_N) == 0 or y_N.min() == y_N.max():  # sklearn needs both classes
+        return np.zeros(1), np.zeros(1), np.array([np.inf])
+    fpr, tpr, thr = sk_roc_curve(y_N, s_N, drop_intermediate=False)
+    thr = thr.astype(np.float64)
+    thr[0] = np.inf  # sklearn versions differ (max + 1 or inf) for the "nothing positive" point
     return fpr, tpr, thr
 
 
@@ -109,31 +99,139 @@ def macro_auc(y_NK, score_NK) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def bootstrap_ci(metric_fn: Callable[[np.ndarray, np.ndarray], float], y, score, n: int = 200, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap (1 − alpha) CI of `metric_fn(y, score)`, resampling rows (axis 0) with replacement.
+def _nan_safe(metric_fn: Callable[..., float]) -> Callable[..., float]:
+    def fn(*arrays):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return metric_fn(*arrays)
+    return fn
 
-    Resamples whose metric is NaN (e.g. one class drawn) are dropped; if fewer than half survive, (NaN, NaN).
-    The same seed gives the same interval.
+
+def _scipy_bootstrap(stat, data: tuple, n: int, seed: int, alpha: float, method: str):
+    from scipy.stats import bootstrap
+
+    with warnings.catch_warnings():  # BCa on a degenerate distribution warns and returns NaN: handled by callers
+        warnings.simplefilter("ignore")
+        return bootstrap(data, stat, n_resamples=n, paired=True, vectorized=False, confidence_level=1 - alpha,
+                         method=method, rng=np.random.default_rng(seed))
+
+
+def bootstrap_ci(metric_fn: Callable[[np.ndarray, np.ndarray], float], y, score, n: int = 200, seed: int = 0,
+                 alpha: float = 0.05, method: str = "BCa") -> tuple[float, float]:
+    """(1 − alpha) bootstrap CI of `metric_fn(y, score)` from `scipy.stats.bootstrap` (BCa by default), resampling
+    rows (axis 0, labels and scores together) with replacement.
+
+    A resample whose metric is NaN (e.g. one class drawn) makes BCa undefined; then the percentile interval of
+    the finite resamples is returned, and (NaN, NaN) if fewer than half of them are finite. Same seed, same CI.
     """
     y, score = _np(y), _np(score)
     if len(y) != len(score):
         raise ValueError(f"bootstrap_ci: labels ({len(y)}) and scores ({len(score)}) differ in length")
-    if n < 1 or len(y) == 0:
+    if n < 1 or len(y) < 2:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n):
-        idx = rng.integers(0, len(y), size=len(y))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            v = metric_fn(y[idx], score[idx])
-        if np.isfinite(v):
-            vals.append(v)
-    if len(vals) < max(1, n // 2):
+    idx = np.arange(len(y))
+    fn = _nan_safe(metric_fn)
+
+    def stat(i):
+        i = np.asarray(i, dtype=np.int64)
+        return fn(y[i], score[i])
+
+    res = _scipy_bootstrap(stat, (idx,), n, seed, alpha, method)
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if np.isfinite(lo) and np.isfinite(hi):
+        return lo, hi
+    dist = np.asarray(res.bootstrap_distribution, dtype=np.float64).reshape(-1)
+    dist = dist[np.isfinite(dist)]
+    if len(dist) < max(1, n // 2):
         return float("nan"), float("nan")
-    lo, hi = np.percentile(np.asarray(vals), [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    lo, hi = np.percentile(dist, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
+
+
+def paired_bootstrap(metric_fn: Callable[[np.ndarray, np.ndarray], float], y, score_a, score_b, n: int = 1000,
+                     seed: int = 0, alpha: float = 0.05) -> dict[str, float]:
+    """Compare two models scored on the SAME samples: delta = metric(y, a) − metric(y, b).
+
+    Each bootstrap resample draws the sample rows once and scores both models on them (paired), which cancels
+    the sample-to-sample variation the two share. Returns {"delta", "ci_lo", "ci_hi" (BCa, `scipy.stats.bootstrap`,
+    percentile when BCa is undefined), "p_value" (two-sided: 2·min(P*(delta* <= 0), P*(delta* >= 0)), at most 1,
+    over the finite resamples), "n_resamples" (finite ones), "metric_a", "metric_b"}.
+    """
+    y, a, b = _np(y), _np(score_a), _np(score_b)
+    if not (len(y) == len(a) == len(b)):
+        raise ValueError(f"paired_bootstrap: labels ({len(y)}) and the two score sets ({len(a)}, {len(b)}) must "
+                         "cover the same samples")
+    fn = _nan_safe(metric_fn)
+    ma, mb = fn(y, a), fn(y, b)
+    out = {"metric_a": float(ma), "metric_b": float(mb), "delta": float(ma - mb)}
+    if n < 1 or len(y) < 2:
+        return {**out, "ci_lo": float("nan"), "ci_hi": float("nan"), "p_value": float("nan"), "n_resamples": 0.0}
+
+    def stat(i):
+        i = np.asarray(i, dtype=np.int64)
+        return fn(y[i], a[i]) - fn(y[i], b[i])
+
+    res = _scipy_bootstrap(stat, (np.arange(len(y)),), n, seed, alpha, "BCa")
+    dist = np.asarray(res.bootstrap_distribution, dtype=np.float64).reshape(-1)
+    dist = dist[np.isfinite(dist)]
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (np.isfinite(lo) and np.isfinite(hi)) and len(dist):
+        lo, hi = (float(v) for v in np.percentile(dist, [100 * alpha / 2, 100 * (1 - alpha / 2)]))
+    p = float(min(1.0, 2 * min((dist <= 0).mean(), (dist >= 0).mean()))) if len(dist) else float("nan")
+    return {**out, "ci_lo": lo, "ci_hi": hi, "p_value": p, "n_resamples": float(len(dist))}
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def stratified_indices(labels_NK, n: int, seed: int = 0, min_per_class: int = 2) -> np.ndarray:
+    """A seeded random subset of `n` row indices (sorted) of a label matrix, stratified where labels allow.
+
+    Single-label (one-hot rows): each class gets its share of `n` in proportion to its frequency, at least
+    `min_per_class` (or all it has). Multi-label: every finding first gets `min_per_class` positives and as many
+    negatives (or all it has), the rest is filled uniformly at random. Rows are never chosen twice. `n <= 0` or
+    `n >= N`: every row.
+    """
+    Y = _np(labels_NK)
+    N = len(Y)
+    if n <= 0 or n >= N:
+        return np.arange(N)
+    rng = np.random.default_rng(seed)
+    Y = Y.reshape(N, -1)
+    one_hot = Y.shape[1] > 1 and np.all((Y == 1).sum(axis=1) == 1) and np.all((Y == 0) | (Y == 1))
+    chosen = np.zeros(N, dtype=bool)
+    if one_hot:
+        cls = Y.argmax(axis=1)
+        counts = np.bincount(cls, minlength=Y.shape[1])
+        want = np.floor(n * counts / N).astype(int)
+        want = np.minimum(np.maximum(want, np.minimum(counts, min_per_class)), counts)
+        # hand out what rounding left over to the classes with the largest remainders (ties: lower index)
+        frac = n * counts / N - np.floor(n * counts / N)
+        for c in np.argsort(-frac, kind="stable"):
+            if want.sum() >= n:
+                break
+            if want[c] < counts[c]:
+                want[c] += 1
+        for c in range(Y.shape[1]):
+            rows = np.flatnonzero(cls == c)
+            chosen[rng.permutation(rows)[: want[c]]] = True
+    else:
+        for k in range(Y.shape[1]):
+            for v in (1, 0):
+                rows = np.flatnonzero((Y[:, k] == v) & ~chosen)
+                have = int(((Y[:, k] == v) & chosen).sum())
+                take = max(0, min(min_per_class - have, len(rows)))
+                chosen[rng.permutation(rows)[:take]] = True
+    left = n - int(chosen.sum())
+    if left > 0:
+        chosen[rng.permutation(np.flatnonzero(~chosen))[:left]] = True
+    elif left < 0:  # the per-class minimums overshot a tiny n: drop random extras
+        chosen[rng.permutation(np.flatnonzero(chosen))[:-left]] = False
+    return np.flatnonzero(chosen)
+
+
+def single_class_columns(labels_NK, names: Sequence[str]) -> list[str]:
+    """Names of the label columns that have only one class (no 1s or no 0s among the certain labels)."""
+    Y = _np(labels_NK).reshape(len(labels_NK), -1) if len(labels_NK) else np.zeros((0, len(names)))
+    return [n for k, n in enumerate(names) if not ((Y[:, k] == 1).any() and (Y[:, k] == 0).any())]
 
 
 # ----------------------------------------------------------------------------------------------- retrieval
@@ -169,7 +267,8 @@ def recall_at_k(sim_QC, gt=None, ks: Sequence[int] = (1, 5, 10)) -> dict[int, fl
 
 
 # ----------------------------------------------------------------------------------------------- probes
-PROBE_CS = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried on the validation split
+PROBE_CS = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths LogisticRegressionCV chooses from
+PROBE_FOLDS = 5  # stratified folds of the C search (fewer when a class has fewer samples)
 
 
 def _standardiser(X_NE: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -188,34 +287,33 @@ def _fit_score(X_fit, y_fit, X_eval, C: float, seed: int, max_iter: int) -> np.n
     return clf.decision_function(X_eval)
 
 
-def _choose_C(X_NE, y_N, Cs, val_frac: float, seed: int, max_iter: int) -> float:
-    """C with the best AUC on a stratified hold-out of the train rows; ties go to the smaller C (more regularised).
+def _fit_score_cv(X_fit, y_fit, X_eval, Cs, seed: int, max_iter: int) -> tuple[np.ndarray, float]:
+    """`LogisticRegressionCV` over `Cs` (stratified, shuffled folds, scored by ROC AUC), refit on all rows.
 
-    Needs >= 5 samples per class (else the fixed default C = 1.0 is used, documented in `linear_probe`).
-    """
-    pos, neg = np.flatnonzero(y_N == 1), np.flatnonzero(y_N == 0)
-    if min(len(pos), len(neg)) < 5:
-        return 1.0
-    rng = np.random.default_rng(seed)
-    val = np.r_[rng.permutation(pos)[: max(1, int(round(len(pos) * val_frac)))],
-                rng.permutation(neg)[: max(1, int(round(len(neg) * val_frac)))]]
-    fit = np.setdiff1d(np.arange(len(y_N)), val)
-    best_C, best_auc = 1.0, -np.inf
-    for C in sorted(Cs):
-        auc = roc_auc(y_N[val], _fit_score(X_NE[fit], y_N[fit], X_NE[val], C, seed, max_iter), warn=False)
-        if np.isfinite(auc) and auc > best_auc + 1e-12:
-            best_C, best_auc = C, auc
-    return float(best_C)
+    Needs >= 2 samples of each class for 2 folds; below that the fixed C = 1.0 is used."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = min(PROBE_FOLDS, int(np.bincount(y_fit, minlength=2).min()))
+    if folds < 2:
+        return _fit_score(X_fit, y_fit, X_eval, 1.0, seed, max_iter), 1.0
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    clf = LogisticRegressionCV(Cs=list(Cs), cv=cv, scoring="roc_auc", max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter at large C on separable folds
+        clf.fit(X_fit, y_fit)
+    return clf.decision_function(X_eval), float(np.ravel(clf.C_)[0])
 
 
 def linear_probe(train_X_NE, train_Y_NK, test_X_ME, test_Y_MK, label_names: Sequence[str] | None = None, *,
-                 C: float | None = None, Cs: Sequence[float] = PROBE_CS, val_frac: float = 0.2, seed: int = 0,
+                 C: float | None = None, Cs: Sequence[float] = PROBE_CS, seed: int = 0,
                  max_iter: int = 1000) -> dict:
     """One-vs-rest logistic regression per finding on frozen, standardised features; AUC on the test rows.
 
-    Features are z-scored with train statistics. `C=None` picks C per finding from `Cs` on a stratified `val_frac`
-    hold-out of the train rows, then refits on all of them; a finding with < 5 train samples of a class uses C = 1.
-    Uncertain (-1) labels are dropped per finding. A finding with one class in train or test gets AUC NaN.
+    Features are z-scored with train statistics. `C=None` picks C per finding from `Cs` with
+    `sklearn.linear_model.LogisticRegressionCV` (stratified 5-fold ROC AUC, fewer folds for rare classes; C = 1
+    with < 2 train samples of a class), refitted on all train rows. Uncertain (-1) labels are dropped per
+    finding. A finding with one class in train or test gets AUC NaN.
     Returns {"auc": {name: auc}, "C": {name: C}, "auc_macro": mean over finite AUCs}.
     """
     Xtr, Xte = _np(train_X_NE).astype(np.float64), _np(test_X_ME).astype(np.float64)
@@ -233,9 +331,12 @@ def linear_probe(train_X_NE, train_Y_NK, test_X_ME, test_Y_MK, label_names: Sequ
         if y.min(initial=1) == y.max(initial=0):  # one class (or none): nothing to separate
             aucs[name], chosen[name] = float("nan"), float("nan")
             continue
-        c = float(C) if C is not None else _choose_C(Ztr[rows], y, Cs, val_frac, seed, max_iter)
+        if C is not None:
+            score, c = _fit_score(Ztr[rows], y, Zte, float(C), seed, max_iter), float(C)
+        else:
+            score, c = _fit_score_cv(Ztr[rows], y, Zte, Cs, seed, max_iter)
         chosen[name] = c
-        aucs[name] = roc_auc(Yte[:, k], _fit_score(Ztr[rows], y, Zte, c, seed, max_iter), warn=False)
+        aucs[name] = roc_auc(Yte[:, k], score, warn=False)
     finite = [a for a in aucs.values() if np.isfinite(a)]
     return {"auc": aucs, "C": chosen, "auc_macro": float(np.mean(finite)) if finite else float("nan")}
 

@@ -5,6 +5,13 @@
         tr.log_artifact("runs/x/loss_curve.png")
     runs = read_runs("medvlp-debug", uri)                    # params, final metrics and histories
 
+Lineage: every run carries MLflow's own context tags (mlflow.user, mlflow.source.name / type,
+mlflow.source.git.commit), the tag `medvlp.out_dir` (the run folder, how `medvlp eval` finds the training run),
+the shard sets it read as MLflow dataset inputs (name, digest = index.json sha256, profile = counts per split,
+label spec, build command; context "train" / "eval"), and, with `tracking.system_metrics`, MLflow's system
+metrics (system/cpu_utilization_percentage, ...). `log_eval_run` records an evaluation as a child run
+(mlflow.parentRunId) of the training run it evaluated.
+
 Where runs go: `cfg.uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///mlruns.db` in the current directory (made
 absolute, so a later `chdir` does not split the store). An http(s) server is probed first (`cfg.probe_timeout_s`);
 if it does not answer, a warning is printed and the run goes to the local fallback store instead. Training must
@@ -98,9 +105,16 @@ def server_reachable(uri: str, timeout_s: float = 2.0) -> bool:
 class Tracker:
     """One MLflow run for rank 0; every method is a no-op on other ranks or when tracking is disabled."""
 
-    def __init__(self, cfg, rank: int = 0, config_dict: dict | None = None, resume_run_id: str | None = None) -> None:
+    def __init__(self, cfg, rank: int = 0, config_dict: dict | None = None, resume_run_id: str | None = None, *,
+                 parent_run_id: str | None = None, tags: dict | None = None,
+                 datasets: dict[str, str] | None = None) -> None:
         self.cfg = cfg
         self.resume_run_id = resume_run_id  # a resumed training continues its MLflow run (same store)
+        self.parent_run_id = parent_run_id  # makes this a child run (e.g. an evaluation of a training run)
+        self.extra_tags = dict(tags or {})
+        self.datasets = dict(datasets) if datasets is not None else None  # {context: shard dir}; None = config's
+        self._monitor = None
+        self._new_run = False
         self.active = bool(getattr(cfg, "enabled", True)) and rank == 0
         self.config_dict = config_dict
         self.run_id: str | None = None
@@ -153,7 +167,51 @@ class Tracker:
             return self
         if self.config_dict:
             self.log_params(self.config_dict)
+        if self._new_run:
+            self._log_lineage()
+        self._start_system_metrics()
         return self
+
+    def _log_lineage(self) -> None:
+        """Out-dir tag and the shard sets as dataset inputs (once, when the run is created)."""
+        flat = flatten(self.config_dict) if self.config_dict else {}
+        tags = dict(self.extra_tags)
+        out_dir = flat.get("train.out_dir")
+        if out_dir:
+            tags.setdefault("medvlp.out_dir", str(Path(str(out_dir)).resolve()))
+        if tags:
+            self.set_tags(tags)
+        sets = self.datasets
+        if sets is None:
+            sets = {"train": flat.get("data.train_shards") or ""}
+            if flat.get("data.val_shards"):
+                sets["eval"] = flat["data.val_shards"]
+        for context, spec in sets.items():
+            ds = shard_dataset(str(spec)) if spec else None
+            if ds is not None:
+                self._call(lambda ds=ds, c=context: self._log_input(ds, c), buffer=None)
+
+    def _log_input(self, ds, context: str) -> None:
+        from mlflow.entities import DatasetInput, InputTag
+
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context",
+                                                                                         context)])])
+
+    def _start_system_metrics(self) -> None:
+        if not getattr(self.cfg, "system_metrics", True) or self._monitor is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            every = float(getattr(self.cfg, "system_metrics_every_s", 10.0))
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every, samples_before_logging=1,
+                                                 resume_logging=self.resume_run_id is not None and not self._new_run,
+                                                 tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as e:  # noqa: BLE001 - psutil missing, store refusing: the run goes on without them
+            self._monitor = None
+            warnings.warn(f"MLflow system metrics are off ({type(e).__name__}: {str(e)[:200]})", RuntimeWarning,
+                          stacklevel=3)
 
     def _open_run(self, uri: str) -> None:
         from mlflow import MlflowClient
@@ -169,6 +227,7 @@ class Tracker:
                 loc = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name).as_uri()
             exp_id = client.create_experiment(name, artifact_location=loc)
         run = None
+        self._new_run = False
         if self.resume_run_id:
             try:
                 run = client.get_run(self.resume_run_id)
@@ -177,7 +236,11 @@ class Tracker:
             except Exception:  # noqa: BLE001 - another store, or the run was deleted: start a new one
                 run = None
         if run is None:
-            run = client.create_run(exp_id, run_name=getattr(self.cfg, "run_name", "") or None)
+            tags = context_tags()
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            run = client.create_run(exp_id, run_name=getattr(self.cfg, "run_name", "") or None, tags=tags)
+            self._new_run = True
         self.uri, self.client, self.run_id = uri, client, run.info.run_id
         log.info("MLflow run %s in %s (experiment %s)", self.run_id, uri, name)
 
@@ -193,6 +256,12 @@ class Tracker:
         if not self.active or self._ended or self.run_id is None:
             return
         self._ended = True
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception:  # noqa: BLE001 - tracking must never stop training
+                pass
+            self._monitor = None
         self._flush(force=True)
         self._call(lambda: self.client.set_terminated(self.run_id, status=status), buffer=None)
         if self._pending:
@@ -353,6 +422,114 @@ class Tracker:
         out.write_text(json.dumps(doc, indent=1))
         warnings.warn(f"MLflow: {len(self._pending)} items could not be sent to {self.uri}; written to {out}",
                       RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------- lineage
+def _git_commit(where: Path) -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's own run-context tags (mlflow.user, mlflow.source.name / type / git.commit, ...). When MLflow's git
+    context finds no repository from the entry point (e.g. `python -c`), the commit of the code's checkout is used."""
+    tags: dict[str, str] = {}
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        tags = {k: str(v) for k, v in resolve_tags().items()}
+    except Exception:  # noqa: BLE001 - context providers probe the environment; none may stop a run
+        pass
+    if "mlflow.source.git.commit" not in tags:
+        commit = _git_commit(Path(__file__).resolve().parent)
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def shard_dataset(spec: str):
+    """An MLflow `Dataset` describing a local shard set (its index.json): digest = index sha256 (first 32 hex),
+    profile = counts, splits, label spec, build command. None when `spec` has no readable index.json."""
+    import hashlib
+
+    from mlflow.entities import Dataset
+
+    d = Path(spec)
+    index = d / "index.json" if d.is_dir() else (d if d.name.endswith(".json") else d.parent / "index.json")
+    try:
+        raw = index.read_bytes()
+        doc = json.loads(raw)
+    except (OSError, ValueError):
+        return None
+    sha = hashlib.sha256(raw).hexdigest()
+    profile = {"index_sha256": sha, "num_samples": doc.get("num_samples"), "splits": doc.get("splits"),
+               "num_shards": len(doc.get("shards") or []), "modality": doc.get("modality"),
+               "label_names": doc.get("label_names"), "label_kind": (doc.get("labels") or {}).get("kind"),
+               "build_command": doc.get("command")}
+    schema = {"labels": doc.get("labels")} if doc.get("labels") else None
+    name = str(doc.get("dataset") or ((doc.get("source") or {}).get("kind")) or index.parent.name)
+    return Dataset(name=name, digest=sha[:32], source_type="local",
+                   source=json.dumps({"uri": str(index.parent.resolve())}),
+                   schema=json.dumps(schema) if schema else None, profile=json.dumps(profile, default=str))
+
+
+def find_training_run(out_dir: str | os.PathLike, uri: str | None = None, experiment: str | None = None):
+    """The latest MLflow run whose tag medvlp.out_dir is `out_dir` (`mlflow.search_runs` with a filter string),
+    or None."""
+    import mlflow
+
+    uri = resolve_uri(uri or "")
+    mlflow.set_tracking_uri(uri)
+    path = str(Path(out_dir).resolve()).replace("'", "\\'")
+    kw = {"experiment_names": [experiment]} if experiment else {"search_all_experiments": True}
+    try:
+        runs = mlflow.search_runs(filter_string=f"tags.`medvlp.out_dir` = '{path}'", max_results=1,
+                                  order_by=["attributes.start_time DESC"], output_format="list", **kw)
+    except Exception as e:  # noqa: BLE001 - an unreachable or empty store: there is no run to attach to
+        log.warning("MLflow: cannot search %s for the training run of %s (%s)", uri, out_dir, e)
+        return None
+    return runs[0] if runs else None
+
+
+def log_eval_run(tracking_cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike, metrics: dict,
+                 shards: str = "", tags: dict | None = None) -> str | None:
+    """Log an evaluation of the training run in `model_dir` as its child run (same store and experiment):
+    metrics, the files in `out_dir` as artifacts under "eval", the evaluated shard set as an "eval" dataset
+    input. Without a training run in the store, a top-level run is logged (with a warning). Returns the run id."""
+    if not getattr(tracking_cfg, "enabled", True):
+        return None
+    parent = find_training_run(model_dir, getattr(tracking_cfg, "uri", ""))
+    import dataclasses
+
+    cfg = tracking_cfg
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.replace(cfg, run_name=f"eval-{Path(out_dir).name}", system_metrics=False)
+    if parent is None:
+        warnings.warn(f"MLflow: no training run tagged medvlp.out_dir={Path(model_dir).resolve()} in "
+                      f"{resolve_uri(getattr(tracking_cfg, 'uri', ''))}; logging the evaluation as its own run",
+                      RuntimeWarning, stacklevel=2)
+    else:
+        from mlflow import MlflowClient
+
+        exp = MlflowClient(tracking_uri=resolve_uri(getattr(tracking_cfg, "uri", ""))).get_experiment(
+            parent.info.experiment_id)
+        if dataclasses.is_dataclass(cfg):
+            cfg = dataclasses.replace(cfg, experiment=exp.name)
+    all_tags = {"medvlp.eval_of": str(Path(model_dir).resolve()), **(tags or {})}
+    tr = Tracker(cfg, 0, None, parent_run_id=parent.info.run_id if parent else None, tags=all_tags,
+                 datasets={"eval": shards} if shards else {})
+    with tr:
+        tr.log_metrics(metrics)
+        for p in sorted(Path(out_dir).glob("*")):
+            if p.is_file():
+                tr.log_artifact(str(p), "eval")
+    return tr.run_id
 
 
 def _json_num(v: float) -> float | str:

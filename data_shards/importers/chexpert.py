@@ -21,6 +21,9 @@ from data_shards.manifest import Row, derive_key, iter_csv_rows, parse_label_val
 FINDINGS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
             "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
             "Fracture", "Support Devices"]
+# Multi-label; the prompts are worded like the synthesised captions ("There is x." / "No x.").
+LABEL_SPEC = {"kind": "multi-label", "prompts": {f: {"positive": [f"There is {f.lower()}."],
+                                                     "negative": [f"No {f.lower()}."]} for f in FINDINGS}}
 OPTIONS = {**IMAGE_FILE_OPTIONS, "views": (str, "all", "all | frontal | lateral: which projections to import")}
 _META_COLUMNS = {"Sex": "sex", "Age": "age", "Frontal/Lateral": "view", "AP/PA": "projection",
                  "study_id": "study_id", "dicom_id": "dicom_id", "ViewPosition": "projection"}
@@ -124,4 +127,4 @@ def import_chexpert(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
             rows.append(row)
     extra = {"source": {"kind": "chexpert", "path": str(csv_path.resolve())},
              "notes": ["no report text in the CSV: captions are synthesised from the labels"]}
-    return build_image_rows(rows, errors, out_dir, o, extra)
+    return build_image_rows(rows, errors, out_dir, o, extra, labels=LABEL_SPEC)

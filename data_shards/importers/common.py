@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from data_shards.schema import Sample
+from data_shards.schema import LabelSpec, Sample
 from data_shards.writer import write_index, write_shards
 
 # Options every importer accepts (name -> (type, default, one-line doc)).
@@ -39,15 +39,19 @@ def coerce_options(kind: str, opts: dict[str, Any], spec: dict[str, tuple[type, 
 
 
 def write_dataset(samples: Iterable[Sample], out_dir: str | os.PathLike, *, modality: str,
-                  label_names: Iterable[str], opts: dict[str, Any], extra: dict) -> dict:
+                  label_names: Iterable[str], opts: dict[str, Any], extra: dict,
+                  labels: LabelSpec | Callable[[], LabelSpec] | None = None) -> dict:
     """Stream samples into shards (one pass, constant memory) and write index.json.
 
-    `label_names` is read after the samples are consumed, so a set the sample generator fills works."""
+    `label_names` is read after the samples are consumed, so a set the sample generator fills works; `labels`
+    (the label spec, or a function returning it, called then too) goes into index.json["labels"]."""
     out = Path(out_dir)
     infos = write_shards(samples, out, maxcount=opts["maxcount"], maxsize=opts["maxsize"])
     if not infos:
         raise ValueError(f"{out}: the importer produced no samples")
-    return write_index(out, infos, modality, sorted(label_names), command=opts["command"], extra=extra)
+    spec = labels() if callable(labels) else labels
+    return write_index(out, infos, modality, sorted(label_names), command=opts["command"], extra=extra,
+                       labels=spec)
 
 
 # Options of importers whose layout is "a CSV of image files": they reuse the manifest builder's pipeline.
@@ -59,7 +63,7 @@ IMAGE_FILE_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "split": (str, "auto", "auto (patient hash) | train | val | test: the split of every row"),
     "val_frac": (float, 0.1, "fraction of patients in val when split=auto"),
     "test_frac": (float, 0.1, "fraction of patients in test when split=auto"),
-    "seed": (int, 0, "seed of the patient-hash split"),
+    "seed": (int, 0, "seed of the patient-hash split and of the within-split sample order"),
     "progress": (bool, True, "show a progress bar"),
 }
 
@@ -113,8 +117,9 @@ def clinical_read(kind: str, o: dict[str, Any], rows: list) -> Any:
 
 
 def build_image_rows(rows: list, errors: list[str], out_dir: str | os.PathLike, o: dict[str, Any],
-                     extra: dict, read: Any = None) -> dict:
-    """Rows of image files -> the builder's validation, patient splits, parallel encoding and index."""
+                     extra: dict, read: Any = None, labels: LabelSpec | dict | None = None) -> dict:
+    """Rows of image files -> the builder's validation, patient splits, seeded within-split order, parallel
+    encoding and index (with the label spec `labels`)."""
     from data_shards.build import build_rows
     from data_shards.manifest import assign_splits, check_files, check_global
 
@@ -131,4 +136,5 @@ def build_image_rows(rows: list, errors: list[str], out_dir: str | os.PathLike, 
     rows, more = check_files(rows)
     return build_rows(rows, out_dir, errors=errors + more, workers=o["workers"], maxcount=o["maxcount"],
                       maxsize=o["maxsize"], image_size=o["image_size"], on_error=o["on_error"],
-                      command=o["command"], progress=o["progress"], extra=extra, read=read)
+                      command=o["command"], progress=o["progress"], extra=extra, read=read, seed=o.get("seed", 0),
+                      labels=labels)

@@ -6,13 +6,22 @@ becomes a caption from the flavour's class-name table below (class names as in M
 flavours get "class k"). The flavour comes from the file name: `pneumoniamnist.npz`, `pathmnist_64.npz`.
 
 MedMNIST has no patient ids: patient_id is the proxy f"{flavour}/{split}/{i}" and the splits are the official
-ones, kept exactly. Arrays are streamed from the zip member in chunks, so the 224-pixel files never sit in memory.
+ones, kept exactly. Some official splits are stored sorted by class, so each split is written in a seeded random
+order (option `seed`; keys keep the official index i): the first shard of a split is never one class. Arrays are
+streamed from the zip member in chunks into a temporary memory-mapped file beside the output, so the 224-pixel
+files never sit in memory.
+
+index.json["labels"] records the label kind (single-label multi-class, or multi-label for chestmnist), the class
+names in MedMNIST's order and the caption template as the prompt template, so the zero-shot evaluation prompts
+with the captions the model was trained on.
 
 Legend: N = samples, HW = image height/width, D = slices, C = classes.
 """
 from __future__ import annotations
 
+import itertools
 import re
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from data_shards.importers.common import coerce_options, write_dataset
-from data_shards.schema import Sample
+from data_shards.schema import LabelSpec, Sample
 
 _ORGANS = ["liver", "right kidney", "left kidney", "right femur", "left femur", "bladder", "heart", "right lung",
            "left lung", "spleen", "pancreas"]
@@ -55,7 +64,11 @@ FLAVOURS: dict[str, tuple[str, str, list[str], bool]] = {
                                                                           "excitatory synapse"], False),
 }
 OPTIONS = {"flavour": (str, "", "MedMNIST flavour (default: from the file name)"),
-           "chunk": (int, 256, "samples read from the npz per chunk")}
+           "chunk": (int, 256, "samples read from the npz per chunk"),
+           "shuffle": (bool, True, "write each split in a seeded random order (official splits may be class-sorted)"),
+           "seed": (int, 0, "seed of the within-split order")}
+UNKNOWN_TEMPLATE = "an image of {c}."
+NEGATIVE_TEMPLATES = {"a chest x-ray with {c}.": "a chest x-ray without {c}."}
 SPLIT_NAMES = ("train", "val", "test")  # MedMNIST split names are ours
 
 
@@ -107,31 +120,60 @@ def caption(flavour: str, y: np.ndarray) -> tuple[str, dict[str, int], int | Non
     return template.format(c=name), labels, k
 
 
+def _split_order(n: int, limit: int, shuffle: bool, seed: int, split: str) -> np.ndarray:
+    """The official indices of a split in the order they are written (the first `limit` of a seeded permutation)."""
+    order = (np.random.default_rng([seed, SPLIT_NAMES.index(split)]).permutation(n) if shuffle
+             else np.arange(n))
+    return order[: min(n, limit or n)]
+
+
 def _split_samples(zf: zipfile.ZipFile, flavour: str, modality: str, split: str, o: dict,
-                   seen: set[str]) -> Iterator[Sample]:
+                   seen: set[str], tmp_dir: str) -> Iterator[Sample]:
     shape, images = npz_rows(zf, f"{split}_images", o["chunk"])
     lshape, labels = npz_rows(zf, f"{split}_labels", o["chunk"])
     if lshape[0] != shape[0]:
         raise ValueError(f"{split}: {shape[0]} images but {lshape[0]} labels")
-    n = min(shape[0], o["limit"] or shape[0])
-    i = 0
-    for img_chunk, lab_chunk in zip(images, labels):
-        for img, y in zip(img_chunk, lab_chunk.reshape(len(lab_chunk), -1)):
-            if i >= n:
-                return
-            text, labs, k = caption(flavour, y)
-            seen.update(labs)
-            meta = {"dataset": f"medmnist/{flavour}", "modality": modality, "split": split,
-                    "patient_id": f"{flavour}/{split}/{i}", "index": i}
-            if k is not None:
-                meta["class_index"] = k
-            s = Sample(key=f"{flavour}/{split}/{i:07d}", text=text, labels=labs, meta=meta)
-            if modality == "ct":
-                s.volume = img.astype(np.int16)
-            else:
-                s.image = np.ascontiguousarray(img if img.dtype in (np.uint8, np.uint16) else img.astype(np.uint8))
-            yield s
-            i += 1
+    y_N = np.concatenate([c.reshape(len(c), -1) for c in labels]) if shape[0] else np.zeros((0, 1))
+    order = _split_order(shape[0], o["limit"], o["shuffle"], o["seed"], split)
+    if o["shuffle"]:  # random access by index: stream the rows once into a memory-mapped file
+        store, i = None, 0
+        for chunk in images:
+            if store is None:
+                store = np.lib.format.open_memmap(Path(tmp_dir) / f"{split}.npy", mode="w+", dtype=chunk.dtype,
+                                                  shape=shape)
+            store[i:i + len(chunk)] = chunk
+            i += len(chunk)
+        rows = ((int(j), store[j]) for j in order)
+    else:
+        rows = itertools.islice(enumerate(img for c in images for img in c), len(order))
+    for i, img in rows:
+        y = y_N[i]
+        text, labs, k = caption(flavour, y)
+        seen.update(labs)
+        meta = {"dataset": f"medmnist/{flavour}", "modality": modality, "split": split,
+                "patient_id": f"{flavour}/{split}/{i}", "index": i}
+        if k is not None:
+            meta["class_index"] = k
+        s = Sample(key=f"{flavour}/{split}/{i:07d}", text=text, labels=labs, meta=meta)
+        if modality == "ct":
+            s.volume = np.asarray(img).astype(np.int16)
+        else:
+            img = np.asarray(img)
+            s.image = np.ascontiguousarray(img if img.dtype in (np.uint8, np.uint16) else img.astype(np.uint8))
+        yield s
+
+
+def label_spec_of(flavour: str, names: list[str]) -> LabelSpec:
+    """The flavour's label kind, class names and its caption template as the prompt template."""
+    _, template, table, multi = FLAVOURS.get(flavour, ("", UNKNOWN_TEMPLATE, [], False))
+    classes = list(table) or sorted(names)
+    classes += [n for n in sorted(names) if n not in classes]
+    if multi:
+        neg = NEGATIVE_TEMPLATES.get(template, "No {c}.")
+        return LabelSpec("multi-label", classes, templates=[template], negative_templates=[neg])
+    if len(classes) == 1:
+        return LabelSpec("binary", classes, templates=[template])
+    return LabelSpec("single-label", classes, templates=[template], negative_templates=[])
 
 
 def import_medmnist(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
@@ -158,7 +200,13 @@ def import_medmnist(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
             raise ValueError(f"{src}: flavour {flavour!r} expects {'3D' if modality == 'ct' else '2D'} arrays, "
                              f"got {splits[0]}_images of shape {shape}")
         seen: set[str] = set()  # label names met in the data (the class table's, or "class k")
-        samples = (s for split in splits for s in _split_samples(zf, flavour, modality, split, o, seen))
-        extra = {"source": {"kind": "medmnist", "path": str(src.resolve()), "flavour": flavour},
-                 "notes": ["MedMNIST has no patient ids: patient_id = flavour/split/index; splits are official"]}
-        return write_dataset(samples, out_dir, modality=modality, label_names=seen, opts=o, extra=extra)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".medmnist-", dir=out_dir) as tmp:
+            samples = (s for split in splits for s in _split_samples(zf, flavour, modality, split, o, seen, tmp))
+            extra = {"source": {"kind": "medmnist", "path": str(src.resolve()), "flavour": flavour},
+                     "notes": ["MedMNIST has no patient ids: patient_id = flavour/split/index; splits are official",
+                               "each split is written in a seeded random order" if o["shuffle"] else
+                               "each split is written in the file's order"],
+                     "shuffle": {"enabled": o["shuffle"], "seed": o["seed"]}}
+            return write_dataset(samples, out_dir, modality=modality, label_names=seen, opts=o, extra=extra,
+                                 labels=lambda: label_spec_of(flavour, sorted(seen)))

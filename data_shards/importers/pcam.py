@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from data_shards.importers.common import coerce_options, write_dataset
+from data_shards.schema import LabelSpec
 from data_shards.schema import Sample
 
 PREFIX = "camelyonpatch_level_2_split_"
@@ -81,4 +82,6 @@ def import_pcam(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
     samples = (s for name, (x, y) in found.items() for s in _split_samples(x, y, name, o))
     extra = {"source": {"kind": "pcam", "splits": {SPLITS[k]: str(v[0].resolve()) for k, v in found.items()}},
              "notes": ["splits are PCam's official ones; patient_id = source slide when the meta CSV is present"]}
-    return write_dataset(samples, out_dir, modality="patho", label_names=["tumor"], opts=o, extra=extra)
+    labels = LabelSpec("binary", ["tumor"], prompts={"tumor": {"positive": [CAPTIONS[1]], "negative": [CAPTIONS[0]]}})
+    return write_dataset(samples, out_dir, modality="patho", label_names=["tumor"], opts=o, extra=extra,
+                         labels=labels)

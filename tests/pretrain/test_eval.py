@@ -132,13 +132,14 @@ def test_format_table_deterministic_and_outputs(tmp_path):
     t2 = E.format_table(dict(reversed(list(rep.metrics.items()))))
     assert t1 == t2
     lines = t1.splitlines()
-    assert lines[0].startswith("| finding | zero-shot AUC") and lines[2].startswith("| a | 1.000 |")
+    assert lines[0] == "Zero-shot protocol: multi-label: per finding, softmax over its positive / negative prompt pair."
+    assert lines[2].startswith("| finding | zero-shot AUC") and lines[4].startswith("| a | 1.000 |")
     assert any(l.startswith("| **macro** |") for l in lines)
     assert "| image → text | 1.000 | 1.000 | 1.000 |" in t1
     assert "| 64 | skipped (too few samples) | 0 |" in t1
     files = E.write_outputs(rep, tmp_path, n_examples=2)
-    assert sorted(p.name for p in files.values()) == ["eval_metrics.json", "eval_table.md", "retrieval_examples.png",
-                                                      "roc.png"]
+    assert sorted(p.name for p in files.values()) == ["eval_metrics.json", "eval_scores.npz", "eval_table.md",
+                                                      "retrieval_examples.png", "roc.png"]
     doc = json.loads((tmp_path / "eval_metrics.json").read_text())
     assert doc["zeroshot/auc/a"] == 1.0 and doc["kshot/64/auc_mean"] is None  # NaN -> null
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
@@ -220,3 +221,103 @@ def test_integration_real_model_and_shards(tmp_path):
     assert "kshot/2/auc_mean" in m and np.isfinite(m["probe/auc_macro"])
     assert {p.name for p in (tmp_path / "eval").iterdir()} >= {"eval_table.md", "eval_metrics.json", "roc.png",
                                                                "retrieval_examples.png"}
+
+
+# ------------------------------------------------------------------------------- single-label, class-sorted
+OCT = ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"]
+
+
+class BandModel(nn.Module):
+    """Stand-in CLIP whose image embedding is the brightness of 4 horizontal bands (class k = bright band k) and
+    whose text table knows only the importer's caption template: "a retinal OCT scan: <class>."."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompts = {f"a retinal OCT scan: {c}.": k for k, c in enumerate(OCT)}
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(20.0)]))
+
+    def tokenize(self, texts):
+        return torch.tensor([[self.prompts.get(t, -1)] for t in texts], dtype=torch.long)
+
+    def encode_image(self, x, normalize=True):
+        g = x.float().mean(1)  # (B, S, S)
+        bands = torch.stack([b.mean((1, 2)) for b in g.chunk(4, dim=1)], -1)
+        e = bands - bands.mean(-1, keepdim=True)
+        return F.normalize(e, dim=-1) if normalize else e
+
+    def encode_text(self, tok, normalize=True):
+        idx = tok[:, 0]
+        if (idx < 0).any():
+            raise KeyError("a prompt the model was never trained on")  # e.g. the old "X." / "No X." pair
+        e = F.one_hot(idx, 4).float() - 0.25
+        return F.normalize(e, dim=-1) if normalize else e
+
+
+def _class_sorted_octmnist(path, n_train=80, n_test=40, seed=0):
+    """An octmnist.npz in MedMNIST's format ((N, 28, 28) uint8, (N, 1) labels) whose splits are sorted by class
+    (as some official splits are); class k has a bright band k (rows 7k..7k+6)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("val", 8), ("test", n_test)):
+        y = np.sort(rng.integers(0, 4, n))
+        y[:4] = np.arange(4)
+        y = np.sort(y)
+        img = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(y):
+            img[i, 7 * k:7 * k + 7] = 230
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = img, y.reshape(n, 1).astype(np.uint8)
+    np.savez_compressed(path, **arrays)
+    return arrays
+
+
+def test_single_label_softmax_on_class_sorted_medmnist(tmp_path):
+    from data_shards.importers import import_dataset
+    from data_shards.inspect import iter_samples
+
+    arrays = _class_sorted_octmnist(tmp_path / "octmnist.npz")
+    doc = import_dataset("medmnist", tmp_path / "octmnist.npz", tmp_path / "shards", maxcount="20")
+    assert doc["labels"]["kind"] == "single-label" and doc["labels"]["class_names"] == OCT
+    assert doc["labels"]["templates"] == ["a retinal OCT scan: {c}."]
+    # written in a seeded random order: the first train shard is not one class
+    first = [s for s in iter_samples(tmp_path / "shards") if s.meta["split"] == "train"][:20]
+    assert len({s.meta["class_index"] for s in first}) > 1
+    assert sorted(s.meta["index"] for s in first) != list(range(20))
+
+    cfg = EvalConfig(kshot=[1, 2], kshot_seeds=2, bootstrap=20, batch_size=16, max_samples=24, retrieval=False)
+    data = DataConfig(train_shards=str(tmp_path / "shards"), modality="cxr", image_size=28)
+    rep = E.evaluate_detailed(BandModel(), data, cfg)
+    m = rep.metrics
+    assert rep.protocol.startswith("single-label: softmax over the 4 class prompts")
+    assert m["zeroshot/single_label"] == 1.0
+    assert m["eval/n_samples"] == 24 and m["probe/n_train"] == 24
+    for c in OCT:  # no inverted class, every class scored
+        assert m[f"zeroshot/auc/{c}"] > 0.9 and np.isfinite(m[f"probe/auc/{c}"])
+    assert m["zeroshot/auc_macro"] > 0.95 and m["zeroshot/top1"] > 0.9
+    assert np.isfinite(m["probe/auc_macro"]) and np.isfinite(m["kshot/1/auc_mean"]) and np.isfinite(
+        m["kshot/2/auc_mean"])
+    # the 24 probe samples were a stratified draw from the whole class-sorted train split: every class is there
+    assert min(m[f"zeroshot/n_pos/{c}"] for c in OCT) >= 2
+    table = E.format_table(m, rep.protocol)
+    assert table.splitlines()[0].startswith("Zero-shot protocol: single-label: softmax over the 4 class prompts")
+    assert "n/a" not in table.split("| **macro** |")[0]
+    files = E.write_outputs(rep, tmp_path / "eval", n_examples=0)
+    z = np.load(files["scores"])
+    assert z["scores"].shape == (24, 4) and np.allclose(z["scores"].sum(1), 1.0) and len(set(z["keys"])) == 24
+    assert str(z["protocol"]).startswith("single-label")
+
+
+def test_single_class_split_warns_naming_it(tmp_path):
+    from data_shards.importers import import_dataset
+
+    rng = np.random.default_rng(0)
+    arrays = {"train_images": rng.integers(0, 255, (12, 28, 28), dtype=np.uint8),
+              "train_labels": np.zeros((12, 1), np.uint8),  # every sample "choroidal neovascularization"
+              "test_images": rng.integers(0, 255, (8, 28, 28), dtype=np.uint8),
+              "test_labels": (np.arange(8) % 4).reshape(8, 1).astype(np.uint8)}
+    np.savez(tmp_path / "octmnist.npz", **arrays)
+    import_dataset("medmnist", tmp_path / "octmnist.npz", tmp_path / "shards")
+    data = DataConfig(train_shards=str(tmp_path / "shards"), modality="cxr", image_size=28)
+    cfg = EvalConfig(kshot=[], bootstrap=0, batch_size=8, max_samples=0, retrieval=False)
+    with pytest.warns(RuntimeWarning, match=r"split 'train': every label has a single class"):
+        m = E.evaluate(BandModel(), data, cfg)
+    assert np.isnan(m["probe/auc_macro"]) and np.isfinite(m["zeroshot/auc_macro"])

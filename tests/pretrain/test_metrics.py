@@ -115,3 +115,64 @@ def test_kshot_mean_std_per_k_and_skips():
     assert res[4]["auc_mean"] > 0.9  # separable finding a with 4+4 shots
     res2 = M.kshot_probe(Xtr, Ytr, Xte, Yte, ["a", "b"], ks=(1, 2, 4), n_seeds=3)
     assert all(res2[k] == res[k] for k in (1, 2, 4))
+
+
+def test_stratified_indices_single_and_multi_label():
+    # class-sorted single-label split (one-hot): 90 of class 0, 8 of class 1, 2 of class 2
+    Y = np.zeros((100, 3))
+    Y[:90, 0], Y[90:98, 1], Y[98:, 2] = 1, 1, 1
+    idx = M.stratified_indices(Y, 20, seed=0)
+    assert len(idx) == 20 and len(set(idx)) == 20 and list(idx) == sorted(idx)
+    per_class = Y[idx].sum(0)
+    assert per_class[1] >= 2 and per_class[2] == 2 and per_class.sum() == 20  # rare classes kept, proportional
+    assert not np.array_equal(idx, np.arange(20))  # never "the first N"
+    assert np.array_equal(M.stratified_indices(Y, 20, seed=0), idx)  # seeded
+    assert not np.array_equal(M.stratified_indices(Y, 20, seed=1), idx)
+    assert np.array_equal(M.stratified_indices(Y, 0), np.arange(100))  # 0 = all
+    # multi-label: a rare finding (3 positives in 200) still gets 2 positives in a draw of 10
+    Ym = np.zeros((200, 2))
+    Ym[:3, 1] = 1
+    Ym[::2, 0] = 1
+    idx = M.stratified_indices(Ym, 10, seed=0)
+    assert len(idx) == 10 and Ym[idx, 1].sum() >= 2 and 0 < Ym[idx, 0].sum() < 10
+    assert M.single_class_columns(Ym[10:], ["a", "b"]) == ["b"]
+
+
+def test_paired_bootstrap_against_exact_enumeration():
+    """delta AUC of two scorers on 4 samples; the bootstrap distribution is compared with the exact one over all
+    4^4 equally likely resamples (hand-enumerable), and the point values with hand-computed AUCs."""
+    import itertools
+
+    y = np.array([0, 1, 0, 1])
+    a = np.array([0.1, 0.9, 0.2, 0.8])  # perfect: AUC 1
+    b = np.array([0.6, 0.9, 0.2, 0.3])  # pairs (pos, neg): (.9,.6) (.9,.2) (.3,.2) win, (.3,.6) loses: AUC 3/4
+    res = M.paired_bootstrap(M.roc_auc, y, a, b, n=4000, seed=0)
+    assert res["metric_a"] == 1.0 and res["metric_b"] == 0.75 and res["delta"] == 0.25
+    deltas = []
+    for idx in itertools.product(range(4), repeat=4):
+        i = np.array(idx)
+        if y[i].min() == y[i].max():
+            continue  # one class drawn: AUC undefined, dropped (as the bootstrap drops it)
+        deltas.append(M.roc_auc(y[i], a[i]) - M.roc_auc(y[i], b[i]))
+    deltas = np.array(deltas)
+    exact_p = min(1.0, 2 * min((deltas <= 0).mean(), (deltas >= 0).mean()))
+    assert (deltas >= 0).all()  # A is never worse on any resample: delta* <= 0 only where it is exactly 0
+    assert res["p_value"] == pytest.approx(exact_p, abs=0.03)
+    assert res["ci_lo"] <= 0.25 <= res["ci_hi"] and res["ci_lo"] >= 0.0
+    # identical scorers: delta 0 on every resample, p = 1
+    same = M.paired_bootstrap(M.roc_auc, y, a, a, n=200, seed=0)
+    assert same["delta"] == 0.0 and same["p_value"] == 1.0
+    with pytest.raises(ValueError, match="same samples"):
+        M.paired_bootstrap(M.roc_auc, y, a, b[:3])
+
+
+def test_bootstrap_ci_is_scipy_bca():
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 80)
+    s = y + rng.normal(0, 1.0, 80)
+    lo, hi = M.bootstrap_ci(M.roc_auc, y, s, n=300, seed=7)
+    ref = bootstrap((np.arange(80),), lambda i: M.roc_auc(y[i], s[i], warn=False), n_resamples=300, paired=True,
+                    vectorized=False, method="BCa", rng=np.random.default_rng(7)).confidence_interval
+    assert (lo, hi) == pytest.approx((ref.low, ref.high))

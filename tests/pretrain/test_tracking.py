@@ -105,3 +105,57 @@ def test_uri_helpers(tmp_path, monkeypatch):
     assert absolute_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
     assert absolute_uri("http://host:5000") == "http://host:5000"
     assert sanitize_key("eval/auc[nodule]:x") == "eval/auc_nodule__x"
+
+
+def test_lineage_tags_data_input_system_metrics_and_eval_child_run(tmp_path):
+    """Context tags (commit, user, source), the shard set as a dataset input, system metrics, and an evaluation
+    logged as a child run found through the out_dir tag, in a real SQLite store."""
+    import hashlib
+    import json
+
+    from mlflow import MlflowClient
+
+    from data_shards.synth import synth_to_shards
+    from pretrain.tracking import find_training_run, log_eval_run
+
+    shards = tmp_path / "shards"
+    synth_to_shards(shards, modality="patho", n=12, shard_size=6, size=32)
+    sha = hashlib.sha256((shards / "index.json").read_bytes()).hexdigest()
+    uri = f"sqlite:///{tmp_path}/lineage.db"
+    cfg = TrackingConfig(uri=uri, experiment="exp-l", system_metrics_every_s=0.5)
+    config = {"data": {"train_shards": str(shards)}, "train": {"out_dir": str(tmp_path / "run")}}
+    with Tracker(cfg, rank=0, config_dict=config) as tr:
+        tr.log_metrics({"train/loss": 1.0}, 1)
+        deadline = time.time() + 30
+        client = MlflowClient(tracking_uri=uri)
+        while time.time() < deadline and not any(k.startswith("system/")
+                                                 for k in client.get_run(tr.run_id).data.metrics):
+            time.sleep(0.5)
+        run_id = tr.run_id
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.user"] and tags["mlflow.source.name"]
+    assert tags["medvlp.out_dir"] == str((tmp_path / "run").resolve())
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+    (ds_input,) = run.inputs.dataset_inputs
+    ds = ds_input.dataset
+    assert ds.digest == sha[:32] and ds.name == "synth-patho" and ds.source_type == "local"
+    profile = json.loads(ds.profile)
+    assert profile["index_sha256"] == sha and profile["num_samples"] == 12 and profile["label_kind"] == "binary"
+    assert profile["build_command"].startswith("medvlp shards synth")
+    assert {t.key: t.value for t in ds_input.tags}["mlflow.data.context"] == "train"
+
+    assert find_training_run(tmp_path / "run", uri).info.run_id == run_id
+    eval_dir = tmp_path / "run" / "eval"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "eval_table.md").write_text("| a |\n")
+    child_id = log_eval_run(TrackingConfig(uri=uri, experiment="other"), tmp_path / "run", eval_dir,
+                            {"zeroshot/auc_macro": 0.9}, shards=str(shards), tags={"eval.split": "test"})
+    child = client.get_run(child_id)
+    assert child.data.tags["mlflow.parentRunId"] == run_id
+    assert child.info.experiment_id == run.info.experiment_id  # beside its parent, whatever the config said
+    assert child.data.metrics["zeroshot/auc_macro"] == 0.9 and child.data.tags["eval.split"] == "test"
+    assert [a.path for a in client.list_artifacts(child_id, "eval")] == ["eval/eval_table.md"]
+    assert child.inputs.dataset_inputs[0].dataset.digest == sha[:32]
+    with pytest.warns(RuntimeWarning, match="no training run tagged"):
+        assert log_eval_run(TrackingConfig(uri=uri, experiment="exp-l"), tmp_path / "elsewhere", eval_dir, {})
