@@ -336,7 +336,8 @@ def _cmd_report_eval(a: argparse.Namespace) -> int:
 def _cmd_runs_compare(a: argparse.Namespace) -> int:
     from launch.runs import compare_runs
 
-    print(compare_runs(a.experiment, metrics=a.metric or None, uri=a.uri, out=a.out))
+    print(compare_runs(a.experiment, metrics=a.metric or None, uri=a.uri, out=a.out, ci=a.ci, baseline=a.baseline,
+                       filter_string=a.filter))
     return 0
 
 
@@ -521,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", action="append", default=[])
     s.add_argument("--uri", default=None)
     s.add_argument("--out", default=None, help="overlay PNG path")
+    s.add_argument("--filter", default="", help="MLflow filter string, e.g. \"params.`optim.lr` = '0.003'\"")
+    s.add_argument("--ci", action="store_true", help="paired bootstrap CI of each run's macro AUC vs the baseline")
+    s.add_argument("--baseline", default=None, help="run name or id the others are compared with (default: first)")
     s.set_defaults(fn=_cmd_runs_compare)
     s = rn.add_parser("ui", help="mlflow ui on 127.0.0.1 over the same store")
     s.add_argument("--port", type=int, default=5000)

@@ -1,7 +1,11 @@
 """Tracked-experiment comparison on MLflow: `medvlp runs compare` and `medvlp runs ui`.
 
 compare: a table of an experiment's runs (status, the params whose values differ between runs, then the final
-metrics) and a PNG overlaying their loss curves. ui: `mlflow ui` on 127.0.0.1 over the same store as training;
+metrics) and a PNG overlaying their loss curves. Runs are found with `mlflow.search_runs` (an optional MLflow
+filter string, e.g. "params.`optim.lr` = '0.003'"); only the plotted metric's histories are fetched. With
+`--ci`, each run's zero-shot scores (the eval_scores.npz artifact every evaluation logs) are paired with the
+baseline's (the first run, or `--baseline`) on the samples both scored, and the macro-AUC difference gets a
+paired bootstrap 95% CI (BCa) and p-value (`pretrain.metrics.paired_bootstrap`). ui: `mlflow ui` on 127.0.0.1 over the same store as training;
 it is a full tracking server, so `MLFLOW_TRACKING_URI=http://127.0.0.1:PORT` sends new runs to it, and with a
 SQLite store their artifacts go to `mlartifacts/` beside the database file (not into the current directory).
 """
@@ -45,19 +49,112 @@ def compare_table(runs: list[dict], metrics: list[str]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+def search_runs(experiment: str, uri: str, filter_string: str = "", curve: str | None = None,
+                include_children: bool = False) -> list[dict]:
+    """Runs of `experiment` oldest first (`mlflow.search_runs`, optional filter string), as dicts like
+    `pretrain.tracking.read_runs`; histories only of `curve`. Child runs (evaluations) are left out unless asked."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(experiment) is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise SystemExit(f"runs compare: experiment {experiment!r} not found in {uri}; known: "
+                         f"{', '.join(known) or '(none)'}")
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string or "",
+                                   order_by=["attributes.start_time ASC"], output_format="list")
+    except Exception as e:  # noqa: BLE001 - a malformed filter string: say so in one line
+        raise SystemExit(f"runs compare: MLflow rejected --filter {filter_string!r}: {str(e)[:300]}") from None
+    out = []
+    for r in found:
+        if not include_children and "mlflow.parentRunId" in r.data.tags:
+            continue
+        hist = {}
+        if curve and curve in r.data.metrics:
+            ms = sorted(client.get_metric_history(r.info.run_id, curve), key=lambda m: (m.step, m.timestamp))
+            hist[curve] = [(int(m.step), float(m.value)) for m in ms]
+        out.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "name": r.info.run_name,
+                    "status": r.info.status, "params": dict(r.data.params), "metrics": dict(r.data.metrics),
+                    "tags": dict(r.data.tags), "history": hist})
+    return out
+
+
+def _load_scores(client, run: dict, tmp: str):
+    """(keys, labels_NK, scores_NK, label_names, split) of a run's eval_scores.npz, or None when it has none."""
+    import numpy as np
+
+    for path in ("eval/eval_scores.npz", "eval_scores.npz"):
+        try:
+            local = client.download_artifacts(run["run_id"], path, tmp)
+        except Exception:  # noqa: BLE001 - the run logged no scores
+            continue
+        with np.load(local) as z:
+            return ([str(k) for k in z["keys"]], z["labels"], z["scores"], [str(n) for n in z["label_names"]],
+                    str(z["split"]))
+    return None
+
+
+def ci_table(runs: list[dict], uri: str, baseline: str | None = None, n: int = 1000, seed: int = 0) -> str:
+    """Markdown table: macro zero-shot AUC of each run vs the baseline on the same samples, paired bootstrap."""
+    import tempfile
+
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from pretrain import metrics as M
+
+    client = MlflowClient(tracking_uri=uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        scored = [(r, _load_scores(client, r, f"{tmp}/{i}")) for i, r in enumerate(runs)]
+    have = [(r, s) for r, s in scored if s is not None]
+    if len(have) < 2:
+        raise SystemExit("runs compare --ci: fewer than two runs logged eval/eval_scores.npz (an evaluation "
+                         "writes it); nothing to pair")
+    if baseline:
+        base = next(((r, s) for r, s in have if baseline in (r["run_id"], r["name"])), None)
+        if base is None:
+            raise SystemExit(f"runs compare --ci: baseline {baseline!r} is not a scored run; scored: "
+                             f"{', '.join(r['name'] or r['run_id'][:8] for r, _ in have)}")
+    else:
+        base = have[0]
+    bname = base[0]["name"] or base[0]["run_id"][:8]
+    bkeys, blab, bsc, bnames, bsplit = base[1]
+    rows = [f"Paired bootstrap vs `{bname}` ({n} resamples, 95% BCa CI), macro zero-shot AUC on the samples both "
+            f"runs scored ({bsplit} split):", "",
+            "| run | macro AUC | baseline | Δ | 95% CI | p | samples |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    pos = {k: i for i, k in enumerate(bkeys)}
+    for r, (keys, lab, sc, names, split) in have:
+        if r is base[0]:
+            continue
+        name = r["name"] or r["run_id"][:8]
+        if names != bnames or split != bsplit:
+            rows.append(f"| {name} | different labels or split ({split}) | | | | | 0 |")
+            continue
+        common = [(pos[k], i) for i, k in enumerate(keys) if k in pos]
+        if len(common) < 2:
+            rows.append(f"| {name} | no shared samples | | | | | 0 |")
+            continue
+        bi, ri = (np.array(x) for x in zip(*common))
+        res = M.paired_bootstrap(M.macro_auc, blab[bi], sc[ri], bsc[bi], n=n, seed=seed)
+        rows.append(f"| {name} | {res['metric_a']:.3f} | {res['metric_b']:.3f} | {res['delta']:+.3f} | "
+                    f"[{res['ci_lo']:+.3f}, {res['ci_hi']:+.3f}] | {res['p_value']:.3f} | {len(common)} |")
+    return "\n".join(rows)
+
+
 def compare_runs(experiment: str, metrics: list[str] | None = None, uri: str | None = None,
-                 out: str | None = None, curve: str = "train/loss") -> str:
-    """Markdown table of the experiment's runs + an overlay PNG of `curve` (path printed under the table)."""
+                 out: str | None = None, curve: str = "train/loss", ci: bool = False, baseline: str | None = None,
+                 filter_string: str = "", n_boot: int = 1000) -> str:
+    """Markdown table of the experiment's runs + an overlay PNG of `curve` (path printed under the table); with
+    `ci`, the paired-bootstrap table of each run against the baseline."""
     from pretrain.plots import overlay_curves_png
-    from pretrain.tracking import read_runs
 
     uri = resolve_uri(uri)
-    try:
-        runs = read_runs(experiment, uri)
-    except ValueError as e:  # unknown experiment: the message lists the known ones
-        raise SystemExit(f"runs compare: {e}") from None
+    runs = search_runs(experiment, uri, filter_string, curve)
     if not runs:
-        raise SystemExit(f"runs compare: experiment {experiment!r} has no runs in {uri}")
+        raise SystemExit(f"runs compare: experiment {experiment!r} has no runs in {uri}"
+                         + (f" matching {filter_string!r}" if filter_string else ""))
     if metrics:
         unknown = [m for m in metrics if not any(m in r["metrics"] for r in runs)]
         if unknown:
@@ -67,7 +164,10 @@ def compare_runs(experiment: str, metrics: list[str] | None = None, uri: str | N
     table = compare_table(runs, metrics)
     png = Path(out or f"compare-{experiment}.png")
     overlay_curves_png(runs, curve, png)
-    return f"{table}\n\n{len(runs)} runs from {uri}; {curve} overlay -> {png}"
+    text = f"{table}\n\n{len(runs)} runs from {uri}; {curve} overlay -> {png}"
+    if ci:
+        text += "\n\n" + ci_table(runs, uri, baseline, n=n_boot)
+    return text
 
 
 def ui_command(port: int, uri: str | None = None, workers: int = 1) -> list[str]:

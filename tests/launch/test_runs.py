@@ -181,3 +181,44 @@ def test_ui_serves_the_store_and_training_logs_to_it(store, cxr_shards, tmp_path
             except subprocess.TimeoutExpired:
                 os.killpg(ui.pid, signal.SIGKILL)
                 ui.wait()
+
+
+def test_compare_ci_pairs_eval_scores_and_filters(tmp_path):
+    """Three runs logged through the real Tracker into SQLite with hand-made eval_scores.npz: the paired table
+    compares each with the baseline on the shared samples; --filter goes through mlflow.search_runs."""
+    import numpy as np
+
+    from launch.runs import compare_runs
+    from pretrain import metrics as M
+    from pretrain.config import TrackingConfig
+    from pretrain.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/ci.db"
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (60, 2)).astype(np.float32)
+    keys = np.array([f"s{i}" for i in range(60)])
+    scores = {"base": rng.random((60, 2)), "good": y + rng.normal(0, 0.3, (60, 2))}
+    scores["good-shuffled"] = scores["good"]
+    for name, sc in scores.items():
+        order = rng.permutation(60) if name == "good-shuffled" else np.arange(60)  # pairing is by key, not row
+        f = tmp_path / name / "eval_scores.npz"
+        f.parent.mkdir()
+        np.savez(f, keys=keys[order], labels=y[order], scores=sc[order], label_names=np.array(["a", "b"]),
+                 protocol=np.array("multi-label"), split=np.array("test"))
+        with Tracker(TrackingConfig(uri=uri, experiment="ci", run_name=name, system_metrics=False), 0,
+                     {"optim": {"lr": 0.001 if name == "base" else 0.003}}) as tr:
+            tr.log_metrics({"zeroshot/auc_macro": M.macro_auc(y, sc)}, 1)
+            tr.log_artifact(str(f), "eval")
+    text = compare_runs("ci", uri=uri, out=str(tmp_path / "o.png"), ci=True, n_boot=300)
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")]
+            for ln in text.splitlines() if ln.startswith("| good")}
+    assert set(rows) == {"good", "good-shuffled"} and "vs `base`" in text
+    ref = M.paired_bootstrap(M.macro_auc, y, scores["good"], scores["base"], n=300, seed=0)
+    for r in rows.values():
+        assert float(r[3]) == pytest.approx(ref["delta"], abs=1e-3) and r[6] == "60"
+        lo, hi = (float(v) for v in r[4].strip("[]").split(","))
+        assert 0 < lo < ref["delta"] < hi and float(r[5]) < 0.05
+    text = compare_runs("ci", uri=uri, out=str(tmp_path / "o.png"), filter_string="params.`optim.lr` = '0.003'")
+    assert "2 runs from" in text and "| base |" not in text
+    with pytest.raises(SystemExit, match="baseline 'zzz'"):
+        compare_runs("ci", uri=uri, out=str(tmp_path / "o.png"), ci=True, baseline="zzz")
