@@ -93,6 +93,25 @@ def _read_options(a: argparse.Namespace):
     return read, (read_salt(a.salt_file) if a.hash_ids else None)
 
 
+def _label_options(a: argparse.Namespace) -> dict | None:
+    """The label spec of `shards build` from --labels FILE, overridden by --label-kind / --template /
+    --negative-template; None when none is given (multi-label with "X." / "No X.")."""
+    from data_shards.build import read_label_spec
+
+    doc = read_label_spec(a.labels) if a.labels else {}
+    if a.label_kind:
+        doc["kind"] = a.label_kind
+    if a.template:
+        doc["templates"] = list(a.template)
+    if a.negative_template:
+        doc["negative_templates"] = list(a.negative_template)
+    if doc and "kind" not in doc:
+        raise ValueError("--template / --negative-template need --label-kind (or 'kind' in --labels)")
+    if doc.get("kind") == "single-label":
+        doc.setdefault("negative_templates", [])
+    return doc or None
+
+
 def _cmd_build(a: argparse.Namespace) -> int:
     from data_shards.build import ManifestError, build_shards
 
@@ -101,8 +120,8 @@ def _cmd_build(a: argparse.Namespace) -> int:
         doc = build_shards(a.manifest, a.out, workers=a.workers, maxcount=a.maxcount, maxsize=int(a.maxsize_mb * 2**20),
                            image_size=a.image_size, on_error=a.on_error, val_frac=a.val_frac, test_frac=a.test_frac,
                            seed=a.seed, part=_parse_part(a.part), modality=a.modality, command=_cmdline(),
-                           read=read, salt=salt)
-    except ManifestError as e:
+                           read=read, salt=salt, labels=_label_options(a))
+    except (ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. a full disk: finished shards are complete and reused by the rerun
@@ -410,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resample NIfTI / DICOM-series volumes (and masks, nearest) to this spacing in mm")
     s.add_argument("--organs", default=None, metavar="A,B,...",
                    help="label order of segmentations/ mask folders (default: sorted organ file names)")
+    s.add_argument("--labels", default=None, metavar="FILE",
+                   help="label spec YAML/JSON: kind, class_names, templates, negative_templates, prompts")
+    s.add_argument("--label-kind", default=None, choices=["multi-label", "single-label", "binary"])
+    s.add_argument("--template", action="append", default=[], metavar="TEXT",
+                   help="caption/prompt template with {c} (repeat for an ensemble)")
+    s.add_argument("--negative-template", action="append", default=[], metavar="TEXT",
+                   help="negative prompt template with {c} (multi-label / binary)")
     s.set_defaults(fn=_cmd_build)
     s = sh.add_parser("merge-index", help="join index.part*.json of parallel builds into index.json")
     s.add_argument("dir")

@@ -263,3 +263,39 @@ def test_load_image_palette_and_bounds(tmp_path):
     im.save(tmp_path / "p.png")
     arr = load_image(str(tmp_path / "p.png"), 4)
     assert arr.shape == (4, 4, 3) and arr.dtype == np.uint8
+
+
+def test_cli_build_label_spec_and_seeded_order_within_split(tmp_path, capsys):
+    """`shards build --label-kind single-label --template ...` writes the spec; a class-sorted manifest comes out
+    in a seeded random order within the split (the same for the same seed)."""
+    import json
+
+    from launch.cli import main as cli_main
+
+    d = tmp_path / "img"
+    d.mkdir()
+    rows = []
+    for i in range(40):  # sorted by class: 20 "cat" then 20 "dog"
+        Image.fromarray(np.full((4, 4), i, np.uint8)).save(d / f"{i}.png")
+        c = "cat" if i < 20 else "dog"
+        rows.append({"image": f"img/{i}.png", "report": f"a photo of a {c}.", "patient_id": f"P{i:02d}",
+                     "split": "train", "label:cat": int(c == "cat"), "label:dog": int(c == "dog")})
+    man = write_csv(tmp_path / "m.csv", rows)
+    args = ["shards", "build", "--manifest", str(man), "--workers", "1", "--maxcount", "10",
+            "--label-kind", "single-label", "--template", "a photo of a {c}."]
+    assert cli_main([*args, "--out", str(tmp_path / "a")]) == 0
+    doc = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert doc["labels"] == {"kind": "single-label", "class_names": ["cat", "dog"], "templates": ["a photo of a {c}."],
+                             "negative_templates": [], "prompts": {}}
+    order = [s.key for s in iter_samples(tmp_path / "a")]
+    first_shard = [s.labels["cat"] for s in iter_samples(tmp_path / "a")][:10]
+    assert 0 < sum(first_shard) < 10  # both classes in the first shard
+    assert cli_main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert [s.key for s in iter_samples(tmp_path / "b")] == order  # seeded: reproducible
+    assert cli_main([*args, "--seed", "1", "--out", str(tmp_path / "c")]) == 0
+    assert [s.key for s in iter_samples(tmp_path / "c")] != order
+    spec = tmp_path / "labels.yaml"
+    spec.write_text("kind: sometimes\n")
+    assert cli_main(["shards", "build", "--manifest", str(man), "--out", str(tmp_path / "d"), "--labels",
+                     str(spec)]) == 2
+    assert "kind: 'sometimes' is not one of multi-label, single-label, binary" in capsys.readouterr().err
