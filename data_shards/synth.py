@@ -32,7 +32,8 @@ from data_shards.synth_histo import (PATHO_PROMPTS, PATHO_VISITS, SLIDE_DIAGNOSE
 from data_shards.synth_util import Study, check_modality, check_seed, iter_studies
 from data_shards.writer import write_index, write_shards
 
-__all__ = ["FINDINGS_CXR", "SYNTH_MODALITIES", "label_names", "label_spec", "prompts", "synth_samples", "synth_to_shards"]
+__all__ = ["FINDINGS_CXR", "SYNTH_MODALITIES", "label_names", "label_spec", "prompts", "synth_samples",
+           "synth_to_shards"]
 
 SYNTH_MODALITIES = ("cxr", "patho", "ct", "slide")
 _GENERATORS: dict[str, tuple[Callable[[int, Study, int | None], Sample], tuple[float, ...]]] = {

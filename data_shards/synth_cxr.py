@@ -32,20 +32,6 @@ P_FINDING, P_UNCERTAIN = 0.27, 0.06  # per study: P(label 1), P(label -1); cardi
 MM_PER_IMAGE = 300.0  # field of view, only used to state sizes in reports
 SIDE_NAME = {-1: "right", 1: "left"}  # lateral direction on the image (-1 = image left) -> patient side
 
-CXR_PROMPTS: dict[str, tuple[list[str], list[str]]] = {
-    "nodule": (["Nodule.", "Pulmonary nodule.", "There is a nodule in the lung."],
-               ["No nodule.", "No pulmonary nodule.", "There is no nodule in the lung."]),
-    "effusion": (["Pleural effusion.", "Effusion.", "There is a pleural effusion."],
-                 ["No pleural effusion.", "No effusion.", "There is no pleural effusion."]),
-    "consolidation": (["Consolidation.", "Focal consolidation.", "There is consolidation in the lung."],
-                      ["No consolidation.", "No focal consolidation.", "There is no consolidation in the lung."]),
-    "cardiomegaly": (["Cardiomegaly.", "The heart is enlarged.", "Enlarged cardiac silhouette."],
-                     ["No cardiomegaly.", "Heart size is normal.", "The cardiac silhouette is normal in size."]),
-    "pneumothorax": (["Pneumothorax.", "There is a pneumothorax.", "Apical pneumothorax."],
-                     ["No pneumothorax.", "There is no pneumothorax.", "Without pneumothorax."]),
-}
-
-
 # ----------------------------------------------------------------------------------------------- parameters
 def _draw_anatomy(prng: np.random.Generator) -> dict[str, Any]:
     """Patient-level anatomy (shared by all studies of the patient), in fractions of the image side."""
@@ -208,31 +194,33 @@ def _where(spec, finding: str) -> tuple[str, str]:
     return SIDE_NAME[p["lat"]], zone
 
 
+_POSITIVE = {  # report sentences of a present finding; {side}, {zone}, {mm}, {amount} filled per study
+    "nodule": ["A {mm} mm nodule in the {side} {zone} lung zone", "{side} {zone} zone pulmonary nodule measuring {mm} mm",
+               "small rounded nodular opacity in the {side} {zone} zone",
+               "there is a {mm} mm {side} {zone} zone nodule"],
+    "effusion": ["{amount} {side} pleural effusion", "there is a {amount} {side} pleural effusion",
+                 "fluid in the {side} pleural space with a meniscus",
+                 "blunting of the {side} costophrenic angle from a {amount} effusion"],
+    "consolidation": ["patchy consolidation in the {side} {zone} zone",
+                      "{side} {zone} zone airspace opacity, consistent with consolidation",
+                      "focal airspace opacity in the {side} {zone} zone", "consolidation of the {side} {zone} lung zone"],
+    "cardiomegaly": ["cardiomegaly", "the cardiac silhouette is enlarged",
+                     "enlarged cardiac silhouette, consistent with cardiomegaly", "the heart is enlarged"],
+    "pneumothorax": ["small {side} apical pneumothorax", "{side} apical pneumothorax with a visible pleural line",
+                     "partially collapsed {side} lung from an apical pneumothorax",
+                     "visible pleural line at the {side} apex, consistent with pneumothorax"],
+}
+
+
 def _positive(rng, spec, f: str) -> str:
     side, zone = _where(spec, f)
+    fill = {"side": side, "zone": zone}
     if f == "nodule":
-        mm = int(round(2 * spec["nodule"]["r"] * MM_PER_IMAGE))
-        return pick(rng, [f"A {mm} mm nodule in the {side} {zone} lung zone",
-                          f"{side} {zone} zone pulmonary nodule measuring {mm} mm",
-                          f"small rounded nodular opacity in the {side} {zone} zone",
-                          f"there is a {mm} mm {side} {zone} zone nodule"])
+        fill["mm"] = int(round(2 * spec["nodule"]["r"] * MM_PER_IMAGE))
     if f == "effusion":
         h = spec["effusion"]["h"]
-        amount = "small" if h < 0.18 else ("moderate" if h < 0.24 else "large")
-        return pick(rng, [f"{amount} {side} pleural effusion", f"there is a {amount} {side} pleural effusion",
-                          f"fluid in the {side} pleural space with a meniscus",
-                          f"blunting of the {side} costophrenic angle from a {amount} effusion"])
-    if f == "consolidation":
-        return pick(rng, [f"patchy consolidation in the {side} {zone} zone",
-                          f"{side} {zone} zone airspace opacity, consistent with consolidation",
-                          f"focal airspace opacity in the {side} {zone} zone",
-                          f"consolidation of the {side} {zone} lung zone"])
-    if f == "cardiomegaly":
-        return pick(rng, ["cardiomegaly", "the cardiac silhouette is enlarged",
-                          "enlarged cardiac silhouette, consistent with cardiomegaly", "the heart is enlarged"])
-    return pick(rng, [f"small {side} apical pneumothorax", f"{side} apical pneumothorax with a visible pleural line",
-                      f"partially collapsed {side} lung from an apical pneumothorax",
-                      f"visible pleural line at the {side} apex, consistent with pneumothorax"])
+        fill["amount"] = "small" if h < 0.18 else ("moderate" if h < 0.24 else "large")
+    return pick(rng, [t.format(**fill) for t in _POSITIVE[f]])
 
 
 def _hedged(rng, spec, f: str) -> str:
@@ -256,6 +244,20 @@ _NEGATIONS = {
     "pneumothorax": ["no pneumothorax", "there is no pneumothorax", "the lungs are well expanded without pneumothorax"],
 }
 _NORMAL = ["no acute cardiopulmonary abnormality", "no acute cardiopulmonary process", "normal chest radiograph"]
+
+
+def _report_prompts(f: str) -> tuple[list[str], list[str]]:
+    """Zero-shot prompt sets worded exactly like the reports: every positive sentence template of `f` over both
+    sides, the three zones, a small and a large size / amount (deduplicated), and its negation sentences."""
+    fills = [{"side": side, "zone": zone, "mm": mm, "amount": amount} for side in ("right", "left")
+             for zone in ("upper", "mid", "lower") for mm, amount in ((20, "small"), (28, "large"))]
+    pos = list(dict.fromkeys(join_sentences([t.format(**fill)]) for t in _POSITIVE[f] for fill in fills))
+    neg = [join_sentences([n]) for n in _NEGATIONS[f]]
+    return pos, neg
+
+
+# (positive, negative) prompt sets per finding: the corpus's own report sentences (see `_report_prompts`).
+CXR_PROMPTS: dict[str, tuple[list[str], list[str]]] = {f: _report_prompts(f) for f in FINDINGS_CXR}
 
 
 def cxr_report(rng: np.random.Generator, spec: dict[str, Any]) -> str:

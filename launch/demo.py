@@ -62,7 +62,7 @@ def run_demo(out: str, n: int = 1024, steps: int | None = None, seed: int = 0, e
                  f"tracking.uri=sqlite:///{(out_p / 'mlruns.db').resolve()}"]
     if steps is not None:
         overrides.append(f"train.steps={steps}")
-    cfg = load_config("debug", overrides + list(extra or []))
+    cfg = load_config("demo", overrides + list(extra or []))
     print(f"[2/4] pretrain debug CLIP: {cfg.train.steps} steps x batch {cfg.data.batch_size} (DeepSpeed ZeRO-"
           f"{cfg.train.zero_stage}, loss backend {cfg.loss.backend})", flush=True)
     t_fit, eval_spent = time.perf_counter(), []

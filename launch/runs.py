@@ -5,7 +5,8 @@ metrics) and a PNG overlaying their loss curves. Runs are found with `mlflow.sea
 filter string, e.g. "params.`optim.lr` = '0.003'"); only the plotted metric's histories are fetched. With
 `--ci`, each run's zero-shot scores (the eval_scores.npz artifact every evaluation logs) are paired with the
 baseline's (the first run, or `--baseline`) on the samples both scored, and the macro-AUC difference gets a
-paired bootstrap 95% CI (BCa) and p-value (`pretrain.metrics.paired_bootstrap`). ui: `mlflow ui` on 127.0.0.1 over the same store as training;
+paired bootstrap 95% CI (BCa) and p-value (`pretrain.metrics.paired_bootstrap`).
+ui: `mlflow ui` on 127.0.0.1 over the same store as training;
 it is a full tracking server, so `MLFLOW_TRACKING_URI=http://127.0.0.1:PORT` sends new runs to it, and with a
 SQLite store their artifacts go to `mlartifacts/` beside the database file (not into the current directory).
 """

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from data_shards.schema import decode_sample, encode_sample
-from data_shards.synth import FINDINGS_CXR, label_names, prompts, synth_samples, synth_to_shards
+from data_shards.synth import FINDINGS_CXR, label_names, label_spec, prompts, synth_samples, synth_to_shards
 from data_shards.synth_ct import CT_ORGANS, draw_ct_spec, lesion_voxels, render_ct
 from data_shards.synth_cxr import draw_cxr_spec, render_cxr
 from data_shards.synth_histo import SLIDE_TISSUES, slide_centres
@@ -271,7 +271,15 @@ def test_all_modalities_write_index_with_matching_counts(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- API, errors
 def test_prompts_and_label_names():
-    assert prompts("cxr", "nodule")[0][0] == "Nodule." and prompts("cxr", "nodule")[1][0] == "No nodule."
+    pos, neg = prompts("cxr", "nodule")
+    assert pos[0] == "A 20 mm nodule in the right upper lung zone." and neg[0] == "No pulmonary nodule."
+    # the cxr prompts are the reports' own sentences: every negative prompt occurs verbatim in some report
+    reports = " ".join(s.text for s in synth_samples("cxr", 200, seed=0, size=32))
+    for lab in label_names("cxr"):
+        assert all(n in reports for n in prompts("cxr", lab)[1] if n != "No pleural effusion."), lab
+    spec = label_spec("cxr")
+    assert spec.kind == "multi-label" and spec.positive_prompts("nodule") == pos
+    assert label_spec("slide").kind == "single-label" and label_spec("patho").kind == "binary"
     for mod in MODS:
         for lab in label_names(mod):
             pos, neg = prompts(mod, lab)
