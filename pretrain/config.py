@@ -130,7 +130,7 @@ class EvalConfig:
     kshot: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # k-shot probe sizes
     kshot_seeds: int = 3  # seeds per k
     bootstrap: int = 200  # bootstrap resamples for AUC 95% CIs
-    max_samples: int = 2000  # evaluation samples streamed (per split)
+    max_samples: int = 2000  # samples evaluated per split: a seeded stratified draw from the whole split (0 = all)
     split: str = "test"  # split the final metrics are measured on (read once, at the end of training)
     val_split: str = "val"  # split of the periodic evaluations during training (falls back to `split` if empty)
     probe_split: str = "train"  # split the linear / k-shot probes are fitted on
@@ -145,7 +145,7 @@ class EvalConfig:
             raise ValueError(f"kshot: every size must be >= 1, got {self.kshot}")
         _at_least("kshot_seeds", self.kshot_seeds, 1)
         _at_least("bootstrap", self.bootstrap, 0)
-        _at_least("max_samples", self.max_samples, 1)
+        _at_least("max_samples", self.max_samples, 0)  # 0 = the whole split
         _at_least("batch_size", self.batch_size, 1)
         _finite("probe_C", self.probe_C, nonneg=True)
         _finite("kshot_C", self.kshot_C, positive=True)
