@@ -2,7 +2,7 @@
 
 Anatomy (PA view, so the patient's right lung is on the image's left): dark lung fields with vessel markings
 that fade towards the periphery, bright mediastinum, spine, heart and curved ribs, soft tissue, noise. Findings:
-  nodule         small bright blob inside a lung
+  nodule         small bright blob inside a lung, radius 4-6% of the side (24-36 mm; 2.6-3.8 px at 64 px)
   effusion       bright fluid at a lung base with a meniscus (level rising laterally)
   consolidation  bright patchy region inside a lung
   cardiomegaly   enlarged heart silhouette (box = enlarged heart); chronic: a property of the patient
@@ -68,7 +68,7 @@ def draw_cxr_spec(seed: int, study: Study, size: int) -> dict[str, Any]:
         return int(rng.choice([-1, 1]))
 
     spec["nodule"] = {"lat": lat(), "u": rng.uniform(-0.2, 0.6), "v": rng.uniform(-0.6, 0.45),
-                      "r": rng.uniform(0.03, 0.05)}
+                      "r": rng.uniform(0.04, 0.06)}
     spec["effusion"] = {"lat": lat(), "h": rng.uniform(0.12, 0.3)}
     spec["consolidation"] = {"lat": lat(), "u": rng.uniform(-0.3, 0.5), "v": rng.uniform(-0.5, 0.55),
                              "ax": rng.uniform(0.05, 0.08), "ay": rng.uniform(0.06, 0.1),
