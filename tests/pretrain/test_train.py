@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from launch.config import flatten, load_config, to_dict
@@ -206,7 +207,12 @@ def test_out_dir_refused_resume_checked_unreadable_checkpoint_skipped_overwrite(
 
 def test_run_config_yaml_is_a_recipe_and_cli_refuses_the_used_folder(cxr_shards, tmp_path):
     out = tmp_path / "a"
-    res = _run(load_config("debug", tiny_overrides(cxr_shards, out, steps=3, **_quiet())))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CLI run below uses one thread: equal thread counts give equal float reductions
+    try:
+        res = _run(load_config("debug", tiny_overrides(cxr_shards, out, steps=3, **_quiet())))
+    finally:
+        torch.set_num_threads(threads)
     cmd = [sys.executable, "-m", "launch.cli", "pretrain", str(out / "config.yaml")]
     env = {**_clean_env(), "OMP_NUM_THREADS": "1"}
     bad = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
