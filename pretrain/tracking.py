@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
 
+from pretrain.configtree import flatten  # noqa: F401 - one flatten ({"a": {"b": 1}} -> {"a.b": 1}), re-exported here
+
 log = logging.getLogger("medvlp.tracking")
 
 DEFAULT_URI = "sqlite:///mlruns.db"
@@ -46,18 +48,6 @@ _DATA_ERRORS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXIS
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; empty dicts stay as leaves."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 def sanitize_key(key: str) -> str:
     """MLflow keys allow letters, digits, `_ - . / ` and space; anything else becomes `_`; capped at 250 chars."""
     return re.sub(r"[^\w\-./ ]", "_", str(key))[:MAX_KEY_CHARS] or "_"
