@@ -7,7 +7,9 @@ Organs are ellipsoids at jittered positions (per patient), painted in priority o
   1 liver, 2 spleen, 3 left_kidney, 4 right_kidney, 5 lung (both bases)
 HU: air -1000, lung -850, fat about -100, muscle 50, liver 60, spleen 48, enhancing kidney 150, bone 400-800.
 Each organ independently carries a lesion with p = 0.3: a hypo- or hyperdense ellipsoid (a solid nodule in the
-lung), clipped to the organ mask, so lesion voxels always lie inside their organ.
+lung), clipped to the organ mask, so lesion voxels always lie inside their organ. Lesions are small relative to
+their organ (a local signal in a large normal structure): each radius is at most LESION_MAX_FRAC of the organ's
+half-extent along that axis (never under one voxel), so a lesion fills a few per cent of its organ's volume.
 
 Shape legend: D slices, H rows, W columns (H = W = S).
 """
@@ -27,6 +29,7 @@ ORGAN_TEXT = {"liver": "liver", "spleen": "spleen", "left_kidney": "left kidney"
 DEFAULT_SIZE_CT = 64  # in-plane side; D = size // 2
 CT_VISITS = (0.6, 0.4)  # P(1, 2 scans per patient)
 P_LESION = 0.3
+LESION_MAX_FRAC = 0.3  # lesion radius <= this fraction of the organ's half-extent on each axis
 FOV_MM = 350.0
 _HU = {"liver": 60.0, "spleen": 48.0, "left_kidney": 150.0, "right_kidney": 150.0, "lung": -850.0}
 # organ -> list of ellipsoids (centre z, y, x; radii z, y, x), normalised units
@@ -99,6 +102,10 @@ def draw_ct_spec(seed: int, study: Study, size: int) -> dict[str, Any]:
         r_n, u_pos, u_kind, u_hu = rng.uniform(0.03, 0.055), rng.random(), rng.random(), rng.random()
         organ_DHW = mask == k + 1
         rz, rxy = max(1, int(round(r_n * D))), max(1, int(round(r_n * S)))
+        if organ_DHW.any():  # small relative to the organ: cap each radius by a fraction of its half-extent
+            half = [(ix.max() - ix.min() + 1) / 2 for ix in np.nonzero(organ_DHW)]
+            rz = min(rz, max(1, int(LESION_MAX_FRAC * half[0])))
+            rxy = min(rxy, max(1, int(LESION_MAX_FRAC * min(half[1], half[2]))))
         cand = np.flatnonzero(_fits(organ_DHW, rz, rxy))
         while cand.size == 0 and (rz > 0 or rxy > 0):  # small organs at small sizes: shrink the lesion
             rz, rxy = max(0, rz - 1), max(0, rxy - 1)

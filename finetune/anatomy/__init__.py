@@ -1,0 +1,1 @@
+"""ViSD-Boost anatomy normality modelling for CT vision-language learning (docs/anatomy.md)."""
