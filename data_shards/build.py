@@ -194,7 +194,11 @@ def load_row(row: Row, image_size: int, read: readers.ReadOptions | None = None)
             raise RowDecodeError("report_file", f"{row.given['report_file']}: empty report")
     meta = {**row.meta, "dataset": row.dataset, "modality": row.modality, "split": row.split,
             "patient_id": row.patient_id, **({} if read.hash_ids else {"source": row.given[row.kind]})}
-    s = Sample(key=row.key, text=text, labels=dict(sorted(row.labels.items())), meta=meta)
+    s = Sample(key=row.key, text=text, labels=dict(sorted(row.labels.items())), meta=meta, extra=dict(row.extra))
+    if "organ_names" in s.extra and "organs" not in s.extra:  # per-organ sentences and labels from the report
+        from data_shards.organ_report import organs_from_report
+
+        s.extra["organs"] = organs_from_report(text, s.extra["organ_names"])
     if row.kind == "image" and readers.is_dicom_file(row.paths["image"]):
         s.image, more = _clinical("image", readers.load_image_file, row.paths["image"], image_size, read, _resize_u16)
         s.meta.update(more)

@@ -11,6 +11,11 @@ A manifest has one row per sample. Columns (CSV header / JSON keys):
   split                 optional train | val | test; a patient in two splits is an error
   key                   optional sample key (default: derived from the media path); dots and spaces become '_'
   dataset, modality     optional; modality is inferred (image -> cxr, volume -> ct, features -> slide)
+  organ_names           CT with a mask: JSON list of organ names in mask-label order (label o + 1 = organ o)
+  organs                optional JSON {organ: {"abnormal": 0|1, "sentence": str}}; without it the per-organ
+                        sentences and labels come from the report by rules (data_shards.organ_report)
+  spacing_mm            optional JSON [z, y, x] voxel size of the volume
+  These three are stored at the top of the sample's json (the organ_labels / organ_sentences / spacing members).
 Any other column is kept verbatim in the sample's meta. Relative paths resolve against the manifest's folder.
 
 Line numbers: a CSV header is line 1 and the first data row line 2 (a quoted multi-line cell counts its lines);
@@ -40,7 +45,7 @@ _SUFFIXES = {"volume": (".npy", ".npz", *_CLINICAL), "mask": (".npy", ".npz", *_
 _KIND_MODALITIES = {"image": ("cxr", "patho"), "volume": ("ct",), "features": ("slide",)}
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 _RESERVED = {"key", "image", "volume", "mask", "features", "coords", "report", "report_file", "labels",
-             "patient_id", "split", "dataset", "modality"}
+             "patient_id", "split", "dataset", "modality", "organ_names", "organs", "spacing_mm"}
 _KEY_REPLACE = str.maketrans({c: "_" for c in " .\t\n\r\\:"})
 MAX_LISTED = 50  # errors shown in an exception message (all of them go to build_errors.txt)
 
@@ -78,6 +83,7 @@ class Row:
     modality: str
     dataset: str = ""
     meta: dict[str, Any] = field(default_factory=dict)  # extra columns, kept verbatim
+    extra: dict[str, Any] = field(default_factory=dict)  # organ_names / organs / spacing_mm (sample json top level)
     est_bytes: int = 0  # source bytes on disk (+ text): the shard-size estimate
 
     def where(self, column: str | None = None) -> str:
@@ -95,7 +101,7 @@ class Row:
                 stats[col] = None
         return {"key": self.key, "kind": self.kind, "paths": self.paths, "stats": stats, "text": self.text,
                 "labels": self.labels, "patient_id": self.patient_id, "split": self.split,
-                "modality": self.modality, "dataset": self.dataset, "meta": self.meta}
+                "modality": self.modality, "dataset": self.dataset, "meta": self.meta, "extra": self.extra}
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -169,6 +175,59 @@ def _parse_labels(raw: dict[str, Any]) -> tuple[dict[str, int], list[tuple[str, 
     return labels, errs
 
 
+def _json_cell(raw: dict[str, Any], col: str) -> Any:
+    v = raw.get(col)
+    if isinstance(v, str):
+        v = v.strip()
+        return json.loads(v) if v else None
+    return v
+
+
+def _parse_organs(raw: dict[str, Any], kind: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """organ_names / organs / spacing_mm cells -> (sample json extras, errors)."""
+    extra: dict[str, Any] = {}
+    errs: list[tuple[str, str]] = []
+    vals = {}
+    for col in ("organ_names", "organs", "spacing_mm"):
+        try:
+            vals[col] = _json_cell(raw, col)
+        except json.JSONDecodeError as e:
+            errs.append((col, f"not valid JSON: {e.msg}"))
+    names, organs, spacing = vals.get("organ_names"), vals.get("organs"), vals.get("spacing_mm")
+    if (names is not None or organs is not None) and kind != "volume":
+        errs.append(("organ_names", "organs need a 'volume' (and its 'mask')"))
+    if names is not None:
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            errs.append(("organ_names", f"expected a JSON list of organ names, got {names!r}"))
+        else:
+            extra["organ_names"] = names
+    elif organs is not None:
+        errs.append(("organ_names", "'organs' needs 'organ_names' (the mask-label order)"))
+    if organs is not None and "organ_names" in extra:
+        if not isinstance(organs, dict):
+            errs.append(("organs", f"expected a JSON object {{organ: {{abnormal, sentence}}}}, got {organs!r}"))
+        else:
+            fixed = {}
+            for k, organ in enumerate(extra["organ_names"]):
+                o = organs.get(organ)
+                if not isinstance(o, dict) or o.get("abnormal") not in (0, 1) or not isinstance(o.get("sentence"), str):
+                    errs.append(("organs", f"organ {organ!r}: expected {{\"abnormal\": 0|1, \"sentence\": str}}, "
+                                           f"got {o!r}"))
+                    continue
+                fixed[organ] = {"id": k + 1, "abnormal": int(o["abnormal"]), "sentence": o["sentence"]}
+            unknown = sorted(set(organs) - set(extra["organ_names"]))
+            if unknown:
+                errs.append(("organs", f"{unknown} are not in organ_names"))
+            extra["organs"] = fixed
+    if spacing is not None:
+        if not (isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(v, (int, float)) and v > 0
+                                                                         for v in spacing)):
+            errs.append(("spacing_mm", f"expected [z, y, x] positive numbers, got {spacing!r}"))
+        else:
+            extra["spacing_mm"] = [float(v) for v in spacing]
+    return extra, errs
+
+
 def _text(raw: dict[str, Any], col: str) -> str:
     v = raw.get(col)
     return "" if v is None else str(v).strip()
@@ -214,6 +273,8 @@ def parse_row(raw: dict[str, Any], line: int, source: str, base_dir: Path,
     elif mod not in MODALITIES and kind:
         errs.append(("modality", f"{mod!r} is not one of {MODALITIES}"))
     dataset = _text(raw, "dataset")
+    extra, oerrs = _parse_organs(raw, kind)
+    errs.extend(oerrs)
     key = sanitise_key(_text(raw, "key")) if _text(raw, "key") else (
         derive_key(given[kind], base_dir, dataset) if kind else "")
     if kind and not key:
@@ -226,7 +287,7 @@ def parse_row(raw: dict[str, Any], line: int, source: str, base_dir: Path,
             and v not in (None, "")}
     return Row(source=source, line=line, key=key, kind=kind, paths=paths, given=given, text=text, labels=labels,
                patient_id=_text(raw, "patient_id") or key, split=split, modality=mod, dataset=dataset,
-               meta=meta), []
+               meta=meta, extra=extra), []
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -22,17 +22,27 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_targets(normal_B: torch.Tensor, sentences: Sequence[str] | None = None) -> torch.Tensor:
-    """(B, B) row-normalised targets: 1 on the diagonal, between two normal samples, between identical sentences."""
+def sentence_key(s: str) -> str:
+    """Sentences that differ only in case, spacing or a final period are identical."""
+    return " ".join(s.lower().split()).rstrip(".")
+
+
+def soft_targets(normal_B: torch.Tensor, sentences: Sequence[str] | torch.Tensor | None = None) -> torch.Tensor:
+    """(B, B) row-normalised targets: 1 on the diagonal, between two normal samples, between identical sentences.
+
+    sentences: the B strings, or (B,) ids where equal ids mean identical sentences."""
     normal = normal_B.bool()
     B = normal.shape[0]
     pos = torch.eye(B, dtype=torch.bool, device=normal.device) | (normal[:, None] & normal[None, :])
     if sentences is not None:
         if len(sentences) != B:
             raise ValueError(f"soft_targets: {len(sentences)} sentences for {B} samples")
-        norm = [" ".join(s.lower().split()).rstrip(".") for s in sentences]
-        same = torch.tensor([[a == b for b in norm] for a in norm], dtype=torch.bool, device=normal.device)
-        pos = pos | same
+        if torch.is_tensor(sentences):
+            ids = sentences.to(normal.device)
+        else:
+            keys = [sentence_key(s) for s in sentences]
+            ids = torch.tensor([keys.index(k) for k in keys], device=normal.device)
+        pos = pos | (ids[:, None] == ids[None, :])
     t = pos.float()
     return t / t.sum(dim=1, keepdim=True)
 
@@ -43,8 +53,10 @@ def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def organ_contrastive_loss(img_BOE: torch.Tensor, txt_BOE: torch.Tensor, scale: torch.Tensor,
                            present_BO: torch.Tensor, normal_BO: torch.Tensor | None = None,
-                           sentences: Sequence[Sequence[str]] | None = None, soft: bool = True) -> torch.Tensor:
-    """Mean over organs of the symmetric organ-sentence InfoNCE (module doc); embeddings L2-normalised."""
+                           sentences: Sequence[Sequence[str]] | torch.Tensor | None = None,
+                           soft: bool = True) -> torch.Tensor:
+    """Mean over organs of the symmetric organ-sentence InfoNCE (module doc); embeddings L2-normalised.
+    sentences: B lists of O strings, or (B, O) sentence ids (equal id = identical sentence)."""
     B, O, _ = img_BOE.shape
     if soft and normal_BO is None:
         raise ValueError("organ_contrastive_loss: soft targets need the organs' normal flags (organ_labels)")
@@ -56,7 +68,12 @@ def organ_contrastive_loss(img_BOE: torch.Tensor, txt_BOE: torch.Tensor, scale: 
         i, t = img_BOE[rows, o], txt_BOE[rows, o]
         logits = scale * i @ t.t()
         if soft:
-            sents = None if sentences is None else [sentences[int(r)][o] for r in rows]
+            if sentences is None:
+                sents = None
+            elif torch.is_tensor(sentences):
+                sents = sentences[rows, o]
+            else:
+                sents = [sentences[int(r)][o] for r in rows]
             T = soft_targets(normal_BO[rows, o], sents)
         else:
             T = torch.eye(rows.numel(), device=img_BOE.device)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finetune.anatomy.losses import organ_contrastive_loss, vse_loss
 from finetune.anatomy.organs import OrganQueryPool, ScaleProjection, pool_organ_masks
 from finetune.anatomy.vsd import NormalityVSD, VSDOutput
 
@@ -160,6 +161,36 @@ class AnatomyModel(nn.Module):
             raise ValueError(f"anatomy: each sample needs {O} organ sentences ({', '.join(self.organ_names)})")
         return self.encode_texts([t for s in sentences for t in s]).view(B, O, -1)
 
+    def forward(self, volume: torch.Tensor, mask: torch.Tensor, normal: torch.Tensor, text_tokens: torch.Tensor,
+                text_index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One training micro batch -> (loss, metrics). volume (B, 1, D, H, W), mask (B, D, H, W) organ labels,
+        normal (B, O) bool, text_tokens (U, L) the distinct organ sentences, text_index (B, O) their index.
+        Identical sentences share an index (soft targets treat them as positives)."""
+        cfg = self.cfg
+        if self.training and self.momentum is not None:
+            self.update_momentum()  # EMA from the previous optimizer step
+        view1 = volume
+        if cfg.vse:
+            view1 = augment_volume(volume, None, cfg.vse_intensity, cfg.vse_noise)
+        emb, feats = self.encode_organs(view1, mask, normal if cfg.vsd else None)
+        txt = F.normalize(self.text(text_tokens), dim=-1)[text_index]  # (B, O, E)
+        scale = self.scale()
+        loss_c = organ_contrastive_loss(emb, txt, scale, feats.present, normal.float(), text_index,
+                                        cfg.soft_targets)
+        loss = loss_c
+        metrics = {"loss_organ": loss_c.detach(), "scale": scale.detach()}
+        if cfg.vse:
+            view2 = augment_volume(volume, None, cfg.vse_intensity, cfg.vse_noise)
+            k = self.momentum_embed(view2, mask)
+            loss_v = vse_loss(self.vse_embed(feats.pooled), k, normal, feats.present, cfg.vse_tau)
+            loss = loss + cfg.vse_weight * loss_v
+            metrics["loss_vse"] = loss_v.detach()
+        if cfg.vsd:
+            loss = loss + cfg.vsd_weight * feats.vsd.loss
+            metrics["loss_vsd"] = feats.vsd.loss.detach()
+            metrics.update({k: torch.tensor(v) for k, v in feats.vsd.stats.items()})
+        return loss, metrics
+
     def vse_embed(self, pooled_BOC: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vse_head(pooled_BOC), dim=-1)
 
@@ -183,11 +214,12 @@ class AnatomyModel(nn.Module):
                 c.copy_(b)
 
 
-def augment_volume(vol_B1DHW: torch.Tensor, gen: torch.Generator, intensity: float, noise: float) -> torch.Tensor:
+def augment_volume(vol_B1DHW: torch.Tensor, gen: torch.Generator | None, intensity: float,
+                   noise: float) -> torch.Tensor:
     """VSE view: per-volume intensity scale/shift and Gaussian noise, clamped to the window [-1, 1]."""
     B = vol_B1DHW.shape[0]
     shape = (B, 1, 1, 1, 1)
     a = 1 + intensity * (2 * torch.rand(shape, generator=gen) - 1)
     b = 0.5 * intensity * (2 * torch.rand(shape, generator=gen) - 1)
-    n = noise * torch.randn(vol_B1DHW.shape, generator=gen)
+    n = noise * torch.randn(vol_B1DHW.shape, generator=gen)  # global RNG by default (saved with checkpoints)
     return (vol_B1DHW * a.to(vol_B1DHW) + b.to(vol_B1DHW) + n.to(vol_B1DHW)).clamp(-1.0, 1.0)
