@@ -36,6 +36,7 @@ class AnatomyConfig:
     kind: str = "anatomy"  # recipe kind
     data: DataConfig = field(default_factory=_data)  # CT shards with organ masks, organ labels and sentences
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="debug-3d"))  # towers when starting from scratch (finetune.checkpoint "")
+    window: list[float] = field(default_factory=lambda: [-160.0, 240.0])  # HU window mapped to [-1, 1] (soft tissue: level 40, width 400)
     organs: list[str] = field(default_factory=list)  # organ names in mask-id order (1..O); [] = the data's organ_names
     head: AnatomyModelConfig = field(default_factory=AnatomyModelConfig)  # organ tokens, VSE, VSD
     eval: AnatomyEvalConfig = field(default_factory=AnatomyEvalConfig)  # zero-shot organ abnormality
@@ -62,5 +63,7 @@ class AnatomyConfig:
             raise ValueError(f"head.codebook_decay: must be in [0, 1), got {self.head.codebook_decay}")
         if self.head.codebook_size < 1:
             raise ValueError(f"head.codebook_size: must be >= 1, got {self.head.codebook_size}")
+        if len(self.window) != 2 or not self.window[0] < self.window[1]:
+            raise ValueError(f"window: expected [low HU, high HU] with low < high, got {self.window}")
         if self.eval.split not in ("train", "val", "test"):
             raise ValueError(f"eval.split: {self.eval.split!r} is not one of train, val, test")

@@ -9,8 +9,10 @@ batch the distinct organ sentences are tokenised once; the wrapped model's forwa
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -24,6 +26,36 @@ if TYPE_CHECKING:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
+
+
+@dataclass
+class CTTransform:
+    """Sample -> {"volume" (1, D, H, W) in [-1, 1], "mask" (D, H, W)}: the stream's CT view with a chosen HU window
+    (the stage default is the abdominal soft-tissue window, where organ lesions have contrast), resized to
+    `volume_size`, with the stream's random intensity jitter when training. Picklable for loader workers."""
+
+    window: tuple[float, float]
+    volume_size: tuple[int, ...] | None = None
+    train: bool = False
+
+    def __call__(self, s, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        from data_shards.transforms import RandIntensity3D, hu_window, resize_volume
+
+        if s.volume is None or s.mask is None:
+            raise ValueError("the anatomy stage needs a CT volume with an organ mask (vol.npy + mask.npy)")
+        vol = hu_window(s.volume, self.window)
+        mask = torch.from_numpy(s.mask.astype(np.int64))
+        if mask.shape != vol.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != volume shape {tuple(vol.shape)}")
+        vol, mask = resize_volume(vol, mask, self.volume_size)
+        if self.train:
+            vol, mask = RandIntensity3D()((vol, mask), rng)
+        return {"volume": vol.contiguous()[None], "mask": mask.contiguous()}
+
+
+def ct_transform(cfg: AnatomyConfig, train: bool) -> CTTransform:
+    size = tuple(cfg.data.volume_size) if cfg.data.volume_size else None
+    return CTTransform((float(cfg.window[0]), float(cfg.window[1])), size, train and cfg.data.augment)
 
 
 def data_config(cfg: AnatomyConfig, train: bool):
@@ -91,12 +123,13 @@ class AnatomyStage:
 
         train = split == "train"
         return make_loader(data_config(cfg, train), rank=rank, world_size=world, epoch=epoch, start_step=start_step,
-                           train=train, split=None if train else split)
+                           train=train, split=None if train else split, transform=ct_transform(cfg, train))
 
     def evaluate(self, model: nn.Module, cfg: AnatomyConfig) -> dict:
         from data_shards.stream import make_loader
 
-        loader = make_loader(data_config(cfg, False), train=False, split=cfg.eval.split)
+        loader = make_loader(data_config(cfg, False), train=False, split=cfg.eval.split,
+                             transform=ct_transform(cfg, False))
         e = cfg.eval
         return evaluate_organs(_unwrap(model), loader, max_samples=e.max_samples, prompts=e.prompts or None,
                                normal_template=e.normal_template, abnormal_template=e.abnormal_template)
