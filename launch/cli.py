@@ -11,6 +11,7 @@
     medvlp features extract --checkpoint CKPT --shards PATCHES --out DIR
     medvlp generate --checkpoint RUN --shards SLIDES --out reports.jsonl
     medvlp report eval --checkpoint RUN [--shards SLIDES]
+    medvlp anatomy-ablation RECIPE [--seeds 0 1 ...] [--out DIR] [--set k=v ...]
     medvlp launch [...] -- <subcommand ...>
     medvlp runs compare|ui ...
     medvlp localize --checkpoint RUN IMAGE... --out DIR;  medvlp pcam-table RECIPE --out DIR
@@ -266,6 +267,21 @@ def _cmd_eval_few_shot(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_anatomy_ablation(a: argparse.Namespace) -> int:
+    from finetune.anatomy.ablation import VARIANTS, run_ablation
+
+    cfg, _ = load_stage_config("anatomy", a.recipe, list(a.set))
+    bad = [v for v in a.variants if v not in VARIANTS]
+    if bad:
+        from launch.config import ConfigError
+
+        raise ConfigError(f"--variants: {bad} are not among {', '.join(VARIANTS)}")
+    out = run_ablation(cfg, a.seeds, a.out, a.variants)
+    print(out["markdown"])
+    print(f"table: {a.out}/ablation.md")
+    return 0
+
+
 def _cmd_eval(a: argparse.Namespace) -> int:
     from pretrain.eval import run_eval_cli
 
@@ -493,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe", help="a kind: path_clip recipe (e.g. path-clip-patho)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     s.set_defaults(fn=_cmd_eval_few_shot)
+
+    s = sub.add_parser("anatomy-ablation", help="anatomy stage ablation: base / +VSE / +VSD / both, same seeds")
+    s.add_argument("recipe", help="an anatomy recipe (kind: anatomy)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0], help="finetune.seed of each repetition")
+    s.add_argument("--variants", nargs="+", default=["base", "+VSE", "+VSD", "both"])
+    s.add_argument("--out", default="runs/anatomy-ablation", help="run folders, ablation.md and ablation.json")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.set_defaults(fn=_cmd_anatomy_ablation)
 
     s = sub.add_parser("eval", help="zero-shot / retrieval / linear-probe evaluation of a trained model "
                                     "(few-label protocol: `medvlp eval few-shot RECIPE`)")

@@ -1,1 +1,12 @@
-"""ViSD-Boost anatomy normality modelling for CT vision-language learning (docs/anatomy.md)."""
+"""ViSD-Boost anatomy normality modelling for CT vision-language learning (docs/anatomy.md).
+
+Registers the stage `anatomy` (root config `AnatomyConfig`, recipe `kind: anatomy`) with the fine-tune runner:
+`medvlp finetune anatomy RECIPE`.
+"""
+from finetune import register_stage
+from finetune.anatomy.config import AnatomyConfig
+from finetune.anatomy.stage import AnatomyStage
+
+register_stage("anatomy", AnatomyConfig, AnatomyStage)
+
+__all__ = ["AnatomyConfig", "AnatomyStage"]
