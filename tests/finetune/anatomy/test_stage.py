@@ -1,0 +1,112 @@
+"""The anatomy stage on the fine-tune runner: from scratch and from a pretrained 3D model, the CLI, the ablation."""
+import json
+import math
+
+import pytest
+import torch
+
+from finetune.anatomy.config import AnatomyConfig
+from finetune.anatomy.model import AnatomyModel, AnatomyModelConfig
+from finetune.anatomy.stage import AnatomyStage, text_inputs
+from finetune.runner import RunnerConfig, run_stage
+from pretrain.config import ModelConfig, TrackingConfig
+
+
+@pytest.fixture(scope="module")
+def ct_shards(tmp_path_factory):
+    from data_shards.synth import synth_to_shards
+
+    out = tmp_path_factory.mktemp("ct32")
+    synth_to_shards(out, modality="ct", n=48, seed=0, shard_size=24, size=32)
+    return out
+
+
+def _cfg(shards, out, **head):
+    cfg = AnatomyConfig(head=AnatomyModelConfig(**head), tracking=TrackingConfig(enabled=False),
+                        finetune=RunnerConfig(out_dir=str(out), steps=2, batch_size=4, lr=1e-3, progress=False,
+                                              log_every=1))
+    cfg.data.train_shards = str(shards)
+    cfg.data.shuffle_buffer = 0
+    cfg.eval.split = "val"
+    return cfg
+
+
+def test_text_inputs_share_identical_sentences():
+    tok, idx = text_inputs(lambda s: torch.arange(len(s))[:, None], [["The liver is normal.", "A lesion."],
+                                                                    ["the liver is  normal", "A lesion."]])
+    assert tok.shape[0] == 2 and idx.tolist() == [[0, 1], [0, 1]]
+
+
+def test_full_stage_runs_and_saves(ct_shards, tmp_path):
+    res = run_stage(AnatomyStage(), _cfg(ct_shards, tmp_path / "run", vse=True, vsd=True, vsd_mode="per_anatomy"))
+    m = res.metrics
+    assert res.steps_done == 2 and math.isfinite(res.losses[-1][1])
+    assert {"auc_macro", "auc/liver", "sensitivity/lung", "codebook_perplexity", "codebook_dead_codes"} <= set(m)
+    assert 1.0 <= m["codebook_perplexity"] <= 64 and 0 <= m["codebook_dead_codes"] <= 5 * 64
+    # the momentum encoder is not trained by the optimizer but follows the online one by EMA
+    assert not any(n.startswith("momentum.") for n in res.trainable)
+    from safetensors.torch import load_file
+
+    sd = load_file(res.weights)
+    assert any(k.startswith("encoder.vsd.vaes.4.") for k in sd) and "encoder.vsd.vaes.0.codebook.embed" in sd
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "kind: anatomy" in saved and "left_kidney" in saved  # organ names resolved from the data
+
+
+def test_starts_from_a_pretrained_3d_model(ct_shards, tmp_path):
+    from pretrain.checkpoint import model_metadata, save_state_dict
+    from pretrain.model import build_model
+    from pretrain import load_pretrained
+
+    torch.manual_seed(3)
+    clip = build_model(ModelConfig(name="debug-3d")).eval()
+    run = tmp_path / "pre"
+    run.mkdir()
+    save_state_dict(clip.state_dict(), run / "model.safetensors", model_metadata(clip))
+    (run / "config.json").write_text(json.dumps({"model.name": "debug-3d", "data.modality": "ct"}))
+    cfg = _cfg(ct_shards, tmp_path / "ft", vsd=True)
+    model = AnatomyStage().build(load_pretrained(run), cfg)
+    for k, v in clip.visual.state_dict().items():
+        assert torch.equal(model.encoder.visual.state_dict()[k], v), k
+    for k, v in clip.text.state_dict().items():
+        assert torch.equal(model.text.state_dict()[k], v), k
+    cfg.finetune.checkpoint = str(run)
+    res = run_stage(AnatomyStage(), cfg)
+    assert res.steps_done == 2 and "auc_macro" in res.metrics
+
+
+def test_bad_inputs_are_named(ct_shards, tmp_path):
+    cfg = _cfg(ct_shards, tmp_path / "x")
+    cfg.model = ModelConfig(name="debug")
+    with pytest.raises(ValueError, match="2D vision tower"):
+        AnatomyStage().build(None, cfg)
+    cfg = _cfg(ct_shards, tmp_path / "y")
+    cfg.data.members = ["organ_labels"]
+    with pytest.raises(ValueError, match="organ_sentences"):
+        AnatomyStage().build(None, cfg)
+    cfg = _cfg(ct_shards, tmp_path / "z")
+    cfg.head.vsd_mode = "shared"
+    with pytest.raises(ValueError, match="head.vsd_mode"):
+        cfg.validate()
+    from pretrain.model import build_model
+
+    model = AnatomyModel(build_model(ModelConfig(name="debug-3d")), ["liver", "spleen"])
+    batch = {"organ_names": ["liver", "lung"], "organ_sentences": [["a", "b"]]}
+    with pytest.raises(ValueError, match="organ_names"):
+        AnatomyStage().loss(model, batch)
+
+
+def test_cli_recipe_kind_and_ablation_table(ct_shards, tmp_path, capsys):
+    from launch.cli import main
+
+    sets = ["--set", f"data.train_shards={ct_shards}", "--set", "finetune.steps=1", "--set", "finetune.batch_size=4",
+            "--set", "eval.split=val", "--set", "tracking.enabled=false", "--set", "finetune.progress=false",
+            "--set", "data.shuffle_buffer=0"]
+    assert main(["anatomy-ablation", "anatomy-synth", "--out", str(tmp_path / "abl"), "--variants", "base", "+VSD",
+                 *sets]) == 0
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert md.startswith("| variant | macro AUC") and "| base |" in md and "| +VSD |" in md
+    doc = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert set(doc["results"]) == {"base", "+VSD"} and doc["organs"][0] == "liver"
+    assert math.isnan(doc["summary"]["base"]["codebook_perplexity"][0])
+    assert doc["summary"]["+VSD"]["codebook_perplexity"][0] >= 1
