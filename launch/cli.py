@@ -268,9 +268,14 @@ def _cmd_eval_few_shot(a: argparse.Namespace) -> int:
 
 
 def _cmd_anatomy_ablation(a: argparse.Namespace) -> int:
-    from finetune.anatomy.ablation import VARIANTS, run_ablation
+    from finetune.anatomy.ablation import VARIANTS, merge_ablations, run_ablation
 
     cfg, _ = load_stage_config("anatomy", a.recipe, list(a.set))
+    if a.merge:
+        out = merge_ablations(a.merge, a.out, cfg)
+        print(out["markdown"])
+        print(f"table: {a.out}/ablation.md")
+        return 0
     bad = [v for v in a.variants if v not in VARIANTS]
     if bad:
         from launch.config import ConfigError
@@ -515,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, nargs="+", default=[0], help="finetune.seed of each repetition")
     s.add_argument("--variants", nargs="+", default=["base", "+VSE", "+VSD", "both"])
     s.add_argument("--out", default="runs/anatomy-ablation", help="run folders, ablation.md and ablation.json")
+    s.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="only merge the ablation.json of these folders (e.g. seeds run in parallel) into one table")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     s.set_defaults(fn=_cmd_anatomy_ablation)
 

@@ -93,6 +93,35 @@ def run_ablation(cfg, seeds: Sequence[int], out_dir: str | Path, variants: Seque
     return {"summary": summary, "results": results, "markdown": md}
 
 
+def merge_ablations(dirs: Sequence[str | Path], out_dir: str | Path, cfg=None) -> dict:
+    """One table from several ablation folders (e.g. one seed each, run in parallel): their ablation.json merged."""
+    results: dict[str, list[dict]] = {}
+    seeds: list[int] = []
+    organs: list[str] = []
+    for d in dirs:
+        path = Path(d) / "ablation.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--merge: {path} does not exist")
+        doc = json.loads(path.read_text())
+        organs = organs or doc["organs"]
+        if doc["organs"] != organs:
+            raise ValueError(f"--merge: {path} has organs {doc['organs']}, the others {organs}")
+        seeds += [s for s in doc["seeds"] if s not in seeds]
+        for v, rows in doc["results"].items():
+            results.setdefault(v, []).extend(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(results, organs)
+    md = markdown_table(summary, organs, seeds)
+    (out / "ablation.md").write_text(md + "\n")
+    (out / "ablation.json").write_text(json.dumps({"seeds": seeds, "organs": organs, "results": results,
+                                                   "summary": summary, "merged_from": [str(d) for d in dirs]},
+                                                  indent=1, default=str))
+    if cfg is not None:
+        _log_table(cfg, out, summary)
+    return {"summary": summary, "results": results, "markdown": md}
+
+
 def _log_table(cfg, out: Path, summary: dict) -> None:
     if not cfg.tracking.enabled:
         return
