@@ -132,3 +132,13 @@ def test_debug_run_beats_chance_on_synthetic_organ_lesions(tmp_path):
     assert m["n_samples"] == 90
     assert m["auc/lung"] > 0.65, m
     assert m["auc_macro"] > 0.5, m
+
+
+def test_recipe_kind_selects_the_anatomy_root(tmp_path):
+    from launch.config import ConfigError, load_config, root_for
+
+    assert root_for("anatomy") is AnatomyConfig
+    cfg = load_config("anatomy-synth", ["head.vsd=true", "head.codebook_size=16"])
+    assert isinstance(cfg, AnatomyConfig) and cfg.head.vsd and cfg.head.codebook_size == 16
+    with pytest.raises(ConfigError, match="head.codebok_size"):
+        load_config("anatomy-synth", ["head.codebok_size=16"])
