@@ -35,8 +35,8 @@ class AnatomyConfig:
 
     kind: str = "anatomy"  # recipe kind
     data: DataConfig = field(default_factory=_data)  # CT shards with organ masks, organ labels and sentences
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="debug-3d"))  # towers when starting from scratch (finetune.checkpoint "")
-    window: list[float] = field(default_factory=lambda: [-160.0, 240.0])  # HU window mapped to [-1, 1] (soft tissue: level 40, width 400)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="debug-3d"))  # towers from scratch (no checkpoint)
+    window: list[float] = field(default_factory=lambda: [-160.0, 240.0])  # HU window to [-1, 1] (level 40, width 400)
     organs: list[str] = field(default_factory=list)  # organ names in mask-id order (1..O); [] = the data's organ_names
     head: AnatomyModelConfig = field(default_factory=AnatomyModelConfig)  # organ tokens, VSE, VSD
     eval: AnatomyEvalConfig = field(default_factory=AnatomyEvalConfig)  # zero-shot organ abnormality

@@ -15,7 +15,8 @@ Training: only normal ROIs (`normal_BO`) enter the reconstruction loss and the c
 the normal distribution; an abnormal ROI is reconstructed "as if normal" and the difference carries the lesion.
 The VQ-VAE sees detached tokens (it models the backbone's features; it does not train the backbone).
 
-EMA codebook (van den Oord et al. 2017, appendix; started from K training vectors at the first update): with assignments n_k and sums s_k of the batch's vectors,
+EMA codebook (van den Oord et al. 2017, appendix; started from K training vectors at the first update): with
+assignments n_k and sums s_k of the batch's vectors,
   N_k <- d N_k + (1 - d) n_k ;  m_k <- d m_k + (1 - d) s_k ;  N'_k = (N_k + eps) / (sum N + K eps) * sum N ;
   e_k = m_k / N'_k.
 
