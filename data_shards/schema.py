@@ -1,6 +1,6 @@
 """The medvlp sample schema: one in-memory `Sample` <-> one WebDataset sample (a dict of tar members).
 
-Members (DESIGN.md "Sample schema"):
+Members (README "Shards"):
   __key__          stable id, unique per data set (e.g. ``iuxray/CXR1000``)
   img.png          2D image, 8- or 16-bit grey or RGB (lossless)
   vol.npy          3D volume (D, H, W), int16 HU or float16

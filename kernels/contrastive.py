@@ -1,6 +1,6 @@
 """Symmetric CLIP contrastive loss: a materialised reference and a blockwise (chunked) torch backend.
 
-Maths (METHODS.md §1): ``L = ½·(CE(s·I·Tᵀ, diag) + CE(s·T·Iᵀ, diag))`` with I, T already L2-normalised and
+Maths (docs/methods.md §1): ``L = ½·(CE(s·I·Tᵀ, diag) + CE(s·T·Iᵀ, diag))`` with I, T already L2-normalised and
 s the (already exponentiated) logit scale. Per query row i with positive key p(i) = q_offset + i:
 
     CE_i = LSE_j(s·q_i·k_j) − s·q_i·k_p(i)

@@ -11,7 +11,7 @@ shard order. Images and report texts are embedded in eval mode without gradients
 streamed once more, its subset drawn the same way. A split where a label has one class gets a warning naming it.
 During training (`evaluate_for_training` before the last step) the metrics are measured on `eval.val_split`; the
 final evaluation reads `eval.split` (test) once.
-* zero-shot (CLIP, METHODS.md §1/§3), by the label kind recorded in the shards' index.json (`LabelSpec`):
+* zero-shot (CLIP, docs/methods.md §1/§3), by the label kind recorded in the shards' index.json (`LabelSpec`):
   single-label → softmax over the class prompts (CLIP's protocol; prompt ensembles over templates), AUC one-vs-rest
   per class plus top-1 / balanced accuracy; multi-label and binary → per finding a positive and a negative prompt
   set, score = softmax(s·cos(img, pos), s·cos(img, neg))[pos] = sigmoid(s·(cos_pos − cos_neg)) with the model's

@@ -1,6 +1,6 @@
 """Contrastive losses over the global batch: feature gathering, CLIP (symmetric InfoNCE) and SigLIP.
 
-CLIP (METHODS.md §1): L = ½·(CE(s·I·Tᵀ, diag) + CE(s·T·Iᵀ, diag)), I and T L2-normalised, s = exp(t) learned.
+CLIP (docs/methods.md §1): L = ½·(CE(s·I·Tᵀ, diag) + CE(s·T·Iᵀ, diag)), I and T L2-normalised, s = exp(t) learned.
 The numbers come from `kernels.contrastive` (the one pure-torch reference lives there, `clip_loss_reference`;
 backend "torch" is that reference, "chunked" the blockwise torch version, "triton" the fused kernels).
 

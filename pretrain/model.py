@@ -2,7 +2,7 @@
 
     img (B, C, H, W) or vol (B, 1, D, H, W) --vision tower--> (B, E) --L2--> img_emb
     tok (B, L)                               --text tower---> (B, E) --L2--> txt_emb
-    s = exp(clamp(t, max=log 100)), t initialised to log(1/0.07)          (CLIP, METHODS.md §1)
+    s = exp(clamp(t, max=log 100)), t initialised to log(1/0.07)          (CLIP, docs/methods.md §1)
 
 `build_model(ModelConfig)` reads the architecture from the registry (`pretrain/model_configs/*.json`), attaches the
 tokenizer the text tower reads (`model.tokenizer`, picklable for data-loader workers) and loads

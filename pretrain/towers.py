@@ -1,6 +1,6 @@
 """The 2D vision towers and the text towers of MedCLIP, built from open_clip's and transformers' own modules.
 
-Each tower ends in a LINEAR projection to the shared embedding width E (CLIP, METHODS.md §1):
+Each tower ends in a LINEAR projection to the shared embedding width E (CLIP, docs/methods.md §1):
   * ResNet (open_clip `ModifiedResNet`): the attention pool's output projection `attnpool.c_proj` (C -> E);
   * ViT (open_clip `VisionTransformer`): the bias-free `proj` (W -> E) on the class token;
   * open_clip text transformer: `text_projection` (W -> E) on the [EOS] state;

@@ -1,6 +1,6 @@
 """A small 3D ResNet vision tower for CT volumes: pooled embedding + multi-scale feature maps.
 
-Layout (ResNet-18-3D style, as in the ViSD-Boost / fVLM reference, METHODS.md §3, but sized by config):
+Layout (ResNet-18-3D style, as in the ViSD-Boost / fVLM reference, docs/methods.md §3, but sized by config):
   stem   Conv3d k=(3,7,7) stride (1,2,2)                      -> (B, w0, D,    H/2,  W/2)
   stage0 BasicBlock3d x blocks[0], first stride (2,2,2)       -> (B, w0, D/2,  H/4,  W/4)    scale (2,4,4)
   stage1 BasicBlock3d x blocks[1], first stride 2             -> (B, w1, D/4,  H/8,  W/8)    scale (4,8,8)

@@ -4,7 +4,7 @@
     scores_NK, protocol = zero_shot(model, img_NE, spec, names, device)
     keys = choose_keys(data_cfg, "train", n=2000, seed=0)  # stratified, seeded subset of the whole split
 
-Protocols (METHODS.md §1/§3), picked by `LabelSpec.kind`:
+Protocols (docs/methods.md §1/§3), picked by `LabelSpec.kind`:
 * single-label (one class per sample): each class prompt set (its templates / prompts, L2-normalised, averaged,
   renormalised: a prompt ensemble) is embedded once; score_NK = softmax_k(s·cos(img, class_k)) with the model's
   learned scale s (CLIP's protocol). Per-class AUC is one-vs-rest on that probability; top-1 accuracy too.

@@ -1,4 +1,4 @@
-"""Multi-label binary cross-entropy with per-finding uncertain-label policies (METHODS.md §4).
+"""Multi-label binary cross-entropy with per-finding uncertain-label policies (docs/methods.md §4).
 
 Labels are 1 (positive), 0 (negative) or -1 (uncertain). Each finding has a policy for its uncertain labels:
   ignore  the sample does not count for that finding (masked out of its loss)

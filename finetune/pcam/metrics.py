@@ -1,4 +1,4 @@
-"""Classification and localisation metrics of the PCAM stage (METHODS.md, "Baselines and metrics").
+"""Classification and localisation metrics of the PCAM stage (docs/methods.md).
 
 * AUC per finding (uncertain labels left out) and their mean.
 * Pointing game: on images where a finding is present with a ground-truth box, a hit when the heatmap's

@@ -1,4 +1,4 @@
-"""PCAM pooling and the per-finding classification head over a spatial feature map (METHODS.md §4).
+"""PCAM pooling and the per-finding classification head over a spatial feature map (docs/methods.md §4).
 
 Per finding k a 1x1 convolution `fc_k` (C -> 1) turns the feature map X (B, C, h, w) into a logit map s_k
 (B, h, w): this map is the heatmap. A pooling turns X into one feature vector x_k (B, C) per finding, optionally
