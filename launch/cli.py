@@ -24,6 +24,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from launch.config import load_stage_config  # noqa: F401 - re-exported: the stages' tests and commands use it
+
 
 def _cmdline() -> str:
     return "medvlp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -208,25 +210,6 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
     status = "stopped by signal (checkpoint written)" if res.stopped_by_signal else "done"
     print(f"pretrain {status}: {res.steps_done} steps, out_dir {res.out_dir}, mlflow run {res.run_id}")
     return 0
-
-
-def load_stage_config(stage: str, recipe: str | None, overrides: list[str]):
-    """(root config, Stage factory) of fine-tune `stage` from a recipe (its `kind` must be the stage's) + overrides."""
-    import dataclasses
-
-    from finetune import get_stage
-    from launch.config import ConfigError, apply_overrides, build, load_recipe_dict
-
-    try:
-        root_cls, factory = get_stage(stage)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    doc = load_recipe_dict(recipe) if recipe else {}
-    want = next((f.default for f in dataclasses.fields(root_cls) if f.name == "kind"), None)
-    have = doc.get("kind")
-    if have is not None and want is not None and have != want:
-        raise ConfigError(f"kind: the recipe is for {have!r}, but `medvlp finetune {stage}` needs kind: {want}")
-    return build(root_cls, apply_overrides(doc, overrides)), factory
 
 
 def _cmd_finetune(a: argparse.Namespace) -> int:

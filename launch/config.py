@@ -129,3 +129,21 @@ def load_config(recipe: str | None = "debug", overrides: list[str] | None = None
     if train is not None and getattr(train, "deepspeed_config", ""):
         train.deepspeed_config = resolve_deepspeed_template(train.deepspeed_config)
     return cfg
+
+
+def load_stage_config(stage: str, recipe: str | None, overrides: list[str]):
+    """(root config, Stage factory) of fine-tune `stage` from a recipe (its `kind` must be the stage's) + overrides."""
+    import dataclasses
+
+    from finetune import get_stage
+
+    try:
+        root_cls, factory = get_stage(stage)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    doc = load_recipe_dict(recipe) if recipe else {}
+    want = next((f.default for f in dataclasses.fields(root_cls) if f.name == "kind"), None)
+    have = doc.get("kind")
+    if have is not None and want is not None and have != want:
+        raise ConfigError(f"kind: the recipe is for {have!r}, but `medvlp finetune {stage}` needs kind: {want}")
+    return build(root_cls, apply_overrides(doc, overrides)), factory

@@ -32,7 +32,7 @@ def _cmd_localize(a: argparse.Namespace) -> int:
 def _cmd_pcam_table(a: argparse.Namespace) -> int:
     from finetune.pcam.compare import compare_poolings
     from finetune.pcam.model import POOLINGS
-    from launch.cli import load_stage_config
+    from launch.config import load_stage_config
 
     poolings = [p for p in a.poolings.split(",") if p]
     bad = [p for p in poolings if p not in POOLINGS]

@@ -48,6 +48,7 @@ import torch
 from data_shards.schema import LabelSpec
 from pretrain import metrics as M
 from pretrain import zeroshot as Z
+from pretrain.checkpoint import load_run_config  # noqa: F401 - re-exported (it reads a run folder's config)
 from pretrain.config import EvalConfig
 from pretrain.zeroshot import PromptsFn
 
@@ -524,42 +525,6 @@ def evaluate_model(model, shards: str, modality: str, eval_cfg: EvalConfig | Non
 
 
 # ----------------------------------------------------------------------------------------------- `medvlp eval`
-def load_run_config(model_dir: str | Path):
-    """The typed resolved config (`PretrainConfig`) of a pretraining run: MODEL_DIR/config.yaml, else a legacy flat
-    MODEL_DIR/config.json, else the config.json the latest complete checkpoint keeps (JSON: nothing is unpickled).
-    Built strictly: an unknown or mistyped stored key fails with `ConfigError` naming its path. None when there is
-    no stored config."""
-    import yaml
-
-    from pretrain.checkpoint import CKPT_CONFIG, latest_complete
-    from pretrain.config import PretrainConfig
-    from pretrain.configtree import ConfigError, build, unflatten
-
-    model_dir = Path(model_dir)
-    tag = None
-    if not (model_dir / "config.yaml").is_file() and not (model_dir / "config.json").is_file():
-        tag = latest_complete(model_dir)
-    if (model_dir / "config.yaml").is_file():
-        path = model_dir / "config.yaml"
-    elif (model_dir / "config.json").is_file():
-        path = model_dir / "config.json"
-    elif tag is not None and (tag / CKPT_CONFIG).is_file():
-        path = tag / CKPT_CONFIG
-    else:
-        return None
-    try:
-        doc = yaml.safe_load(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {str(e).splitlines()[0]}") from None
-    if not doc:
-        return None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    if any("." in str(k) for k in doc):  # a legacy flat file
-        doc = unflatten(doc)
-    return build(PretrainConfig, doc)
-
-
 def run_eval_cli(a) -> int:
     """`medvlp eval --model-dir PATH [--step N] [--shards DIR] [--split S] [--out DIR] [--set eval.k=v|data.k=v]`.
 

@@ -153,8 +153,8 @@ def config_from_dict(doc: dict) -> Any:
 
 
 def run_config(run_dir: str | Path) -> Any | None:
-    """The typed config of a run folder (`pretrain.eval.load_run_config`), None when the folder has none."""
-    from pretrain.eval import load_run_config
+    """The typed config of a run folder (`pretrain.checkpoint.load_run_config`), None when the folder has none."""
+    from pretrain.checkpoint import load_run_config
 
     doc = load_run_config(run_dir)
     if dataclasses.is_dataclass(doc):
