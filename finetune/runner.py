@@ -416,11 +416,15 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None) -> FinetuneResult:
 
 def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> FinetuneResult:
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
     from tqdm import tqdm
 
     # DeepSpeed without CUDA: accelerate finds no backend by itself (and would run each process alone)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if rc.deepspeed and not torch.cuda.is_available() else []
+    if getattr(stage, "find_unused_parameters", False):
+        # A stage whose steps may leave some trainable parameters without a gradient (e.g. an organ absent from a
+        # batch) says so; DDP then looks for them instead of failing at the next step.
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` / torchrun then form a gloo group
     # (accelerate's own --cpu flag with several processes means MPI). DeepSpeed sets up its own group.
     accelerator = Accelerator(cpu=not torch.cuda.is_available() and not rc.deepspeed,

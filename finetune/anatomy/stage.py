@@ -93,6 +93,10 @@ def text_inputs(tokenizer, sentences: list[list[str]]) -> tuple[torch.Tensor, to
 class AnatomyStage:
     """Stage protocol of `finetune.runner` for ViSD-Boost anatomy normality modelling."""
 
+    # An organ absent from every volume of a batch, or a batch without normal organs for the VQ-VAE, leaves those
+    # parameters without a gradient in that step: DDP (several processes) must look for unused parameters.
+    find_unused_parameters = True
+
     def build(self, pretrained: Any, cfg: AnatomyConfig) -> nn.Module:
         cfg.validate()
         if not cfg.data.train_shards:

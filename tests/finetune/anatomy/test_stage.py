@@ -127,7 +127,12 @@ def test_debug_run_beats_chance_on_synthetic_organ_lesions(tmp_path):
     cfg, _ = load_stage_config("anatomy", "anatomy-synth", [
         f"data.train_shards={tmp_path / 'ct'}", f"finetune.out_dir={tmp_path / 'run'}", "tracking.enabled=false",
         "finetune.progress=false"])
-    res = run_stage(AnatomyStage(), cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the documented run's thread count: 300 steps from scratch amplify float-order noise
+    try:
+        res = run_stage(AnatomyStage(), cfg)
+    finally:
+        torch.set_num_threads(threads)
     m = res.metrics
     assert m["n_samples"] == 90
     assert m["auc/lung"] > 0.65, m
