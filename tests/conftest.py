@@ -26,3 +26,34 @@ def tiny_overrides(shards, out_dir, steps=6, **extra):
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
+
+
+def write_csv(path, rows: list[dict]):
+    """A CSV manifest from dict rows (columns in first-seen order)."""
+    import csv
+
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def saved_pretrained_run(run, name: str, modality: str, seed: int = 0):
+    """A freshly initialised `name` model saved as a loadable run folder (model.safetensors + config.json) at `run`.
+    Returns the model (eval mode)."""
+    import json
+
+    import torch
+
+    from pretrain.checkpoint import model_metadata, save_state_dict
+    from pretrain.config import ModelConfig
+    from pretrain.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(name=name)).eval()
+    run.mkdir(parents=True, exist_ok=True)
+    save_state_dict(model.state_dict(), run / "model.safetensors", model_metadata(model))
+    (run / "config.json").write_text(json.dumps({"model.name": name, "data.modality": modality}))
+    return model

@@ -1,7 +1,6 @@
 """Shard builder: manifests of real files -> shards whose decoded samples match; errors named by line."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ from data_shards.build import build_shards, load_image, merge_indexes
 from data_shards.inspect import iter_samples
 from data_shards.manifest import ManifestError, read_manifest
 from data_shards.writer import read_index, sha256_file
+from tests.conftest import write_csv
 
 
 def read_samples(out: Path, index: str = "index.json") -> dict:
@@ -23,15 +23,6 @@ def read_samples(out: Path, index: str = "index.json") -> dict:
         assert s.key not in samples
         samples[s.key] = s
     return samples
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def make_images(d: Path) -> list[dict]:

@@ -2,7 +2,6 @@
 shards with hand-computed pixels, their spacing in meta and no PHI; the set streams over HTTP."""
 from __future__ import annotations
 
-import csv
 import functools
 import http.server
 import json
@@ -21,19 +20,11 @@ from data_shards.manifest import ManifestError
 from data_shards.readers import ReadOptions
 from data_shards.readers.fabricate import PHI, write_ct_series, write_nifti, write_radiograph
 from data_shards.stream import make_loader
+from tests.conftest import write_csv
 
 PX = np.array([[0, 10, 20], [30, 40, 4095]])
 HU = (np.arange(3 * 2 * 4).reshape(3, 2, 4) * 25 - 200).astype(np.int16)  # (slice, row, col)
 UIDS = ["1.2.826.0.1.3680043.10.543.101", "1.2.826.0.1.3680043.10.543.102", "1.2.826.0.1.3680043.10.543.103"]
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def hospital(d: Path) -> tuple[Path, Path]:

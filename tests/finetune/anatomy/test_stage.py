@@ -54,16 +54,11 @@ def test_full_stage_runs_and_saves(ct_shards, tmp_path):
 
 
 def test_starts_from_a_pretrained_3d_model(ct_shards, tmp_path):
-    from pretrain.checkpoint import model_metadata, save_state_dict
-    from pretrain.model import build_model
     from pretrain import load_pretrained
+    from tests.conftest import saved_pretrained_run
 
-    torch.manual_seed(3)
-    clip = build_model(ModelConfig(name="debug-3d")).eval()
     run = tmp_path / "pre"
-    run.mkdir()
-    save_state_dict(clip.state_dict(), run / "model.safetensors", model_metadata(clip))
-    (run / "config.json").write_text(json.dumps({"model.name": "debug-3d", "data.modality": "ct"}))
+    clip = saved_pretrained_run(run, "debug-3d", "ct", seed=3)
     cfg = _cfg(ct_shards, tmp_path / "ft", vsd=True)
     model = AnatomyStage().build(load_pretrained(run), cfg)
     for k, v in clip.visual.state_dict().items():

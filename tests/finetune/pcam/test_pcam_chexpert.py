@@ -108,16 +108,10 @@ def test_pretrained_backbone_is_loaded_and_stays_frozen(chexpert_shards, tmp_pat
 
     from finetune.pcam.stage import PcamStage
     from finetune.runner import run_stage
-    from pretrain.checkpoint import model_metadata, save_state_dict
-    from pretrain.config import ModelConfig
-    from pretrain.model import build_model
+    from tests.conftest import saved_pretrained_run
 
-    torch.manual_seed(3)
-    clip = build_model(ModelConfig(name="debug-rn")).eval()
     run = tmp_path / "pretrained"
-    run.mkdir()
-    save_state_dict(clip.state_dict(), run / "model.safetensors", model_metadata(clip))
-    (run / "config.json").write_text(json.dumps({"model.name": "debug-rn", "data.modality": "cxr"}))
+    clip = saved_pretrained_run(run, "debug-rn", "cxr", seed=3)
     cfg = _cfg(chexpert_shards, "ignore")
     cfg.finetune.checkpoint, cfg.finetune.out_dir = str(run), str(tmp_path / "ft")
     cfg.head.model, cfg.head.feature_level = "debug", -2  # head.model is ignored when a checkpoint is given

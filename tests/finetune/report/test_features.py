@@ -1,8 +1,6 @@
 """medvlp features extract: patch shards -> slide-bag shards with the frozen tower's embeddings; resumable."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
@@ -10,17 +8,10 @@ from data_shards.schema import decode_sample
 
 
 def _saved_model(tmp_path):
-    from pretrain.checkpoint import model_metadata, save_state_dict
-    from pretrain.config import ModelConfig
-    from pretrain.model import build_model
+    from tests.conftest import saved_pretrained_run
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name="debug")).eval()
     run = tmp_path / "pre"
-    run.mkdir()
-    save_state_dict(model.state_dict(), run / "model.safetensors", model_metadata(model))
-    (run / "config.json").write_text(json.dumps({"model.name": "debug", "data.modality": "patho"}))
-    return model, run
+    return saved_pretrained_run(run, "debug", "patho", seed=0), run
 
 
 def _read(shard_dir):
