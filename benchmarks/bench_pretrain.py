@@ -1,15 +1,20 @@
 """Pretraining throughput: our DeepSpeed train step vs. `open_clip_train` on the same model, batch and precision.
 
     .venv/bin/python benchmarks/bench_pretrain.py                       # CPU: RN50 224², batch 32, fp32 + bf16
-    .venv/bin/python benchmarks/bench_pretrain.py --model RN50 --batch 32 --steps 10 --warmup 2 \
+    .venv/bin/python benchmarks/bench_pretrain.py --model RN50 --batch 32 --steps 5 --warmup 1 --rounds 3 \
         --precision fp32,bf16 --zero 0                                    # the same, spelled out
+    .venv/bin/python benchmarks/bench_pretrain.py --precision fp32 --variant train.memory_format=contiguous \
+        --variant train.keep_host_memory=false        # + our step without each speed knob, in every round
     .venv/bin/python benchmarks/bench_pretrain.py --quick               # debug model, batch 8, 3 steps (smoke)
     .venv/bin/python benchmarks/bench_pretrain.py --skip-openclip       # ours only
     # GPU defaults: ViT-B-16 and RN50 at 224², batch 256, bf16, with MFU.
 
 Writes benchmarks/results/pretrain-<date>-<hw>.{md,csv}.
 
-Every row is a fresh child process (so neither side inherits the other's allocator, threads or compiled state):
+Sides alternate ABAB... over `--rounds` rounds (whoever went first goes second in the next round); the summary gives
+our samples/s over open_clip's per round, as a median with its min-max spread, so a change of machine load during
+the run shows as spread instead of as a false ratio.
+Every run is a fresh child process (so neither side inherits the other's allocator, threads or compiled state):
   * ours: the public `pretrain.train.Trainer` (DeepSpeed engine at ZeRO stage `--zero`, `build_model`,
     `ContrastiveLoss`), stepped by `Trainer.train_step` (the loop's own step) on ONE pre-made batch of random images
     of the model's size and random BPE token ids, already on the device (no data loading at all);
@@ -62,11 +67,12 @@ STEP_RE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\s*\d+.*?Data \(t\): ([\d.]+)
 class Row:
     """One measured configuration (one line of the table)."""
 
-    impl: str  # "medvlp" (ours) or "open_clip"
+    impl: str  # "medvlp" (ours; "medvlp/<memory format>" for a non-default layout) or "open_clip"
     model: str  # registry model name
     precision: str  # fp32 | bf16 (ours: train.precision; open_clip: fp32 | amp_bf16)
     batch: int  # samples per optimizer step (one process)
     zero: str  # DeepSpeed ZeRO stage ("-" for open_clip)
+    round: int = 0  # measuring round (sides alternate ABAB... across rounds)
     steps: int = 0  # timed optimizer steps
     s_per_step: float = 0.0  # mean seconds per timed step
     median_s: float = 0.0  # median seconds per timed step
@@ -119,12 +125,14 @@ def run_ours(spec: dict) -> dict:
     from pretrain.train import Trainer
 
     size = get_model_config(spec["model"])["vision"].get("image_size", 64)
-    cfg = build(PretrainConfig, {
+    from launch.config import apply_overrides
+
+    cfg = build(PretrainConfig, apply_overrides({
         "model": {"name": spec["model"]}, "loss": {"backend": spec["loss_backend"]},
         "data": {"batch_size": spec["batch"], "image_size": size if isinstance(size, int) else 64},
         "train": {"steps": spec["warmup"] + spec["steps"], "zero_stage": spec["zero"], "precision": spec["precision"],
                   "seed": spec["seed"], "out_dir": "unused-bench-out"},  # fit() is not called: nothing is written
-        "tracking": {"enabled": False}})
+        "tracking": {"enabled": False}}, spec.get("overrides", [])))
     trainer = Trainer(cfg, progress=False)
     if trainer.device.type == "cuda" and not spec["cudnn_benchmark"]:
         torch.backends.cudnn.benchmark = False  # the Trainer sets these on CUDA, as open_clip_train.main does
@@ -195,10 +203,11 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def measure_ours(a, model: str, precision: str, env: dict) -> Row:
-    row = Row("medvlp", model, precision, a.batch, str(a.zero))
+def measure_ours(a, model: str, precision: str, env: dict, variant: str = "") -> Row:
+    """Our step; `variant` = space-separated dotted config overrides (a speed knob turned off, ...)."""
+    row = Row("medvlp" + (f" [{variant}]" if variant else ""), model, precision, a.batch, str(a.zero))
     spec = {"model": model, "precision": precision, "batch": a.batch, "zero": a.zero, "steps": a.steps,
-            "warmup": a.warmup, "seed": a.seed, "loss_backend": a.loss_backend,
+            "warmup": a.warmup, "seed": a.seed, "loss_backend": a.loss_backend, "overrides": variant.split(),
             "cudnn_benchmark": not a.no_cudnn_benchmark}
     out: dict = {}
 
@@ -336,14 +345,32 @@ def add_flops(rows: list[Row], cuda: bool) -> None:
             r.mfu = f / peak if peak else None
 
 
-COLUMNS = ["impl", "model", "precision", "batch", "zero", "steps", "s_per_step", "median_s", "samples_per_s",
-           "vs_open_clip", "tflops", "mfu", "threads", "data_wait_s", "load", "error"]
+COLUMNS = ["impl", "model", "precision", "batch", "zero", "round", "steps", "s_per_step", "median_s",
+           "samples_per_s", "vs_open_clip", "tflops", "mfu", "threads", "data_wait_s", "load", "error"]
 
 
 def _ratio(r: Row, rows: list[Row]) -> float | None:
+    """Our samples/s over open_clip's in the same round (the two runs next to each other in time)."""
     ref = next((o for o in rows if o.impl == "open_clip" and o.model == r.model and o.precision == r.precision
-                and o.samples_per_s), None)
+                and o.round == r.round and o.samples_per_s), None)
     return r.samples_per_s / ref.samples_per_s if ref and r.samples_per_s else None
+
+
+def summary(rows: list[Row]) -> list[dict]:
+    """Per (our variant, model, precision): median samples/s of both sides over the rounds, and the per-round ratio
+    ours/open_clip as median with its min-max spread."""
+    out = []
+    keys = dict.fromkeys((r.impl, r.model, r.precision) for r in rows if r.impl != "open_clip")
+    for impl, model, prec in keys:
+        ours = [r for r in rows if (r.impl, r.model, r.precision) == (impl, model, prec) and r.samples_per_s]
+        theirs = [r for r in rows if (r.impl, r.model, r.precision) == ("open_clip", model, prec) and r.samples_per_s]
+        ratios = [x for x in (_ratio(r, rows) for r in ours) if x is not None]
+        med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+        out.append({"impl": impl, "model": model, "precision": prec, "rounds": len(ratios),
+                    "ours": med([r.samples_per_s for r in ours]), "theirs": med([r.samples_per_s for r in theirs]),
+                    "ratio": med(ratios), "lo": min(ratios, default=None), "hi": max(ratios, default=None),
+                    "ratios": ratios})
+    return out
 
 
 def write_tables(rows: list[Row], a, notes: list[str], out_dir: Path, tag: str) -> tuple[Path, Path]:
@@ -352,17 +379,27 @@ def write_tables(rows: list[Row], a, notes: list[str], out_dir: Path, tag: str) 
     md, csv_path = out_dir / f"pretrain-{date}-{tag}.md", out_dir / f"pretrain-{date}-{tag}.csv"
     fmt = lambda v, d=2: "" if v is None or v == 0 else f"{v:.{d}f}"  # noqa: E731
     lines = [f"# Pretraining throughput, {date}, {tag}", "", *notes, "",
-             "| impl | model | precision | batch | ZeRO | steps | s/step | median s | samples/s | vs open_clip "
-             "| TFLOP/s | MFU | threads | data wait s | load avg | error |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| ours | model | precision | rounds | ours samples/s (median) | open_clip samples/s (median) "
+             "| ours / open_clip (median of rounds) | min–max | per round |",
+             "|---|---|---|---:|---:|---:|---:|---|---|"]
+    for x in summary(rows):
+        ratio = "" if x["ratio"] is None else f"**{x['ratio']:.2f}x**"
+        spread = "" if x["lo"] is None else f"{x['lo']:.2f}–{x['hi']:.2f}"
+        per_round = " ".join(f"{v:.2f}" for v in x["ratios"])
+        lines.append(f"| {x['impl']} | {x['model']} | {x['precision']} | {x['rounds']} | {fmt(x['ours'])} | "
+                     f"{fmt(x['theirs'])} | {ratio} | {spread} | {per_round} |")
+    lines += ["", "Every run (in the order measured):", "",
+              "| impl | model | precision | batch | ZeRO | round | steps | s/step | median s | samples/s "
+              "| vs open_clip | TFLOP/s | MFU | threads | data wait s | load avg | error |",
+              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS + ["step_times"])
         for r in rows:
-            ratio = _ratio(r, rows) if r.impl == "medvlp" else None
+            ratio = _ratio(r, rows) if r.impl != "open_clip" else None
             d = asdict(r)
             w.writerow([d[c] if c in d else ratio for c in COLUMNS] + [" ".join(f"{t:.3f}" for t in r.step_times)])
-            lines.append(f"| {r.impl} | {r.model} | {r.precision} | {r.batch} | {r.zero} | {r.steps} | "
+            lines.append(f"| {r.impl} | {r.model} | {r.precision} | {r.batch} | {r.zero} | {r.round} | {r.steps} | "
                          f"{fmt(r.s_per_step)} | {fmt(r.median_s)} | {fmt(r.samples_per_s)} | "
                          f"{'' if ratio is None else f'{ratio:.2f}x'} | {f'{r.tflops:.3g}' if r.tflops else ''} | "
                          f"{'' if r.mfu is None else f'{100 * r.mfu:.1f}%'} | {r.threads or ''} | "
@@ -381,10 +418,18 @@ def table_notes(a, hw: str, models: list[str]) -> list[str]:
         f"Machine: {hw}; torch {torch.__version__}, deepspeed {deepspeed.__version__}, open_clip "
         f"{open_clip.__version__}; 1-min load average {os.getloadavg()[0]:.1f} at the end (per row: start->end; "
         "other processes share the cores, so CPU numbers are indicative).",
-        f"Each row: {a.warmup} warm-up steps, then {a.steps} timed optimizer steps; samples/s = batch x steps / "
+        f"{a.rounds} rounds; in each, every side runs once in a fresh child process (the order alternates: ours "
+        "first in even rounds, open_clip first in odd ones), with the same environment and thread settings "
+        f"({'OMP_NUM_THREADS=' + str(a.threads) if a.threads else 'torch default threads'}; the `threads` column is "
+        "torch.get_num_threads() inside each child). Ratio per round = our samples/s over open_clip's in that round; "
+        "the summary gives the median over rounds and the min-max spread.",
+        f"Each run: {a.warmup} warm-up steps, then {a.steps} timed optimizer steps; samples/s = batch x steps / "
         "timed seconds; s/step is the mean, 'median s' the median step.",
         f"medvlp: `create_engine` (DeepSpeed ZeRO {a.zero}, one process) + `build_model` + `ContrastiveLoss` "
-        f"(backend {a.loss_backend}), stepped by the public `Trainer.train_step`, on one pre-made batch already on "
+        f"(backend {a.loss_backend}) with its default speed settings (train.memory_format=auto: channels_last image "
+        "batches for ResNet towers; train.keep_host_memory=true: freed memory reused, not page-faulted back; fused "
+        "torch AdamW); a row 'medvlp [k=v ...]' is the same with those config overrides. Stepped by the public "
+        "`Trainer.train_step`, on one pre-made batch already on "
         "the device (random images of the model's size, random BPE captions): no data loading. bf16 = DeepSpeed "
         "bf16 engine on GPU, bf16 autocast around the forward on CPU (the train loop's meaning of "
         "train.precision=bf16). AdamW (torch), grad clip 1.0.",
@@ -406,8 +451,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="comma list of registry models (CPU: RN50; GPU: ViT-B-16,RN50)")
     ap.add_argument("--batch", type=int, default=None, help="batch per step (CPU 32, GPU 256)")
-    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps (10)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps before them (2)")
+    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (CPU 5, GPU 10)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps before them (CPU 1, GPU 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="ABAB rounds: each side runs once per round (CPU 3, GPU 2)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="an extra side of ours with these dotted config overrides (space-separated), measured "
+                         "every round: e.g. 'train.memory_format=contiguous' shows what NHWC buys")
     ap.add_argument("--precision", default=None, help="comma list of fp32,bf16 (CPU: fp32,bf16; GPU: bf16)")
     ap.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="our DeepSpeed ZeRO stage")
     ap.add_argument("--loss-backend", default="auto", help="our loss.backend (torch|chunked|triton|auto)")
@@ -427,9 +476,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     import torch
 
     a.cuda = torch.cuda.is_available()
-    quick = dict(model="debug", batch=8, steps=3, warmup=1, precision="fp32")
-    gpu = dict(model="ViT-B-16,RN50", batch=256, steps=10, warmup=2, precision="bf16", openclip_workers=8)
-    cpu = dict(model="RN50", batch=32, steps=10, warmup=2, precision="fp32,bf16", openclip_workers=1)
+    quick = dict(model="debug", batch=8, steps=3, warmup=1, precision="fp32", rounds=1)
+    gpu = dict(model="ViT-B-16,RN50", batch=256, steps=10, warmup=2, precision="bf16", openclip_workers=8, rounds=2)
+    cpu = dict(model="RN50", batch=32, steps=5, warmup=1, precision="fp32,bf16", openclip_workers=1, rounds=3)
     for k, v in (gpu if a.cuda else cpu).items():
         if getattr(a, k) is None:
             setattr(a, k, quick.get(k, v) if a.quick else v)
@@ -438,8 +487,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for p in a.precisions:
         if p not in OPENCLIP_PRECISION:
             raise SystemExit(f"--precision: {p!r} is not one of {', '.join(OPENCLIP_PRECISION)}")
-    if a.steps < 1 or a.warmup < 0 or a.batch < 2:
-        raise SystemExit(f"--steps must be >= 1, --warmup >= 0, --batch >= 2 (got {a.steps}, {a.warmup}, {a.batch})")
+    for v in a.variant:
+        try:
+            from launch.config import apply_overrides
+            from pretrain.config import PretrainConfig
+            from pretrain.configtree import build
+
+            build(PretrainConfig, apply_overrides({"train": {"out_dir": "x"}}, v.split()))
+        except Exception as e:  # noqa: BLE001 - any bad override: say which, before minutes of measuring
+            raise SystemExit(f"--variant {v!r}: {e}") from e
+    if a.steps < 1 or a.warmup < 0 or a.batch < 2 or a.rounds < 1:
+        raise SystemExit(f"--steps and --rounds must be >= 1, --warmup >= 0, --batch >= 2 (got {a.steps}, "
+                         f"{a.rounds}, {a.warmup}, {a.batch})")
     return a
 
 
@@ -454,17 +513,22 @@ def main(argv: list[str] | None = None) -> None:
     tag, hw = hardware(a.cuda)
     rows: list[Row] = []
     for model in a.models:
-        for prec in a.precisions:  # ours then theirs, per setting, so both see similar machine load
-            for impl, fn in (("medvlp", measure_ours), ("open_clip", measure_openclip)):
-                if impl == "open_clip" and a.skip_openclip:
-                    continue
-                print(f"[{impl}] {model} {prec} batch {a.batch}: {a.warmup} + {a.steps} steps ...", flush=True)
-                r = fn(a, model, prec, env)
-                rows.append(r)
-                print(f"  -> {r.samples_per_s:.2f} samples/s, {r.s_per_step:.3f} s/step, threads {r.threads}, "
-                      f"load {r.load} {r.error}", flush=True)
-                add_flops(rows, a.cuda)  # the table is rewritten after every row: a cut-short run keeps its rows
-                md, csv_path = write_tables(rows, a, table_notes(a, hw, a.models), Path(a.out), tag)
+        for prec in a.precisions:
+            for rnd in range(a.rounds):  # ABAB...: the side that goes first alternates, so drifts in load hit both
+                sides = [("medvlp" + (f" [{v}]" if v else ""), lambda m, p, e, v=v: measure_ours(a, m, p, e, v))
+                         for v in ["", *a.variant]]
+                if not a.skip_openclip:
+                    sides.append(("open_clip", lambda m, p, e: measure_openclip(a, m, p, e)))
+                for name, fn in (sides if rnd % 2 == 0 else sides[::-1]):
+                    print(f"[round {rnd + 1}/{a.rounds}] {name} {model} {prec} batch {a.batch}: "
+                          f"{a.warmup} + {a.steps} steps ...", flush=True)
+                    r = fn(model, prec, env)
+                    r.round = rnd
+                    rows.append(r)
+                    print(f"  -> {r.samples_per_s:.2f} samples/s, {r.s_per_step:.3f} s/step, threads {r.threads}, "
+                          f"load {r.load} {r.error}", flush=True)
+                    add_flops(rows, a.cuda)  # the table is rewritten after every run: a cut-short run keeps its rows
+                    md, csv_path = write_tables(rows, a, table_notes(a, hw, a.models), Path(a.out), tag)
     print(md.read_text())
     print(f"wrote {md} and {csv_path}")
 

@@ -3,14 +3,25 @@ DataLoader workers 0, 1, 2 (0 = in the main process), in train mode (decode + au
 (decode + resize/centre crop); plus the offline build rate (`data_shards.build.build_shards`) when present.
 
     .venv/bin/python benchmarks/bench_stream.py [--n 2000] [--size 224] [--workers 0 1 2] [--batch-size 32]
+    .venv/bin/python benchmarks/bench_stream.py --recipes          # every pretraining recipe at its own size
+    .venv/bin/python benchmarks/bench_stream.py --recipes debug rn50-cxr
 
 Writes benchmarks/results/stream-<date>-<hw>.md. Timing starts at the first batch of each run (worker start-up
 is reported separately), so the rate is the steady state an epoch sees.
+
+`--recipes` checks that streaming keeps up with training for each pretraining recipe (launch/recipes, no `kind`):
+a synthetic corpus of the recipe's modality at its stored size (2D: data.image_size; CT: the side of
+data.volume_size), streamed through the recipe's own data settings (transforms, augmentation, volume size) by ONE
+DataLoader worker; beside it the recipe model's training rate in one process on this machine (`Trainer.train_step`
+on a pre-made batch, fp32, ZeRO 0), and the ratio streaming-per-worker / training (target >= 2). For GPU jobs it
+also prints the rate one GPU would train at (`launch.plan` defaults: H100 dense bf16 peak x 40% MFU) and the ratio
+of the recipe's `data.workers` streaming against it. Writes stream-recipes-<date>-<hw>.md.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import datetime as dt
 import os
 import re
@@ -83,6 +94,143 @@ def build_rate(manifest: Path, root: Path, size: int, workers: int) -> float | N
     return idx["num_samples"] / (time.perf_counter() - t0)
 
 
+def _recipe_docs(names: list[str]) -> list[tuple[str, object]]:
+    """(name, PretrainConfig) of the chosen recipes (all pretraining recipes when `names` is empty)."""
+    from launch.config import list_recipes, load_config, load_recipe_dict
+
+    out = []
+    for name in names or list_recipes():
+        if load_recipe_dict(name).get("kind") not in (None, "pretrain"):
+            if names:
+                raise SystemExit(f"--recipes: {name!r} is a fine-tune recipe; only pretraining recipes stream "
+                                 "image-text pairs")
+            continue
+        out.append((name, load_config(name)))
+    return out
+
+
+def _stored_size(data) -> int:
+    """The side a synthetic corpus is written at so the recipe's loader sees its real input size."""
+    return int(data.volume_size[-1]) if data.modality == "ct" and data.volume_size else int(data.image_size)
+
+
+def train_rate(cfg, batch: int, steps: int, tmp: Path, threads: int) -> float:
+    """Samples/s of the recipe's model in one process with `threads` torch threads: Trainer.train_step on one
+    pre-made batch (no loading)."""
+    import dataclasses
+
+    import torch
+
+    from benchmarks.bench_pretrain import _SameBatch, synthetic_batch
+    from pretrain.train import Trainer
+
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, batch_size=batch, train_shards=str(tmp)),
+        train=dataclasses.replace(cfg.train, steps=steps + 1, zero_stage=0, precision="fp32", deepspeed_config="",
+                                  grad_accum=1, out_dir=str(tmp / "unused-out")),
+        tracking=dataclasses.replace(cfg.tracking, enabled=False))
+    trainer = Trainer(cfg, progress=False)
+    b = synthetic_batch(trainer.model, batch, trainer.device, 0)
+    if trainer.model.image_kind == "3d":  # the recipe's volume size, which the loader resizes to, not the model's
+        shape = b.pop("image").shape[:2] + tuple(cfg.data.volume_size or trainer.model.image_size)
+        b = {"volume": torch.randn(shape), **b}
+    trainer.batches = _SameBatch(b)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        trainer.train_step()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        return batch * steps / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def gpu_rate(model: str) -> float:
+    """Samples/s one GPU trains `model` at, by the planner's defaults (peak x MFU over training FLOPs)."""
+    from launch.plan import Hardware
+    from pretrain.model import flops_per_sample
+
+    hw = Hardware()
+    return hw.peak_tflops * 1e12 * hw.mfu / flops_per_sample(model)
+
+
+def recipe_check(a) -> None:
+    from data_shards.synth import synth_to_shards
+    from pretrain.model import flops_per_sample
+
+    tag, cpu = hardware()
+    load0 = os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_stream_recipes_") as tmp:
+        for name, cfg in _recipe_docs(a.recipes):
+            data, size = cfg.data, _stored_size(cfg.data)
+            shards = Path(tmp) / f"{data.modality}-{size}"
+            if not shards.exists():
+                t0 = time.perf_counter()
+                synth_to_shards(shards, data.modality, a.recipe_n, seed=0, shard_size=64, size=size)
+                print(f"corpus {shards.name}: {a.recipe_n} samples in {time.perf_counter() - t0:.1f}s", flush=True)
+            dcfg = dataclasses_replace(data, train_shards=str(shards), workers=1, samples_per_epoch=a.recipe_n,
+                                       batch_size=min(data.batch_size, a.batch_size), shuffle_buffer=64, seed=0)
+            t0 = time.perf_counter()
+            it = iter(make_loader(dcfg, train=True))
+            first = next(it)
+            t1 = time.perf_counter()
+            rest = sum(len(b["key"]) for b in it)
+            stream = rest / (time.perf_counter() - t1)
+            tb = min(data.batch_size, a.train_batch)
+            train = train_rate(cfg, tb, a.train_steps, Path(tmp), a.train_threads or os.cpu_count())
+            # GPU recipes only, and only models big enough for the planner's MFU to mean something (>= 1 GFLOP/sample)
+            gpu = gpu_rate(cfg.model.name) if data.workers > 0 and flops_per_sample(cfg.model.name) >= 1e9 else None
+            rows.append({"recipe": name, "model": cfg.model.name, "modality": data.modality,
+                         "input": "x".join(map(str, data.volume_size)) if data.modality == "ct" and data.volume_size
+                         else f"{data.image_size}x{data.image_size}", "stream": stream, "startup": t1 - t0,
+                         "train": train, "train_batch": tb, "ratio": stream / train, "workers": data.workers,
+                         "gpu": gpu, "gpu_ratio": gpu and stream * data.workers / gpu,
+                         "gpu_workers": gpu and math.ceil(2 * gpu / stream), "n": rest + len(first["key"])})
+            r = rows[-1]
+            print(f"{name}: stream {stream:.1f}/s per worker, train {train:.2f}/s -> {r['ratio']:.1f}x"
+                  + (f"; H100 estimate {gpu:.0f}/s vs {data.workers} workers -> {r['gpu_ratio']:.2f}x" if gpu else ""),
+                  flush=True)
+    date = dt.date.today().isoformat()
+    lines = [f"# Streaming against training, per pretraining recipe, {date}, {tag}", "",
+             f"CPU: {cpu} ({os.cpu_count()} logical cores); 1-min load average {load0:.1f} at start, "
+             f"{os.getloadavg()[0]:.1f} at end; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
+             f"Streaming: a synthetic corpus of the recipe's modality written at its input size ({a.recipe_n} "
+             "samples, 64 per shard), read by `data_shards.stream.make_loader` with the recipe's data settings and "
+             f"ONE worker, train mode (augmentation as the recipe sets it), batch min(recipe, {a.batch_size}); rate "
+             "after the first batch.",
+             f"Training: the recipe's model, `Trainer.train_step` on one pre-made batch (batch min(recipe, "
+             f"{a.train_batch}), fp32, ZeRO 0, one process, {a.train_threads or os.cpu_count()} torch threads, "
+             f"{a.train_steps} steps after one warm-up) on this CPU: the rate one training process must be fed at.",
+             "GPU (recipes with data.workers > 0, i.e. written for GPU jobs, and models of >= 1 GFLOP per "
+             "training sample; '—' otherwise): samples/s one H100 would train at by "
+             "`medvlp plan`'s defaults (989 TFLOP/s dense bf16 x 40% MFU over `flops_per_sample`; optimistic for "
+             "small models, whose MFU is far lower); 'GPU ratio' = the recipe's data.workers x the per-worker rate "
+             "above over it, 'workers for 2x' = the workers per GPU that would stream twice that rate (estimates: "
+             "the worker rate is this CPU core's).", "",
+             "| recipe | model | modality | input | stream /s per worker | start-up s | train /s (CPU, batch) "
+             "| stream / train | recipe workers | H100 train /s (est.) | GPU ratio (est.) | workers for 2x (est.) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {r['model']} | {r['modality']} | {r['input']} | {r['stream']:.1f} | "
+                     f"{r['startup']:.2f} | {r['train']:.2f} ({r['train_batch']}) | **{r['ratio']:.1f}x** | "
+                     f"{r['workers']} | " + (f"{r['gpu']:.0f} | {r['gpu_ratio']:.2f}x | {r['gpu_workers']} |"
+                                             if r["gpu"] else "— | — | — |"))
+    out = Path(a.out) / f"stream-recipes-{date}-{tag}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out}")
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
 def hardware() -> str:
     cpu = cpu_model()
     short = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(.*?\)|cpu|@.*", "", cpu.lower())).strip("-")[:32]
@@ -97,8 +245,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--no-build", action="store_true", help="skip the build-rate column")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--recipes", nargs="*", default=None,
+                    help="check streaming against training for these pretraining recipes (none named = all)")
+    ap.add_argument("--recipe-n", type=int, default=256, help="samples per recipe corpus")
+    ap.add_argument("--train-batch", type=int, default=8, help="largest batch of the training-rate measurement")
+    ap.add_argument("--train-steps", type=int, default=2, help="timed training steps per recipe")
+    ap.add_argument("--train-threads", type=int, default=0, help="torch threads of the training rate (0 = all cores)")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if a.recipes is not None:
+        return recipe_check(a)
     tag, cpu = hardware()
     load0 = os.getloadavg()[0]
     rows = []

@@ -175,7 +175,10 @@ def main(argv=None) -> None:
              f"alternating; CPU ms per step from torch.profiler record_function labels (median over rounds). "
              f"Load average at the end: {'/'.join(f'{x:.1f}' for x in os.getloadavg())}. "
              "Labels nest (DeepSpeed overheads = engine.backward minus autograd, engine.step minus clipping and "
-             "optimizer), so the step total is not their sum.", "",
+             "optimizer), so the step total is not their sum. Both sides share this process, so process-wide settings "
+             "our Trainer makes (train.keep_host_memory: freed memory kept for reuse) help the open_clip side too: "
+             "this table shows where time goes per phase; `benchmarks/bench_pretrain.py` (a process per side) gives "
+             "the ratio.", "",
              "| phase | ours (ms) | open_clip (ms) | ours / open_clip |", "|---|---|---|---|"]
     for ph in PHASES:
         o = med([x.get(ph, 0.0) for x in res["ours"]])

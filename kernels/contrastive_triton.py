@@ -15,6 +15,8 @@ logits), and their gradients w.r.t. q, k and s, never materialising the M×N log
 Passes of 2·M·N·D flops, with n_split = cdiv(D, BLOCK_DO):
   forward 1; backward dq: n_split recomputes + 1, dk: n_split recomputes + 1  →  3 + 2·n_split in all.
   bf16: BLOCK_DO = min(256, next_pow2(D)), so D ≤ 256 → 5 passes; D = 512 → 7; 768 → 9; 1024 → 11.
+        The fewer-pass autotuning candidate (32×32 tiles, 8 warps, BLOCK_DO = 512, spill-free on sm_80/sm_90):
+        D ≤ 512 → 5; 768 and 1024 → 7, at half the tile's L2 reuse (which of the two wins is the GPU's call).
   fp32: BLOCK_DO = min(128, next_pow2(D)), so D ≤ 128 → 5; 256 → 7; 512 → 11; 1024 → 19.
   (The materialised torch path needs 3 passes but O(N²) memory; the blockwise torch backend needs 4.)
   The split keeps the dq/dk accumulator (BLOCK_M×BLOCK_DO fp32) in registers; when the column-partial
@@ -29,7 +31,8 @@ the launcher's block sizes is recorded in kernels/README_SECTION.md.
 
 Autotuning: on a GPU each kernel is wrapped in ``triton.autotune`` keyed on D and WITH_COLS (the autotuner adds
 the tensors' dtypes to the key), over ``tune_candidates(D, dtype)``: the ahead-of-time config first, then
-neighbours (bigger row/key tiles, more stages or warps, a narrower BLOCK_DO that frees registers) that compile
+neighbours (bigger row/key tiles, more stages or warps, a narrower BLOCK_DO that frees registers, and for bf16
+a wider BLOCK_DO on smaller tiles that saves recompute passes) that compile
 for sm_80 and sm_90 without spills. The first call per (D, dtype, WITH_COLS) times them. Autotuning is opt-in
 (MEDVLP_TRITON_AUTOTUNE=1) until its launch path has been run on a GPU; by default, and always under the CPU
 interpreter, the ahead-of-time config is used. Roofline model: docs/performance.md.
@@ -216,7 +219,11 @@ _TUNE_DELTAS = {
     (torch.float32, "bwd"): ({}, {"num_warps": 8}),  # larger tiles or 2 stages spill (fp32 IEEE operand layouts)
     (torch.bfloat16, "fwd"): ({}, {"num_stages": 3}, {"BLOCK_M": 128}, {"BLOCK_N": 128}),
     # bf16 backward: BLOCK_M=128 with BLOCK_DO=128 spills 72-152 B; BLOCK_DO=128 frees registers for 2 stages.
-    (torch.bfloat16, "bwd"): ({}, {"BLOCK_DO": 128, "num_stages": 2}),
+    # The fewer-pass candidate: 32x32 tiles and 8 warps leave room for a 32x512 fp32 accumulator, so D <= 512 needs
+    # one output split (5 passes instead of 7; D = 768/1024: 7 instead of 9/11) at half the tile's L2 reuse.
+    # 64x64 or 4 warps with BLOCK_DO=512 spill 400-9000 B.
+    (torch.bfloat16, "bwd"): ({}, {"BLOCK_DO": 128, "num_stages": 2},
+                              {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_DO": 512, "num_warps": 8}),
 }
 
 

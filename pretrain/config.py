@@ -104,12 +104,20 @@ class TrainConfig:
     seed: int = 0  # global seed
     dist_timeout_s: float = 600.0  # seconds a collective may wait for a missing rank before failing
     deepspeed_config: str = ""  # optional DeepSpeed JSON template merged under the generated config
+    # Layout of 2D image batches fed to the model: channels_last runs a ResNet's convolutions and batch norms in
+    # NHWC (oneDNN on CPU, cuDNN on GPU), ~7-15% faster per RN50 step on CPU.
+    memory_format: str = "auto"  # auto (channels_last for ResNet towers) | channels_last | contiguous
+    # CPU runs: freed tensor memory stays in the process for the next step instead of being returned to the OS and
+    # page-faulted back in (glibc; ~15% of an RN50 CPU step). The resident size then stays near the step's peak.
+    keep_host_memory: bool = True  # CPU: reuse freed memory next step (faster; RSS stays near the peak)
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: {self.zero_stage} is not one of 0, 1, 2, 3")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision: {self.precision!r} is not one of auto, fp32, bf16")
+        if self.memory_format not in ("auto", "channels_last", "contiguous"):
+            raise ValueError(f"memory_format: {self.memory_format!r} is not one of auto, channels_last, contiguous")
         _at_least("steps", self.steps, 1)
         _at_least("grad_accum", self.grad_accum, 1)
         if not self.out_dir.strip():

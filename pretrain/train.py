@@ -285,6 +285,8 @@ class Trainer:
         self.config_dict = config_dict if config_dict is not None else flatten(to_dict(cfg))
         self.rank, self.world, local_rank = eng.init_distributed(timeout_s=cfg.train.dist_timeout_s)
         self.device = device = eng.device_for(local_rank)
+        if device.type == "cpu" and cfg.train.keep_host_memory:
+            eng.keep_freed_host_memory()
         if device.type == "cuda":  # as open_clip_train does: autotuned convolutions, TF32 matmuls for fp32 parts
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -305,6 +307,9 @@ class Trainer:
         eng.seed_everything(cfg.train.seed, self.rank)  # per-rank stream of randomness (a resume restores its own)
         self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
                          if device.type == "cpu" and cfg.train.precision == "bf16" else nullcontext())
+        fmt = cfg.train.memory_format
+        self.channels_last = model.image_kind == "2d" and (
+            fmt == "channels_last" or (fmt == "auto" and getattr(model.visual, "kind", "") == "resnet"))
         self.step = 0  # optimizer steps made (restored on resume)
         self.losses: list[tuple[int, float]] = []  # (step, loss) of the whole run (restored on resume)
         self.run_id: str | None = None
@@ -353,6 +358,8 @@ class Trainer:
             img, tok = _image_of(batch), batch["tokens"]
             if engine.bfloat16_enabled():  # bf16 weights (GPU): feed bf16 pixels
                 img = img.to(torch.bfloat16)
+            if self.channels_last and img.dim() == 4:  # NHWC convolutions from the first layer on
+                img = img.contiguous(memory_format=torch.channels_last)
             if cfg.loss.cache_chunk and cfg.loss.cache_chunk < img.shape[0]:
                 # the cache backpropagates chunk by chunk itself, so finiteness is known only afterwards
                 loss = cached_step(engine, img, tok, loss_on, chunk=cfg.loss.cache_chunk, backward=engine.backward)

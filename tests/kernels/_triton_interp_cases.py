@@ -81,6 +81,21 @@ def _run_case(n, d, dtype, distributed):
     return {"errs": errs}
 
 
+def run_candidates(n=9, d=500, dtype_name="bfloat16"):
+    """Every backward autotuning candidate (forced as the launcher's config) against the reference: the fewer-pass
+    one (BLOCK_DO 512: one output split at D = 500) must be as exact as the ahead-of-time config."""
+    base = ct.pick_blocks
+    out = []
+    for cfg in ct.tune_candidates(d, getattr(torch, dtype_name))["bwd"]:
+        ct.pick_blocks = lambda D, dt, cfg=cfg: {**base(D, dt), "bwd": dict(cfg)}
+        try:
+            res = _run_case(n, d, getattr(torch, dtype_name), False)
+        finally:
+            ct.pick_blocks = base
+        out.append({"cfg": cfg, "case": [n, d, dtype_name], **res})
+    return out
+
+
 def run_poison():
     """Kernel outputs allocated with torch.empty are NaN-filled first; all must come back written."""
     ct_torch_empty = ct.torch.empty
@@ -100,4 +115,5 @@ def run_poison():
 
 
 if __name__ == "__main__":
-    print(json.dumps({"cases": [run_case(*c) for c in CASES], "poison": run_poison()}))
+    print(json.dumps({"cases": [run_case(*c) for c in CASES], "candidates": run_candidates(),
+                      "poison": run_poison()}))
