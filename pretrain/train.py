@@ -71,8 +71,8 @@ class _DataWaitInterrupt(KeyboardInterrupt):
 # extends (or shortens) the run; the cosine schedule is then stretched to the new length (a warning says so).
 RESUME_HARMLESS = ("train.resume", "train.steps", "train.stop_after", "train.ckpt_every", "train.keep_ckpts",
                    "train.eval_every", "train.final_eval", "train.log_every", "train.max_bad_steps",
-                   "train.dist_timeout_s", "train.out_dir", "data.workers", "data.log_corrupt", "data.val_shards",
-                   "eval.", "tracking.")
+                   "train.dist_timeout_s", "train.out_dir", "train.keep_host_memory", "data.workers",
+                   "data.log_corrupt", "data.val_shards", "eval.", "tracking.")
 # What a run writes into out_dir (a folder holding any of these holds a run).
 RUN_FILES = ("config.yaml", "config.json", eng.CKPT_DIR, "train_log.jsonl", "model.pt", "model.safetensors",
              "loss_curve.png", "eval")
