@@ -98,9 +98,15 @@ def _recipe_docs(names: list[str]) -> list[tuple[str, object]]:
     """(name, PretrainConfig) of the chosen recipes (all pretraining recipes when `names` is empty)."""
     from launch.config import list_recipes, load_config, load_recipe_dict
 
+    from pretrain.configtree import ConfigError
+
     out = []
     for name in names or list_recipes():
-        if load_recipe_dict(name).get("kind") not in (None, "pretrain"):
+        try:
+            kind = load_recipe_dict(name).get("kind")
+        except ConfigError as e:
+            raise SystemExit(f"--recipes: {e}") from e
+        if kind not in (None, "pretrain"):
             if names:
                 raise SystemExit(f"--recipes: {name!r} is a fine-tune recipe; only pretraining recipes stream "
                                  "image-text pairs")
