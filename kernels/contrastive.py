@@ -10,12 +10,13 @@ them (the O(n·D) positive term is folded into the same autograd.Function, so ea
 
 * ``reference`` — logits materialised, ``F.cross_entropy`` (the ground truth for tests and benchmarks);
   single device: one N×N matrix and its transpose, 3 passes of 2·N²·D flops (forward 1, backward 2).
-* ``chunked``   — tall row blocks of the logits against all keys (one matmul per block on CPU is fastest),
-  forward keeps only the LSE vectors (O(N)); backward recomputes each block. Memory O(N·D + B·N).
-  Passes of 2·N²·D flops: forward 1 (the single-device form gets the row LSE from the block directly and the
-  column LSE by merging per-block partials from the same block), backward 3 (recompute, dQ, dK): 4 in all.
-  Elementwise passes over each B×N block: forward 5 (max, shift, exp, row sum, column mat-vec); backward 3 (one
-  exp of the logits shifted by their row LSE inside the matmul's accumulator, then the column softmax as a
+* ``chunked``   — row blocks × key tiles of the logits (B = 2048 rows × T = 512 keys by default: one tile stays in
+  cache while it is exponentiated and summed, and the tile products run near the matmul peak); the forward keeps
+  only the LSE vectors (O(N)), the backward recomputes each tile. Memory O(N·D + B·T + B·D).
+  Passes of 2·N²·D flops: forward 1 (the row LSE of a block merges its tiles' row LSEs; the single-device form
+  also merges per-tile column partials of the same tiles into the column LSE), backward 3 (recompute, dQ, dK):
+  4 in all. Elementwise passes over each B×T tile: forward 5 (max, shift, exp, row sum, column mat-vec); backward
+  3 (one exp of the logits shifted by their row LSE inside the matmul's accumulator, then the column softmax as a
   rank-1 rescale of the row softmax: w = w_row + (w_row·a_i)·b_j), exact two-exp fallback for LSE spreads > 45.
 * ``triton``    — fused kernels in ``kernels.contrastive_triton`` (GPU, or CPU under TRITON_INTERPRET=1).
 
@@ -24,7 +25,7 @@ Distributed form: ``img_q, txt_q`` are this rank's n rows, ``img_k, txt_k`` the 
 the single-device loss on the concatenated batch; each rank's local-feature gradient (direct path plus the
 all-gather backward's sum) is W times the single-device gradient of those rows, which DDP's averaging undoes.
 
-Legend: n = query rows, N = key rows, D = embedding dim, B = row block; ``q_nD``, ``k_ND``, ``s_BN`` (a block of
+Legend: n = query rows, N = key rows, D = embedding dim, B = row block, T = key tile; ``q_nD``, ``k_ND``, ``s_BN`` (a block of
 logits), ``lse_n`` (row log-sum-exp), ``lse_N`` (column log-sum-exp).
 """
 from __future__ import annotations
@@ -36,11 +37,14 @@ import torch.nn.functional as F
 
 BACKENDS = ("reference", "chunked", "triton")
 _ALIASES = {"torch": "reference", "naive": "reference"}
-# Logits per B×N block: 4M fp32 = 16 MiB per block buffer (two live in the backward). Measured on 2 shared EPYC
-# cores, N=16,384, D=256, fwd+bwd: B=128 11.0 s, 256 7.4 s, 512 9.7 s, 1024 9.7 s; 2M-element blocks 8.1 s vs
-# 6.7 s for 4M at the same peak memory. Larger blocks stop fitting in cache and break the memory targets.
-_BLOCK_ELEMS = 1 << 22
-_MIN_BLOCK = 16
+# Tiles of B rows × T keys: the logits of one tile stay in cache while their exp, sums and weights are taken, and
+# the products (B×D by D×T, T×B by B×D, B×T by T×D) are large enough to run near the matmul peak. B = 2048 rows,
+# T = 1M / B = 512 keys: two 4 MiB tile buffers whatever N is. Measured on the 2-core EPYC, N = 16,384, D = 256,
+# fwd+bwd, 2 threads: B×T = 2048×512 2.82 s, 1024×1024 3.12, 256×4096 3.11-3.29, 8192×256 3.06 s; the earlier
+# untiled 256×16,384 blocks took 3.65 s (1 thread: 5.77 s against 6.20 s).
+_ROW_BLOCK = 2048
+_TILE_ELEMS = 1 << 20
+_MIN_TILE = 64
 
 
 def triton_available() -> tuple[bool, str]:
@@ -57,13 +61,22 @@ def triton_available() -> tuple[bool, str]:
 
 
 def pick_block(n_rows: int, n_keys: int, block: int | None = None) -> int:
-    """Row block for the chunked backend: the given one, else ~_BLOCK_ELEMS logits per block."""
+    """Row block B of the chunked backend: the given one, else _ROW_BLOCK; never more than the rows."""
     if block is not None:
         if int(block) < 1:
             raise ValueError(f"block: must be >= 1, got {block}")
         return min(int(block), max(n_rows, 1))
-    b = max(_MIN_BLOCK, _BLOCK_ELEMS // max(n_keys, 1))
-    return min(b, max(n_rows, 1))
+    return min(_ROW_BLOCK, max(n_rows, 1))
+
+
+def pick_tile(block: int, n_keys: int, tile: int | None = None) -> int:
+    """Key tile T of the chunked backend: the given one, else ~_TILE_ELEMS logits per B×T tile; never more than
+    the keys."""
+    if tile is not None:
+        if int(tile) < 1:
+            raise ValueError(f"tile: must be >= 1, got {tile}")
+        return min(int(tile), max(n_keys, 1))
+    return min(max(_MIN_TILE, _TILE_ELEMS // max(block, 1)), max(n_keys, 1))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -114,7 +127,14 @@ def _block_lse_both(qs_BD, k_ND, z_BN, with_cols: bool = True):
     return lse_B, part_N
 
 
-def _block_weights(qs_BD, k_ND, lse_B, lse_N, z_BN, w_BN):
+def _row_factors(lse_B):
+    """(largest row LSE, exp(lse_B − it) in fp32 via fp64): the row side of the rank-1 column rescale, the same
+    for every key tile of a row block."""
+    hi = lse_B.max()
+    return hi, torch.exp(lse_B.double() - hi.double()).float()
+
+
+def _block_weights(qs_BD, k_ND, lse_B, lse_N, z_BN, w_BN, row_factors=None):
     """∂(Σ LSE)/∂logits of one block: row softmax (+ column softmax when lse_N is given), in w_BN.
 
     Row part: one exp of the logits shifted by their row LSE inside the matmul's accumulator. Column part:
@@ -124,10 +144,11 @@ def _block_weights(qs_BD, k_ND, lse_B, lse_N, z_BN, w_BN):
     """
     if lse_N is None:
         return torch.addmm(lse_B[:, None].neg(), qs_BD, k_ND.T, out=w_BN).exp_()
-    hi = lse_B.max()
+    if row_factors is None:
+        row_factors = _row_factors(lse_B)
+    hi, a_B = row_factors
     if float(hi - lse_N.min()) <= _SPREAD:
         w_row = torch.addmm(lse_B[:, None].neg(), qs_BD, k_ND.T, out=z_BN).exp_()
-        a_B = torch.exp(lse_B.double() - hi.double()).float()
         b_N = torch.exp(hi.double() - lse_N.double()).float()
         torch.mul(w_row, a_B[:, None], out=w_BN)
         return torch.addcmul(w_row, w_BN, b_N[None, :], out=w_BN)
@@ -146,32 +167,39 @@ class _ChunkedCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_nD, k_ND, scale, with_cols: bool, q_offset: int, block: int):
+    def forward(ctx, q_nD, k_ND, scale, with_cols: bool, q_offset: int, block: int, tile: int):
         qf_nD, kf_ND, s = q_nD.float(), k_ND.float(), scale.float()
         n, N = qf_nD.shape[0], kf_ND.shape[0]
         lse_n = torch.empty(n, dtype=torch.float32, device=q_nD.device)
         lse_N = torch.full((N,), float("-inf"), dtype=torch.float32, device=q_nD.device) if with_cols else None
         pos = torch.zeros((), dtype=torch.float32, device=q_nD.device)
-        # One block buffer reused (out=): repeated 16 MiB allocations fragment the CPU heap and grow the RSS.
-        z_buf = torch.empty((min(block, n), N), dtype=torch.float32, device=q_nD.device)
+        # One tile buffer reused (out=): repeated allocations fragment the CPU heap and grow the RSS. Flat, so the
+        # last, narrower tile of a row block is still a contiguous view.
+        z_buf = torch.empty(min(block, n) * min(tile, N), dtype=torch.float32, device=q_nD.device)
         for b0 in range(0, n, block):
             qb_BD = qf_nD[b0:b0 + block]
             rows = qb_BD.shape[0]
             pos += (qb_BD * kf_ND[q_offset + b0:q_offset + b0 + rows]).sum()
-            lse_b, part_N = _block_lse_both(qb_BD * s, kf_ND, z_buf[:rows], with_cols)
-            if with_cols:
-                torch.logaddexp(lse_N, part_N, out=lse_N)
-            lse_n[b0:b0 + block] = lse_b
+            qs_BD = qb_BD * s
+            lse_B = None
+            for t0 in range(0, N, tile):
+                kt_TD = kf_ND[t0:t0 + tile]
+                cols = kt_TD.shape[0]
+                lse_t, part_T = _block_lse_both(qs_BD, kt_TD, z_buf[:rows * cols].view(rows, cols), with_cols)
+                lse_B = lse_t if lse_B is None else torch.logaddexp(lse_B, lse_t)
+                if with_cols:
+                    torch.logaddexp(lse_N[t0:t0 + cols], part_T, out=lse_N[t0:t0 + cols])
+            lse_n[b0:b0 + rows] = lse_B
         del z_buf
         ctx.save_for_backward(q_nD, k_ND, scale, lse_n, lse_N if with_cols else lse_n.new_empty(0))
-        ctx.with_cols, ctx.q_offset, ctx.block = with_cols, q_offset, block
+        ctx.with_cols, ctx.q_offset, ctx.block, ctx.tile = with_cols, q_offset, block, tile
         total = lse_n.sum() - (2 if with_cols else 1) * s * pos
         return total + lse_N.sum() if with_cols else total
 
     @staticmethod
     def backward(ctx, grad_out):
         q_nD, k_ND, scale, lse_n, lse_N = ctx.saved_tensors
-        block, with_cols, off = ctx.block, ctx.with_cols, ctx.q_offset
+        block, tile, with_cols, off = ctx.block, ctx.tile, ctx.with_cols, ctx.q_offset
         c = 2.0 if with_cols else 1.0
         qf_nD, kf_ND, s = q_nD.float(), k_ND.float(), scale.float()
         n, N = qf_nD.shape[0], kf_ND.shape[0]
@@ -179,29 +207,39 @@ class _ChunkedCE(torch.autograd.Function):
         dq_nD = torch.empty_like(qf_nD)
         dk_ND = torch.zeros_like(kf_ND)
         ds = torch.zeros((), dtype=torch.float32, device=q_nD.device)
-        z_buf = torch.empty((min(block, n), N), dtype=torch.float32, device=q_nD.device)
+        z_buf = torch.empty(min(block, n) * min(tile, N), dtype=torch.float32, device=q_nD.device)
         w_buf = torch.empty_like(z_buf)
         for b0 in range(0, n, block):
             qb_BD = qf_nD[b0:b0 + block]
             rows = qb_BD.shape[0]
-            w_BN = _block_weights(qb_BD * s, kf_ND, lse_n[b0:b0 + block], lse_N if with_cols else None,
-                                  z_buf[:rows], w_buf[:rows])
-            dk_ND.addmm_(w_BN.T, qb_BD)
+            qs_BD, lse_B = qb_BD * s, lse_n[b0:b0 + block]
+            dqraw_BD = torch.zeros_like(qb_BD)
+            factors = _row_factors(lse_B) if with_cols else None
+            for t0 in range(0, N, tile):
+                kt_TD = kf_ND[t0:t0 + tile]
+                cols = kt_TD.shape[0]
+                w_BT = _block_weights(qs_BD, kt_TD, lse_B, lse_N[t0:t0 + cols] if with_cols else None,
+                                      z_buf[:rows * cols].view(rows, cols), w_buf[:rows * cols].view(rows, cols),
+                                      factors)
+                dk_ND[t0:t0 + cols].addmm_(w_BT.T, qb_BD)
+                dqraw_BD.addmm_(w_BT, kt_TD)
             dk_ND[off + b0:off + b0 + rows].sub_(qb_BD, alpha=c)  # the positives' key gradient
-            dqraw_BD = torch.mm(w_BN, kf_ND).sub_(kf_ND[off + b0:off + b0 + rows], alpha=c)
+            dqraw_BD.sub_(kf_ND[off + b0:off + b0 + rows], alpha=c)
             # ∂/∂s of Σ (w − c·δ)⊙(q·kᵀ) = Σ_i q_i·dqraw_i: reuses dq instead of another B×N product.
             ds += (dqraw_BD * qb_BD).sum()
             dq_nD[b0:b0 + block] = dqraw_BD.mul_(s * g)
         del z_buf, w_buf
         dk_ND.mul_(s * g)
-        return dq_nD.to(q_nD.dtype), dk_ND.to(k_ND.dtype), (ds * g).to(scale.dtype), None, None, None
+        return dq_nD.to(q_nD.dtype), dk_ND.to(k_ND.dtype), (ds * g).to(scale.dtype), None, None, None, None
 
 
-def _ce_sum(q_nD, k_ND, logit_scale, with_cols: bool, q_offset: int, backend: str, block: int | None):
+def _ce_sum(q_nD, k_ND, logit_scale, with_cols: bool, q_offset: int, backend: str, block: int | None,
+            tile: int | None = None):
     """Σ of row (and column) cross-entropies of s·q·kᵀ, positives at key rows q_offset + i."""
     if backend == "chunked":
         block = pick_block(q_nD.shape[0], k_ND.shape[0], block)
-        return _ChunkedCE.apply(q_nD, k_ND, logit_scale, with_cols, q_offset, block)
+        return _ChunkedCE.apply(q_nD, k_ND, logit_scale, with_cols, q_offset, block,
+                                pick_tile(block, k_ND.shape[0], tile))
     from kernels.contrastive_triton import triton_ce_sum
 
     return triton_ce_sum(q_nD, k_ND, logit_scale, with_cols, q_offset)
@@ -226,11 +264,12 @@ def resolve_backend(backend: str, on_cuda: bool, n_keys: int | None = None, chun
 # public entry point
 # --------------------------------------------------------------------------------------------------------------
 def clip_loss(img_q, txt_q, logit_scale, img_k=None, txt_k=None, q_offset: int = 0, backend: str = "chunked",
-              block: int | None = None) -> torch.Tensor:
+              block: int | None = None, tile: int | None = None) -> torch.Tensor:
     """Symmetric CLIP loss (mean over the query rows); see the module doc for the single/distributed forms.
 
     backend: "reference" | "chunked" | "triton" ("torch" is an alias of "reference", "auto" picks triton on a
-    CUDA device when available, else chunked). block: row block of the chunked backend (None = automatic).
+    CUDA device when available, else chunked). block, tile: row block and key tile of the chunked backend
+    (None = automatic).
     """
     backend = resolve_backend(backend, img_q.is_cuda)
     if backend == "reference":
@@ -244,10 +283,10 @@ def clip_loss(img_q, txt_q, logit_scale, img_k=None, txt_k=None, q_offset: int =
     n = img_q.shape[0]
     if single:
         # Column LSE of s·I·Tᵀ is the row LSE of s·T·Iᵀ: one pass over the blocks gives both directions.
-        total = _ce_sum(img_q, txt_q, logit_scale, True, 0, backend, block)
+        total = _ce_sum(img_q, txt_q, logit_scale, True, 0, backend, block, tile)
     else:
-        total = (_ce_sum(img_q, txt_k, logit_scale, False, q_offset, backend, block)
-                 + _ce_sum(txt_q, img_k, logit_scale, False, q_offset, backend, block))
+        total = (_ce_sum(img_q, txt_k, logit_scale, False, q_offset, backend, block, tile)
+                 + _ce_sum(txt_q, img_k, logit_scale, False, q_offset, backend, block, tile))
     # fp32 whatever the input dtype (accumulated in fp32).
     return total / (2 * n)
 

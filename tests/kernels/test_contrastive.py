@@ -32,8 +32,9 @@ def test_chunked_matches_reference_fp32(n, d):
     img, txt = _feats(n, d, seed=n * 1000 + d)
     scale = torch.tensor(1 / 0.07)
     want, want_g = _loss_and_grads(lambda i, t, s: clip_loss_reference(i, t, s), (img, txt), scale)
-    # A block that does not divide n exercises the ragged last block.
-    got, got_g = _loss_and_grads(lambda i, t, s: clip_loss(i, t, s, backend="chunked", block=50), (img, txt), scale)
+    # A block and a key tile that do not divide n exercise the ragged last block and tile.
+    got, got_g = _loss_and_grads(lambda i, t, s: clip_loss(i, t, s, backend="chunked", block=50, tile=37),
+                                 (img, txt), scale)
     _assert_close(got, want, 1e-5, 1e-6, "loss")
     for name, g, w in zip(("d_img", "d_txt", "d_scale"), got_g, want_g):
         _assert_close(g, w, 1e-5, 1e-7, name)
@@ -45,7 +46,8 @@ def test_chunked_bf16_matches_fp32_reference(n, d):
     scale = torch.tensor(30.0)
     # Reference in fp32 from the very same bf16 values: only the backend's own rounding differs.
     want, want_g = _loss_and_grads(lambda i, t, s: clip_loss_reference(i.float(), t.float(), s), (img, txt), scale)
-    got, got_g = _loss_and_grads(lambda i, t, s: clip_loss(i, t, s, backend="chunked", block=64), (img, txt), scale)
+    got, got_g = _loss_and_grads(lambda i, t, s: clip_loss(i, t, s, backend="chunked", block=64, tile=48),
+                                 (img, txt), scale)
     assert got.dtype == torch.float32
     assert got_g[0].dtype == torch.bfloat16 and got_g[1].dtype == torch.bfloat16
     _assert_close(got, want, 1e-5, 1e-5, "loss")
@@ -63,7 +65,7 @@ def test_distributed_form_sums_to_single_device(backend):
     scale = torch.tensor(20.0)
     want = clip_loss_reference(img, txt, scale)
     per_rank = [clip_loss(img[r * n:(r + 1) * n], txt[r * n:(r + 1) * n], scale, img_k=img, txt_k=txt,
-                          q_offset=r * n, backend=backend, block=16) for r in range(world)]
+                          q_offset=r * n, backend=backend, block=16, tile=25) for r in range(world)]
     _assert_close(torch.stack(per_rank).mean(), want, 1e-6, 1e-6, "mean per-rank loss")
 
 
@@ -76,7 +78,8 @@ def test_distributed_form_gradients_match_reference():
 
     def run(backend):
         return _loss_and_grads(lambda iq, tq, ik, tk, s: clip_loss(iq, tq, s, img_k=ik, txt_k=tk, q_offset=31,
-                                                                   backend=backend, block=8), tensors, scale)
+                                                                   backend=backend, block=8, tile=30), tensors,
+                                 scale)
 
     (want, want_g), (got, got_g) = run("reference"), run("chunked")
     _assert_close(got, want, 1e-5, 1e-6, "loss")
@@ -99,20 +102,41 @@ def test_large_scale_is_stable():
     txt = torch.cat([txt[:32], -txt[32:]])
     scale = torch.tensor(100.0)
     want, want_g = _loss_and_grads(lambda i, t, s: clip_loss_reference(i, t, s), (img, txt), scale)
-    got, got_g = _loss_and_grads(lambda i, t, s: clip_loss(i, t, s, backend="chunked", block=7), (img, txt), scale)
+    # Tiles of 5 keys: some tiles hold only the opposite keys, so their column partials and weights take the
+    # underflow and wide-spread paths.
+    got, got_g = _loss_and_grads(lambda i, t, s: clip_loss(i, t, s, backend="chunked", block=7, tile=5),
+                                 (img, txt), scale)
     assert torch.isfinite(got)
     _assert_close(got, want, 1e-5, 1e-5, "loss")
     for name, g, w in zip(("d_img", "d_txt", "d_scale"), got_g, want_g):
         _assert_close(g, w, 1e-4, 1e-5, name)
 
 
-def test_pick_block_bounds():
+def test_pick_block_and_tile_bounds():
+    from kernels.contrastive import pick_tile
+
     assert pick_block(10, 10) == 10  # never more than the rows
-    assert pick_block(100_000, 16_384) == 256  # ~4M logits per block
-    assert pick_block(100_000, 1 << 30) == 16  # floor for huge key counts
-    assert pick_block(100, 100, block=7) == 7
+    assert pick_block(100_000, 16_384) == 2048 == pick_block(100_000, 1 << 30)  # rows per block: not N-dependent
+    assert pick_tile(2048, 16_384) == 512  # ~1M logits per tile (4 MiB), whatever N is
+    assert pick_tile(2048, 100) == 100 and pick_tile(1 << 20, 1 << 30) == 64  # at most the keys; a floor
+    assert pick_block(100, 100, block=7) == 7 and pick_tile(7, 100, tile=9) == 9
     with pytest.raises(ValueError, match="block"):
         pick_block(10, 10, block=0)
+    with pytest.raises(ValueError, match="tile"):
+        pick_tile(10, 10, tile=0)
+
+
+def test_tiles_change_nothing_but_rounding():
+    """The same loss and gradients from one full-width tile per block and from many narrow ragged ones."""
+    img, txt = _feats(200, 64, seed=11)
+    scale = torch.tensor(1 / 0.07)
+    wide, wide_g = _loss_and_grads(lambda i, t, s: clip_loss(i, t, s, backend="chunked", block=64, tile=200),
+                                   (img, txt), scale)
+    narrow, narrow_g = _loss_and_grads(lambda i, t, s: clip_loss(i, t, s, backend="chunked", block=64, tile=23),
+                                       (img, txt), scale)
+    _assert_close(narrow, wide, 1e-6, 1e-6, "loss")
+    for name, a, b in zip(("d_img", "d_txt", "d_scale"), narrow_g, wide_g):
+        _assert_close(a, b, 1e-5, 1e-7, name)
 
 
 @pytest.mark.parametrize("kwargs,match", [
