@@ -120,21 +120,18 @@ def _stored_size(data) -> int:
     return int(data.volume_size[-1]) if data.modality == "ct" and data.volume_size else int(data.image_size)
 
 
-def train_rate(cfg, batch: int, steps: int, tmp: Path, threads: int) -> float:
-    """Samples/s of the recipe's model in one process with `threads` torch threads: Trainer.train_step on one
-    pre-made batch (no loading)."""
-    import dataclasses
-
+def train_rate(name: str, batch: int, steps: int, tmp: Path, threads: int) -> float:
+    """Samples/s of recipe `name`'s model in one process with `threads` torch threads: Trainer.train_step on one
+    pre-made batch (no loading), fp32, ZeRO 0."""
     import torch
 
     from benchmarks.bench_pretrain import _SameBatch, synthetic_batch
+    from launch.config import load_config
     from pretrain.train import Trainer
 
-    cfg = dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, batch_size=batch, train_shards=str(tmp)),
-        train=dataclasses.replace(cfg.train, steps=steps + 1, zero_stage=0, precision="fp32", deepspeed_config="",
-                                  grad_accum=1, out_dir=str(tmp / "unused-out")),
-        tracking=dataclasses.replace(cfg.tracking, enabled=False))
+    cfg = load_config(name, [f"data.batch_size={batch}", f"data.train_shards={tmp}", f"train.steps={steps + 1}",
+                             "train.zero_stage=0", "train.precision=fp32", "train.deepspeed_config=''",
+                             "train.grad_accum=1", f"train.out_dir={tmp / 'unused-out'}", "tracking.enabled=false"])
     trainer = Trainer(cfg, progress=False)
     b = synthetic_batch(trainer.model, batch, trainer.device, 0)
     if trainer.model.image_kind == "3d":  # the recipe's volume size, which the loader resizes to, not the model's
@@ -164,6 +161,7 @@ def gpu_rate(model: str) -> float:
 
 def recipe_check(a) -> None:
     from data_shards.synth import synth_to_shards
+    from pretrain.configtree import replace
     from pretrain.model import flops_per_sample
 
     tag, cpu = hardware()
@@ -177,8 +175,8 @@ def recipe_check(a) -> None:
                 t0 = time.perf_counter()
                 synth_to_shards(shards, data.modality, a.recipe_n, seed=0, shard_size=64, size=size)
                 print(f"corpus {shards.name}: {a.recipe_n} samples in {time.perf_counter() - t0:.1f}s", flush=True)
-            dcfg = dataclasses_replace(data, train_shards=str(shards), workers=1, samples_per_epoch=a.recipe_n,
-                                       batch_size=min(data.batch_size, a.batch_size), shuffle_buffer=64, seed=0)
+            dcfg = replace(data, train_shards=str(shards), workers=1, samples_per_epoch=a.recipe_n,
+                           batch_size=min(data.batch_size, a.batch_size), shuffle_buffer=64, seed=0)
             t0 = time.perf_counter()
             it = iter(make_loader(dcfg, train=True))
             first = next(it)
@@ -186,7 +184,7 @@ def recipe_check(a) -> None:
             rest = sum(len(b["key"]) for b in it)
             stream = rest / (time.perf_counter() - t1)
             tb = min(data.batch_size, a.train_batch)
-            train = train_rate(cfg, tb, a.train_steps, Path(tmp), a.train_threads or os.cpu_count())
+            train = train_rate(name, tb, a.train_steps, Path(tmp), a.train_threads or os.cpu_count())
             # GPU recipes only, and only models big enough for the planner's MFU to mean something (>= 1 GFLOP/sample)
             gpu = gpu_rate(cfg.model.name) if data.workers > 0 and flops_per_sample(cfg.model.name) >= 1e9 else None
             rows.append({"recipe": name, "model": cfg.model.name, "modality": data.modality,
@@ -229,12 +227,6 @@ def recipe_check(a) -> None:
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out}")
-
-
-def dataclasses_replace(obj, **kw):
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
 
 
 def hardware() -> str:
