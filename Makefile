@@ -3,21 +3,34 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every install takes its versions from this lock (pip constraints); `make lock` regenerates it from pyproject.toml.
+LOCK := constraints.txt
 PYTEST_ARGS ?=
 # When make started: `make demo` reports install (venv + pip) time as the time from here to the demo's start.
 MAKE_T0 := $(shell date +%s.%N)
 
-.PHONY: install demo test bench clean
+.PHONY: install lock demo test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch first and pinned: a bare `torch` requirement may pull a several-GB download.
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml $(LOCK)
 	$(BIN)/pip install --upgrade pip >/dev/null
-	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -c $(LOCK) torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
+
+# Refresh the lock on purpose: resolve pyproject.toml's ranges afresh in a throw-away venv and pin what came out.
+lock:
+	rm -rf .lock-venv
+	$(PY) -m venv .lock-venv
+	.lock-venv/bin/pip install --upgrade pip >/dev/null
+	.lock-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
+	.lock-venv/bin/pip install ".[dev]"
+	.lock-venv/bin/pip freeze --exclude-editable | grep -v -e '^medvlp' -e '^-e ' > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .lock-venv
 
 install: $(STAMP)
 
