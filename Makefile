@@ -35,7 +35,7 @@ lock:
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m launch.demo --out demo_out --started-at $(MAKE_T0)
+	$(BIN)/python -m medvlp.launch.demo --out demo_out --started-at $(MAKE_T0)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.hw import cpu_model  # noqa: E402
-from data_shards.build import _pool_context, build_shards  # noqa: E402
+from medvlp.data_shards.build import _pool_context, build_shards  # noqa: E402
 
 
 def make_corpus(root: Path, n: int, side: int, bits: int) -> Path:

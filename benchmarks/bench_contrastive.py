@@ -58,7 +58,7 @@ def _loss_fn(row: str):
     """(features_img, features_txt, scale) -> loss for one benchmark row; raises ImportError with a reason."""
     import torch
 
-    from kernels import clip_loss
+    from medvlp.kernels import clip_loss
 
     if row == "naive":
         return lambda i, t, s: clip_loss(i, t, s, backend="reference")
@@ -248,7 +248,7 @@ def _pass_count(row: str, d: int, dtype_name: str):
     import torch
 
     if row == "triton":
-        from kernels.contrastive_triton import pass_count
+        from medvlp.kernels.contrastive_triton import pass_count
 
         return pass_count(d, getattr(torch, dtype_name))
     # naive: one matrix and its transpose; open_clip: I·Tᵀ and T·Iᵀ separately (2 forward, 4 backward).

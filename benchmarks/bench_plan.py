@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.hw import cpu_model  # noqa: E402
-from launch.plan import make_plan, measure_step_bytes, scaling_table  # noqa: E402
+from medvlp.launch.plan import make_plan, measure_step_bytes, scaling_table  # noqa: E402
 
 MiB = 1024 ** 2
 DEFAULT_ROWS = "debug:8,debug:32,debug-rn:8,RN50:2,RN50:4,ViT-B-16:2,ViT-B-16:4"

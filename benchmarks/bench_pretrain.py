@@ -15,7 +15,7 @@ Sides alternate ABAB... over `--rounds` rounds (whoever went first goes second i
 our samples/s over open_clip's per round, as a median with its min-max spread, so a change of machine load during
 the run shows as spread instead of as a false ratio.
 Every run is a fresh child process (so neither side inherits the other's allocator, threads or compiled state):
-  * ours: the public `pretrain.train.Trainer` (DeepSpeed engine at ZeRO stage `--zero`, `build_model`,
+  * ours: the public `medvlp.pretrain.train.Trainer` (DeepSpeed engine at ZeRO stage `--zero`, `build_model`,
     `ContrastiveLoss`), stepped by `Trainer.train_step` (the loop's own step) on ONE pre-made batch of random images
     of the model's size and random BPE token ids, already on the device (no data loading at all);
   * theirs: `open_clip_train.main --dataset-type synthetic`, whose data set returns one black PIL image run through
@@ -25,7 +25,7 @@ Every run is a fresh child process (so neither side inherits the other's allocat
     reported in its own column), so its workers prefetch in parallel: on 2 cores the worker also competes for CPU.
 Timing: `warmup` steps first, then `steps` optimizer steps; samples/s = batch·steps / (time from the end of the last
 warm-up step to the end of the last timed step), the same definition on both sides (open_clip's batch time runs
-from one step's end to the next's). Training FLOPs per sample come from `pretrain.model.flops_per_sample` (same
+from one step's end to the next's). Training FLOPs per sample come from `medvlp.pretrain.model.flops_per_sample` (same
 network on both sides); MFU = FLOPs/s over the device's dense bf16 peak (GPU only).
 
 Shape legend: B batch, S image side, L context length.
@@ -119,13 +119,13 @@ def run_ours(spec: dict) -> dict:
     """Child process: build the real Trainer, run warmup + steps train steps, return the timings."""
     import torch
 
-    from pretrain.config import PretrainConfig
-    from pretrain.configtree import build
-    from pretrain.registry import get_model_config
-    from pretrain.train import Trainer
+    from medvlp.pretrain.config import PretrainConfig
+    from medvlp.pretrain.configtree import build
+    from medvlp.pretrain.registry import get_model_config
+    from medvlp.pretrain.train import Trainer
 
     size = get_model_config(spec["model"])["vision"].get("image_size", 64)
-    from launch.config import apply_overrides
+    from medvlp.launch.config import apply_overrides
 
     cfg = build(PretrainConfig, apply_overrides({
         "model": {"name": spec["model"]}, "loss": {"backend": spec["loss_backend"]},
@@ -141,7 +141,7 @@ def run_ours(spec: dict) -> dict:
     device, train = trainer.device, cfg.train
     batch = synthetic_batch(trainer.model, spec["batch"], device, spec["seed"])
     # A bf16 engine (GPU) holds bf16 weights; open_clip's ViT stem does not cast its input (the ResNet path in
-    # pretrain/towers.py does), so the pre-made images come in the weights' dtype, as a loader could deliver them.
+    # medvlp/pretrain/towers.py does), so the pre-made images come in the weights' dtype, as a loader could deliver them.
     batch["image"] = batch["image"].to(next(trainer.engine.module.parameters()).dtype)
     trainer.batches = _SameBatch(batch)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -238,7 +238,7 @@ def openclip_model_arg(model: str, tmp: Path) -> tuple[str, str]:
     ours, else our registry config converted to open_clip's schema (so e.g. `debug` runs there too)."""
     import open_clip
 
-    from pretrain.registry import get_model_config
+    from medvlp.pretrain.registry import get_model_config
 
     spec = get_model_config(model)
     if spec["vision"]["type"] not in ("resnet", "vit") or spec["text"]["type"] != "openclip":
@@ -330,13 +330,13 @@ def hardware(cuda: bool) -> tuple[str, str]:
 
 def add_flops(rows: list[Row], cuda: bool) -> None:
     """Achieved TFLOP/s for every measured row, and MFU against the device's dense bf16 peak on GPU."""
-    from pretrain.model import flops_per_sample
+    from medvlp.pretrain.model import flops_per_sample
 
     peak = 0.0
     if cuda:
         import torch
 
-        from pretrain.train import _peak_flops  # the train loop's MFU denominator, so both report the same MFU
+        from medvlp.pretrain.train import _peak_flops  # the train loop's MFU denominator, so both report the same MFU
         peak = _peak_flops(torch.device("cuda", 0))
     for r in rows:
         if r.samples_per_s:
@@ -439,7 +439,7 @@ def table_notes(a, hw: str, models: list[str]) -> list[str]:
         "pretrained weights); step time = its 'Batch (t)' log lines. Its synthetic data set preprocesses one black "
         f"PIL image per sample in {a.openclip_workers} DataLoader worker(s) that prefetch during the step; "
         "'data wait s' is the mean time its step waited for them (included in its s/step).",
-        "TFLOP/s = pretrain.model.flops_per_sample (3 x forward matmul/conv FLOPs) x samples/s, the same network on "
+        "TFLOP/s = medvlp.pretrain.model.flops_per_sample (3 x forward matmul/conv FLOPs) x samples/s, the same network on "
         "both sides" + ("; MFU over the GPU's dense bf16 peak." if a.cuda else "; MFU is GPU-only."),
         f"Models: {', '.join(models)}; `vs open_clip` = our samples/s over open_clip's at the same model and "
         "precision.",
@@ -489,9 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"--precision: {p!r} is not one of {', '.join(OPENCLIP_PRECISION)}")
     for v in a.variant:
         try:
-            from launch.config import apply_overrides
-            from pretrain.config import PretrainConfig
-            from pretrain.configtree import build
+            from medvlp.launch.config import apply_overrides
+            from medvlp.pretrain.config import PretrainConfig
+            from medvlp.pretrain.configtree import build
 
             build(PretrainConfig, apply_overrides({"train": {"out_dir": "x"}}, v.split()))
         except Exception as e:  # noqa: BLE001 - any bad override: say which, before minutes of measuring

@@ -1,6 +1,6 @@
 """Streaming throughput: samples/s (total and per worker) decoding + transforming 224x224 RGB samples, for
 DataLoader workers 0, 1, 2 (0 = in the main process), in train mode (decode + augmentation) and eval mode
-(decode + resize/centre crop); plus the offline build rate (`data_shards.build.build_shards`) when present.
+(decode + resize/centre crop); plus the offline build rate (`medvlp.data_shards.build.build_shards`) when present.
 
     .venv/bin/python benchmarks/bench_stream.py [--n 2000] [--size 224] [--workers 0 1 2] [--batch-size 32]
     .venv/bin/python benchmarks/bench_stream.py --recipes          # every pretraining recipe at its own size
@@ -9,12 +9,12 @@ DataLoader workers 0, 1, 2 (0 = in the main process), in train mode (decode + au
 Writes benchmarks/results/stream-<date>-<hw>.md. Timing starts at the first batch of each run (worker start-up
 is reported separately), so the rate is the steady state an epoch sees.
 
-`--recipes` checks that streaming keeps up with training for each pretraining recipe (launch/recipes, no `kind`):
+`--recipes` checks that streaming keeps up with training for each pretraining recipe (medvlp/launch/recipes, no `kind`):
 a synthetic corpus of the recipe's modality at its stored size (2D: data.image_size; CT: the side of
 data.volume_size), streamed through the recipe's own data settings (transforms, augmentation, volume size) by ONE
 DataLoader worker; beside it the recipe model's training rate in one process on this machine (`Trainer.train_step`
 on a pre-made batch, fp32, ZeRO 0), and the ratio streaming-per-worker / training (target >= 2). For GPU jobs it
-also prints the rate one GPU would train at (`launch.plan` defaults: H100 dense bf16 peak x 40% MFU) and the ratio
+also prints the rate one GPU would train at (`medvlp.launch.plan` defaults: H100 dense bf16 peak x 40% MFU) and the ratio
 of the recipe's `data.workers` streaming against it. Writes stream-recipes-<date>-<hw>.md.
 """
 from __future__ import annotations
@@ -36,10 +36,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.hw import cpu_model  # noqa: E402
-from data_shards.config import DataConfig  # noqa: E402
-from data_shards.schema import Sample  # noqa: E402
-from data_shards.stream import make_loader  # noqa: E402
-from data_shards.writer import write_index, write_shards  # noqa: E402
+from medvlp.data_shards.config import DataConfig  # noqa: E402
+from medvlp.data_shards.schema import Sample  # noqa: E402
+from medvlp.data_shards.stream import make_loader  # noqa: E402
+from medvlp.data_shards.writer import write_index, write_shards  # noqa: E402
 
 
 def tissue_like(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -84,7 +84,7 @@ def stream_rate(shard_dir: Path, n: int, size: int, workers: int, batch_size: in
 
 def build_rate(manifest: Path, root: Path, size: int, workers: int) -> float | None:
     try:
-        from data_shards.build import build_shards
+        from medvlp.data_shards.build import build_shards
     except ImportError:
         return None
     out = root / f"built-w{workers}-{time.monotonic_ns()}"  # fresh dir: the build reuses finished shards
@@ -96,9 +96,9 @@ def build_rate(manifest: Path, root: Path, size: int, workers: int) -> float | N
 
 def _recipe_docs(names: list[str]) -> list[tuple[str, object]]:
     """(name, PretrainConfig) of the chosen recipes (all pretraining recipes when `names` is empty)."""
-    from launch.config import list_recipes, load_config, load_recipe_dict
+    from medvlp.launch.config import list_recipes, load_config, load_recipe_dict
 
-    from pretrain.configtree import ConfigError
+    from medvlp.pretrain.configtree import ConfigError
 
     out = []
     for name in names or list_recipes():
@@ -126,8 +126,8 @@ def train_rate(name: str, batch: int, steps: int, tmp: Path, threads: int) -> fl
     import torch
 
     from benchmarks.bench_pretrain import _SameBatch, synthetic_batch
-    from launch.config import load_config
-    from pretrain.train import Trainer
+    from medvlp.launch.config import load_config
+    from medvlp.pretrain.train import Trainer
 
     cfg = load_config(name, [f"data.batch_size={batch}", f"data.train_shards={tmp}", f"train.steps={steps + 1}",
                              "train.zero_stage=0", "train.precision=fp32", "train.deepspeed_config=''",
@@ -152,17 +152,17 @@ def train_rate(name: str, batch: int, steps: int, tmp: Path, threads: int) -> fl
 
 def gpu_rate(model: str) -> float:
     """Samples/s one GPU trains `model` at, by the planner's defaults (peak x MFU over training FLOPs)."""
-    from launch.plan import Hardware
-    from pretrain.model import flops_per_sample
+    from medvlp.launch.plan import Hardware
+    from medvlp.pretrain.model import flops_per_sample
 
     hw = Hardware()
     return hw.peak_tflops * 1e12 * hw.mfu / flops_per_sample(model)
 
 
 def recipe_check(a) -> None:
-    from data_shards.synth import synth_to_shards
-    from pretrain.configtree import replace
-    from pretrain.model import flops_per_sample
+    from medvlp.data_shards.synth import synth_to_shards
+    from medvlp.pretrain.configtree import replace
+    from medvlp.pretrain.model import flops_per_sample
 
     tag, cpu = hardware()
     load0 = os.getloadavg()[0]
@@ -202,7 +202,7 @@ def recipe_check(a) -> None:
              f"CPU: {cpu} ({os.cpu_count()} logical cores); 1-min load average {load0:.1f} at start, "
              f"{os.getloadavg()[0]:.1f} at end; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
              f"Streaming: a synthetic corpus of the recipe's modality written at its input size ({a.recipe_n} "
-             "samples, 64 per shard), read by `data_shards.stream.make_loader` with the recipe's data settings and "
+             "samples, 64 per shard), read by `medvlp.data_shards.stream.make_loader` with the recipe's data settings and "
              f"ONE worker, train mode (augmentation as the recipe sets it), batch min(recipe, {a.batch_size}); rate "
              "after the first batch.",
              f"Training: the recipe's model, `Trainer.train_step` on one pre-made batch (batch min(recipe, "

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/profile_step.py --model RN50 --batch 8 --steps 2
 
 Both sides build the same network (open_clip's RN50 config) and step it on one pre-made random batch, fp32:
-  * ours: the public `pretrain.train.Trainer` (DeepSpeed engine, ZeRO 0, `ContrastiveLoss`), `Trainer.train_step`;
+  * ours: the public `medvlp.pretrain.train.Trainer` (DeepSpeed engine, ZeRO 0, `ContrastiveLoss`), `Trainer.train_step`;
   * open_clip: `open_clip.create_model` + `ClipLoss` + torch AdamW, the inner loop of open_clip_train
     (forward, loss, backward, clip_grad_norm_ 1.0, optimizer step, zero_grad, logit-scale clamp).
 Each phase runs under a `torch.profiler.record_function` label (the calls are wrapped here, in the benchmark only)
@@ -54,10 +54,10 @@ def ours(model_name: str, batch: int, seed: int):
     """A step function for our Trainer, with labelled phases."""
     import torch
 
-    from pretrain.config import PretrainConfig
-    from pretrain.configtree import build
-    from pretrain.registry import get_model_config
-    from pretrain.train import Trainer
+    from medvlp.pretrain.config import PretrainConfig
+    from medvlp.pretrain.configtree import build
+    from medvlp.pretrain.registry import get_model_config
+    from medvlp.pretrain.train import Trainer
 
     size = get_model_config(model_name)["vision"].get("image_size", 224)
     cfg = build(PretrainConfig, {"model": {"name": model_name}, "data": {"batch_size": batch, "image_size": size},

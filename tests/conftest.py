@@ -9,7 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture(scope="session")
 def cxr_shards(tmp_path_factory):
     """128 synthetic radiographs (64x64) in shards of 32, with index.json."""
-    from data_shards.synth import synth_to_shards
+    from medvlp.data_shards.synth import synth_to_shards
 
     out = tmp_path_factory.mktemp("cxr_shards")
     synth_to_shards(out, modality="cxr", n=128, seed=0, shard_size=32, size=64)
@@ -47,9 +47,9 @@ def saved_pretrained_run(run, name: str, modality: str, seed: int = 0):
 
     import torch
 
-    from pretrain.checkpoint import model_metadata, save_state_dict
-    from pretrain.config import ModelConfig
-    from pretrain.model import build_model
+    from medvlp.pretrain.checkpoint import model_metadata, save_state_dict
+    from medvlp.pretrain.config import ModelConfig
+    from medvlp.pretrain.model import build_model
 
     torch.manual_seed(seed)
     model = build_model(ModelConfig(name=name)).eval()

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def pristine_shards(tmp_path_factory):
     """40 synthetic radiographs (32x32) in 4 shards of 10, with index.json; copy it before damaging it."""
-    from data_shards.synth import synth_to_shards
+    from medvlp.data_shards.synth import synth_to_shards
 
     out = tmp_path_factory.mktemp("pristine")
     synth_to_shards(out, modality="cxr", n=40, seed=0, shard_size=10, size=32)
@@ -41,18 +41,18 @@ def clean_env(**extra) -> dict:
 
 def cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
     """`medvlp ARGS` in a subprocess (the real entry point), output captured as text."""
-    return subprocess.run([sys.executable, "-m", "launch.cli", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "medvlp.launch.cli", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, env=clean_env(), timeout=timeout, **kw)
 
 
 def cli_here(*args) -> subprocess.CompletedProcess:
-    """`medvlp ARGS` through `launch.cli.main` in this process (no interpreter start-up); an escaping exception
+    """`medvlp ARGS` through `medvlp.launch.cli.main` in this process (no interpreter start-up); an escaping exception
     shows up as a traceback in stderr, as it would on a terminal."""
     import contextlib
     import io
     import traceback
 
-    from launch.cli import main
+    from medvlp.launch.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -59,7 +59,7 @@ def _alive(pid):
 
 def test_killed_builder_takes_its_workers_along_and_rerun_completes(manifest, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *_args(manifest, out, 2)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "medvlp.launch.cli", *_args(manifest, out, 2)], cwd=REPO,
                             env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -94,7 +94,7 @@ def _limit_files(nbytes):
 
 def test_full_disk_is_one_clear_error_and_rerun_reuses_finished_shards(manifest, tmp_path):
     out = tmp_path / "out"
-    full = subprocess.run([sys.executable, "-m", "launch.cli", *_args(manifest, out, 1)], cwd=REPO, env=clean_env(),
+    full = subprocess.run([sys.executable, "-m", "medvlp.launch.cli", *_args(manifest, out, 1)], cwd=REPO, env=clean_env(),
                           capture_output=True, text=True, timeout=300, preexec_fn=_limit_files(64 << 10))
     assert full.returncode == 2, full.stdout + full.stderr[-3000:]
     err = one_line_error(full)

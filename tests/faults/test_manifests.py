@@ -75,7 +75,7 @@ def test_skip_mode_builds_good_rows_and_lists_every_bad_one(images):
     for want in ("line 3: CSV syntax", "line 7: column 'image': cannot decode broken.png",
                  "line 8: column 'report': not valid UTF-8"):
         assert want in listed, listed
-    from data_shards.writer import read_index
+    from medvlp.data_shards.writer import read_index
     assert read_index(images / "out")["num_samples"] == 2  # rows 2 and 6 (i0, i4)
 
 

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from data_shards.config import DataConfig
-from data_shards.guard import DataStreamError, StopSignal, StreamStopped
-from data_shards.stream import make_loader
+from medvlp.data_shards.config import DataConfig
+from medvlp.data_shards.guard import DataStreamError, StopSignal, StreamStopped
+from medvlp.data_shards.stream import make_loader
 from tests.faults.conftest import cli_here as cli, one_line_error, tars
 
 
@@ -61,7 +61,7 @@ def test_every_shard_unreadable_fails_fast_instead_of_spinning(shards, workers):
 
 
 def test_corrupt_samples_in_a_row_fail_with_the_last_key(shards, monkeypatch):
-    from data_shards import stream
+    from medvlp.data_shards import stream
 
     def broken(*a, **k):
         raise ValueError("undecodable image")

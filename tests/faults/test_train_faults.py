@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import flatten, load_config, to_dict
+from medvlp.launch.config import flatten, load_config, to_dict
 from tests.conftest import tiny_overrides
 from tests.faults.conftest import REPO, clean_env, cli_here, one_line_error, tars
 
@@ -21,7 +21,7 @@ QUIET = {"tracking.enabled": "false", "train.final_eval": "false"}
 
 
 def _run(cfg):
-    from pretrain.train import run_pretrain
+    from medvlp.pretrain.train import run_pretrain
     return run_pretrain(cfg, flatten(to_dict(cfg)), progress=False)
 
 
@@ -46,11 +46,11 @@ def _pending_save(out_dir: Path, min_step: int) -> Path | None:
 
 
 def test_killed_during_checkpoint_write_resumes_from_last_complete(cxr_shards, tmp_path):
-    from pretrain.engine import complete_checkpoints
+    from medvlp.pretrain.engine import complete_checkpoints
 
     out = tmp_path / "run"
     sets = tiny_overrides(cxr_shards, out, steps=12, **QUIET, **{"train.ckpt_every": 1, "train.keep_ckpts": 3})
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pretrain", "debug",
+    proc = subprocess.Popen([sys.executable, "-m", "medvlp.launch.cli", "pretrain", "debug",
                              *[x for s in sets for x in ("--set", s)]], cwd=REPO, env=clean_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     killed_in = None

@@ -1,0 +1,30 @@
+"""Importers of public data-set layouts into medvlp shards: `import_dataset(kind, src, out_dir, **opts)`.
+
+kinds: medmnist (.npz), chexpert (CheXpert / MIMIC-CXR label CSV + images), iuxray (reports + projections CSVs +
+images), pcam (PatchCamelyon HDF5), mimic_cxr (MIMIC-CXR DICOM tree + reports), ct_reports (NIfTI volumes + reports
+CSV, organ masks from segmentations/ folders). Options arrive as Python values or as the CLI's `KEY=VALUE` strings; each
+importer converts them to their types and rejects unknown ones by name.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+IMPORTERS = {"medmnist": ("medvlp.data_shards.importers.medmnist", "import_medmnist"),
+             "chexpert": ("medvlp.data_shards.importers.chexpert", "import_chexpert"),
+             "iuxray": ("medvlp.data_shards.importers.iuxray", "import_iuxray"),
+             "pcam": ("medvlp.data_shards.importers.pcam", "import_pcam"),
+             "mimic_cxr": ("medvlp.data_shards.importers.mimic_cxr", "import_mimic_cxr"),
+             "ct_reports": ("medvlp.data_shards.importers.ct_reports", "import_ct_reports")}
+
+
+def import_dataset(kind: str, src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
+    """Import a public data set layout at `src` into shards + index.json under `out_dir`; returns the index."""
+    if kind not in IMPORTERS:
+        raise ValueError(f"import kind {kind!r} is not one of {sorted(IMPORTERS)}")
+    module, fn = IMPORTERS[kind]
+    return getattr(import_module(module), fn)(src, out_dir, **opts)
+
+
+__all__ = ["import_dataset", "IMPORTERS"]

@@ -1,0 +1,266 @@
+"""Synthetic histology: H&E-like patches whose texture and colour encode the class, and whole-slide feature bags
+whose composition the report states.
+
+patho  RGB uint8 (S, S, 3) patches of three classes (labels {"tumor": 1/0}, meta["class"], meta["class_index"] into
+       PATHO_CLASSES):
+         normal    pink fibrous stroma, sparse small regular nuclei, a few empty (fat/lumen) spaces
+         tumor     crowded large irregular dark-purple nuclei on basophilic (purplish) cytoplasm
+         inflamed  dense small round very dark lymphocyte nuclei; no tumor
+       Stain colours vary per patient (one slide per patient), as between real labs and scanners.
+       `domain` (PATHO_DOMAINS) renders the same tissue as another lab would: "he" (default, the corpus the
+       other generators and the demo use) or "lab2": a dark-field, fluorescence-like scan (bright nuclei on a
+       dark background; the stain colours inverted), slightly out of focus, and harder patches: tumour (or
+       lymphocytes) in part of the patch only, normal stroma around it, and small foci of enlarged reactive
+       nuclei in half of the non-tumour patches. Same classes and nuclear morphology, a very different look: a
+       target domain for few-label adaptation (docs/path_clip.md).
+slide  bags of patch features (n, d) float16 with n in [20, 200] and grid coords (n, 2) int32 as (x, y). Each
+       patch has a tissue type (normal, tumor, inflammation, necrosis); each type is a Gaussian cluster around a
+       fixed centre (the same for every seed), types form spatially coherent regions (necrosis at the heart of
+       the tumor). extra["composition"] = {type: count / n} exactly; the report states it in rounded percent
+       and ends with "Final diagnosis: X." (benign / chronic inflammation / carcinoma).
+
+Shape legend: S patch side; H, W rows, columns; C = 3 colour channels; N patches in a bag; E feature dim.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from medvlp.data_shards.schema import Sample
+from medvlp.data_shards.synth_util import (Study, base_meta, grid, join_sentences, patient_rng, pick, sample_key,
+                                    smooth_noise, soft_step, study_rng, text_rng, world_rng)
+
+# ----------------------------------------------------------------------------------------------- patho patches
+PATHO_CLASSES = ["normal", "tumor", "inflamed"]
+PATHO_CLASS_PROBS = (0.45, 0.4, 0.15)
+PATHO_VISITS = (0.4, 0.3, 0.2, 0.1)  # P(1..4 patches per patient)
+DEFAULT_SIZE_PATHO = 64
+# class -> (nuclei per pixel, radius range at S=64, max elongation, darkness in [0, 1])
+_NUCLEI = {"normal": (0.006, (1.1, 1.7), 0.2, 0.7), "tumor": (0.02, (2.3, 3.6), 0.45, 0.92),
+           "inflamed": (0.045, (0.9, 1.3), 0.1, 1.0)}
+
+PATHO_PROMPTS = {
+    "tumor": (["H&E patch of lymph node tumor tissue.", "This is a photo of lymph node tumor tissue.",
+               "Metastatic tumor in a lymph node."],
+              ["H&E patch of healthy lymph node tissue.", "This is a photo of healthy lymph node tissue.",
+               "Normal lymph node tissue without tumor."]),
+}
+_CAPTIONS = {
+    "tumor": ["H&E patch of lymph node tumor tissue", "this is a photo of lymph node tumor tissue",
+              "metastatic tumor in a lymph node with crowded large atypical nuclei",
+              "lymph node tumor tissue with large pleomorphic nuclei"],
+    "normal": ["H&E patch of healthy lymph node tissue", "this is a photo of healthy lymph node tissue",
+               "normal lymph node tissue without tumor", "healthy lymph node stroma with sparse small nuclei"],
+    "inflamed": ["H&E patch of lymph node tissue with dense lymphocytic inflammation, no tumor",
+                 "reactive lymph node with many small lymphocytes, negative for tumor",
+                 "healthy lymph node tissue with inflammation and no tumor cells"],
+}
+
+
+PATHO_DOMAINS = ("he", "lab2")
+_PALETTES = {"he": ([75.0, 40.0, 130.0], [235.0, 150.0, 195.0], [250.0, 238.0, 244.0]),  # H, E, background
+             "lab2": ([110.0, 70.0, 35.0], [170.0, 190.0, 215.0], [232.0, 236.0, 240.0])}
+
+
+def _stain(prng: np.random.Generator, domain: str = "he") -> dict[str, np.ndarray]:
+    h, e, bg = _PALETTES[domain]
+    return {"H": np.array(h) + prng.normal(0, 8, 3),  # nuclear stain (haematoxylin / DAB-like)
+            "E": np.array(e) + prng.normal(0, 8, 3),  # counterstain: stroma, cytoplasm
+            "bg": np.array(bg)}
+
+
+def _defocus(img_HWC: np.ndarray) -> np.ndarray:
+    """Binomial [1, 2, 1] / 4 blur applied twice along each axis (an out-of-focus scanner)."""
+    for _ in range(2):
+        for ax in (0, 1):
+            p = np.pad(img_HWC, [(1, 1) if a == ax else (0, 0) for a in range(3)], mode="edge")
+            lo, mid, hi = (np.take(p, range(k, k + img_HWC.shape[ax]), axis=ax) for k in range(3))
+            img_HWC = 0.25 * lo + 0.5 * mid + 0.25 * hi
+    return img_HWC
+
+
+def _paint_nuclei(img_HWC, rng, cls: str, stain, S: int, keep=None) -> None:
+    """Alpha-blend haematoxylin ellipses into the patch, in place (only centres where `keep(cy, cx)` holds)."""
+    density, (r0, r1), elong, dark = _NUCLEI[cls]
+    k = S / 64.0
+    count = int(rng.poisson(density * S * S))
+    cy, cx = rng.uniform(0, S, count), rng.uniform(0, S, count)
+    if keep is not None:
+        inside = keep(cy, cx)
+        cy, cx, count = cy[inside], cx[inside], int(inside.sum())
+    r = rng.uniform(r0, r1, count) * k
+    e = 1 + rng.uniform(0, elong, count)
+    ang = rng.uniform(0, np.pi, count)
+    shade = dark * rng.uniform(0.85, 1.0, count)
+    for j in range(count):
+        ry, rx = r[j] * e[j], r[j] / e[j]
+        R = int(math.ceil(max(ry, rx))) + 1
+        y0, y1 = max(0, int(cy[j]) - R), min(S, int(cy[j]) + R + 1)
+        x0, x1 = max(0, int(cx[j]) - R), min(S, int(cx[j]) + R + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy = np.arange(y0, y1)[:, None] + 0.5 - cy[j]
+        xx = np.arange(x0, x1)[None, :] + 0.5 - cx[j]
+        ca, sa = np.cos(ang[j]), np.sin(ang[j])
+        rho = np.sqrt(((ca * yy + sa * xx) / ry) ** 2 + ((-sa * yy + ca * xx) / rx) ** 2)
+        alpha = (soft_step(1 - rho, 0.6 / r[j]) * shade[j])[..., None]
+        col = stain["H"] * (1.15 - 0.35 * shade[j])
+        img_HWC[y0:y1, x0:x1] = img_HWC[y0:y1, x0:x1] * (1 - alpha) + col * alpha
+
+
+def _paint_lab2(img_HWC, rng, cls: str, stain, S: int) -> None:
+    """lab2 nuclei: a tumour patch has tumour cells in a disc covering ~15-45 % of it (normal stroma around), an
+    inflamed patch lymphocytes in such a disc; about half of all non-tumour patches carry a small focus of
+    enlarged reactive nuclei (a look-alike of tumour cells)."""
+    cy0, cx0 = rng.uniform(0.25 * S, 0.75 * S, 2)
+    rad = S * np.sqrt(rng.uniform(0.15, 0.45) / np.pi)
+    disc = lambda y, x: np.hypot(y - cy0, x - cx0) < rad  # noqa: E731
+    _paint_nuclei(img_HWC, rng, "normal", stain, S, keep=lambda y, x: ~disc(y, x) if cls != "normal" else y >= 0)
+    if cls != "normal":
+        _paint_nuclei(img_HWC, rng, cls, stain, S, keep=disc)
+    if cls != "tumor" and rng.random() < 0.5:
+        ry, rx = rng.uniform(0.2 * S, 0.8 * S, 2)
+        _paint_nuclei(img_HWC, rng, "tumor", stain, S, keep=lambda y, x: np.hypot(y - ry, x - rx) < 0.12 * S)
+
+
+def render_patho(rng: np.random.Generator, cls: str, stain, S: int, domain: str = "he") -> np.ndarray:
+    yy, xx = grid((S, S))
+    theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    warp = smooth_noise(rng, (S, S), S / 4)
+    fibres = np.sin(2 * np.pi * 6 * (xx * np.cos(theta) + yy * np.sin(theta)) + phase + 1.5 * warp)
+    tissue = np.clip(0.72 + 0.18 * fibres + 0.08 * smooth_noise(rng, (S, S), S / 16), 0, 1)
+    if cls == "normal":  # a few empty spaces (fat, lumina)
+        for _ in range(int(rng.integers(0, 4))):
+            vy, vx, vr = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.11)
+            tissue = tissue * (1 - 0.85 * soft_step(vr - np.hypot(yy - vy, xx - vx), 0.03))
+    elif cls == "tumor":
+        tissue = np.clip(tissue + 0.15, 0, 1)
+    cyto = stain["E"] * 0.8 + stain["H"] * 0.2 if cls == "tumor" else stain["E"]  # basophilic tumor cytoplasm
+    img_HWC = stain["bg"] + tissue[..., None] * (cyto - stain["bg"])
+    if domain == "lab2":  # partial tumour, reactive atypia: the class is in part of the patch only
+        _paint_lab2(img_HWC, rng, cls, stain, S)
+        img_HWC = 255.0 - _defocus(img_HWC)  # dark field: bright nuclei on a dark background
+    else:
+        _paint_nuclei(img_HWC, rng, cls, stain, S)
+    img_HWC = img_HWC + rng.normal(0, 3, img_HWC.shape)
+    return np.clip(np.rint(img_HWC), 0, 255).astype(np.uint8)
+
+
+def patho_sample(seed: int, study: Study, size: int | None = None, domain: str = "he") -> Sample:
+    S = DEFAULT_SIZE_PATHO if size is None else size
+    if S < 16:
+        raise ValueError(f"patho size must be >= 16 pixels, got {S}")
+    if domain not in PATHO_DOMAINS:
+        raise ValueError(f"patho domain {domain!r} is not one of {', '.join(PATHO_DOMAINS)}")
+    stain = _stain(patient_rng(seed, "patho", study.patient), domain)
+    rng = study_rng(seed, "patho", study.index)
+    cls = PATHO_CLASSES[int(rng.choice(len(PATHO_CLASSES), p=PATHO_CLASS_PROBS))]
+    img_HWC = render_patho(rng, cls, stain, S, domain)
+    caption = join_sentences([pick(text_rng(seed, "patho", study.index), _CAPTIONS[cls])])
+    meta = {**base_meta("patho", study, seed), "class": cls, "class_index": PATHO_CLASSES.index(cls),
+            **({"domain": domain} if domain != "he" else {})}
+    return Sample(key=sample_key("patho", study.index), text=caption, image=img_HWC,
+                  labels={"tumor": int(cls == "tumor")}, meta=meta)
+
+
+# ----------------------------------------------------------------------------------------------- slide bags
+SLIDE_TISSUES = ["normal", "tumor", "inflammation", "necrosis"]
+SLIDE_DIAGNOSES = ["benign", "inflammation", "carcinoma"]
+DIAGNOSIS_TEXT = {"benign": "benign tissue", "inflammation": "chronic inflammation", "carcinoma": "carcinoma"}
+SLIDE_DIAG_PROBS = (0.4, 0.25, 0.35)
+SLIDE_VISITS = (0.7, 0.3)  # P(1, 2 slides per patient)
+DEFAULT_DIM_SLIDE = 64
+BAG_SIZE = (20, 200)  # patches per slide, inclusive
+CLUSTER_STD = 0.7  # within-type spread; centres are ~sqrt(2E) apart, so types stay separable
+
+SLIDE_PROMPTS = {d: ([f"Final diagnosis: {DIAGNOSIS_TEXT[d]}."],
+                     [f"Final diagnosis: {DIAGNOSIS_TEXT[o]}." for o in SLIDE_DIAGNOSES if o != d])
+                 for d in SLIDE_DIAGNOSES}
+_TISSUE_SENTENCES = {
+    "tumor": ["tumor occupies {p} of the tissue", "carcinoma involves {p} of the sampled tissue",
+              "invasive tumor cells make up {p} of the section"],
+    "inflammation": ["inflammatory infiltrate covers {p} of the tissue",
+                     "chronic inflammatory cells occupy {p} of the tissue"],
+    "necrosis": ["necrosis involves {p} of the tissue", "areas of necrosis make up {p} of the section"],
+    "normal": ["normal tissue makes up {p} of the section", "the remaining tissue ({p}) is unremarkable"],
+}
+
+
+def slide_centres(dim: int) -> np.ndarray:
+    """(len(SLIDE_TISSUES), dim) cluster centres of the tissue types; fixed for every seed."""
+    return world_rng("slide", dim).standard_normal((len(SLIDE_TISSUES), dim))
+
+
+def _target_fractions(rng: np.random.Generator, diagnosis: str) -> dict[str, float]:
+    u = rng.uniform(0, 1, 3)  # always three draws: the stream does not depend on the diagnosis
+    if diagnosis == "benign":
+        return {"tumor": 0.0, "inflammation": 0.15 * u[0], "necrosis": 0.03 * u[1]}
+    if diagnosis == "inflammation":
+        return {"tumor": 0.0, "inflammation": 0.3 + 0.3 * u[0], "necrosis": 0.08 * u[1]}
+    return {"tumor": 0.15 + 0.55 * u[2], "inflammation": 0.12 * u[0], "necrosis": 0.12 * u[1]}
+
+
+def _layout(rng: np.random.Generator, n: int, counts: dict[str, int], carcinoma: bool):
+    """(coords (n, 2) as (x, y) on a grid, tissue id per patch (n,)): a blob of tissue, coherent regions."""
+    g = int(math.ceil(math.sqrt(n / 0.55)))
+    ys, xs = np.divmod(np.arange(g * g), g)
+    cy, cx = g / 2 + rng.normal(0, g / 10), g / 2 + rng.normal(0, g / 10)
+    ay, ax = rng.uniform(0.7, 1.3, 2)
+    score = ((ys - cy) / ay) ** 2 + ((xs - cx) / ax) ** 2 + rng.uniform(0, g / 2, g * g)
+    cells = np.sort(np.argsort(score, kind="stable")[:n])  # raster order
+    ys, xs = ys[cells], xs[cells]
+    tissue_N = np.zeros(n, dtype=np.int64)
+    taken = np.zeros(n, dtype=bool)
+    foci = rng.integers(0, n, 3)
+    jitter = rng.uniform(0, 1.5, (3, n))
+    # Necrosis first, centred on the tumor focus for carcinomas, then tumor around it, then inflammation.
+    for k, (t, focus) in enumerate((("necrosis", foci[0] if carcinoma else foci[2]), ("tumor", foci[0]),
+                                    ("inflammation", foci[1]))):
+        d = np.hypot(xs - xs[focus], ys - ys[focus]) + jitter[k]
+        d[taken] = np.inf
+        pick_idx = np.argsort(d, kind="stable")[:counts[t]]
+        tissue_N[pick_idx] = SLIDE_TISSUES.index(t)
+        taken[pick_idx] = True
+    return np.stack([xs, ys], 1).astype(np.int32), tissue_N
+
+
+def _percent(f: float) -> str:
+    p = int(round(f * 20)) * 5
+    return "less than 5%" if p < 5 else f"about {p}%"
+
+
+def slide_report(rng: np.random.Generator, composition: dict[str, float], diagnosis: str) -> str:
+    sentences = [pick(rng, _TISSUE_SENTENCES[t]).format(p=_percent(composition[t]))
+                 for t in ("tumor", "inflammation", "necrosis") if composition[t] > 0]
+    if rng.random() < 0.6:
+        sentences.append(pick(rng, _TISSUE_SENTENCES["normal"]).format(p=_percent(composition["normal"])))
+    if diagnosis != "carcinoma" and rng.random() < 0.7:
+        sentences.append(pick(rng, ["no tumor is identified", "there is no evidence of malignancy"]))
+    sentences = [sentences[k] for k in rng.permutation(len(sentences))]
+    return join_sentences(sentences + [f"Final diagnosis: {DIAGNOSIS_TEXT[diagnosis]}"])
+
+
+def slide_sample(seed: int, study: Study, size: int | None = None) -> Sample:
+    E = DEFAULT_DIM_SLIDE if size is None else size
+    if E < 4:
+        raise ValueError(f"slide feature dim (size) must be >= 4, got {E}")
+    rng = study_rng(seed, "slide", study.index)
+    diagnosis = SLIDE_DIAGNOSES[int(rng.choice(len(SLIDE_DIAGNOSES), p=SLIDE_DIAG_PROBS))]
+    n = int(rng.integers(BAG_SIZE[0], BAG_SIZE[1] + 1))
+    target = _target_fractions(rng, diagnosis)
+    counts = {t: int(math.floor(f * n)) for t, f in target.items()}
+    if diagnosis == "carcinoma":
+        counts["tumor"] = max(counts["tumor"], 1)
+    counts["normal"] = n - sum(counts.values())
+    coords_N2, tissue_N = _layout(rng, n, counts, diagnosis == "carcinoma")
+    slide_shift_E = 0.15 * patient_rng(seed, "slide", study.patient).standard_normal(E)  # per-patient batch effect
+    feats_NE = slide_centres(E)[tissue_N] + CLUSTER_STD * rng.standard_normal((n, E)) + slide_shift_E
+    composition = {t: float(np.count_nonzero(tissue_N == k)) / n for k, t in enumerate(SLIDE_TISSUES)}
+    text = slide_report(text_rng(seed, "slide", study.index), composition, diagnosis)
+    meta = {**base_meta("slide", study, seed), "diagnosis": diagnosis}
+    extra = {"composition": composition, "tissue_names": list(SLIDE_TISSUES), "patch_tissue": tissue_N.tolist(),
+             "diagnosis_id": SLIDE_DIAGNOSES.index(diagnosis)}
+    return Sample(key=sample_key("slide", study.index), text=text, feats=feats_NE.astype(np.float16),
+                  coords=coords_N2, labels={d: int(d == diagnosis) for d in SLIDE_DIAGNOSES}, meta=meta,
+                  extra=extra)

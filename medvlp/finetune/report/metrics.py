@@ -1,0 +1,109 @@
+"""Report metrics and the two baselines.
+
+* BLEU-4: `sacrebleu` corpus BLEU (default 13a tokenisation, case-insensitive), 0-100.
+* ROUGE-L: `rouge-score` F-measure, mean over reports, 0-100.
+* Clinical correctness: the labels parsed back from each generated report (`medvlp.finetune.report.text`) against the
+  ground truth of the slide: diagnosis accuracy and macro F1 (a report without a parsable diagnosis counts as
+  wrong), tissue presence F1 (micro over the non-normal tissues: stated in the report vs. present in the slide),
+  the composition error (mean absolute difference in percentage points over all tissues) and the composition
+  accuracy (share of (slide, tissue) pairs stated within 5 percentage points of the truth; the references round
+  to 5%, so they score about 1). `clinical` = mean of diagnosis accuracy, tissue F1 and composition accuracy (all
+  0-1), the one-number summary of the table.
+* Template baseline: for each slide, the most common training report of its predicted class (stage-1 head); when
+  every report of a class is unique, the one with the largest mean unigram F1 to the others (its medoid).
+* Retrieval baseline: the report of the nearest training slide (cosine similarity of the mean resampled latent).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from medvlp.finetune.report.text import composition_vector, parse_diagnosis
+
+
+def bleu4(hyps: list[str], refs: list[str]) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score)
+
+
+def rouge_l(hyps: list[str], refs: list[str]) -> float:
+    from rouge_score import rouge_scorer
+
+    sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return 100.0 * float(np.mean([sc.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)])) if hyps else 0.0
+
+
+def clinical(hyps: list[str], classes: list[str], true_class: list[int], tissues: list[str],
+             true_comp: np.ndarray, rest: str = "normal") -> dict[str, float]:
+    """Diagnosis accuracy / macro F1, tissue presence F1 and composition MAE of generated reports (module doc)."""
+    from sklearn.metrics import f1_score
+
+    pred = [parse_diagnosis(h, classes) for h in hyps]
+    pred_i = np.array([classes.index(p) if p is not None else -1 for p in pred])
+    true_i = np.asarray(true_class)
+    acc = float(np.mean(pred_i == true_i)) if len(hyps) else 0.0
+    f1 = float(f1_score(true_i, pred_i, labels=list(range(len(classes))), average="macro", zero_division=0))
+    comp = np.array([composition_vector(h, tissues, rest) for h in hyps]).reshape(len(hyps), len(tissues))
+    true_pct = 100.0 * np.asarray(true_comp, dtype=np.float64).reshape(len(hyps), len(tissues))
+    others = [i for i, t in enumerate(tissues) if t != rest]
+    tp = float(np.sum((comp[:, others] > 0) & (true_pct[:, others] > 0)))
+    fp = float(np.sum((comp[:, others] > 0) & (true_pct[:, others] <= 0)))
+    fn = float(np.sum((comp[:, others] <= 0) & (true_pct[:, others] > 0)))
+    tissue_f1 = 2 * tp / max(2 * tp + fp + fn, 1.0)
+    err = np.abs(comp - true_pct)
+    mae = float(np.mean(err)) if len(hyps) else 0.0
+    comp_acc = float(np.mean(err <= 5.0 + 1e-6)) if len(hyps) else 0.0
+    return {"diag_acc": acc, "diag_f1": f1, "tissue_f1": tissue_f1, "comp_mae": mae, "comp_acc": comp_acc,
+            "clinical": (acc + tissue_f1 + comp_acc) / 3, "parsed": float(np.mean(pred_i >= 0)) if len(hyps) else 0.0}
+
+
+def score(hyps: list[str], refs: list[str], classes: list[str], true_class: list[int], tissues: list[str],
+          true_comp: np.ndarray) -> dict[str, float]:
+    """BLEU-4, ROUGE-L and the clinical metrics of one method."""
+    return {"bleu4": bleu4(hyps, refs), "rougeL": rouge_l(hyps, refs),
+            **clinical(hyps, classes, true_class, tissues, true_comp)}
+
+
+def _unigram_f1(a: Counter, b: Counter) -> float:
+    common = sum((a & b).values())
+    return 0.0 if common == 0 else 2 * common / (sum(a.values()) + sum(b.values()))
+
+
+def template_reports(train_reports: list[str], train_class: list[int], n_classes: int) -> list[str]:
+    """Per class, the most common training report (ties: the medoid by unigram F1); "" for a class never seen."""
+    out = []
+    for c in range(n_classes):
+        texts = [r for r, y in zip(train_reports, train_class) if y == c]
+        if not texts:
+            out.append("")
+            continue
+        counts = Counter(texts)
+        top = max(counts.values())
+        cands = sorted(t for t, n in counts.items() if n == top)
+        if len(cands) > 1:
+            bags = {t: Counter(t.lower().split()) for t in set(texts)}
+            pool = texts if len(texts) <= 400 else texts[:: max(1, len(texts) // 400)]
+            cands.sort(key=lambda t: -np.mean([_unigram_f1(bags[t], bags[o]) for o in pool]))
+        out.append(cands[0])
+    return out
+
+
+def retrieval_reports(query_EMB: np.ndarray, train_EMB: np.ndarray, train_reports: list[str]) -> list[str]:
+    """The report of the nearest training slide by cosine similarity of the slide embeddings."""
+    q = query_EMB / np.maximum(np.linalg.norm(query_EMB, axis=1, keepdims=True), 1e-12)
+    k = train_EMB / np.maximum(np.linalg.norm(train_EMB, axis=1, keepdims=True), 1e-12)
+    return [train_reports[i] for i in np.argmax(q @ k.T, axis=1)]
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """Markdown table: one row per method."""
+    cols = [("bleu4", "BLEU-4", "{:.1f}"), ("rougeL", "ROUGE-L", "{:.1f}"), ("diag_acc", "diagnosis acc", "{:.3f}"),
+            ("diag_f1", "diagnosis F1", "{:.3f}"), ("tissue_f1", "tissue F1", "{:.3f}"),
+            ("comp_mae", "composition MAE (pp)", "{:.1f}"), ("comp_acc", "composition acc", "{:.3f}"),
+            ("clinical", "clinical", "{:.3f}")]
+    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f.format(m[k]) for k, _, f in cols) + " |")
+    return "\n".join(lines)

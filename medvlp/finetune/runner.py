@@ -1,0 +1,610 @@
+"""The fine-tune runner: one `accelerate` training loop shared by every fine-tune stage.
+
+    class MyStage:                                     # the Stage protocol below
+        def build(self, pretrained, cfg): ...          # -> nn.Module (forward takes what `loss` passes)
+        def loss(self, model, batch): ...              # -> (scalar loss, {"name": float, ...})
+        def batches(self, cfg, split, rank, world): ...  # -> iterable of batch dicts for this process
+        def evaluate(self, model, cfg): ...            # optional -> {"metric": float}; may also declare the
+                                                       # keywords `step` and `tracker` (figures/artifacts, rank 0)
+
+    result = run_stage(MyStage(), cfg)                 # cfg: the stage's root config, with a `finetune:` section
+
+What the loop does, in order:
+
+1. Seeds everything (`finetune.seed`), loads the pretrained model when `finetune.checkpoint` is set
+   (`pretrain.load_pretrained`), asks the stage to `build` its module, applies `freeze` / `unfreeze`
+   (fnmatch patterns over parameter names, `freeze_by_pattern`) and prints the trainable parameter counts.
+2. Builds AdamW over the trainable parameters (weight decay on matrices and kernels only) and a warmup + cosine
+   schedule, and hands model + optimizer to an `accelerate.Accelerator` (`mixed_precision`, gradient
+   accumulation, DDP across `accelerate launch` processes, its DeepSpeed plugin when `finetune.deepspeed` is set).
+3. One optimizer step = `grad_accum` micro batches, each under `accelerator.accumulate(model)` (gradients are
+   synchronised only on the last one); then the gradient-norm clip (`grad_clip`), the optimizer step and the
+   scheduler step. Loss and the stage's metrics are averaged over micro batches and processes.
+4. Every `log_every` steps the averaged metrics go to MLflow (rank 0 only, `medvlp.pretrain.tracking.Tracker`; the
+   flattened config is logged as params); every `eval_every` steps and at the end `stage.evaluate` runs (on every
+   process, model in eval mode, no grad; rank 0's result is logged under `eval/`). An `evaluate` that declares
+   `step` / `tracker` keywords gets the step and, on rank 0, the MLflow tracker (None elsewhere) for artifacts.
+5. Every `ckpt_every` steps and at the end `accelerator.save_state` writes `OUT/checkpoints/step_NNNNNN/`
+   (model as safetensors, optimizer, scheduler, RNG states of every process, the loop position); a `COMPLETE`
+   marker is written last, and only the `keep_ckpts` newest complete checkpoints are kept. With
+   `finetune.resume` the loop continues from the newest complete checkpoint: same weights, optimizer moments,
+   schedule, RNG and data position, so the resumed run's losses equal the uninterrupted run's.
+6. At the end: `OUT/model.safetensors` (the trained module's state dict), `OUT/config.yaml` (the resolved config),
+   `OUT/result.json`; `run_stage` returns a `FinetuneResult`.
+
+Data: the stage shards its own batches (`batches` gets this process's rank and the world size); the runner never
+wraps them in a distributed sampler. If `batches` also accepts `epoch` and `start_step` keywords the runner
+passes them (exact, cheap resume); otherwise it re-iterates and skips the batches already consumed. An exhausted
+iterable starts the next epoch.
+
+DDP and DeepSpeed only see what runs through the wrapped module's forward: `stage.loss` must call `model(...)`,
+not a submodule of it, for its gradients to be synchronised.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger("medvlp.finetune")
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+CKPT_DIR = "checkpoints"
+COMPLETE = "COMPLETE"
+
+
+# ----------------------------------------------------------------------------------------------- config
+@dataclass
+class RunnerConfig:
+    """The fine-tune loop (the `finetune:` section of every stage's recipe)."""
+
+    checkpoint: str = ""  # pretrained model: a pretrain run folder, model.safetensors or exported folder ("" = none)
+    out_dir: str = "runs/finetune"  # checkpoints, final weights, config.yaml, result.json
+    steps: int = 100  # optimizer steps
+    batch_size: int = 32  # micro batch per process (the global batch is batch_size x processes x grad_accum)
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay, on matrices and conv kernels only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    warmup_steps: int = 0  # linear warmup steps, then cosine decay
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_accum: int = 1  # micro batches per optimizer step
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate's autocast; fp16 needs a GPU)
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names to freeze ("*" = all)
+    unfreeze: list[str] = field(default_factory=list)  # patterns trained even when a freeze pattern matches
+    frozen_eval: bool = True  # keep fully frozen submodules in eval mode (no dropout, no BatchNorm stat updates)
+    eval_every: int = 0  # steps between evaluations (0 = only at the end)
+    final_eval: bool = True  # evaluate when training ends
+    ckpt_every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_ckpts: int = 2  # complete checkpoints kept
+    resume: bool = False  # continue from the newest complete checkpoint in out_dir
+    stop_after: int = 0  # stop with a checkpoint after this many steps in this invocation (time-boxed jobs); 0 = off
+    seed: int = 0  # seed of weights init, dropout and anything else drawn from the global RNGs
+    deepspeed: str = ""  # "" = plain DDP; a DeepSpeed JSON path, or zero0..zero3, for accelerate's DeepSpeed plugin
+    log_every: int = 10  # steps between metric logs
+    progress: bool = True  # progress bar on rank 0
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum: must be >= 1, got {self.grad_accum}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision: {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay", "stop_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every: must be >= 1, got {self.log_every}")
+        if self.keep_ckpts < 1:
+            raise ValueError(f"keep_ckpts: must be >= 1, got {self.keep_ckpts}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("mixed_precision: fp16 needs a CUDA GPU; use bf16 (or no) on CPU")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas: expected two numbers, got {self.betas}")
+        ds = self.deepspeed
+        if ds and not (ds in ("zero0", "zero1", "zero2", "zero3") or ds.endswith(".json")):
+            raise ValueError(f"deepspeed: {ds!r} is neither zero0..zero3 nor a .json path")
+
+
+# ----------------------------------------------------------------------------------------------- protocol
+@runtime_checkable
+class Stage(Protocol):
+    """What a fine-tune stage gives the runner. `cfg` is always the stage's whole root config."""
+
+    def build(self, pretrained: Any, cfg: Any) -> nn.Module:
+        """The module to train (`pretrained` is a `pretrain.Pretrained`, or None without `finetune.checkpoint`)."""
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(scalar loss, metrics of floats/0-d tensors) of one micro batch; must call `model(...)` (wrapped)."""
+
+    def batches(self, cfg: Any, split: str, rank: int, world: int) -> Iterable[dict]:
+        """This process's batches of `split` ("train" | "val" | "test"), already sharded by rank."""
+
+
+@dataclass
+class FinetuneResult:
+    """What `run_stage` returns (also written as OUT/result.json)."""
+
+    out_dir: str
+    steps_done: int  # optimizer steps completed (including those before a resume)
+    trainable: list[str]  # names of the trained parameters
+    n_trainable: int  # trained parameter count
+    n_total: int  # all parameters
+    losses: list[tuple[int, float]]  # (step, mean loss over micro batches and processes), steps of this invocation
+    metrics: dict[str, float]  # the final evaluation (empty when the stage has no `evaluate`)
+    evals: list[tuple[int, dict]]  # (step, metrics) of every evaluation
+    checkpoint: str  # newest complete checkpoint folder ("" if none was written)
+    weights: str  # OUT/model.safetensors
+    run_id: str | None  # MLflow run id (rank 0; None when tracking is off)
+    resumed_from: int  # step the run resumed from (0 = fresh)
+    stopped: bool  # stopped early by `stop_after` (checkpoint written; no final eval, no model.safetensors)
+    world_size: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- freezing
+def freeze_by_pattern(model: nn.Module, freeze: Iterable[str] = (), unfreeze: Iterable[str] = ()) -> list[str]:
+    """Set `requires_grad` by fnmatch patterns over parameter names; -> the names left trainable.
+
+    A parameter is frozen when a `freeze` pattern matches its name and no `unfreeze` pattern does (so
+    `freeze=["*"], unfreeze=["head.*"]` trains the head only). Parameters no pattern matches keep their current
+    `requires_grad`. A pattern that matches no parameter is an error naming it (a typo would silently train or
+    freeze the wrong thing)."""
+    freeze, unfreeze = list(freeze), list(unfreeze)
+    names = [n for n, _ in model.named_parameters()]
+    for kind, pats in (("freeze", freeze), ("unfreeze", unfreeze)):
+        for pat in pats:
+            if not any(fnmatchcase(n, pat) for n in names):
+                sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                raise ValueError(f"finetune.{kind}: pattern {pat!r} matches no parameter (names look like: {sample})")
+    for n, p in model.named_parameters():
+        if any(fnmatchcase(n, pat) for pat in unfreeze):
+            p.requires_grad_(True)
+        elif any(fnmatchcase(n, pat) for pat in freeze):
+            p.requires_grad_(False)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def describe_trainable(model: nn.Module) -> str:
+    """One line: trainable / total parameters and the share."""
+    n, total = count_parameters(model)
+    return f"trainable parameters: {n:,} of {total:,} ({100.0 * n / max(total, 1):.2f}%)"
+
+
+def set_train_mode(model: nn.Module, frozen_eval: bool = True) -> None:
+    """model.train(), then fully frozen submodules back to eval (dropout off, BatchNorm statistics fixed)."""
+    model.train()
+    if not frozen_eval:
+        return
+    for m in model.modules():
+        params = list(m.parameters())
+        if m is not model and params and not any(p.requires_grad for p in params):
+            m.eval()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_optimizer(model: nn.Module, cfg: RunnerConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; weight decay on matrices / kernels only (pretraining's rule)."""
+    from medvlp.pretrain.model import decay_param_names
+
+    with_decay = decay_param_names(model)
+    decay, rest = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if n in with_decay else rest).append(p)
+    if not decay and not rest:
+        raise ValueError("finetune.freeze: every parameter is frozen; nothing to train (see finetune.unfreeze)")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors in (nested) dicts / lists / tuples moved to `device`; everything else as is."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and any(torch.is_tensor(v) for v in batch):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def config_dict(cfg: Any) -> dict:
+    """A (dataclass) config tree as plain nested dicts."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [config_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def runner_config(cfg: Any) -> RunnerConfig:
+    """The `finetune` section of a stage root config (or `cfg` itself when it is a RunnerConfig)."""
+    if isinstance(cfg, RunnerConfig):
+        return cfg
+    rc = getattr(cfg, "finetune", None)
+    if not isinstance(rc, RunnerConfig):
+        raise TypeError(f"{type(cfg).__name__}: a stage root config needs a `finetune: RunnerConfig` field")
+    return rc
+
+
+def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders under OUT/checkpoints, oldest first."""
+    root = Path(out_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step_*") if (p / COMPLETE).is_file()), key=lambda p: p.name)
+
+
+def load_pretrained_model(path: str) -> Any:
+    """`pretrain.load_pretrained(path)` (a run folder, a model.safetensors or an exported folder)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"finetune.checkpoint: {path} does not exist")
+    try:
+        from medvlp.pretrain import load_pretrained
+    except ImportError as e:  # pragma: no cover - depends on the installed pretrain version
+        raise RuntimeError("finetune.checkpoint: this pretrain package has no load_pretrained") from e
+    return load_pretrained(path)
+
+
+def check_checkpoint_files(ckpt: Path) -> None:
+    """Open every pickle of an accelerate checkpoint with the safe loader (tensors, numbers, containers, numpy RNG
+    arrays only) before `load_state` unpickles them in full; `pretrain.LoadError` naming the file otherwise."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    from medvlp.pretrain.pretrained import check_deepspeed_files, safe_torch_load
+
+    for f in sorted(ckpt.glob("*.pkl")) + sorted(ckpt.glob("*.bin")):
+        safe_torch_load(f, list(TORCH_SAFE_GLOBALS))
+    for sub in sorted(p for p in ckpt.iterdir() if p.is_dir()):  # DeepSpeed's own layout
+        check_deepspeed_files(sub)
+
+
+def _deepspeed_plugin(rc: RunnerConfig):
+    from accelerate import DeepSpeedPlugin
+
+    if rc.deepspeed.startswith("zero") and not rc.deepspeed.endswith(".json"):
+        plugin = DeepSpeedPlugin(zero_stage=int(rc.deepspeed[4:]), gradient_accumulation_steps=rc.grad_accum,
+                                 gradient_clipping=rc.grad_clip or None)
+    else:
+        path = Path(rc.deepspeed)
+        if not path.is_file():
+            raise FileNotFoundError(f"finetune.deepspeed: {path} is not a file")
+        doc = json.loads(path.read_text())
+        doc.pop("bf16", None), doc.pop("fp16", None)  # precision comes from finetune.mixed_precision
+        doc["gradient_accumulation_steps"] = rc.grad_accum
+        if rc.grad_clip:
+            doc["gradient_clipping"] = rc.grad_clip
+        plugin = DeepSpeedPlugin(hf_ds_config=doc)
+    # no prepared DataLoader tells accelerate the micro batch: say it here
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = rc.batch_size
+    return plugin
+
+
+class _LoopState:
+    """The loop position saved with every checkpoint (registered with `accelerator.register_for_checkpointing`)."""
+
+    def __init__(self) -> None:
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # data epoch of the current iterator
+        self.consumed = 0  # micro batches taken from the current epoch
+        self.run_id = ""
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "run_id": self.run_id}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.epoch, self.consumed = int(d["step"]), int(d["epoch"]), int(d["consumed"])
+        self.run_id = str(d.get("run_id", ""))
+
+
+class _TrainBatches:
+    """Endless micro batches from `stage.batches(cfg, "train", rank, world)`, epoch after epoch, resumable."""
+
+    def __init__(self, stage: Stage, cfg: Any, rank: int, world: int, state: _LoopState) -> None:
+        self.stage, self.cfg, self.rank, self.world, self.state = stage, cfg, rank, world, state
+        params = inspect.signature(stage.batches).parameters
+        self.positional = not ({"epoch", "start_step"} <= set(params)
+                               or any(p.kind is p.VAR_KEYWORD for p in params.values()))
+        self._it: Iterator[dict] | None = None
+
+    def _open(self) -> Iterator[dict]:
+        st = self.state
+        if self.positional:
+            it = iter(self.stage.batches(self.cfg, "train", self.rank, self.world))
+            for _ in range(st.consumed):  # no start_step keyword: skip what was consumed before a resume
+                if next(it, None) is None:
+                    break
+            return it
+        return iter(self.stage.batches(self.cfg, "train", self.rank, self.world, epoch=st.epoch,
+                                       start_step=st.consumed))
+
+    def next(self) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self._it = self._open()
+            batch = next(self._it, None)
+            if batch is not None:
+                self.state.consumed += 1
+                return batch
+            self._it = None
+            self.state.epoch += 1
+            self.state.consumed = 0
+        raise RuntimeError(f"{type(self.stage).__name__}.batches(split='train', rank={self.rank}) yielded no batch")
+
+
+def _mean_metrics(items: list[dict]) -> dict[str, float]:
+    keys = sorted({k for d in items for k in d})
+    out = {}
+    for k in keys:
+        vals = [float(d[k]) for d in items if k in d]
+        out[k] = sum(vals) / len(vals)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+def run_stage(stage: Stage, cfg: Any, tracker: Any = None) -> FinetuneResult:
+    """Train `stage` under `cfg` (its root config; the loop reads `cfg.finetune`, MLflow reads `cfg.tracking`).
+
+    `tracker`: a started `medvlp.pretrain.tracking.Tracker` to log into (the caller ends it); default: one is made from
+    `cfg.tracking` on rank 0 (none when the config has no `tracking` section)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    rc = runner_config(cfg)
+    rc.validate()
+    for name in ("build", "loss", "batches"):
+        if not callable(getattr(stage, name, None)):
+            raise TypeError(f"{type(stage).__name__}: a Stage needs a `{name}` method")
+    t0 = time.time()
+    # one process may run several stages one after the other (tests, sweeps): start from a fresh accelerate state
+    # (an existing process group is reused)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    if rc.deepspeed and "RANK" not in os.environ:  # one process without a launcher: DeepSpeed still wants a group
+        from medvlp.pretrain.engine import free_port
+
+        # kept after the run: DeepSpeed caches its groups, so a later stage in this process reuses this one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    flag = "ACCELERATE_USE_DEEPSPEED"  # accelerate's PartialState then lets DeepSpeed form the process group
+    set_flag = bool(rc.deepspeed) and os.environ.get(flag) != "true"
+    if set_flag:
+        os.environ[flag] = "true"
+    try:
+        return _run(stage, cfg, tracker, rc, t0)
+    finally:
+        if set_flag:  # a later stage in this process without finetune.deepspeed must not get DeepSpeed
+            os.environ.pop(flag, None)
+
+
+def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> FinetuneResult:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+    from tqdm import tqdm
+
+    # DeepSpeed without CUDA: accelerate finds no backend by itself (and would run each process alone)
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if rc.deepspeed and not torch.cuda.is_available() else []
+    if getattr(stage, "find_unused_parameters", False):
+        # A stage whose steps may leave some trainable parameters without a gradient (e.g. an organ absent from a
+        # batch) says so; DDP then looks for them instead of failing at the next step.
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` / torchrun then form a gloo group
+    # (accelerate's own --cpu flag with several processes means MPI). DeepSpeed sets up its own group.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not rc.deepspeed,
+                              mixed_precision=rc.mixed_precision, gradient_accumulation_steps=rc.grad_accum,
+                              deepspeed_plugin=_deepspeed_plugin(rc) if rc.deepspeed else None,
+                              step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    out = Path(rc.out_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    set_seed(rc.seed)
+
+    pretrained = load_pretrained_model(rc.checkpoint) if rc.checkpoint else None
+    model = stage.build(pretrained, cfg)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{type(stage).__name__}.build must return an nn.Module, got {type(model).__name__}")
+    trainable = freeze_by_pattern(model, rc.freeze, rc.unfreeze)
+    n_train, n_total = count_parameters(model)
+    if main:
+        print(describe_trainable(model), flush=True)
+    optimizer = build_optimizer(model, rc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, rc.warmup_steps, rc.steps, rc.min_lr_ratio))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = _LoopState()
+    accelerator.register_for_checkpointing(scheduler, state)
+
+    resumed_from = 0
+    if rc.resume:
+        ckpts = complete_checkpoints(out)
+        if ckpts:
+            check_checkpoint_files(ckpts[-1])
+            accelerator.load_state(str(ckpts[-1]))
+            resumed_from = state.step
+            # the restored lr belongs to the saved schedule; recompute it from this config's (steps may have grown)
+            scheduler.base_lrs = [rc.lr] * len(scheduler.base_lrs)
+            mult = lr_multiplier(state.step, rc.warmup_steps, rc.steps, rc.min_lr_ratio)
+            for group in scheduler.optimizer.param_groups:
+                group["lr"] = rc.lr * mult
+            if main:
+                print(f"resumed from {ckpts[-1]} (step {state.step})", flush=True)
+        elif main:
+            print(f"finetune.resume: no complete checkpoint in {out / CKPT_DIR}; starting fresh", flush=True)
+
+    own_tracker = tracker is None
+    if own_tracker and getattr(cfg, "tracking", None) is not None:
+        from medvlp.pretrain.tracking import Tracker, flatten
+
+        tracker = Tracker(cfg.tracking, rank, flatten(config_dict(cfg)), resume_run_id=state.run_id or None)
+        tracker.start()
+    run_id = getattr(tracker, "run_id", None) if tracker is not None else None
+    state.run_id = run_id or state.run_id
+    if main:
+        _write_config(out, cfg)
+
+    batches = _TrainBatches(stage, cfg, rank, world, state)
+    losses: list[tuple[int, float]] = []
+    evals: list[tuple[int, dict]] = []
+    last_ckpt = str(complete_checkpoints(out)[-1]) if main and complete_checkpoints(out) else ""
+    window: list[dict] = []
+    status, stopped = "FAILED", False
+    pbar = tqdm(total=rc.steps, initial=state.step, disable=not (rc.progress and main), desc="finetune",
+                dynamic_ncols=True)
+    try:
+        set_train_mode(model, rc.frozen_eval)
+        while state.step < rc.steps:
+            step_metrics = []
+            for _ in range(rc.grad_accum):
+                batch = to_device(batches.next(), accelerator.device)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss, metrics = stage.loss(model, batch)
+                    if not torch.isfinite(loss.detach()):
+                        raise FloatingPointError(f"step {state.step + 1}: loss is {loss.item()}")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and rc.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), rc.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_metrics.append({"loss": loss.detach().float().item(),
+                                     **{k: float(v) for k, v in metrics.items()}})
+            scheduler.step()
+            state.step += 1
+            local = _mean_metrics(step_metrics)
+            keys = sorted(local)
+            vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+            vec = accelerator.reduce(vec, reduction="mean") if world > 1 else vec
+            avg = dict(zip(keys, vec.tolist()))
+            losses.append((state.step, avg["loss"]))
+            window.append(avg)
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{avg['loss']:.4f}")
+            if state.step % rc.log_every == 0 or state.step == rc.steps:
+                logged = {f"train/{k}": v for k, v in _mean_metrics(window).items()}
+                logged["train/lr"] = scheduler.get_last_lr()[0]
+                if tracker is not None and main:
+                    tracker.log_metrics(logged, step=state.step)
+                window = []
+            if rc.eval_every and state.step % rc.eval_every == 0 and state.step < rc.steps:
+                evals.append((state.step, _evaluate(stage, accelerator, model, cfg, rc, tracker, state.step)))
+            stop = bool(rc.stop_after) and state.step - resumed_from >= rc.stop_after and state.step < rc.steps
+            if (rc.ckpt_every and state.step % rc.ckpt_every == 0) or state.step == rc.steps or stop:
+                last_ckpt = _save(accelerator, out, state.step, rc.keep_ckpts) or last_ckpt
+            if stop:
+                stopped = True
+                break
+        final: dict = {}
+        weights = out / "model.safetensors"
+        if rc.final_eval and not stopped:
+            final = _evaluate(stage, accelerator, model, cfg, rc, tracker, state.step)
+            if final:
+                evals.append((state.step, final))
+        accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(model) if not stopped else {}
+        if main and not stopped:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(weights))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        pbar.close()
+        if own_tracker and tracker is not None:
+            tracker.end(status)
+    result = FinetuneResult(out_dir=str(out), steps_done=state.step, trainable=trainable, n_trainable=n_train,
+                            n_total=n_total, losses=losses, metrics=final, evals=evals, checkpoint=last_ckpt,
+                            weights="" if stopped else str(weights), run_id=run_id, resumed_from=resumed_from,
+                            stopped=stopped, world_size=world, seconds=time.time() - t0)
+    if main:
+        (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, tracker, step: int) -> dict:
+    fn = getattr(stage, "evaluate", None)
+    if not callable(fn):
+        return {}
+    inner = accelerator.unwrap_model(model)
+    inner.eval()
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            extra = _accepted(fn, step=step, tracker=tracker if accelerator.is_main_process else None)
+            metrics = {k: float(v) for k, v in (fn(inner, cfg, **extra) or {}).items()}
+    finally:
+        set_train_mode(model, rc.frozen_eval)
+    if tracker is not None and accelerator.is_main_process:
+        tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    if accelerator.is_main_process:
+        print(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+    return metrics
+
+
+def _accepted(fn, **candidates) -> dict:
+    """The keyword arguments among `candidates` that `fn` declares: a stage's optional hooks, e.g. `evaluate`'s
+    `step` and `tracker` (for artifacts such as figures; None off rank 0)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return candidates
+    return {k: v for k, v in candidates.items() if k in params}
+
+
+def _save(accelerator, out: Path, step: int, keep: int) -> str:
+    """save_state into OUT/checkpoints/step_NNNNNN; COMPLETE marker last; prune to the `keep` newest."""
+    path = out / CKPT_DIR / f"step_{step:06d}"
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))  # every process writes its own RNG state; the main one the rest
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return str(path)
+    (path / COMPLETE).write_text(str(step))
+    for old in complete_checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return str(path)
+
+
+def _write_config(out: Path, cfg: Any) -> None:
+    import yaml
+
+    (out / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))

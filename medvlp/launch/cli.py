@@ -1,0 +1,617 @@
+"""`medvlp` command line: thin argument parsing; the work happens in the packages.
+
+    medvlp config show RECIPE [--set k=v ...] [--doc]
+    medvlp shards synth|build|inspect|import|merge-index ...
+    medvlp tokenizer train --shards DIR --out DIR
+    medvlp pretrain RECIPE|RUN/config.yaml [--set k=v ...] [--resume | --overwrite]
+    medvlp eval --model-dir RUN_DIR [--step N] [--shards DIR] ...
+    medvlp eval few-shot RECIPE [--set k=v ...]
+    medvlp export --model-dir RUN_DIR [--step N] --to open_clip|hf --out DIR
+    medvlp finetune STAGE [RECIPE] [--set k=v ...] [--resume]
+    medvlp features extract --checkpoint CKPT --shards PATCHES --out DIR
+    medvlp generate --checkpoint RUN --shards SLIDES --out reports.jsonl
+    medvlp report eval --checkpoint RUN [--shards SLIDES]
+    medvlp anatomy-ablation RECIPE [--seeds 0 1 ...] [--out DIR] [--set k=v ...]
+    medvlp launch [...] -- <subcommand ...>
+    medvlp runs compare|ui ...
+    medvlp localize --checkpoint RUN IMAGE... --out DIR;  medvlp pcam-table RECIPE --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from medvlp.launch.config import load_stage_config  # noqa: F401 - re-exported: the stages' tests and commands use it
+
+
+def _cmdline() -> str:
+    return "medvlp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+# ----------------------------------------------------------------------------------------------- config
+def _cmd_config_show(a: argparse.Namespace) -> int:
+    from medvlp.launch.config import dump_yaml, format_docs, load_config
+
+    cfg = load_config(a.recipe, a.set)
+    print(format_docs(cfg) if a.doc else dump_yaml(cfg), end="")
+    return 0
+
+
+def _cmd_config_list(a: argparse.Namespace) -> int:  # noqa: ARG001
+    from medvlp.launch.config import list_recipes
+
+    print("\n".join(list_recipes()))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- shards
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from medvlp.data_shards.synth import synth_to_shards
+
+    doc = synth_to_shards(a.out, modality=a.modality, n=a.n, seed=a.seed, shard_size=a.shard_size, size=a.size,
+                          command=_cmdline(), domain=a.domain)
+    docs = doc if a.modality == "all" else {a.modality: doc}
+    for mod, d in docs.items():
+        print(f"{mod}: {d['num_samples']} samples in {len(d['shards'])} shards, splits {d['splits']}")
+    return 0
+
+
+def _parse_part(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--part: expected I/N (e.g. 0/3), got {text!r}")
+    if not 0 <= i < n:
+        raise SystemExit(f"--part: need 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def _floats(text: str | None, n: int, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n:
+        raise SystemExit(f"{flag}: expected {n} comma-separated numbers, got {text!r}")
+    return vals
+
+
+def _read_options(a: argparse.Namespace):
+    """ReadOptions and salt of the clinical-format flags of `shards build`."""
+    from medvlp.data_shards.readers import ReadOptions
+    from medvlp.data_shards.readers.phi import read_salt
+
+    if a.hash_ids != bool(a.salt_file):
+        raise SystemExit("--hash-ids and --salt-file go together (the salt keeps the hashes from being guessed)")
+    read = ReadOptions(window=_floats(a.dicom_window, 2, "--dicom-window"), voi=a.dicom_voi,
+                       spacing=_floats(a.spacing, 3, "--spacing"),
+                       organs=tuple(o for o in (a.organs or "").split(",") if o), hash_ids=a.hash_ids)
+    return read, (read_salt(a.salt_file) if a.hash_ids else None)
+
+
+def _label_options(a: argparse.Namespace) -> dict | None:
+    """The label spec of `shards build` from --labels FILE, overridden by --label-kind / --template /
+    --negative-template; None when none is given (multi-label with "X." / "No X.")."""
+    from medvlp.data_shards.build import read_label_spec
+
+    doc = read_label_spec(a.labels) if a.labels else {}
+    if a.label_kind:
+        doc["kind"] = a.label_kind
+    if a.template:
+        doc["templates"] = list(a.template)
+    if a.negative_template:
+        doc["negative_templates"] = list(a.negative_template)
+    if doc and "kind" not in doc:
+        raise ValueError("--template / --negative-template need --label-kind (or 'kind' in --labels)")
+    if doc.get("kind") == "single-label":
+        doc.setdefault("negative_templates", [])
+    return doc or None
+
+
+def _cmd_build(a: argparse.Namespace) -> int:
+    from medvlp.data_shards.build import ManifestError, build_shards
+
+    read, salt = _read_options(a)
+    try:
+        doc = build_shards(a.manifest, a.out, workers=a.workers, maxcount=a.maxcount, maxsize=int(a.maxsize_mb * 2**20),
+                           image_size=a.image_size, on_error=a.on_error, val_frac=a.val_frac, test_frac=a.test_frac,
+                           seed=a.seed, part=_parse_part(a.part), modality=a.modality, command=_cmdline(),
+                           read=read, salt=salt, labels=_label_options(a))
+    except (ManifestError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a full disk: finished shards are complete and reused by the rerun
+        if isinstance(e, FileNotFoundError):
+            raise
+        print(f"error: writing shards to {a.out} failed: {e}; finished shards are kept, rerun the same command "
+              "once fixed", file=sys.stderr)
+        return 2
+    print(f"{doc['num_samples']} samples in {len(doc['shards'])} shards -> {a.out} (splits {doc['splits']})")
+    return 0
+
+
+def _cmd_merge_index(a: argparse.Namespace) -> int:
+    from medvlp.data_shards.build import merge_indexes
+
+    try:
+        doc = merge_indexes(a.dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged: {doc['num_samples']} samples in {len(doc['shards'])} shards -> {Path(a.dir) / 'index.json'}")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from medvlp.data_shards.inspect import inspect_report
+
+    sheet = a.sheet or str(Path(a.dir) / "contact_sheet.png")
+    text, problems = inspect_report(a.dir, n_examples=a.n, sheet_path=sheet)
+    print(text)
+    if a.strict and problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        print(f"error: {len(problems)} integrity problems in {a.dir}:\n  {shown}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_import(a: argparse.Namespace) -> int:
+    from medvlp.data_shards.importers import import_dataset
+
+    opts = dict(kv.split("=", 1) for kv in a.opt)
+    doc = import_dataset(a.kind, a.src, a.out, **opts)
+    print(f"{a.kind}: {doc['num_samples']} samples in {len(doc['shards'])} shards -> {a.out} (splits {doc['splits']})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- models
+def _cmd_tokenizer_train(a: argparse.Namespace) -> int:
+    from medvlp.pretrain.tokenizer import train_tokenizer_from_shards
+
+    train_tokenizer_from_shards(a.shards, a.out, vocab_size=a.vocab_size)
+    print(f"tokenizer written to {a.out}")
+    return 0
+
+
+def _cmd_pretrain(a: argparse.Namespace) -> int:
+    from medvlp.launch.config import load_config
+    from medvlp.pretrain.train import RunDirError, Trainer, TrainingInterrupted, check_out_dir
+
+    if a.resume and a.overwrite:
+        print("error: --resume and --overwrite: choose one (continue the run, or replace it)", file=sys.stderr)
+        return 2
+    overrides = list(a.set) + (["train.resume=true"] if a.resume else [])
+    cfg = load_config(a.recipe, overrides)
+    if cfg.kind != "pretrain":
+        print(f"error: recipe {a.recipe!r} is a {cfg.kind!r} recipe, not a pretraining one", file=sys.stderr)
+        return 2
+    try:
+        check_out_dir(cfg, a.overwrite)  # before the minutes a large model takes to build
+        res = Trainer(cfg, overwrite=a.overwrite).fit()
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"pretrain interrupted: {e}", file=sys.stderr)
+        return 128 + int(e.signum or 15)
+    except KeyboardInterrupt:  # Ctrl-C while the model is still being built
+        print("pretrain interrupted before training started", file=sys.stderr)
+        return 130
+    if res.metrics:
+        from medvlp.pretrain.eval import format_table
+        print(format_table(res.metrics))
+    status = "stopped by signal (checkpoint written)" if res.stopped_by_signal else "done"
+    print(f"pretrain {status}: {res.steps_done} steps, out_dir {res.out_dir}, mlflow run {res.run_id}")
+    return 0
+
+
+def _cmd_finetune(a: argparse.Namespace) -> int:
+    from medvlp.finetune import run_stage
+
+    cfg, factory = load_stage_config(a.stage, a.recipe, list(a.set) + (["finetune.resume=true"] if a.resume else []))
+    try:
+        res = run_stage(factory(), cfg)
+    except ValueError as e:  # bad input found while setting up (freeze patterns, a pretrained path, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if res.metrics:
+        print("\n".join(f"{k:>24s}  {v:.4f}" for k, v in res.metrics.items()))
+    status = "stopped (checkpoint written)" if res.stopped else "done"
+    print(f"finetune {a.stage} {status}: {res.steps_done} steps, {res.n_trainable:,} trainable parameters, "
+          f"out_dir {res.out_dir}, mlflow run {res.run_id}")
+    return 0
+
+
+def _config_keys_epilog(cls) -> str:
+    from medvlp.launch.config import format_docs
+
+    return "config keys (set with --set KEY=VALUE; the recipe supplies the values):\n" + format_docs(cls)
+
+
+def _cmd_eval_few_shot(a: argparse.Namespace) -> int:
+    from medvlp.finetune.path_clip.protocol import run_protocol
+
+    cfg, _ = load_stage_config("path-clip", a.recipe, list(a.set))
+    try:
+        res = run_protocol(cfg, command=_cmdline().replace("medvlp eval-few-shot", "medvlp eval few-shot"))
+    except ValueError as e:  # bad input found while setting up (task, shards, budgets, pretrained path)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(res["table"], end="")
+    print(f"few-shot protocol done in {res['seconds']:.0f} s: {cfg.protocol.out_dir}/fewshot.md, fewshot.png, "
+          f"results.json; mlflow run {res.get('run_id')}")
+    return 0
+
+
+def _cmd_anatomy_ablation(a: argparse.Namespace) -> int:
+    from medvlp.finetune.anatomy.ablation import VARIANTS, merge_ablations, run_ablation
+
+    cfg, _ = load_stage_config("anatomy", a.recipe, list(a.set))
+    if a.merge:
+        out = merge_ablations(a.merge, a.out, cfg)
+        print(out["markdown"])
+        print(f"table: {a.out}/ablation.md")
+        return 0
+    bad = [v for v in a.variants if v not in VARIANTS]
+    if bad:
+        from medvlp.launch.config import ConfigError
+
+        raise ConfigError(f"--variants: {bad} are not among {', '.join(VARIANTS)}")
+    out = run_ablation(cfg, a.seeds, a.out, a.variants)
+    print(out["markdown"])
+    print(f"table: {a.out}/ablation.md")
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from medvlp.pretrain.eval import run_eval_cli
+
+    return run_eval_cli(a)
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from medvlp.pretrain.export import export
+    from medvlp.pretrain.pretrained import LoadError
+
+    try:
+        out = export(a.model_dir, a.to, a.out, step=a.step)
+    except (LoadError, ValueError) as e:  # ExportError and LoadError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- reports
+def _cmd_features_extract(a: argparse.Namespace) -> int:
+    from medvlp.finetune.report.features import extract_features
+    from medvlp.pretrain.pretrained import LoadError
+
+    try:
+        doc = extract_features(a.checkpoint, a.shards, a.out, batch_size=a.batch_size, slide_key=a.slide_key,
+                               slides_per_shard=a.slides_per_shard, command=_cmdline())
+    except (LoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{doc['num_samples']} slide bags in {len(doc['shards'])} shards -> {a.out} (splits {doc['splits']})")
+    return 0
+
+
+def _report_run(checkpoint: str, overrides: list[str]):
+    """(config, model, tokenizer) of a trained report run (its config.yaml, a `kind: report` recipe, + overrides)."""
+    from medvlp.finetune.report.config import ReportConfig
+    from medvlp.finetune.report.run import load_report_run, run_paths
+    from medvlp.launch.config import ConfigError, load_config
+
+    run, _ = run_paths(checkpoint)
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no config.yaml beside the weights")
+    cfg = load_config(str(path), overrides)
+    if not isinstance(cfg, ReportConfig):
+        raise ConfigError(f"--checkpoint {checkpoint}: a {getattr(cfg, 'kind', '?')!r} run, not a report run")
+    if cfg.finetune.stage != 2:
+        raise ConfigError(f"--checkpoint {checkpoint}: a stage-1 run (its LM is untrained); give the stage-2 run")
+    model, tok = load_report_run(checkpoint, cfg)
+    return cfg, model, tok
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from medvlp.finetune.report.run import write_generations
+
+    overrides = list(a.set) + ([f"gen.strategy={a.strategy}"] if a.strategy else [])
+    cfg, model, tok = _report_run(a.checkpoint, overrides)
+    try:
+        rows = write_generations(model, tok, cfg, a.shards, a.out, split=a.split, max_samples=a.max_samples)
+    except ValueError as e:  # shards without the split, bags of another width, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(rows)} reports ({cfg.gen.strategy}) -> {a.out}")
+    for r in rows[:2]:
+        print(f"  {r['key']}: {r['report']}")
+    return 0
+
+
+def _cmd_report_eval(a: argparse.Namespace) -> int:
+    from medvlp.finetune.report.run import report_table
+    from medvlp.launch.config import flatten, to_dict
+
+    cfg, model, tok = _report_run(a.checkpoint, list(a.set))
+    out = a.out or str(Path(a.checkpoint if Path(a.checkpoint).is_dir() else Path(a.checkpoint).parent) / "eval")
+    try:
+        res, run_id = report_table(model, tok, cfg, a.shards, out, split=a.split, config_flat=flatten(to_dict(cfg)))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"split {res.split}, {res.n} slides ({cfg.gen.strategy} decoding)")
+    print(res.table())
+    print(f"table and generations -> {out}; mlflow run {run_id}")
+    return 0
+
+
+def _cmd_runs_compare(a: argparse.Namespace) -> int:
+    from medvlp.launch.runs import compare_runs
+
+    print(compare_runs(a.experiment, metrics=a.metric or None, uri=a.uri, out=a.out, ci=a.ci, baseline=a.baseline,
+                       filter_string=a.filter))
+    return 0
+
+
+def _cmd_runs_ui(a: argparse.Namespace) -> int:
+    from medvlp.launch.runs import runs_ui
+
+    return runs_ui(port=a.port, uri=a.uri)
+
+
+def _cmd_launch(a: argparse.Namespace) -> int:
+    from medvlp.launch.multinode import launch_main
+
+    return launch_main(a)
+
+
+# ----------------------------------------------------------------------------------------------- parser
+def _known_stages() -> list[str]:
+    try:
+        from medvlp.finetune import known_stages
+        return known_stages()
+    except ImportError:
+        return []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medvlp", description="Medical vision-language pretraining at scale.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    cfg = sub.add_parser("config", help="show / list recipes").add_subparsers(dest="sub", required=True)
+    s = cfg.add_parser("show", help="print the resolved config of a recipe")
+    s.add_argument("recipe")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.add_argument("--doc", action="store_true", help="one line per key: value and its doc")
+    s.set_defaults(fn=_cmd_config_show)
+    cfg.add_parser("list", help="list recipes").set_defaults(fn=_cmd_config_list)
+
+    sh = sub.add_parser("shards", help="build, import, inspect shards").add_subparsers(dest="sub", required=True)
+    s = sh.add_parser("synth", help="write the embedded synthetic corpus as shards")
+    s.add_argument("--out", required=True)
+    s.add_argument("--modality", default="cxr", choices=["cxr", "patho", "ct", "slide", "all"])
+    s.add_argument("--n", type=int, default=512, help="samples per modality")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-size", type=int, default=128, help="samples per shard")
+    s.add_argument("--size", type=int, default=None, help="image side (2D) override")
+    s.add_argument("--domain", default=None, choices=["he", "lab2"],
+                   help="patho only: the lab look of the patches (lab2 = a target domain for adaptation)")
+    s.set_defaults(fn=_cmd_synth)
+    s = sh.add_parser("build", help="build shards from a CSV/JSONL manifest")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
+    s.add_argument("--maxsize-mb", type=float, default=1024, help="shard size cap in MiB")
+    s.add_argument("--image-size", type=int, default=512, help="longer image side at most (resized at build time)")
+    s.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    s.add_argument("--val-frac", type=float, default=0.1)
+    s.add_argument("--test-frac", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--modality", default=None, choices=[None, "cxr", "patho", "ct", "slide"])
+    s.add_argument("--part", default=None, help="I/N: build only slice I of N (parallel builders)")
+    s.add_argument("--hash-ids", action="store_true",
+                   help="replace patient ids, sample keys and identifier columns by salted hashes (needs --salt-file)")
+    s.add_argument("--salt-file", default=None, help="file of >= 16 secret bytes salting --hash-ids")
+    s.add_argument("--dicom-window", default=None, metavar="C,W",
+                   help="window centre,width for DICOM radiographs without a VOI of their own")
+    s.add_argument("--dicom-voi", choices=["auto", "none"], default="auto",
+                   help="auto: use the file's VOI LUT / window when present; none: ignore it")
+    s.add_argument("--spacing", default=None, metavar="D,H,W",
+                   help="resample NIfTI / DICOM-series volumes (and masks, nearest) to this spacing in mm")
+    s.add_argument("--organs", default=None, metavar="A,B,...",
+                   help="label order of segmentations/ mask folders (default: sorted organ file names)")
+    s.add_argument("--labels", default=None, metavar="FILE",
+                   help="label spec YAML/JSON: kind, class_names, templates, negative_templates, prompts")
+    s.add_argument("--label-kind", default=None, choices=["multi-label", "single-label", "binary"])
+    s.add_argument("--template", action="append", default=[], metavar="TEXT",
+                   help="caption/prompt template with {c} (repeat for an ensemble)")
+    s.add_argument("--negative-template", action="append", default=[], metavar="TEXT",
+                   help="negative prompt template with {c} (multi-label / binary)")
+    s.set_defaults(fn=_cmd_build)
+    s = sh.add_parser("merge-index", help="join index.part*.json of parallel builds into index.json")
+    s.add_argument("dir")
+    s.set_defaults(fn=_cmd_merge_index)
+    s = sh.add_parser("inspect", help="counts, prevalence, samples, contact sheet")
+    s.add_argument("dir")
+    s.add_argument("--n", type=int, default=4, help="examples to show")
+    s.add_argument("--sheet", default=None, help="contact-sheet PNG path (default DIR/contact_sheet.png)")
+    s.add_argument("--strict", action="store_true",
+                   help="exit 1 on any sha256 mismatch, missing shard, corrupt sample or count mismatch (CI gates)")
+    s.set_defaults(fn=_cmd_inspect)
+    s = sh.add_parser("import", help="import a public data set layout")
+    s.add_argument("kind", choices=["medmnist", "chexpert", "iuxray", "pcam", "mimic_cxr", "ct_reports"])
+    s.add_argument("src")
+    s.add_argument("--out", required=True)
+    s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="importer option")
+    s.set_defaults(fn=_cmd_import)
+
+    tk = sub.add_parser("tokenizer", help="train a WordPiece tokenizer").add_subparsers(dest="sub", required=True)
+    s = tk.add_parser("train", help="train on the reports of a shard set")
+    s.add_argument("--shards", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--vocab-size", type=int, default=2000)
+    s.set_defaults(fn=_cmd_tokenizer_train)
+
+    from medvlp.pretrain.config import PretrainConfig
+
+    s = sub.add_parser("pretrain", help="contrastive pretraining (DeepSpeed)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_config_keys_epilog(PretrainConfig))
+    s.add_argument("recipe", nargs="?", default="debug", help="recipe name or YAML path (a run's config.yaml too)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in train.out_dir from its latest complete checkpoint")
+    s.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in train.out_dir (checkpoints, config, logs) and start afresh")
+    s.set_defaults(fn=_cmd_pretrain)
+
+    s = sub.add_parser("finetune", help="fine-tune a pretrained model (accelerate; a stage per method)",
+                       description="Run a fine-tune stage through the shared accelerate runner. Stages: "
+                                   + (", ".join(_known_stages()) or "(none installed)")
+                                   + ". Start several processes with "
+                                   "`accelerate launch --multi_gpu --num_processes N -m medvlp.launch.cli finetune ...`.")
+    s.add_argument("stage", help="stage name (e.g. path-clip, pcam, anatomy, report)")
+    s.add_argument("recipe", nargs="?", default=None, help="recipe YAML (its kind must be the stage's)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    s.set_defaults(fn=_cmd_finetune)
+
+    s = sub.add_parser("eval-few-shot", help="`medvlp eval few-shot RECIPE`: the few-label protocol (Path-CLIP and "
+                       "baselines at every label budget and seed; one table)",
+                       description="Every method of protocol.methods at every label budget (protocol.label_fractions "
+                                   "and protocol.shots) and seed: a Markdown table, a PNG and one MLflow parent run "
+                                   "with a child per cell. See docs/path_clip.md.")
+    s.add_argument("recipe", help="a kind: path_clip recipe (e.g. path-clip-patho)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.set_defaults(fn=_cmd_eval_few_shot)
+
+    s = sub.add_parser("anatomy-ablation", help="anatomy stage ablation: base / +VSE / +VSD / both, same seeds")
+    s.add_argument("recipe", help="an anatomy recipe (kind: anatomy)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0], help="finetune.seed of each repetition")
+    s.add_argument("--variants", nargs="+", default=["base", "+VSE", "+VSD", "both"])
+    s.add_argument("--out", default="runs/anatomy-ablation", help="run folders, ablation.md and ablation.json")
+    s.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="only merge the ablation.json of these folders (e.g. seeds run in parallel) into one table")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.set_defaults(fn=_cmd_anatomy_ablation)
+
+    s = sub.add_parser("eval", help="zero-shot / retrieval / linear-probe evaluation of a trained model "
+                                    "(few-label protocol: `medvlp eval few-shot RECIPE`)")
+    s.add_argument("--model-dir", required=True,
+                   help="a run folder, a model.safetensors (config beside it) or an exported folder")
+    s.add_argument("--step", type=int, default=None, help="evaluate this COMPLETE checkpoint of the run folder")
+    s.add_argument("--shards", default=None, help="shard dir (default: the run's data.train_shards)")
+    s.add_argument("--split", default="test")
+    s.add_argument("--out", default=None, help="where tables go (default: MODEL_DIR/eval)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override eval.* / data.* keys")
+    s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("export", help="write a trained model for open_clip or Hugging Face transformers")
+    s.add_argument("--model-dir", required=True,
+                   help="a run folder, a model.safetensors (config beside it) or an exported folder")
+    s.add_argument("--step", type=int, default=None, help="export this COMPLETE checkpoint of the run folder")
+    s.add_argument("--to", required=True, choices=["open_clip", "hf"], help="target library layout")
+    s.add_argument("--out", required=True, help="new (or empty) output folder")
+    s.set_defaults(fn=_cmd_export)
+
+    ft = sub.add_parser("features", help="slide feature bags").add_subparsers(dest="sub", required=True)
+    s = ft.add_parser("extract", help="embed patch shards with a frozen pretrained tower into slide-bag shards")
+    s.add_argument("--checkpoint", required=True, help="pretrained model: run folder, model.safetensors or export")
+    s.add_argument("--shards", required=True, help="patch shard dir (with index.json)")
+    s.add_argument("--out", required=True, help="slide-bag shard dir (a rerun skips finished input shards)")
+    s.add_argument("--batch-size", type=int, default=64, help="patches per forward pass")
+    s.add_argument("--slide-key", default="slide_id", help="meta field naming a patch's slide (else patient_id)")
+    s.add_argument("--slides-per-shard", type=int, default=256)
+    s.set_defaults(fn=_cmd_features_extract)
+
+    s = sub.add_parser("generate", help="write a report per slide with a trained report model")
+    s.add_argument("--checkpoint", required=True, help="a `medvlp finetune report` stage-2 run folder")
+    s.add_argument("--shards", required=True, help="slide-bag shard dir")
+    s.add_argument("--out", required=True, help="JSON-lines file: key, report, predicted_class, reference")
+    s.add_argument("--split", default="test")
+    s.add_argument("--max-samples", type=int, default=0, help="slides at most (0 = all)")
+    s.add_argument("--strategy", choices=["greedy", "beam", "nucleus"], default=None, help="default: gen.strategy")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override gen.* / model.* keys")
+    s.set_defaults(fn=_cmd_generate)
+
+    rp = sub.add_parser("report", help="report-generation evaluation").add_subparsers(dest="sub", required=True)
+    s = rp.add_parser("eval", help="BLEU-4, ROUGE-L, clinical correctness vs template and retrieval baselines")
+    s.add_argument("--checkpoint", required=True, help="a `medvlp finetune report` stage-2 run folder")
+    s.add_argument("--shards", default=None, help="slide-bag shard dir (default: the run's data.train_shards)")
+    s.add_argument("--split", default=None, help="default: eval.split")
+    s.add_argument("--out", default=None, help="where table.md / generations.jsonl go (default: RUN/eval)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override gen.* / eval.* keys")
+    s.set_defaults(fn=_cmd_report_eval)
+
+    rn = sub.add_parser("runs", help="compare tracked runs").add_subparsers(dest="sub", required=True)
+    s = rn.add_parser("compare", help="table + loss-curve overlay of an experiment's runs")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--metric", action="append", default=[])
+    s.add_argument("--uri", default=None)
+    s.add_argument("--out", default=None, help="overlay PNG path")
+    s.add_argument("--filter", default="", help="MLflow filter string, e.g. \"params.`optim.lr` = '0.003'\"")
+    s.add_argument("--ci", action="store_true", help="paired bootstrap CI of each run's macro AUC vs the baseline")
+    s.add_argument("--baseline", default=None, help="run name or id the others are compared with (default: first)")
+    s.set_defaults(fn=_cmd_runs_compare)
+    s = rn.add_parser("ui", help="mlflow ui on 127.0.0.1 over the same store")
+    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--uri", default=None)
+    s.set_defaults(fn=_cmd_runs_ui)
+
+    from medvlp.launch.pcam_commands import add_pcam_commands
+    add_pcam_commands(sub)
+
+    s = sub.add_parser("launch", help="single/multi-node launch (torchrun, deepspeed, SLURM)")
+    try:
+        from medvlp.launch.multinode import add_launch_arguments
+        add_launch_arguments(s)
+    except ImportError:
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=_cmd_launch)
+
+    from medvlp.launch.plan import add_plan_parser
+    add_plan_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "few-shot"]:  # `medvlp eval few-shot RECIPE` is the eval-few-shot command
+        argv = ["eval-few-shot"] + argv[2:]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "alembic", "mlflow", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from medvlp.launch.config import ConfigError
+
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - errors meant for the user (bad data, refused specs) in one line
+        if not getattr(e, "user_facing", False):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

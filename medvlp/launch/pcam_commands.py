@@ -1,0 +1,74 @@
+"""`medvlp localize` and `medvlp pcam-table`: thin argument parsing over `medvlp.finetune.pcam`.
+
+    medvlp localize --checkpoint RUN IMAGE... --out DIR [--threshold T] [--findings a,b]
+    medvlp pcam-table RECIPE --out DIR [--poolings avg,max,lse,pcam] [--seeds 0,1,2] [--set KEY=VALUE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def _cmd_localize(a: argparse.Namespace) -> int:
+    from medvlp.finetune.pcam.localize import LocalizeError, localize
+
+    try:
+        docs = localize(a.checkpoint, a.images, a.out, threshold=a.threshold,
+                        findings=[f for f in a.findings.split(",") if f] if a.findings else None)
+    except LocalizeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for doc in docs:
+        parts = []
+        for name, f in doc["findings"].items():
+            box = f["boxes"][0]["box"] if f["boxes"] else None
+            parts.append(f"{name} p={f['probability']:.3f} box={box}")
+        print(f"{doc['image']}: " + "; ".join(parts))
+    print(f"overlays and boxes.json written to {a.out}")
+    return 0
+
+
+def _cmd_pcam_table(a: argparse.Namespace) -> int:
+    from medvlp.finetune.pcam.compare import compare_poolings
+    from medvlp.finetune.pcam.model import POOLINGS
+    from medvlp.launch.config import load_stage_config
+
+    poolings = [p for p in a.poolings.split(",") if p]
+    bad = [p for p in poolings if p not in POOLINGS]
+    if bad or not poolings:
+        print(f"error: --poolings: {bad or poolings} are not among {', '.join(POOLINGS)}", file=sys.stderr)
+        return 2
+    cfg, _ = load_stage_config("pcam", a.recipe, a.set)
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()] if a.seeds else None
+    except ValueError:
+        print(f"error: --seeds: {a.seeds!r} is not a comma-separated list of integers", file=sys.stderr)
+        return 2
+    args = ["pcam-table", a.recipe, "--out", a.out, "--poolings", ",".join(poolings)]
+    args += ["--seeds", a.seeds] if a.seeds else []
+    args += [x for kv in a.set for x in ("--set", kv)]
+    command = "medvlp " + " ".join(shlex.quote(x) for x in args)
+    compare_poolings(cfg, a.out, poolings, seeds, command=command)
+    print(open(f"{a.out}/poolings.md").read(), end="")
+    return 0
+
+
+def add_pcam_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `localize` and `pcam-table` on the top-level subparsers."""
+    s = sub.add_parser("localize", help="heatmap overlays + boxes (PNG, JSON) from a trained PCAM run")
+    s.add_argument("--checkpoint", required=True, help="a PCAM fine-tune run folder (or its model.safetensors)")
+    s.add_argument("images", nargs="+", help="image files (PNG/JPEG, 8 or 16 bit)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="box threshold on the peak-normalised heatmap (default: the run's eval.threshold)")
+    s.add_argument("--findings", default="", help="comma-separated findings to draw (default: all)")
+    s.set_defaults(fn=_cmd_localize)
+    s = sub.add_parser("pcam-table", help="train one PCAM recipe per pooling and tabulate AUC and localisation")
+    s.add_argument("recipe")
+    s.add_argument("--out", required=True, help="folder of the runs and of poolings.md / poolings.json")
+    s.add_argument("--poolings", default="avg,max,lse,pcam")
+    s.add_argument("--seeds", default="",
+                   help="comma-separated seeds (finetune.seed and data.seed); default: the recipe's")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    s.set_defaults(fn=_cmd_pcam_table)

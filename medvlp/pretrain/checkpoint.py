@@ -1,0 +1,230 @@
+"""Checkpoint files of a pretraining run: DeepSpeed's state, our client state, per-rank RNG, consolidated weights.
+
+    RUN/checkpoints/step_XXXXXXXX/      one checkpoint (tag_for(step))
+        mp_rank_00_model_states.pt ...  DeepSpeed's own files (module / ZeRO partitions, optimizer, client state)
+        config.json                     the run's resolved config (read without unpickling anything)
+        rng_rank<R>.json                rank R's Python / NumPy / torch (/ CUDA) RNG states, as JSON
+        COMPLETE                        written last (atomically, after a barrier): the checkpoint is whole
+    RUN/model.safetensors               consolidated fp32 weights, written when a run ends normally
+
+`latest_complete` never picks a checkpoint that a crash cut short. Nothing here unpickles a file: RNG states are
+JSON and weights are safetensors. DeepSpeed's own `engine.load_checkpoint` (resume) and its ZeRO consolidation
+(`medvlp.pretrain.pretrained`) do unpickle DeepSpeed's `*.pt` files: load checkpoints only from sources you trust.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoints"
+COMPLETE = "COMPLETE"
+WEIGHTS = "model.safetensors"
+LEGACY_WEIGHTS = "model.pt"
+CKPT_CONFIG = "config.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    root = Path(out_dir) / CKPT_DIR
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists())
+
+
+def latest_complete(out_dir: str | os.PathLike) -> Path | None:
+    done = complete_checkpoints(out_dir)
+    return done[-1] if done else None
+
+
+# ----------------------------------------------------------------------------------------------- RNG (JSON)
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict:
+    """This process's RNG states as a JSON-serialisable dict."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": [version, list(internal), gauss],
+          "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+          "torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        st["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    """Restore what `rng_state` returned (after a JSON round trip)."""
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(st["torch"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in st["cuda"]])
+
+
+def save_rng(path: str | os.PathLike) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(rng_state()))
+    os.replace(tmp, path)
+
+
+def load_rng(tag_dir: Path, rank: int) -> bool:
+    """Restore rank `rank`'s RNG from `tag_dir` (JSON; a legacy `rng_rank*.pt` only through
+    `torch.load(weights_only=True)`). Returns False (with a warning) when nothing could be restored."""
+    path = tag_dir / f"rng_rank{rank}.json"
+    if path.is_file():
+        try:
+            set_rng_state(json.loads(path.read_text()))
+            return True
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("%s: unreadable RNG state (%s); continuing with fresh RNG", path, e)
+            return False
+    legacy = tag_dir / f"rng_rank{rank}.pt"
+    if legacy.is_file():
+        try:  # never unpickle arbitrary objects: the safe loader rejects what it does not know
+            st = torch.load(legacy, map_location="cpu", weights_only=True)
+            random.setstate(st["python"])
+            np.random.set_state(st["numpy"])
+            torch.set_rng_state(st["torch"])
+            return True
+        except Exception as e:  # noqa: BLE001 - an old pickle the safe loader refuses: skip, do not execute
+            log.warning("%s: legacy pickled RNG state not loaded (the safe loader refused it: %s); continuing "
+                        "with fresh RNG", legacy, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, client_state: dict, keep: int = 2) -> Path:
+    """All ranks call this. Files first, the COMPLETE marker last (rank 0, after every rank has written)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    root = Path(out_dir) / CKPT_DIR
+    tag = tag_for(step)
+    tag_dir = root / tag
+    if rank == 0 and tag_dir.exists():  # a stale, incomplete attempt at the same step
+        (tag_dir / COMPLETE).unlink(missing_ok=True)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    save_rng(tag_dir / f"rng_rank{rank}.json")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        cfg = client_state.get("config")
+        if cfg:
+            (tag_dir / CKPT_CONFIG).write_text(json.dumps(cfg, indent=1, sort_keys=True, default=str) + "\n")
+        tmp = tag_dir / (COMPLETE + ".tmp")
+        tmp.write_text(json.dumps({"step": step, **{k: v for k, v in client_state.items() if k != "config"}},
+                                  default=str) + "\n")
+        os.replace(tmp, tag_dir / COMPLETE)
+        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag_dir
+
+
+def load_checkpoint(engine, tag_dir: Path) -> dict:
+    """Load DeepSpeed state + RNG from a complete checkpoint. Returns our client state.
+
+    DeepSpeed's loader unpickles its own `*.pt` files (a trusted-source requirement, see the module doc)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if client is None:
+        raise RuntimeError(f"checkpoint {tag_dir}: DeepSpeed could not load it")
+    load_rng(tag_dir, rank)
+    return client
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def save_state_dict(sd: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """A state dict as safetensors (fp32 as given, contiguous, shared storage broken), written atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+    return path
+
+
+def model_metadata(module) -> dict[str, str]:
+    """What a weights file needs to rebuild its module without the registry: the architecture spec."""
+    spec = getattr(module, "spec", None)
+    return {"format": "pt", "medvlp_spec": json.dumps(spec, sort_keys=True)} if spec else {"format": "pt"}
+
+
+def save_model_weights(engine, path: str | os.PathLike) -> None:
+    """Consolidated fp32 weights as safetensors (ZeRO-3 gathers the partitions). All ranks call."""
+    import contextlib
+
+    import deepspeed
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    module = engine.module
+    params = list(module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        if rank == 0:
+            sd = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+            save_state_dict(sd, path, model_metadata(module))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- run config
+def load_run_config(model_dir: str | Path):
+    """The typed resolved config (`PretrainConfig`) of a pretraining run: MODEL_DIR/config.yaml, else a legacy flat
+    MODEL_DIR/config.json, else the config.json the latest complete checkpoint keeps (JSON: nothing is unpickled).
+    Built strictly: an unknown or mistyped stored key fails with `ConfigError` naming its path. None when there is
+    no stored config."""
+    import yaml
+
+    from medvlp.pretrain.config import PretrainConfig
+    from medvlp.pretrain.configtree import ConfigError, build, unflatten
+
+    model_dir = Path(model_dir)
+    tag = None
+    if not (model_dir / "config.yaml").is_file() and not (model_dir / "config.json").is_file():
+        tag = latest_complete(model_dir)
+    if (model_dir / "config.yaml").is_file():
+        path = model_dir / "config.yaml"
+    elif (model_dir / "config.json").is_file():
+        path = model_dir / "config.json"
+    elif tag is not None and (tag / CKPT_CONFIG).is_file():
+        path = tag / CKPT_CONFIG
+    else:
+        return None
+    try:
+        doc = yaml.safe_load(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {str(e).splitlines()[0]}") from None
+    if not doc:
+        return None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    if any("." in str(k) for k in doc):  # a legacy flat file
+        doc = unflatten(doc)
+    return build(PretrainConfig, doc)

@@ -1,0 +1,648 @@
+"""The pretraining loop: shards -> towers -> gathered contrastive loss -> DeepSpeed step, tracked in MLflow.
+
+    trainer = Trainer(cfg)          # cfg: PretrainConfig; builds the model and the DeepSpeed engine
+    result = trainer.fit()          # out_dir checks, resume, the loop, checkpoints, final eval
+    # or step by step: trainer.train_step(), trainer.save_checkpoint(), trainer.evaluate()
+
+One optimizer step = `train.grad_accum` micro batches of `data.batch_size` per rank; the global batch is
+micro × accum × world. Fault handling:
+  * NaN/inf loss on any rank: every rank skips the step (no backward, no update) with a warning; after
+    `train.max_bad_steps` in a row the run stops with an error (after logging what it has).
+  * SIGTERM/SIGINT: finish the current step, write a checkpoint, exit cleanly (status "KILLED" in MLflow). A signal
+    while waiting for data ends the step there (its partial gradients dropped) and checkpoints the last full step
+    (one process) or exits at once (several ranks). A signal before the first step, or a second signal, exits at
+    once (`TrainingInterrupted`).
+  * `out_dir` already holding a run: refused unless resuming or `overwrite=True` (which deletes the old run's files).
+  * `train.resume`: compare the config with the run's saved config.yaml (differences outside `RESUME_HARMLESS` are
+    refused, naming each key), load the latest *complete* checkpoint (model, optimizer, schedule, RNG; an unreadable
+    one is skipped with a warning for the previous complete one) and continue the data stream at the saved
+    (epoch, step) position, so the next loss equals the uninterrupted run's (dropout included: the restored RNG is
+    kept).
+Shapes: img_B3SS / vol_B1DHW images, tok_BL tokens, emb_BE embeddings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import numpy as np
+
+from medvlp.pretrain import engine as eng
+from medvlp.pretrain.configtree import build, dump_yaml, flatten, to_dict
+
+log = logging.getLogger("medvlp.pretrain")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive non-finite losses."""
+
+
+class RunDirError(ValueError):
+    """`train.out_dir` holds another run, or a resume does not match the run it continues."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A signal before the first step, a second signal, or (several ranks) a signal while waiting for data: the run
+    exits at once without a new checkpoint. A KeyboardInterrupt, so `except Exception` in data code cannot swallow it."""
+
+    def __init__(self, signum: int, why: str) -> None:
+        super().__init__(f"signal {signum} {why}: exiting without a new checkpoint")
+        self.signum = signum
+
+
+class _DataWaitInterrupt(KeyboardInterrupt):
+    """Raised by the signal handler into a wait for data (which may never end); the step is abandoned."""
+
+
+# Keys a resume may change: bookkeeping, evaluation and tracking, not the trained model's recipe. `train.steps`
+# extends (or shortens) the run; the cosine schedule is then stretched to the new length (a warning says so).
+RESUME_HARMLESS = ("train.resume", "train.steps", "train.stop_after", "train.ckpt_every", "train.keep_ckpts",
+                   "train.eval_every", "train.final_eval", "train.log_every", "train.max_bad_steps",
+                   "train.dist_timeout_s", "train.out_dir", "train.keep_host_memory", "data.workers",
+                   "data.log_corrupt", "data.val_shards", "eval.", "tracking.")
+# What a run writes into out_dir (a folder holding any of these holds a run).
+RUN_FILES = ("config.yaml", "config.json", eng.CKPT_DIR, "train_log.jsonl", "model.pt", "model.safetensors",
+             "loss_curve.png", "eval")
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) for every step run here
+    metrics: dict[str, float] = field(default_factory=dict)  # final eval metrics
+    stopped_by_signal: bool = False
+    stopped_early: bool = False  # by a signal or train.stop_after (a checkpoint was written)
+    model_uri: str = ""  # the MLflow model logged at the end ("runs:/<id>/model"; "" when not logged)
+    out_dir: str = ""
+    run_id: str | None = None
+    samples_per_s: float = 0.0
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits. Before the first step
+    (`armed` false) or on a second signal the handler raises `TrainingInterrupted` at once; while the loop waits for
+    data (`waiting`) it raises `_DataWaitInterrupt` into the wait."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.signum = 0
+        self.armed = False
+        self.waiting = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if self.stop:
+            raise TrainingInterrupted(signum, "received twice")
+        if not self.armed:
+            raise TrainingInterrupted(signum, "before the first step")
+        self.stop, self.signum = True, signum
+        if self.waiting:
+            log.warning("signal %s while waiting for data: stopping", signum)
+            raise _DataWaitInterrupt()
+        log.warning("signal %s: will checkpoint and stop after this step (a second signal exits at once)", signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class _Batches:
+    """Endless batches across epochs; remembers the (epoch, step-in-epoch) position for checkpoints."""
+
+    def __init__(self, data_cfg, rank: int, world: int, tokenizer, epoch: int, step: int) -> None:
+        from medvlp.data_shards.stream import make_loader
+
+        self._make = lambda e, s: make_loader(data_cfg, rank=rank, world_size=world, tokenizer=tokenizer,
+                                              epoch=e, start_step=s, train=True)
+        self.epoch, self.step = epoch, step
+        self.loader = self._make(epoch, step)
+        self._it = iter(self.loader)
+
+    def next(self) -> dict:
+        for _ in range(2):
+            try:
+                b = next(self._it)
+                self.step += 1
+                return b
+            except StopIteration:
+                self.epoch, self.step = self.epoch + 1, 0
+                self.loader = self._make(self.epoch, 0)
+                self._it = iter(self.loader)
+        raise RuntimeError("the training stream yielded no batch for a whole epoch: is the split empty?")
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def rewind(self, pos: dict) -> None:
+        """Record an earlier position (the live iterator is abandoned: call only when stopping)."""
+        self.epoch, self.step = pos["epoch"], pos["step"]
+
+    @property
+    def corrupt(self) -> int:
+        return int(getattr(self.loader, "stats", {}).get("corrupt", 0))
+
+
+def _image_of(batch: dict) -> torch.Tensor:
+    for k in ("image", "volume"):
+        if k in batch:
+            return batch[k]
+    raise KeyError(f"batch has no image or volume member (keys: {sorted(batch)})")
+
+
+def _peak_flops(device: torch.device) -> float:
+    """Dense bf16 peak of the device (for MFU); 0 on CPU (MFU not reported)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device).lower()
+    table = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l40": 181e12, "a10": 125e12}
+    return next((v for k, v in table.items() if k in name), 0.0)
+
+
+def _rng_snapshot() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _rng_restore(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st:
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _fmt_value(v: Any) -> str:
+    return json.dumps(v, default=str)
+
+
+def saved_config(out_dir: str | Path) -> dict | None:
+    """The flat resolved config a run saved in OUT_DIR (config.yaml, else a legacy flat config.json); None if none."""
+    import yaml
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.yaml").is_file():
+        doc = yaml.safe_load((out_dir / "config.yaml").read_text()) or {}
+    elif (out_dir / "config.json").is_file():
+        doc = json.loads((out_dir / "config.json").read_text())
+    else:
+        return None
+    if not isinstance(doc, dict):
+        raise RunDirError(f"{out_dir}: the saved config is not a mapping")
+    return flatten(doc)
+
+
+def config_differences(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(refused, harmless) differences between two flat configs, each as 'key: old -> new'. Keys the saved config
+    lacks (fields added since) are not differences; keys only the saved config has are."""
+    refused, harmless = [], []
+    for key in sorted(saved):
+        old, cur = saved[key], new.get(key, "<absent>")
+        if isinstance(old, (list, tuple)) and isinstance(cur, (list, tuple)):
+            same = list(old) == list(cur)
+        else:
+            same = old == cur or (isinstance(old, (int, float)) and isinstance(cur, (int, float))
+                                  and not isinstance(old, bool) and float(old) == float(cur))
+        if same:
+            continue
+        line = f"{key}: {_fmt_value(old)} -> {_fmt_value(cur)}"
+        ok = any(key == h or (h.endswith(".") and key.startswith(h)) for h in RESUME_HARMLESS)
+        (harmless if ok else refused).append(line)
+    return refused, harmless
+
+
+def run_files(out_dir: str | Path) -> list[str]:
+    """The entries of OUT_DIR that a run wrote (`RUN_FILES` present)."""
+    return sorted(n for n in RUN_FILES if (Path(out_dir) / n).exists())
+
+
+def check_out_dir(cfg: Any, overwrite: bool = False, found: list[str] | None = None) -> None:
+    """RunDirError unless `cfg.train.out_dir` is free for this run: empty of run files, or resuming, or overwriting.
+    Cheap (no process group): the CLI calls it before building anything; `Trainer.fit` checks again on every rank."""
+    out = Path(cfg.train.out_dir)
+    found = run_files(out) if found is None else found
+    if found and not cfg.train.resume and not overwrite:
+        raise RunDirError(f"train.out_dir {out} already holds a run ({', '.join(found)}): pass --resume to continue "
+                          f"it, --overwrite to replace it, or choose another out_dir")
+
+
+class Trainer:
+    """Contrastive pretraining of one `PretrainConfig` under DeepSpeed.
+
+    The constructor joins (or starts) the process group, seeds, builds the model, the loss and the engine; nothing is
+    written. `fit()` checks `train.out_dir`, resumes, runs the loop (checkpoints, logging, evaluation) and returns a
+    `TrainResult`. The pieces are public for custom loops and benchmarks:
+
+    * `train_step()` -> float: one optimizer step over `train.grad_accum` micro batches from `self.batches` (any
+      object with `next() -> batch dict`; the shard stream by default). Returns the global mean loss, or NaN when
+      the step was skipped on every rank (a non-finite loss somewhere); `self.step` counts the steps made.
+    * `save_checkpoint()` -> Path: a complete checkpoint of the current step (all ranks call it).
+    * `evaluate()` -> dict: rank 0 evaluates per `cfg.eval` (the others wait); the training RNG is left untouched.
+    """
+
+    def __init__(self, cfg: Any, *, overwrite: bool = False, progress: bool = True, batches: Any = None,
+                 config_dict: dict | None = None) -> None:
+        from medvlp.pretrain.loss import ContrastiveLoss
+        from medvlp.pretrain.model import build_model
+
+        if dataclasses.is_dataclass(cfg):
+            cfg = build(type(cfg), to_dict(cfg))  # checked and validated like a loaded recipe
+        self.cfg, self.overwrite, self.progress = cfg, overwrite, progress
+        self.config_dict = config_dict if config_dict is not None else flatten(to_dict(cfg))
+        self.rank, self.world, local_rank = eng.init_distributed(timeout_s=cfg.train.dist_timeout_s)
+        self.device = device = eng.device_for(local_rank)
+        if device.type == "cpu" and cfg.train.keep_host_memory:
+            eng.keep_freed_host_memory()
+        if device.type == "cuda":  # as open_clip_train does: autotuned convolutions, TF32 matmuls for fp32 parts
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        eng.seed_everything(cfg.train.seed)  # same init on every rank
+        self.out_dir = Path(cfg.train.out_dir)
+        model = build_model(cfg.model, cfg.loss)
+        want = getattr(model, "image_size", None)
+        if model.image_kind == "2d" and want and int(want if isinstance(want, int) else want[0]) != cfg.data.image_size:
+            raise ValueError(f"data.image_size={cfg.data.image_size} but model {cfg.model.name!r} takes {want}x{want} "
+                             f"images: set data.image_size={want}")
+        if cfg.model.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.model = model
+        self.engine, _, self.scheduler, self.ds_config = eng.create_engine(model, cfg.train, cfg.optim,
+                                                                           cfg.data.batch_size, self.world)
+        self.loss_fn = ContrastiveLoss(cfg.loss)
+        eng.seed_everything(cfg.train.seed, self.rank)  # per-rank stream of randomness (a resume restores its own)
+        self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
+                         if device.type == "cpu" and cfg.train.precision == "bf16" else nullcontext())
+        fmt = cfg.train.memory_format
+        self.channels_last = model.image_kind == "2d" and (
+            fmt == "channels_last" or (fmt == "auto" and getattr(model.visual, "kind", "") == "resnet"))
+        self.step = 0  # optimizer steps made (restored on resume)
+        self.losses: list[tuple[int, float]] = []  # (step, loss) of the whole run (restored on resume)
+        self.run_id: str | None = None
+        self.tracker = None
+        self.batches = batches
+        self._position = {"epoch": 0, "step": 0}  # where the shard stream starts (restored on resume)
+        self._bad = 0
+        self._stop: _StopFlag | None = None
+
+    # ------------------------------------------------------------------------------------------- pieces
+    def _batch_source(self):
+        if self.batches is None:
+            self.batches = _Batches(self.cfg.data, self.rank, self.world, self.model.tokenizer,
+                                    self._position["epoch"], self._position["step"])
+        return self.batches
+
+    def _next_batch(self) -> dict:
+        src, stop = self._batch_source(), self._stop
+        if stop is None:
+            return src.next()
+        stop.waiting = True
+        try:
+            return src.next()
+        finally:
+            stop.waiting = False
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro batches. Returns the global mean loss, or NaN when a non-finite
+        micro batch on any rank skipped the whole step on every rank (NonFiniteLossError after train.max_bad_steps
+        in a row)."""
+        from medvlp.pretrain.cache import cached_step
+
+        cfg, engine, device, world = self.cfg, self.engine, self.device, self.world
+        losses, micro_start = [], engine.micro_steps
+        src = self._batch_source()
+        start_pos = src.position() if hasattr(src, "position") else None
+        loss_on = lambda *o: self.loss_fn(*o, rank=self.rank, world_size=world)  # noqa: E731
+        for _ in range(cfg.train.grad_accum):
+            try:
+                batch = _to(self._next_batch(), device)
+            except _DataWaitInterrupt:
+                _discard_partial_step(engine, micro_start)
+                if start_pos is not None:
+                    src.rewind(start_pos)
+                raise
+            img, tok = _image_of(batch), batch["tokens"]
+            if engine.bfloat16_enabled():  # bf16 weights (GPU): feed bf16 pixels
+                img = img.to(torch.bfloat16)
+            if self.channels_last and img.dim() == 4:  # NHWC convolutions from the first layer on
+                img = img.contiguous(memory_format=torch.channels_last)
+            if cfg.loss.cache_chunk and cfg.loss.cache_chunk < img.shape[0]:
+                # the cache backpropagates chunk by chunk itself, so finiteness is known only afterwards
+                loss = cached_step(engine, img, tok, loss_on, chunk=cfg.loss.cache_chunk, backward=engine.backward)
+                bad = _any_rank(not torch.isfinite(loss).item(), device)
+            else:
+                with self.autocast:
+                    out = engine(img, tok)  # (img_emb, txt_emb, scale[, siglip bias])
+                    loss = loss_on(*[o.float() for o in out])
+                bad = _any_rank(not torch.isfinite(loss).item(), device)
+                if not bad:
+                    engine.backward(loss)
+            if bad:
+                _discard_partial_step(engine, micro_start)
+                self._bad += 1
+                log.warning("step %d: non-finite loss on some rank; step skipped (%d in a row)", self.step, self._bad)
+                if self._bad >= cfg.train.max_bad_steps:
+                    raise NonFiniteLossError(f"loss was NaN/inf for {self._bad} consecutive steps (train.max_bad_steps)")
+                return float("nan")
+            engine.step()
+            losses.append(float(loss.detach()))
+        mean = sum(losses) / len(losses)
+        if dist.is_initialized() and world > 1:  # report the global loss (mean over ranks)
+            t = torch.tensor([mean], device=device, dtype=torch.float64)
+            dist.all_reduce(t)
+            mean = float(t.item()) / world
+        self._bad = 0
+        self.step += 1
+        self.losses.append((self.step, mean))
+        return mean
+
+    def save_checkpoint(self) -> Path:
+        """A complete checkpoint of step `self.step` in out_dir/checkpoints (all ranks call this)."""
+        src = self.batches
+        pos = src.position() if src is not None and hasattr(src, "position") else dict(self._position)
+        client = {"step": self.step, "data": pos, "losses": self.losses[-10000:], "mlflow_run_id": self.run_id,
+                  "config": self.config_dict or {}}
+        return eng.save_checkpoint(self.engine, self.cfg.train.out_dir, self.step, client,
+                                   keep=self.cfg.train.keep_ckpts)
+
+    def evaluate(self) -> dict:
+        """Rank 0 evaluates on the held-out split (ZeRO-3 gathers the weights first); others wait. The RNG state is
+        saved and restored around it, so evaluating mid-run does not change the training that follows."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        zero3 = any(hasattr(p, "ds_id") for p in params)
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else nullcontext()
+        metrics: dict = {}
+        rng = _rng_snapshot()
+        try:
+            with ctx:
+                if self.rank == 0:
+                    from medvlp.pretrain.eval import evaluate_for_training
+
+                    was_training = module.training
+                    module.eval()
+                    metrics = evaluate_for_training(module, self.cfg, device=self.device,
+                                                    out_dir=self.cfg.train.out_dir, tracker=self.tracker,
+                                                    step=self.step)
+                    module.train(was_training)
+        finally:
+            _rng_restore(rng)
+        if dist.is_initialized():
+            dist.barrier()
+        return metrics
+
+    # ------------------------------------------------------------------------------------------- run folder
+    def prepare_out_dir(self) -> None:
+        """Refuse an out_dir holding another run unless resuming or overwriting; on resume refuse a changed config
+        (naming each changed key); write config.yaml (rank 0). Every rank decides together."""
+        cfg, out = self.cfg, self.out_dir
+        found = run_files(out)
+        resume = cfg.train.resume
+        if resume and self.overwrite:
+            raise RunDirError("train.resume and overwrite: choose one (continue the run, or replace it)")
+        if _any_rank(bool(found) and not resume and not self.overwrite, self.device):
+            check_out_dir(cfg, self.overwrite, found=found or ["on another rank"])
+        problem = ""
+        if resume and self.rank == 0:
+            saved = saved_config(out)
+            if saved is not None:
+                refused, harmless = config_differences(saved, self.config_dict)
+                if refused:
+                    problem = (f"resume: the config differs from the run's saved config in {out}: "
+                               f"{'; '.join(refused)} (only bookkeeping keys may change on resume: "
+                               f"{', '.join(RESUME_HARMLESS)}); keep the saved values or start a new train.out_dir")
+                elif harmless:
+                    log.warning("resume: config changes from the saved run: %s", "; ".join(harmless))
+                    if any(h.startswith("train.steps:") for h in harmless):
+                        log.warning("resume: train.steps changed, so the lr schedule is stretched to the new length")
+            elif found:
+                log.warning("resume: %s holds no saved config to compare with", out)
+        if _any_rank(bool(problem), self.device):
+            raise RunDirError(problem or "resume: the config differs from the saved one (see rank 0)")
+        if self.rank == 0:
+            if self.overwrite and found:
+                log.warning("overwrite: deleting the previous run's %s in %s", ", ".join(found), out)
+                for name in found:
+                    p = out / name
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / "config.yaml.tmp"  # the run's recipe: rerunning it starts afresh (resume is a CLI choice)
+            tmp.write_text(dump_yaml(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=False))))
+            tmp.replace(out / "config.yaml")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def resume(self) -> Path | None:
+        """Load the latest complete checkpoint that reads (an unreadable one is skipped with a warning for the one
+        before it): weights, optimizer, schedule, RNG, step, data position, loss history, MLflow run. Returns the
+        checkpoint loaded, or None (nothing to resume: a warning, training starts from scratch)."""
+        done = eng.complete_checkpoints(self.out_dir)
+        if not done:
+            log.warning("resume: no complete checkpoint under %s; starting from scratch", self.out_dir)
+            return None
+        for tag_dir in reversed(done):
+            err = None
+            try:
+                client = eng.load_checkpoint(self.engine, tag_dir)
+            except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous checkpoint
+                err = e
+            if _any_rank(err is not None, self.device):
+                why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}" if err else "on another rank"
+                log.warning("resume: checkpoint %s is unreadable (%s); falling back to the previous complete one",
+                            tag_dir, why)
+                continue
+            self.step = int(client["step"])
+            self._position = {"epoch": client["data"]["epoch"], "step": client["data"]["step"]}
+            self.losses = [tuple(x) for x in client.get("losses", [])]
+            self.run_id = client.get("mlflow_run_id")
+            if self.rank == 0:
+                log.info("resumed from %s (step %d, epoch %d, batch %d)", tag_dir, self.step,
+                         self._position["epoch"], self._position["step"])
+            return tag_dir
+        raise RunDirError(f"resume: none of the {len(done)} complete checkpoints under {self.out_dir / eng.CKPT_DIR} "
+                          f"could be read (see the warnings); start a new train.out_dir or --overwrite")
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def fit(self) -> TrainResult:
+        """Train to `train.steps` (or until a signal / `train.stop_after`); returns losses, eval metrics, paths."""
+        from tqdm import tqdm
+
+        from medvlp.pretrain.tracking import Tracker
+
+        cfg, rank = self.cfg, self.rank
+        self.prepare_out_dir()
+        if cfg.train.resume:
+            self.resume()
+        start_step = self.step
+        self._batch_source()
+        result = TrainResult(steps_done=start_step, losses=self.losses, out_dir=str(self.out_dir))
+        global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.world
+        flops_per_sample = _flops_per_sample(self.model)
+        peak = _peak_flops(self.device) * self.world
+        tracker = self.tracker = Tracker(cfg.tracking, rank, self.config_dict, resume_run_id=self.run_id)
+        stop = self._stop = _StopFlag()
+        try:
+            with tracker, stop:
+                self.run_id = result.run_id = getattr(tracker, "run_id", None)
+                if rank == 0 and not start_step:
+                    tracker.log_params({"derived.world_size": self.world, "derived.global_batch": global_batch,
+                                        "derived.zero_stage": self.ds_config["zero_optimization"]["stage"]})
+                try:
+                    self._loop(result, tracker, stop, global_batch, flops_per_sample, peak, tqdm)
+                except NonFiniteLossError:
+                    tracker.end("FAILED")
+                    raise
+                except TrainingInterrupted:
+                    tracker.end("KILLED")
+                    raise
+                result.steps_done = self.step
+                if not result.stopped_early:
+                    eng.save_model_weights(self.engine, self.out_dir / "model.safetensors")
+                    if cfg.train.final_eval:
+                        result.metrics = self.evaluate()
+                    _log_curves(tracker, result, self.out_dir, rank)
+                    if rank == 0 and cfg.tracking.enabled and cfg.tracking.log_model:
+                        from medvlp.pretrain.export import log_model_artifact
+
+                        result.model_uri = log_model_artifact(self.out_dir, tracker=tracker)
+                elif result.stopped_by_signal:
+                    tracker.end("KILLED")
+        finally:
+            self._stop = None
+        return result
+
+    def _loop(self, result, tracker, stop, global_batch, flops_per_sample, peak, tqdm) -> None:
+        cfg, rank = self.cfg, self.rank
+        start_step = self.step
+        t_last, n_last = time.perf_counter(), 0
+        pbar = tqdm(total=cfg.train.steps, initial=start_step, disable=not self.progress or rank != 0,
+                    desc="pretrain", dynamic_ncols=True)
+        log_file = open(self.out_dir / "train_log.jsonl", "a") if rank == 0 else None
+        try:
+            while self.step < cfg.train.steps:
+                try:
+                    loss_val = self.train_step()
+                except _DataWaitInterrupt:
+                    if self.world > 1:  # the other ranks may be inside a collective of this step: no safe checkpoint
+                        raise TrainingInterrupted(stop.signum, "while waiting for data on one of several ranks")
+                    self._checkpoint_and_stop(result, by_signal=True)
+                    break
+                if not math.isfinite(loss_val):
+                    continue
+                stop.armed = True
+                step = self.step
+                n_last += global_batch
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{loss_val:.4f}")
+                if log_file is not None:
+                    log_file.write(json.dumps({"step": step, "loss": loss_val,
+                                               "lr": self.scheduler.get_last_lr()[0]}) + "\n")
+                    log_file.flush()
+                if step % max(1, cfg.train.log_every) == 0 or step == cfg.train.steps:
+                    dt = time.perf_counter() - t_last
+                    sps = n_last / max(dt, 1e-9)
+                    result.samples_per_s = sps
+                    m = {"train/loss": loss_val, "train/lr": self.scheduler.get_last_lr()[0],
+                         "train/logit_scale": float(_logit_scale(self.engine.module)), "train/samples_per_s": sps,
+                         "data/corrupt": getattr(self.batches, "corrupt", 0)}
+                    if peak > 0 and flops_per_sample > 0:
+                        m["train/mfu"] = flops_per_sample * sps / peak
+                    tracker.log_metrics(m, step)
+                    t_last, n_last = time.perf_counter(), 0
+                self.run_id = result.run_id = getattr(tracker, "run_id", None)
+                want_ckpt = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == cfg.train.steps
+                time_boxed = bool(cfg.train.stop_after) and step - start_step >= cfg.train.stop_after
+                stopping = _any_rank(stop.stop, self.device) or time_boxed
+                if want_ckpt or stopping:
+                    self.save_checkpoint()
+                if stopping:
+                    result.stopped_by_signal = not time_boxed
+                    result.stopped_early = True
+                    break
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                    self.evaluate()
+        finally:
+            pbar.close()
+            if log_file is not None:
+                log_file.close()
+        result.steps_done = self.step
+
+    def _checkpoint_and_stop(self, result: TrainResult, by_signal: bool) -> None:
+        latest = eng.latest_complete(self.out_dir)
+        if self.step > 0 and (latest is None or latest.name != eng.tag_for(self.step)):
+            self.save_checkpoint()
+        result.stopped_by_signal, result.stopped_early = by_signal, True
+
+
+def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = True,
+                 overwrite: bool = False) -> TrainResult:
+    """`Trainer(cfg, ...).fit()`: train per `cfg`; returns the losses, final eval metrics and where things went."""
+    return Trainer(cfg, overwrite=overwrite, progress=progress, config_dict=config_dict).fit()
+
+
+def _discard_partial_step(engine, micro_start: int) -> None:
+    """A skipped step must not leak into the next: drop the gradients its earlier micro batches accumulated and
+    rewind DeepSpeed's micro-step count, so the next step's accumulation boundary stays where it belongs."""
+    engine.zero_grad()
+    engine.optimizer.zero_grad()
+    engine.micro_steps = micro_start
+
+
+def _logit_scale(module) -> float:
+    ls = getattr(module, "logit_scale", None)
+    return math.exp(min(float(ls.detach().float().reshape(-1)[0]), math.log(100))) if ls is not None and ls.numel() else 0.0
+
+
+def _flops_per_sample(model) -> float:
+    try:
+        from medvlp.pretrain.model import flops_per_sample
+        return float(flops_per_sample(model))
+    except Exception:  # noqa: BLE001 - MFU is informative only
+        return 0.0
+
+
+def _log_curves(tracker, result: TrainResult, out_dir: Path, rank: int) -> None:
+    if rank != 0 or not result.losses:
+        return
+    from medvlp.pretrain.plots import loss_curve_png
+
+    steps, losses = zip(*result.losses)
+    path = out_dir / "loss_curve.png"
+    loss_curve_png(list(steps), list(losses), path)
+    tracker.log_artifact(str(path))

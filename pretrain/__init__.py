@@ -1,9 +1,0 @@
-"""Contrastive pretraining of medical vision-language models; `load_pretrained` turns a run into a library object."""
-
-
-def __getattr__(name: str):  # lazy: `import pretrain` stays light (no torch/DeepSpeed import until used)
-    if name in ("load_pretrained", "Pretrained", "LoadError"):
-        from pretrain import pretrained
-
-        return getattr(pretrained, name)
-    raise AttributeError(f"module 'pretrain' has no attribute {name!r}")
