@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 # Every install takes its versions from this lock (pip constraints); `make lock` regenerates it from pyproject.toml.
 LOCK := constraints.txt
 PYTEST_ARGS ?=
+# Options of the demo, e.g. make demo DEMO_ARGS="--steps 150" (see python -m medvlp.launch.demo --help).
+DEMO_ARGS ?=
 # When make started: `make demo` reports install (venv + pip) time as the time from here to the demo's start.
 MAKE_T0 := $(shell date +%s.%N)
 
@@ -35,7 +37,7 @@ lock:
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m medvlp.launch.demo --out demo_out --started-at $(MAKE_T0)
+	$(BIN)/python -m medvlp.launch.demo --out demo_out --started-at $(MAKE_T0) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -46,4 +48,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pretrain.py
 
 clean:
-	rm -rf demo_out mlruns.db mlruns .pytest_cache
+	rm -rf demo_out mlruns.db mlruns mlartifacts medvlp-outputs .pytest_cache

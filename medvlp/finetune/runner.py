@@ -417,7 +417,7 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None) -> FinetuneResult:
 def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> FinetuneResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
-    from tqdm import tqdm
+    from medvlp.pretrain.progress import progress_bar as tqdm  # a bar on a terminal, plain lines off it
 
     # DeepSpeed without CUDA: accelerate finds no backend by itself (and would run each process alone)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if rc.deepspeed and not torch.cuda.is_available() else []

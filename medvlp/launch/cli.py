@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 from pathlib import Path
@@ -387,7 +386,8 @@ def _known_stages() -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medvlp", description="Medical vision-language pretraining at scale.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, the libraries' INFO lines and warnings with their source")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     cfg = sub.add_parser("config", help="show / list recipes").add_subparsers(dest="sub", required=True)
@@ -592,10 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["eval", "few-shot"]:  # `medvlp eval few-shot RECIPE` is the eval-few-shot command
         argv = ["eval-few-shot"] + argv[2:]
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "alembic", "mlflow", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from medvlp.pretrain.progress import setup_logging
+
+    setup_logging(args.verbose)  # library INFO chatter at WARNING and warnings on one line, unless -v
     from medvlp.launch.config import ConfigError
 
     try:

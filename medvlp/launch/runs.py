@@ -1,7 +1,10 @@
 """Tracked-experiment comparison on MLflow: `medvlp runs compare` and `medvlp runs ui`.
 
 compare: a table of an experiment's runs (status, the params whose values differ between runs, then the final
-metrics) and a PNG overlaying their loss curves. Runs are found with `mlflow.search_runs` (an optional MLflow
+metrics; a training run's `medvlp eval` child runs are joined to its row: metrics it did not log itself come from
+its latest evaluation, and an "eval runs" column names them) and a PNG overlaying their loss curves, written to
+`--out` or to `medvlp-outputs/compare-EXPERIMENT-TIMESTAMP.png` beside the store's database (never over an
+earlier file). Runs are found with `mlflow.search_runs` (an optional MLflow
 filter string, e.g. "params.`optim.lr` = '0.003'"); only the plotted metric's histories are fetched. With
 `--ci`, each run's zero-shot scores (the eval_scores.npz artifact every evaluation logs) are paired with the
 baseline's (the first run, or `--baseline`) on the samples both scored, and the macro-AUC difference gets a
@@ -41,10 +44,13 @@ def _fmt(v: float | None) -> str:
 def compare_table(runs: list[dict], metrics: list[str]) -> str:
     """Markdown table: one row per run; columns run, status, differing params, then `metrics` (last values)."""
     params = differing_params(runs)
-    head = ["run", "status", *params, *metrics]
+    with_evals = any(r.get("evals") for r in runs)
+    head = ["run", "status", *(["eval runs"] if with_evals else []), *params, *metrics]
     rows = [head, ["---"] * len(head)]
     for r in runs:
-        vals = [r.get("name") or r["run_id"][:8], r.get("status", ""), *(str(r["params"].get(p, "")) for p in params)]
+        vals = [r.get("name") or r["run_id"][:8], r.get("status", "")]
+        vals += [", ".join(r.get("evals") or [])] if with_evals else []
+        vals += [str(r["params"].get(p, "")) for p in params]
         vals += [_fmt(r["metrics"].get(m)) for m in metrics]
         rows.append(vals)
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
@@ -69,6 +75,11 @@ def search_runs(experiment: str, uri: str, filter_string: str = "", curve: str |
     except Exception as e:  # noqa: BLE001 - a malformed filter string: say so in one line
         raise SystemExit(f"runs compare: MLflow rejected --filter {filter_string!r}: {str(e)[:300]}") from None
     out = []
+    children: dict[str, list] = {}
+    for r in found:  # oldest first: the last child of a run is its latest evaluation
+        parent = r.data.tags.get("mlflow.parentRunId")
+        if parent:
+            children.setdefault(parent, []).append(r)
     for r in found:
         if not include_children and "mlflow.parentRunId" in r.data.tags:
             continue
@@ -76,19 +87,34 @@ def search_runs(experiment: str, uri: str, filter_string: str = "", curve: str |
         if curve and curve in r.data.metrics:
             ms = sorted(client.get_metric_history(r.info.run_id, curve), key=lambda m: (m.step, m.timestamp))
             hist[curve] = [(int(m.step), float(m.value)) for m in ms]
-        out.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "name": r.info.run_name,
-                    "status": r.info.status, "params": dict(r.data.params), "metrics": dict(r.data.metrics),
-                    "tags": dict(r.data.tags), "history": hist})
+        row = {"run_id": r.info.run_id, "run_name": r.info.run_name, "name": r.info.run_name,
+               "status": r.info.status, "params": dict(r.data.params), "metrics": dict(r.data.metrics),
+               "tags": dict(r.data.tags), "history": hist, "evals": [], "score_runs": [r.info.run_id]}
+        join_evals(row, children.get(r.info.run_id, []))
+        out.append(row)
     return out
+
+
+def join_evals(row: dict, evals: list) -> None:
+    """Join a training run's evaluation child runs (`medvlp eval`, oldest first) into its row: each metric the
+    training run did not log itself is taken from its latest evaluation; `evals` names them, `score_runs` lists
+    where eval_scores.npz may live (the run itself, then its evaluations, latest first)."""
+    for child in evals:
+        row["evals"].append(child.info.run_name or child.info.run_id[:8])
+    own = set(row["metrics"])
+    for child in evals:  # later evaluations overwrite earlier ones
+        row["metrics"].update({k: v for k, v in child.data.metrics.items() if k not in own})
+    row["score_runs"] += [c.info.run_id for c in reversed(evals)]
 
 
 def _load_scores(client, run: dict, tmp: str):
     """(keys, labels_NK, scores_NK, label_names, split) of a run's eval_scores.npz, or None when it has none."""
     import numpy as np
 
-    for path in ("eval/eval_scores.npz", "eval_scores.npz"):
+    for run_id, path in ((rid, p) for rid in run.get("score_runs") or [run["run_id"]]
+                         for p in ("eval/eval_scores.npz", "eval_scores.npz")):
         try:
-            local = client.download_artifacts(run["run_id"], path, tmp)
+            local = client.download_artifacts(run_id, path, tmp)
         except Exception:  # noqa: BLE001 - the run logged no scores
             continue
         with np.load(local) as z:
@@ -151,6 +177,7 @@ def compare_runs(experiment: str, metrics: list[str] | None = None, uri: str | N
     `ci`, the paired-bootstrap table of each run against the baseline."""
     from medvlp.pretrain.plots import overlay_curves_png
 
+    given_uri = bool(uri or os.environ.get("MLFLOW_TRACKING_URI"))
     uri = resolve_uri(uri)
     runs = search_runs(experiment, uri, filter_string, curve)
     if not runs:
@@ -163,12 +190,33 @@ def compare_runs(experiment: str, metrics: list[str] | None = None, uri: str | N
             raise SystemExit(f"runs compare: no run of {experiment!r} logged {unknown}; logged: {', '.join(have)}")
     metrics = list(metrics or [m for m in DEFAULT_METRICS if any(m in r["metrics"] for r in runs)])
     table = compare_table(runs, metrics)
-    png = Path(out or f"compare-{experiment}.png")
+    png = Path(out) if out else default_output(uri, f"compare-{experiment}", ".png")
+    replaced = png.exists()
+    png.parent.mkdir(parents=True, exist_ok=True)
     overlay_curves_png(runs, curve, png)
-    text = f"{table}\n\n{len(runs)} runs from {uri}; {curve} overlay -> {png}"
+    text = (f"{table}\n\n{len(runs)} runs from {uri}{'' if given_uri else ' (the default store)'}; {curve} overlay "
+            f"-> {png}" + (" (replaced the file that was there)" if replaced else ""))
     if ci:
         text += "\n\n" + ci_table(runs, uri, baseline, n=n_boot)
     return text
+
+
+def default_output(uri: str, stem: str, suffix: str) -> Path:
+    """Where a command's output file goes without `--out`: `medvlp-outputs/` beside a SQLite store's database
+    (the current directory's for a server or file store), named STEM-YYYYmmdd-HHMMSS[-N]SUFFIX: never a file
+    of the current directory, never overwriting an earlier one."""
+    import time
+
+    if uri.startswith("sqlite:///") and uri[len("sqlite:///"):] not in ("", ":memory:"):
+        base = Path(uri[len("sqlite:///"):]).parent
+    else:
+        base = Path.cwd()
+    folder = base / "medvlp-outputs"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, i = folder / f"{stem}-{stamp}{suffix}", 1
+    while path.exists():
+        path, i = folder / f"{stem}-{stamp}-{i}{suffix}", i + 1
+    return path
 
 
 def ui_command(port: int, uri: str | None = None, workers: int = 1) -> list[str]:

@@ -99,6 +99,9 @@ def embed_split(model, data_cfg, *, split: str, max_samples: int, device, batch_
     names: list[str] | None = None
     n = 0
     extra = {"shards": shards} if shards else {}
+    from medvlp.pretrain.progress import progress_bar  # a bar on a terminal, plain lines off it
+    bar = progress_bar(total=len(keys) if keys is not None else (max_samples if max_samples > 0 else None),
+                       desc=f"embed {split}", unit="sample", leave=False)
     for batch in loader_fn(cfg, rank=0, world_size=1, tokenizer=None, train=False, split=split, **extra):
         x = _image_of(batch, where)
         b_keys = [str(k) for k in batch.get("key", [f"{split}/{n + i}" for i in range(x.shape[0])])]
@@ -134,6 +137,8 @@ def embed_split(model, data_cfg, *, split: str, max_samples: int, device, batch_
         lab = batch.get("labels")
         labels.append(lab[:take].float().cpu() if lab is not None else torch.zeros(take, 0))
         n += take
+        bar.update(take)
+    bar.close()
     if n == 0:
         raise ValueError(f"{where}: the split yielded no samples (is it empty, or the split name wrong?)")
     return Embedded(img_NE=torch.cat(imgs).numpy(), txt_NE=torch.cat(txts).numpy() if with_text else None,

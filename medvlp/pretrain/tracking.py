@@ -91,6 +91,29 @@ def server_reachable(uri: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def run_suffix(n_bytes: int = 3) -> str:
+    """A short random suffix from the OS's entropy (`secrets`), never from the seeded `random` / numpy / torch
+    generators: MLflow's own random names come from `random`, which a seeded run fixes (every run of one seed got
+    the same name)."""
+    import secrets
+
+    return secrets.token_hex(n_bytes)
+
+
+def default_run_name(config_flat: dict | None, kind: str = "") -> str:
+    """`RECIPE-SUFFIX`: RECIPE is the run folder's name (train.out_dir, finetune.out_dir, protocol.out_dir; the
+    recipes name their folder after themselves), else the config kind; SUFFIX is `run_suffix()`."""
+    flat = flatten(config_flat) if config_flat and any(isinstance(v, dict) for v in config_flat.values()) \
+        else dict(config_flat or {})
+    base = ""
+    for key in ("train.out_dir", "finetune.out_dir", "protocol.out_dir"):
+        if flat.get(key):
+            base = Path(str(flat[key])).name
+            break
+    base = re.sub(r"[^\w\-.]+", "-", base or str(flat.get("kind") or kind or "run")).strip("-") or "run"
+    return f"{base[:60]}-{run_suffix()}"
+
+
 # ----------------------------------------------------------------------------------------------- tracker
 class Tracker:
     """One MLflow run for rank 0; every method is a no-op on other ranks or when tracking is disabled."""
@@ -108,6 +131,7 @@ class Tracker:
         self.active = bool(getattr(cfg, "enabled", True)) and rank == 0
         self.config_dict = config_dict
         self.run_id: str | None = None
+        self.run_name: str | None = None
         self.uri: str | None = None
         self.client = None
         self._ended = False
@@ -229,10 +253,12 @@ class Tracker:
             tags = context_tags()
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
-            run = client.create_run(exp_id, run_name=getattr(self.cfg, "run_name", "") or None, tags=tags)
+            self.run_name = getattr(self.cfg, "run_name", "") or default_run_name(self.config_dict)
+            run = client.create_run(exp_id, run_name=self.run_name, tags=tags)
             self._new_run = True
         self.uri, self.client, self.run_id = uri, client, run.info.run_id
-        log.info("MLflow run %s in %s (experiment %s)", self.run_id, uri, name)
+        self.run_name = run.info.run_name or self.run_id
+        log.info("MLflow run %s (%s) in %s (experiment %s)", self.run_name, self.run_id, uri, name)
 
     def _bound_http_retries(self) -> None:
         """MLflow retries a dead server 7 times with backoff and 120 s timeouts: minutes per call. Bound it
@@ -487,6 +513,15 @@ def find_training_run(out_dir: str | os.PathLike, uri: str | None = None, experi
     return runs[0] if runs else None
 
 
+def eval_run_name(parent, model_dir: str | os.PathLike, split: str = "") -> str:
+    """`eval-<training run name>[-<split>]`: an evaluation is named after the run it evaluates (without a training
+    run in the store: after the model folder, with a unique suffix)."""
+    base = getattr(getattr(parent, "info", None), "run_name", "") or ""
+    if not base:
+        base = f"{Path(model_dir).resolve().name}-{run_suffix()}"
+    return f"eval-{base}" + (f"-{split}" if split else "")
+
+
 def log_eval_run(tracking_cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike, metrics: dict,
                  shards: str = "", tags: dict | None = None) -> str | None:
     """Log an evaluation of the training run in `model_dir` as its child run (same store and experiment):
@@ -499,7 +534,8 @@ def log_eval_run(tracking_cfg, model_dir: str | os.PathLike, out_dir: str | os.P
 
     cfg = tracking_cfg
     if dataclasses.is_dataclass(cfg):
-        cfg = dataclasses.replace(cfg, run_name=f"eval-{Path(out_dir).name}", system_metrics=False)
+        cfg = dataclasses.replace(cfg, run_name=eval_run_name(parent, model_dir, (tags or {}).get("eval.split", "")),
+                                  system_metrics=False)
     if parent is None:
         warnings.warn(f"MLflow: no training run tagged medvlp.out_dir={Path(model_dir).resolve()} in "
                       f"{resolve_uri(getattr(tracking_cfg, 'uri', ''))}; logging the evaluation as its own run",

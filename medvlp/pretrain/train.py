@@ -501,7 +501,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
         """Train to `train.steps` (or until a signal / `train.stop_after`); returns losses, eval metrics, paths."""
-        from tqdm import tqdm
+        from medvlp.pretrain.progress import progress_bar as tqdm  # a bar on a terminal, plain lines off it
 
         from medvlp.pretrain.tracking import Tracker
 

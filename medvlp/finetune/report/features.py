@@ -108,7 +108,7 @@ def extract_features(checkpoint: str, shards: str, out: str, *, batch_size: int 
                      slides_per_shard: int = 256, progress: bool = True, command: str | None = None) -> dict:
     """Embed the patches of a shard dir with a frozen pretrained tower; write slide-bag shards (see module doc).
     Returns the written index."""
-    from tqdm import tqdm
+    from medvlp.pretrain.progress import progress_bar as tqdm  # a bar on a terminal, plain lines off it
 
     from medvlp.pretrain import load_pretrained
 
