@@ -6,7 +6,7 @@
     medvlp pretrain RECIPE|RUN/config.yaml [--set k=v ...] [--resume | --overwrite]
     medvlp eval --model-dir RUN_DIR [--step N] [--shards DIR] ...
     medvlp eval few-shot RECIPE [--set k=v ...]
-    medvlp export --model-dir RUN_DIR [--step N] --to open_clip|hf --out DIR
+    medvlp export --model-dir RUN_DIR [--step N] --to open_clip|hf|mlflow --out DIR
     medvlp finetune STAGE [RECIPE] [--set k=v ...] [--resume]
     medvlp features extract --checkpoint CKPT --shards PATCHES --out DIR
     medvlp generate --checkpoint RUN --shards SLIDES --out reports.jsonl
@@ -284,7 +284,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     except (LoadError, ValueError) as e:  # ExportError and LoadError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported to {out}")
+    print(f"exported to {out}" + (f" (16-bit images: see {out}/PREPROCESSING.md)" if a.to != "mlflow" else
+                                  f" (mlflow.pyfunc.load_model({str(out)!r}).predict(DataFrame with text / image))"))
     return 0
 
 
@@ -519,11 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override eval.* / data.* keys")
     s.set_defaults(fn=_cmd_eval)
 
-    s = sub.add_parser("export", help="write a trained model for open_clip or Hugging Face transformers")
+    s = sub.add_parser("export", help="write a trained model for open_clip, Hugging Face transformers or MLflow",
+                       description="open_clip / hf: a folder the library loads (with its own 8-bit image "
+                                   "transform / processor config) plus PREPROCESSING.md: 16-bit images need "
+                                   "medvlp.pretrain.export.image_preprocess. mlflow: a pyfunc model with a "
+                                   "signature, embedding texts and images (docs/models.md).")
     s.add_argument("--model-dir", required=True,
                    help="a run folder, a model.safetensors (config beside it) or an exported folder")
     s.add_argument("--step", type=int, default=None, help="export this COMPLETE checkpoint of the run folder")
-    s.add_argument("--to", required=True, choices=["open_clip", "hf"], help="target library layout")
+    s.add_argument("--to", required=True, choices=["open_clip", "hf", "mlflow"], help="target library layout")
     s.add_argument("--out", required=True, help="new (or empty) output folder")
     s.set_defaults(fn=_cmd_export)
 

@@ -32,8 +32,9 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from medvlp.pretrain.checkpoint import save_state_dict
@@ -43,8 +44,11 @@ from medvlp.pretrain.pretrained import (EXPORT_MANIFEST, LoadError, Pretrained, 
 log = logging.getLogger(__name__)
 
 FORMATS = ("open_clip", "hf")
+CLI_FORMATS = (*FORMATS, "mlflow")  # `medvlp export --to`
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 HF_WEIGHTS = "model.safetensors"
+HF_POOLER_SCALE = 1e-4  # see to_hf: makes get_text_features our text embedding
+PREPROCESSING_NOTE = "PREPROCESSING.md"
 
 
 class ExportError(ValueError):
@@ -98,13 +102,17 @@ def from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_open_clip(pre: Pretrained, out: Path) -> Path:
+def _mean_std(modality: str):
     from medvlp.data_shards.transforms import MEAN_STD
 
+    return MEAN_STD.get(modality, MEAN_STD["cxr"])
+
+
+def export_open_clip(pre: Pretrained, out: Path) -> Path:
     spec = pre.model.spec
     _check_open_clip(spec)
     sd = {k: v.detach().float() for k, v in pre.model.state_dict().items()}
-    mean, std = MEAN_STD.get(pre.modality, MEAN_STD["cxr"])
+    mean, std = _mean_std(pre.modality)
     doc = {"model_cfg": open_clip_model_cfg(spec, "logit_bias" in sd),
            "preprocess_cfg": {"mean": list(mean), "std": list(std), "size": int(pre.model.image_size),
                               "interpolation": "bilinear", "resize_mode": "shortest"}}
@@ -193,8 +201,11 @@ def to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             raise ExportError(f"hf export: no VisionTextDualEncoderModel name for {k!r}")
     hidden = sd["text.proj.weight"].shape[1]
-    out["text_model.pooler.dense.weight"] = torch.eye(hidden)  # identity pooler weights (tanh stays: see doc)
+    # get_text_features = text_projection(tanh(pooler(CLS))): a pooler of eps * I and a projection of W / eps give
+    # W / eps * tanh(eps * CLS) = W @ CLS (1 + O((eps * |CLS|)^2)), i.e. our text embedding to float precision
+    out["text_model.pooler.dense.weight"] = torch.eye(hidden) * HF_POOLER_SCALE
     out["text_model.pooler.dense.bias"] = torch.zeros(hidden)
+    out["text_projection.weight"] = sd["text.proj.weight"] / HF_POOLER_SCALE
     return out
 
 
@@ -226,7 +237,14 @@ def from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out["logit_scale"] = v.reshape(1)
     for (pre, kind), parts in qkv.items():
         out[f"{pre}attn.in_proj_{kind}"] = torch.cat([parts[n] for n in _QKV], dim=0)
+    if "text.proj.weight" in out:  # undo the pooler scaling of `to_hf` (1.0 for an identity pooler)
+        out["text.proj.weight"] = out["text.proj.weight"] * _pooler_scale(sd)
     return out
+
+
+def _pooler_scale(sd: dict[str, torch.Tensor]) -> float:
+    w = sd.get("text_model.pooler.dense.weight")
+    return float(w[0, 0]) if w is not None and w.numel() else 1.0
 
 
 def export_hf(pre: Pretrained, out: Path) -> Path:
@@ -248,6 +266,29 @@ def export_hf(pre: Pretrained, out: Path) -> Path:
     return out / HF_WEIGHTS
 
 
+def hf_image_processor(pre: Pretrained):
+    """A CLIPImageProcessor doing our eval view on 8-bit images: shortest side to S (bilinear), centre S x S crop,
+    /255, the modality's mean/std."""
+    from transformers import CLIPImageProcessor
+
+    mean, std = _mean_std(pre.modality)
+    size = int(pre.model.image_size)
+    return CLIPImageProcessor(do_resize=True, size={"shortest_edge": size}, resample=2, do_center_crop=True,
+                              crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
+                              do_normalize=True, image_mean=list(mean), image_std=list(std), do_convert_rgb=True)
+
+
+def write_hf_processor(pre: Pretrained, out: Path) -> None:
+    """preprocessor_config.json (+ the processor's tokenizer files): `AutoProcessor.from_pretrained(out)` works."""
+    from transformers import AutoTokenizer, VisionTextDualEncoderProcessor
+
+    image_processor = hf_image_processor(pre)
+    proc = VisionTextDualEncoderProcessor(image_processor=image_processor,
+                                          tokenizer=AutoTokenizer.from_pretrained(str(out)))
+    proc.save_pretrained(str(out))  # processor_config.json (transformers 5 nests the image processor there)
+    image_processor.save_pretrained(str(out))  # preprocessor_config.json: AutoImageProcessor, older transformers
+
+
 def hf_text_embedding(model, input_ids: torch.Tensor, pad_id: int = 0, pool: str = "cls") -> torch.Tensor:
     """Our (unnormalised) text embedding from an exported VisionTextDualEncoderModel: the projected [CLS] state
     (pool="cls") or the last non-pad token's (pool="eos"), not BERT's tanh pooler."""
@@ -257,7 +298,8 @@ def hf_text_embedding(model, input_ids: torch.Tensor, pad_id: int = 0, pool: str
         pooled = hid[:, 0]
     else:
         pooled = hid[torch.arange(hid.shape[0]), (mask.sum(1) - 1).clamp(min=0)]
-    return model.text_projection(pooled)
+    pooler = getattr(model.text_model, "pooler", None)  # the projection is stored divided by the pooler scale
+    return model.text_projection(pooled * (float(pooler.dense.weight[0, 0]) if pooler is not None else 1.0))
 
 
 # ----------------------------------------------------------------------------------------------- entry points
@@ -286,16 +328,133 @@ def export_pretrained(pre: Pretrained, to: str, out: str | os.PathLike) -> Path:
             for f in src.iterdir():
                 if f.is_file() and not (out / f.name).exists():
                     shutil.copy2(f, out / f.name)
+            write_hf_processor(pre, out)
     manifest = {"format": to, "weights": weights.name, "spec": pre.model.spec, "modality": pre.modality,
-                "step": pre.step, "source": pre.source, "tokenizer": tok, "config": _config_doc(pre.config)}
+                "step": pre.step, "source": pre.source, "tokenizer": tok, "config": _config_doc(pre.config),
+                "preprocess": preprocess_doc(pre, to)}
     (out / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    (out / PREPROCESSING_NOTE).write_text(preprocessing_note(pre, to))
+    make_readable(out)
     return out
 
 
+# ----------------------------------------------------------------------------------------------- preprocessing
+def preprocess_doc(pre: Pretrained, to: str) -> dict:
+    """What the manifest says about preprocessing: our eval view, and which inputs the target library's own
+    transform handles."""
+    mean, std = _mean_std(pre.modality)
+    lib = {"open_clip": "open_clip's transform (preprocess_cfg)", "hf": "the CLIPImageProcessor "
+           "(preprocessor_config.json)"}.get(to, to)
+    return {"size": int(pre.model.image_size), "mean": list(mean), "std": list(std),
+            "resize": "shortest side to size (bilinear, antialiased), centre crop size x size",
+            "scale": "uint8 / 255, uint16 / 65535", "library_transform": lib,
+            "library_transform_inputs": "8-bit grey or RGB images only",
+            "16-bit or DICOM-derived images": "medvlp.pretrain.export.image_preprocess(folder)"}
+
+
+def preprocessing_note(pre: Pretrained, to: str) -> str:
+    """PREPROCESSING.md of an export: what the library's own transform reproduces, and the exact path for
+    16-bit images."""
+    d = preprocess_doc(pre, to)
+    load = {"open_clip": 'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:THIS_FOLDER")',
+            "hf": 'processor = AutoProcessor.from_pretrained("THIS_FOLDER")'}.get(to, "")
+    text_line = ""
+    if to == "hf":
+        pool = pre.model.spec["text"].get("pool", "cls")
+        text_line = ("\nText: `model.get_text_features(**processor(text=..., padding=True, return_tensors=\"pt\"))"
+                     ".pooler_output` is our text embedding (unnormalised) to float precision: the exported pooler is "
+                     "a scaled identity (see medvlp.pretrain.export.to_hf).\n" if pool == "cls" else
+                     f"\nText: this model pools the last non-pad token (pool={pool!r}); `get_text_features` pools "
+                     "[CLS] and does NOT give our embedding. Use "
+                     "`medvlp.pretrain.export.hf_text_embedding(model, input_ids, pad_id, pool=\"eos\")`.\n")
+    return f"""# Preprocessing of this export
+
+Our eval view, which the weights were trained and evaluated with: {d['resize']}, size {d['size']}; pixel values
+scaled to [0, 1] ({d['scale']}); normalised with mean {d['mean']} and std {d['std']} (modality {pre.modality}).
+
+8-bit grey or RGB images: {d['library_transform']} reproduces it (resized pixels can differ slightly, the
+embeddings agree to about 1e-3):
+
+    {load}
+
+16-bit images (what medvlp shards keep for radiographs, e.g. from DICOM): the library transform is WRONG for
+them: it converts the image to 8-bit RGB by clipping, not scaling, and the embedding has nothing to do with ours.
+Use medvlp's own preprocessing, which scales 16-bit by 1/65535 exactly as training did:
+
+    from medvlp.pretrain.export import image_preprocess
+    preprocess = image_preprocess("THIS_FOLDER")   # path, PNG bytes, PIL image or uint8/uint16 array -> (3, S, S)
+    pixel_values = preprocess("image16.png")[None]
+
+(or, with the library's transform and a small loss of precision: `Image.fromarray((arr16 >> 8).astype("uint8"))`).
+{text_line}"""
+
+
+def decode_image(image: Any) -> np.ndarray:
+    """A path, encoded bytes, PIL image or array -> the (H, W) / (H, W, 3) uint8 or (H, W) uint16 array medvlp's
+    transforms take (16-bit PNG modes "I;16*" and "I" stay 16-bit, as in the shards)."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"image array dtype {image.dtype}: expected uint8 or uint16")
+        return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(image)))
+    elif isinstance(image, (str, os.PathLike)):
+        image = Image.open(image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image of type {type(image).__name__}: expected a path, bytes, PIL image or array")
+    image.load()
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint16:
+            if arr.size and (arr.min() < 0 or arr.max() > 65535):
+                raise ValueError(f"image values {arr.min()}..{arr.max()} are not 16-bit (0..65535)")
+            arr = arr.astype(np.uint16)
+        return arr
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
+    return np.asarray(image)
+
+
+def image_preprocess(src: str | os.PathLike | Pretrained) -> Callable[[Any], torch.Tensor]:
+    """The exact image preprocessing of a model (an export folder, run folder or weights file, or a loaded
+    `Pretrained`): callable(path | bytes | PIL image | uint8/uint16 array) -> normalised (3, S, S) float tensor,
+    8- and 16-bit alike (what open_clip's and HF's own transforms get wrong for 16-bit input)."""
+    pre = src if isinstance(src, Pretrained) else load_pretrained(src)
+    view = pre.transform()
+
+    def preprocess(image: Any) -> torch.Tensor:
+        return view(decode_image(image))
+
+    return preprocess
+
+
+def make_readable(folder: Path) -> None:
+    """Files and folders under `folder` get the modes the user's umask gives new files (safetensors writes its
+    files 0600, so another user or a serving container could not read an export)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [folder, *folder.rglob("*")]:
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def export(src: str | os.PathLike, to: str, out: str | os.PathLike, step: int | None = None) -> Path:
-    """`medvlp export`: load `src` (run folder, weights file or export; `step` for a checkpoint), write `out`."""
-    if to not in FORMATS:
-        raise ExportError(f"--to: {to!r} is not one of {', '.join(FORMATS)}")
+    """`medvlp export`: load `src` (run folder, weights file or export; `step` for a checkpoint), write `out`
+    (`to="mlflow"`: an MLflow pyfunc model folder, `build_mlflow_model`)."""
+    if to not in CLI_FORMATS:
+        raise ExportError(f"--to: {to!r} is not one of {', '.join(CLI_FORMATS)}")
+    if to == "mlflow":
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ExportError(f"{out}: exists and is not empty; choose a new --out folder")
+        if out.is_dir():
+            out.rmdir()  # an empty folder: mlflow.pyfunc.save_model wants to create it
+        return build_mlflow_model(src, step=step, out=out)
     return export_pretrained(load_pretrained(src, step=step), to, out)
 
 
@@ -362,12 +521,33 @@ def build_mlflow_model(run_dir: str | os.PathLike, step: int | None = None, to: 
     out = Path(out) if out is not None else Path(run_dir) / "mlflow_model"
     if out.exists():
         shutil.rmtree(out)
-    with tempfile.TemporaryDirectory() as tmp:
+    import warnings
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow's hint about type hints on predict: the explicit signature below is what validates inputs
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
         folder = export_pretrained(pre, fmt, Path(tmp) / "export")
         mlflow.pyfunc.save_model(str(out), python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),
                                  artifacts={"export": str(folder)}, pip_requirements=[],
-                                 metadata={"medvlp_format": fmt, "medvlp_step": pre.step})
+                                 signature=mlflow_signature(pre.embed_dim),
+                                 metadata={"medvlp_format": fmt, "medvlp_step": pre.step,
+                                           "medvlp_embed_dim": pre.embed_dim, "medvlp_modality": pre.modality})
+    make_readable(out)
     return out
+
+
+def mlflow_signature(embed_dim: int):
+    """Inputs: optional string "text", optional binary "image" (encoded PNG/JPEG, 8- or 16-bit); outputs: the
+    L2-normalised embeddings "text_embedding" / "image_embedding" (E floats; None where the row had no input)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    inputs = Schema([ColSpec(DataType.string, "text", required=False),
+                     ColSpec(DataType.binary, "image", required=False)])
+    outputs = Schema([ColSpec(Array(DataType.float), "text_embedding", required=False),
+                      ColSpec(Array(DataType.float), "image_embedding", required=False)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=None)
 
 
 def log_model_artifact(run_dir: str | os.PathLike, step: int | None = None, to: str | None = None, *,

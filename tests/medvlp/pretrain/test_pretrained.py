@@ -263,7 +263,7 @@ def test_mlflow_model_artifact_registers_and_predicts(tmp_path):
     try:
         version = mlflow.register_model(art, "medvlp-debug")
         loaded = mlflow.pyfunc.load_model(f"models:/medvlp-debug/{version.version}")
-        got = loaded.predict(pd.DataFrame({"text": TEXTS}))
+        got = np.stack(loaded.predict(pd.DataFrame({"text": TEXTS}))["text_embedding"])
     finally:
         mlflow.set_tracking_uri(None)
     with torch.no_grad():
