@@ -228,10 +228,29 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
     return 0
 
 
-def _config_keys_epilog(cls) -> str:
+def _config_keys_epilog(cls, what: str = "") -> str:
     from medvlp.launch.config import format_docs
 
-    return "config keys (set with --set KEY=VALUE; the recipe supplies the values):\n" + format_docs(cls)
+    return (f"config keys{what} (set with --set KEY=VALUE; the recipe supplies the values):\n"
+            + format_docs(cls))
+
+
+def _finetune_keys_epilog(stage: str | None) -> str:
+    """`medvlp finetune STAGE --help`: the stage's config keys; without a stage, the runner keys every stage has."""
+    from medvlp.finetune import get_stage
+
+    if stage:
+        try:
+            root_cls, _ = get_stage(stage)
+        except ValueError as e:
+            return f"{e}\n"
+        return _config_keys_epilog(root_cls, f" of stage {stage}")
+    from medvlp.finetune.runner import RunnerConfig
+    from medvlp.launch.config import format_docs
+
+    keys = "".join(f"finetune.{line}\n" for line in format_docs(RunnerConfig).splitlines())
+    return ("config keys of the shared runner, in every stage (set with --set KEY=VALUE); each stage adds its own "
+            "(model, data, loss, eval, tracking): `medvlp finetune STAGE --help` lists them all:\n" + keys)
 
 
 def _cmd_eval_few_shot(a: argparse.Namespace) -> int:
@@ -385,7 +404,8 @@ def _known_stages() -> list[str]:
         return []
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
+    """The `medvlp` parser; `help_stage`: the fine-tune stage whose config keys `finetune --help` lists."""
     p = argparse.ArgumentParser(prog="medvlp", description="Medical vision-language pretraining at scale.")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="debug logging, the libraries' INFO lines and warnings with their source")
@@ -483,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a fine-tune stage through the shared accelerate runner. Stages: "
                                    + (", ".join(_known_stages()) or "(none installed)")
                                    + ". Start several processes with "
-                                   "`accelerate launch --multi_gpu --num_processes N -m medvlp.launch.cli finetune ...`.")
+                                   "`accelerate launch --multi_gpu --num_processes N -m medvlp.launch.cli finetune ...`.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_finetune_keys_epilog(help_stage))
     s.add_argument("stage", help="stage name (e.g. path-clip, pcam, anatomy, report)")
     s.add_argument("recipe", nargs="?", default=None, help="recipe YAML (its kind must be the stage's)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
@@ -494,12 +516,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "baselines at every label budget and seed; one table)",
                        description="Every method of protocol.methods at every label budget (protocol.label_fractions "
                                    "and protocol.shots) and seed: a Markdown table, a PNG and one MLflow parent run "
-                                   "with a child per cell. See docs/path_clip.md.")
+                                   "with a child per cell. See docs/path_clip.md.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_finetune_keys_epilog("path-clip") if help_stage == "path-clip" else
+                       "config keys: `medvlp finetune path-clip --help` (the recipe's kind is path_clip)")
     s.add_argument("recipe", help="a kind: path_clip recipe (e.g. path-clip-patho)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     s.set_defaults(fn=_cmd_eval_few_shot)
 
-    s = sub.add_parser("anatomy-ablation", help="anatomy stage ablation: base / +VSE / +VSD / both, same seeds")
+    s = sub.add_parser("anatomy-ablation", help="anatomy stage ablation: base / +VSE / +VSD / both, same seeds",
+                       epilog="config keys: `medvlp finetune anatomy --help` (the recipe's kind is anatomy)")
     s.add_argument("recipe", help="an anatomy recipe (kind: anatomy)")
     s.add_argument("--seeds", type=int, nargs="+", default=[0], help="finetune.seed of each repetition")
     s.add_argument("--variants", nargs="+", default=["base", "+VSE", "+VSD", "both"])
@@ -596,7 +622,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["eval", "few-shot"]:  # `medvlp eval few-shot RECIPE` is the eval-few-shot command
         argv = ["eval-few-shot"] + argv[2:]
-    args = build_parser().parse_args(argv)
+    asks_help = any(x in ("-h", "--help") for x in argv)
+    help_stage = None
+    if asks_help and argv[:1] == ["finetune"] and len(argv) > 1 and not argv[1].startswith("-"):
+        help_stage = argv[1]
+    elif asks_help and argv[:1] == ["eval-few-shot"]:
+        help_stage = "path-clip"
+    args = build_parser(help_stage).parse_args(argv)
     from medvlp.pretrain.progress import setup_logging
 
     setup_logging(args.verbose)  # library INFO chatter at WARNING and warnings on one line, unless -v
