@@ -12,6 +12,10 @@ label spec, build command; context "train" / "eval"), and, with `tracking.system
 metrics (system/cpu_utilization_percentage, ...). `log_eval_run` records an evaluation as a child run
 (mlflow.parentRunId) of the training run it evaluated.
 
+Run names: `cfg.run_name`, else RECIPE-SUFFIX (`default_run_name`: the run folder's name and 6 hex digits from the
+OS's entropy; MLflow's own generated names come from `random`, which a seeded run fixes). An evaluation's child
+run is `eval-<training run name>-<split>` (`eval_run_name`).
+
 Where runs go: `cfg.uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///mlruns.db` in the current directory (made
 absolute, so a later `chdir` does not split the store). An http(s) server is probed first (`cfg.probe_timeout_s`);
 if it does not answer, a warning is printed and the run goes to the local fallback store instead. Training must
