@@ -3,10 +3,14 @@
     export("runs/debug", "open_clip", "exports/debug")     # open_clip_config.json + open_clip_model.safetensors
     open_clip.create_model_and_transforms("local-dir:exports/debug")   # the same image / text embeddings
     export("runs/bert", "hf", "exports/bert-hf")           # VisionTextDualEncoderModel folder (ViT + BERT)
-    log_model_artifact("runs/debug", run_id=RUN_ID)        # an MLflow pyfunc model of the export, registerable
+    export("runs/debug", "mlflow", "exports/debug-mlflow") # an MLflow pyfunc model folder (text + image inputs)
+    log_model_artifact("runs/debug", run_id=RUN_ID)        # the same, logged into a run, registerable
+    image_preprocess("exports/debug")(png16)               # our exact preprocessing, 8- and 16-bit input
 
-Every export folder also holds `medvlp_export.json` (architecture spec, run config, modality, step) so that
-`load_pretrained(folder)` reads it back into our `MedCLIP`.
+Every export folder also holds `medvlp_export.json` (architecture spec, run config, modality, step, preprocessing)
+so that `load_pretrained(folder)` reads it back into our `MedCLIP`, and `PREPROCESSING.md`: the libraries' own image
+transforms (open_clip's preprocess_cfg, HF's CLIPImageProcessor) match ours on 8-bit images only; they clip a
+16-bit image to 8 bits, so 16-bit input goes through `image_preprocess`. Files get the user's umask modes.
 
 open_clip (`--to open_clip`): our 2D towers ARE open_clip's `VisionTransformer` / `ModifiedResNet` and its text
 transformer, so the mapping is a rename (`visual.net.*` -> `visual.*`, `text.net.*` -> the top-level text names of
@@ -18,10 +22,11 @@ differently).
 
 Hugging Face (`--to hf`): a `VisionTextDualEncoderModel` folder: our ViT (open_clip's pre-LN ViT with a class
 token) maps exactly onto `CLIPVisionModel` (hidden_act="gelu"), the BERT tower onto `BertModel`, the projections
-onto `visual_projection` / `text_projection`. `get_image_features` reproduces our image embedding. Our text
-embedding is the projected [CLS] state (no BERT pooler), while `get_text_features` projects BERT's tanh pooler;
-the export sets the pooler to identity weights, so the exact text embedding is
-`text_projection(text_model(ids, attention_mask=ids != pad).last_hidden_state[:, 0])` (`hf_text_embedding`).
+onto `visual_projection` / `text_projection`; `processor_config.json` / `preprocessor_config.json` make
+`AutoProcessor.from_pretrained` work. `get_image_features` reproduces our image embedding. Our text embedding is
+the projected [CLS] state (no BERT pooler), while `get_text_features` projects BERT's tanh pooler: the export sets
+the pooler to eps * I and stores the projection divided by eps, so get_text_features = W/eps * tanh(eps * CLS) is
+our embedding to float precision (pool="cls"); `hf_text_embedding` is exact for either pool.
 ResNet and 3D vision towers and open_clip text towers have no transformers class: they fail with a clear message.
 """
 from __future__ import annotations
