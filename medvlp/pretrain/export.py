@@ -377,13 +377,14 @@ def preprocessing_note(pre: Pretrained, to: str) -> str:
 Our eval view, which the weights were trained and evaluated with: {d['resize']}, size {d['size']}; pixel values
 scaled to [0, 1] ({d['scale']}); normalised with mean {d['mean']} and std {d['std']} (modality {pre.modality}).
 
-8-bit grey or RGB images: {d['library_transform']} reproduces it (resized pixels can differ slightly, the
-embeddings agree to about 1e-3):
+8-bit grey or RGB images: {d['library_transform']} reproduces it (resized pixels can differ slightly; on
+the project's test models the embeddings had cosine >= 0.9997 with ours):
 
     {load}
 
 16-bit images (what medvlp shards keep for radiographs, e.g. from DICOM): the library transform is WRONG for
-them: it converts the image to 8-bit RGB by clipping, not scaling, and the embedding has nothing to do with ours.
+them: it converts the image to 8-bit RGB by clipping, not scaling (a typical radiograph becomes a blank white
+image), and the embedding has nothing to do with ours.
 Use medvlp's own preprocessing, which scales 16-bit by 1/65535 exactly as training did:
 
     from medvlp.pretrain.export import image_preprocess
