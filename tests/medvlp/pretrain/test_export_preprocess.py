@@ -127,6 +127,9 @@ def test_hf_export_has_a_processor_and_get_text_features_is_our_embedding(tmp_pa
         px = proc(images=[Image.fromarray(a) for a in img8], return_tensors="pt")["pixel_values"]
         e_hf = hf.get_image_features(pixel_values=px).pooler_output
         e_us = model.encode_image(torch.stack([ours(a) for a in img8]), normalize=False)
+        # HF's processor on a 16-bit image clips it to 8 bits: a blank image (PREPROCESSING.md says so)
+        blank = proc(images=[Image.fromarray(_radiograph16(0))], return_tensors="pt")["pixel_values"]
+        assert float(blank.std()) < 1e-6 < float(ours(_radiograph16(0)).std())
     assert rel < 1e-5, rel
     assert (exact - want).abs().max().item() <= 1e-5
     assert all(_cos(e_hf[i], e_us[i]) > 0.999 for i in range(2))
