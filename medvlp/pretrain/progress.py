@@ -175,6 +175,8 @@ def setup_logging(verbose: bool = False, fmt: str = "%(asctime)s %(levelname)s %
     import warnings
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt)
+    if not verbose:  # MLflow sets its loggers' level from this variable when it is imported (after us)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:

@@ -105,3 +105,17 @@ def test_console_logging_quiets_libraries_and_warnings_fit_one_line(capsys):
         warnings.showwarning = before
         for n, lv in levels.items():
             logging.getLogger(n).setLevel(lv)
+
+
+def test_mlflow_imported_after_setup_stays_at_warning():
+    """MLflow sets its own loggers' level when imported; the console set-up must hold through that."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from medvlp.pretrain.progress import setup_logging; setup_logging(False); import logging, mlflow; "
+            "print(logging.getLogger('mlflow').getEffectiveLevel(), logging.getLogger('mlflow.store').getEffectiveLevel())")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["30", "30"]
