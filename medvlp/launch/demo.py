@@ -73,8 +73,7 @@ def interrupted_summary(step: int | None, total: int, why: str, run_id: str | No
              f"(`make demo`, or `python -m medvlp.launch.demo` with the same --out) to "
              + ("continue from that checkpoint." if step is not None else "start again.")]
     if losses:
-        lines += ["", f"loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f} over steps {losses[0][0]}..{losses[-1][0]} "
-                      f"of this session"]
+        lines += ["", f"loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f} over steps {losses[0][0]}..{losses[-1][0]}"]
     if run_id:
         lines += ["", f"MLflow run `{run_id}` in `{uri}`"]
     return "\n".join(lines) + "\n"
