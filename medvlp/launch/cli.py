@@ -591,8 +591,10 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
     s = rn.add_parser("compare", help="table + loss-curve overlay of an experiment's runs")
     s.add_argument("--experiment", required=True)
     s.add_argument("--metric", action="append", default=[])
-    s.add_argument("--uri", default=None)
-    s.add_argument("--out", default=None, help="overlay PNG path")
+    s.add_argument("--uri", default=None, help="tracking store (default: $MLFLOW_TRACKING_URI, else ./mlruns.db, "
+                                                 "the store every command uses)")
+    s.add_argument("--out", default=None, help="overlay PNG path (default: medvlp-outputs/compare-EXPERIMENT-"
+                                                 "TIMESTAMP.png beside the store's database)")
     s.add_argument("--filter", default="", help="MLflow filter string, e.g. \"params.`optim.lr` = '0.003'\"")
     s.add_argument("--ci", action="store_true", help="paired bootstrap CI of each run's macro AUC vs the baseline")
     s.add_argument("--baseline", default=None, help="run name or id the others are compared with (default: first)")
