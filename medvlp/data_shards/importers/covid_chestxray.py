@@ -22,7 +22,8 @@ Labels:
 * label groups (single-label zero-shot, index.json["label_groups"]): `view` (PA, AP, AP Supine, L, ...) and
   `finding` (the whole finding string), each over its classes with >= `min_count` images; `modality` too when the
   import keeps more than one.
-Meta keeps patientid, offset, sex, age, finding, view, modality, date, location, doi, url and the per-image
+Meta keeps patientid, offset, sex, age, finding, view, date, location, doi, url, the row's `modality` as
+`source_modality` (meta["modality"] is the shard modality, cxr) and the per-image
 `license` (always present, "" when the row has none: the licences differ per image; check before sharing).
 
 Splits: by `patientid` (a seeded hash; `val_frac`, `test_frac`), so no patient is in two splits; index.json["build"]
@@ -38,14 +39,14 @@ from typing import Any
 from medvlp.data_shards.importers.common import IMAGE_FILE_OPTIONS, build_image_rows
 from medvlp.data_shards.importers.layout import (LayoutError, label_group, limit_rows, options, require_columns,
                                                  resolve_within, source_file, source_root, split_record)
-from medvlp.data_shards.manifest import Row, assign_splits, check_global, iter_csv_rows, sanitise_key
+from medvlp.data_shards.manifest import Row, assign_splits, check_files, check_global, iter_csv_rows, sanitise_key
 
 OPTIONS = {**{k: v for k, v in IMAGE_FILE_OPTIONS.items() if k != "root"},
            "metadata": (str, "metadata.csv", "the metadata CSV, relative to the source folder"),
            "modalities": (str, "X-ray", "comma list of `modality` values imported (X-ray rows only by default)"),
            "min_count": (int, 5, "images a finding term / view / finding needs to become a label class")}
 REQUIRED = ["patientid", "finding", "view", "modality", "filename", "clinical_notes"]
-META = ["patientid", "offset", "sex", "age", "finding", "view", "modality", "date", "location", "doi", "url"]
+META = ["patientid", "offset", "sex", "age", "finding", "view", "date", "location", "doi", "url"]
 NO_LABEL = {"todo", "unknown", ""}
 NORMAL = "no finding"
 FINDING_TEMPLATES = ["a chest x-ray showing {c}."]
@@ -92,6 +93,7 @@ def _rows(csv_path: Path, root: Path, o: dict) -> tuple[list[Row], list[str], di
             errors.append(f"{where}: column 'filename': {why}")
             continue
         meta = {c: raw[c].strip() for c in META if raw.get(c, "").strip()}
+        meta["source_modality"] = raw["modality"].strip()  # meta["modality"] is the shard modality (cxr)
         meta["license"] = raw.get("license", "").strip()
         rows.append(Row(source=csv_path.name, line=line, key=sanitise_key("covid_chestxray/" + Path(fname).stem),
                         kind="image", paths={"image": path}, given={"image": given}, text=text, labels={},
@@ -109,6 +111,8 @@ def import_covid_chestxray(src: str | Path, out_dir: str | Path, **opts: Any) ->
     csv_path = source_file(root, o["metadata"], "covid_chestxray", "the data set's metadata CSV")
     rows, errors, counts = _rows(csv_path, root, o)
     rows, more = check_global(rows)  # duplicated file names (one image on two rows) are bad rows
+    errors += more
+    rows, more = check_files(rows)  # before the split record and label counts, so they count what is built
     errors += more
     if not rows:
         raise LayoutError(f"covid_chestxray importer: {csv_path}: no usable row ({len(errors)} bad; first: "
@@ -132,7 +136,7 @@ def import_covid_chestxray(src: str | Path, out_dir: str | Path, **opts: Any) ->
     groups = {}
     for name, field, tmpl, prompts in (("view", "view", ["a chest x-ray, {c} view."], VIEW_PROMPTS),
                                        ("finding", "finding", ["a chest x-ray of {c}."], None),
-                                       ("modality", "modality", ["a chest {c}."], None)):
+                                       ("modality", "source_modality", ["a chest {c}."], None)):
         g = label_group(field, (r.meta.get(field, "") for r in rows), o["min_count"], tmpl, prompts)
         if g is not None:
             groups[name] = g
