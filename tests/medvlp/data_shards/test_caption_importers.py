@@ -145,3 +145,131 @@ def test_covid_chestxray_on_real_radiographs(tmp_path):
     split_of: dict[str, str] = {}
     for s in got.values():
         assert split_of.setdefault(s.meta["patient_id"], s.meta["split"]) == s.meta["split"]
+
+
+# ----------------------------------------------------------------------------------------------- medpix
+def _medpix_folder(tmp_path: Path, splits: bool) -> Path:
+    root = tmp_path / "MedPix-2-0"
+    recs, cases = [], []
+    for c in range(8):
+        uid = f"MPX{1000 + c}"
+        typ = "CT" if c % 2 == 0 else "MR"
+        cases.append({"U_id": uid, "Case": {"Title": f"Diagnosis {c}", "Findings": f"Findings {c}."}, "Topic": {}})
+        for i in range(2):
+            stem = f"{uid}_synpic{c}{i}"
+            _png(root / "images" / f"{stem}.png", 20 * c + i)
+            recs.append({"Type": typ, "U_id": uid, "image": stem,
+                         "Description": {"Caption": f"Case {c} image {i}.", "Modality": f"{typ} w/contrast",
+                                         "Plane": ["Axial", "Coronal"][i], "Age": "40", "Sex": "male",
+                                         "ACR Codes": "1.2"},
+                         "Location": "Brain", "Location Category": ["Head", "Thorax"][c % 2 == 0 and i]})
+    recs.append({"Type": "CT", "U_id": "MPX9", "image": "MPX9_x", "Description": {"Caption": "Replace this - "
+                 "DESCRIPTION OF THE IMAGE OR FINDINGS."}})
+    recs.append({"Type": "CT", "U_id": "MPX9", "image": "../../evil", "Description": {"Caption": "bad path"}})
+    (root / "Descriptions.json").write_text(json.dumps(recs))
+    (root / "Case_topic.json").write_text(json.dumps(cases))
+    if splits:
+        sd = root / "splitted_dataset"
+        sd.mkdir()
+        by = {"train": [0, 1, 2, 3, 4], "dev": [5], "test": [6, 7]}
+        for name, cs in by.items():
+            lines = [json.dumps(r) for r in recs[:16] if int(r["U_id"][3:]) - 1000 in cs]
+            (sd / f"descriptions_{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_medpix_official_splits_caption_labels_and_groups(tmp_path):
+    root = _medpix_folder(tmp_path, splits=True)
+    doc = import_dataset("medpix", root, tmp_path / "out", min_count="2", progress="false", workers="1",
+                         text="caption_case")
+    got = samples(tmp_path / "out")
+    assert doc["num_samples"] == 16 and doc["splits"] == {"test": 4, "train": 10, "val": 2}
+    errors = (tmp_path / "out" / "build_errors.txt").read_text()
+    assert "Descriptions.json record 17: 'Description.Caption' is a placeholder" in errors
+    assert "Descriptions.json record 18: key 'image':" in errors and "leaves the source folder" in errors
+    s = got["medpix/MPX1003_synpic31"]
+    assert s.text == "Case 3 image 1. Diagnosis 3 Findings 3." and s.meta["split"] == "train"
+    assert s.labels == {"CT": 0, "MR": 1} and s.meta["source_modality"] == "MR" and s.meta["plane"] == "Coronal"
+    assert got["medpix/MPX1006_synpic60"].meta["split"] == "test"
+    assert doc["labels"]["kind"] == "single-label" and doc["labels"]["class_names"] == ["CT", "MR"]
+    assert set(doc["label_groups"]) == {"modality", "plane", "region"}
+    assert doc["label_groups"]["plane"]["spec"]["class_names"] == ["Axial", "Coronal"]
+    assert doc["build"]["splits_by"]["official"] is True and doc["build"]["splits_by"]["groups"]["test"] == 2
+
+
+def test_medpix_without_splits_is_split_by_case_and_bad_layouts_are_one_line(tmp_path):
+    root = _medpix_folder(tmp_path, splits=False)
+    doc = import_dataset("medpix", root, tmp_path / "out", val_frac="0.3", test_frac="0.3", progress="false",
+                         workers="1")
+    split_of: dict[str, str] = {}
+    for s in samples(tmp_path / "out").values():
+        assert split_of.setdefault(s.meta["u_id"], s.meta["split"]) == s.meta["split"]
+        assert s.text.startswith("Case ")
+    assert doc["build"]["splits_by"]["official"] is False and len(set(split_of.values())) >= 2
+    (root / "Descriptions.json").write_text(json.dumps([{"Type": "CT", "image": "x"}]))
+    with pytest.raises(LayoutError, match=r"record 1: missing column\(s\) \['U_id', 'Description'\]"):
+        import_dataset("medpix", root, tmp_path / "o2")
+    (root / "Descriptions.json").write_text("{not json")
+    with pytest.raises(LayoutError, match="Descriptions.json: not valid JSON"):
+        import_dataset("medpix", root, tmp_path / "o2")
+    (root / "Descriptions.json").unlink()
+    with pytest.raises(LayoutError, match="Descriptions.json not found"):
+        import_dataset("medpix", root, tmp_path / "o2")
+
+
+# ----------------------------------------------------------------------------------------------- roco
+def test_roco_split_folders_captions_txt_and_csv(tmp_path):
+    root = tmp_path / "roco"
+    for folder, n in (("train", 6), ("validation", 2), ("test", 3)):
+        rad = root / folder / "radiology"
+        lines = []
+        for i in range(n):
+            ident = f"ROCO_{folder[:2]}{i:03d}"
+            _png(rad / "images" / f"{ident}.jpg", 30 + i)
+            lines.append(f"{ident}\t Axial CT {folder} figure {i}. ")
+        if folder == "train":
+            lines += ["ROCO_tr999 missing tab", "ROCO_tr998\t", "ROCO_tr997\tno image file"]
+            (rad / "captions.txt").write_text("\n".join(lines) + "\n")
+        else:
+            with open(rad / f"radiology{folder}data.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["id", "name", "caption"])
+                for ln in lines:
+                    ident, cap = ln.split("\t")
+                    w.writerow([ident, f"{ident}.jpg", cap])
+    (root / "train" / "non-radiology").mkdir()
+    doc = import_dataset("roco", root, tmp_path / "out", progress="false", workers="1")
+    got = samples(tmp_path / "out")
+    assert doc["splits"] == {"test": 3, "train": 6, "val": 2} and doc["label_names"] == []
+    assert got["roco/ROCO_tr001"].text == "Axial CT train figure 1." and got["roco/ROCO_va000"].meta["split"] == "val"
+    errors = (tmp_path / "out" / "build_errors.txt").read_text()
+    for line, what in ((7, "no tab"), (8, "empty caption"), (9, "file not found")):
+        assert f"train/radiology/captions.txt line {line}" in errors and what in errors
+    assert doc["build"]["splits_by"]["group_by"] == "image id"
+    with open(root / "test" / "radiology" / "radiologytestdata.csv", "w") as f:
+        f.write("id,text\nROCO_te000,x\n")
+    with pytest.raises(LayoutError, match=r"missing column\(s\) \['caption'\]"):
+        import_dataset("roco", root, tmp_path / "o2")
+    with pytest.raises(LayoutError, match="no train/radiology"):
+        import_dataset("roco", tmp_path / "out", tmp_path / "o3")
+
+
+def test_generic_caption_table_is_the_manifest_builder(tmp_path):
+    """CSV/JSONL of image path + caption + optional group id: `shards build` reads it as a manifest, with the
+    group as patient_id (splits by group) and any other column kept in meta."""
+    from medvlp.data_shards.build import build_shards
+
+    rows = []
+    for g in range(6):
+        for i in range(2):
+            _png(tmp_path / "img" / f"{g}_{i}.png", 10 * g + i)
+            rows.append({"image": f"img/{g}_{i}.png", "report": f"caption {g} {i}", "patient_id": f"pmc{g}",
+                         "source_url": f"u{g}"})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    doc = build_shards(tmp_path / "pairs.jsonl", tmp_path / "out", val_frac=0.3, test_frac=0.3, workers=1,
+                       progress=False)
+    got = samples(tmp_path / "out")
+    assert doc["num_samples"] == 12 and got["img/3_1"].text == "caption 3 1" and got["img/3_1"].meta["source_url"] == "u3"
+    split_of: dict[str, str] = {}
+    for s in got.values():
+        assert split_of.setdefault(s.meta["patient_id"], s.meta["split"]) == s.meta["split"]
