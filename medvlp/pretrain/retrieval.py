@@ -19,8 +19,9 @@ the median over queries of the median of that distribution.
 
 Label-group zero-shot (single-label, CLIP protocol: softmax over the class prompt ensembles with the model's scale):
 per group the samples whose meta field holds one of the group's classes; top-1 accuracy and balanced accuracy
-(mean per-class recall) with bootstrap CIs; chance beside: the majority-class share (top-1 of always answering the
-commonest class) and 1/K (balanced accuracy of any constant answer).
+(mean recall over the classes present) with bootstrap CIs; chance beside: the majority-class share (top-1 of always
+answering the commonest class) and 1/K with K the classes present in the split (the balanced accuracy of any
+constant answer; uniform guessing over all the group's classes scores less).
 
 Metric names: "retrieval/<d>_r<K>_ci_lo|_ci_hi|_chance", "retrieval/<d>_median_rank" (+ "_ci_lo", "_ci_hi",
 "_chance") with d in i2t, t2i; "zeroshot_group/<group>/top1" (+ "_ci_lo", "_ci_hi"), ".../balanced_acc" (+ CIs),
@@ -168,7 +169,7 @@ def group_zero_shot(model, img_NE: np.ndarray, metas: Sequence[dict], groups: di
         out[f"{pre}/balanced_acc_ci_lo"], out[f"{pre}/balanced_acc_ci_hi"] = _boot(
             pair, lambda p: _balanced(p[:, 0], p[:, 1]), n_boot, seed)
         out[f"{pre}/chance_top1"] = float(np.bincount(y).max() / len(y))
-        out[f"{pre}/chance_balanced"] = 1.0 / len(classes)
+        out[f"{pre}/chance_balanced"] = 1.0 / len(np.unique(y))  # a constant answer: one present class right
     return out
 
 
@@ -232,7 +233,7 @@ def format_tables(m: dict[str, Any]) -> tuple[str, set[str]]:
     groups = sorted({k.split("/")[1] for k in m if k.startswith("zeroshot_group/")})
     if groups:
         rows = ["| label group (zero-shot, single-label) | n | classes | top-1 [95% CI] (majority) | "
-                "balanced acc [95% CI] (1/K) |", "| --- | --- | --- | --- | --- |"]
+                "balanced acc [95% CI] (1/K present) |", "| --- | --- | --- | --- | --- |"]
         for g in groups:
             p = f"zeroshot_group/{g}"
             used.update(k for k in m if k.startswith(p + "/"))

@@ -98,6 +98,10 @@ def test_group_zero_shot_known_answer_and_chance():
     assert m["zeroshot_group/view/chance_top1"] == pytest.approx(6 / 11)
     assert m["zeroshot_group/view/chance_balanced"] == pytest.approx(1 / 3)
     assert m["zeroshot_group/view/top1_ci_lo"] <= 10 / 11 <= m["zeroshot_group/view/top1_ci_hi"]
+    metas2 = [{"view": v} for v in ["PA"] * 4 + ["AP"] * 2]  # L absent: a constant answer gets 1/2, not 1/3
+    m2 = R.group_zero_shot(model, img[[1, 2, 3, 4, 6, 7]], metas2, {"view": {"field": "view", "spec": spec}}, "cpu",
+                           n_boot=10)
+    assert m2["zeroshot_group/view/chance_balanced"] == 0.5 and m2["zeroshot_group/view/n_classes"] == 3
 
 
 def _covid_like(root, n_patients=16):
