@@ -33,7 +33,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 

@@ -86,7 +86,8 @@ class _PromptModel(torch.nn.Module):
 
 def test_group_zero_shot_known_answer_and_chance():
     spec = {"kind": "single-label", "class_names": ["AP", "L", "PA"], "templates": ["a {c} x-ray."]}
-    vec = {"a AP x-ray.": np.array([1.0, 0, 0]), "a L x-ray.": np.array([0, 1.0, 0]), "a PA x-ray.": np.array([0, 0, 1.0])}
+    vec = {"a AP x-ray.": np.array([1.0, 0, 0]), "a L x-ray.": np.array([0, 1.0, 0]),
+           "a PA x-ray.": np.array([0, 0, 1.0])}
     model = _PromptModel(vec)
     views = ["PA"] * 6 + ["AP"] * 3 + ["L"] * 2 + ["CT-axial"]
     img = np.stack([vec[f"a {v} x-ray."] if v != "CT-axial" else np.ones(3) / 3 ** 0.5 for v in views])
