@@ -447,7 +447,7 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
     modality = rows[0].modality
     written = sum(i.count for i in infos)
     in_build = (extra or {}).get("num_rows_in_build", len(rows))
-    top = {k: extra.pop(k) for k in ("organ_names",) if k in extra}  # index-level fields, beside label_names
+    top = {k: extra.pop(k) for k in ("organ_names", "label_groups") if k in extra}  # index-level fields, beside label_names
     build = {**(extra or {}), "num_planned": len(rows), "num_dropped": in_build - written,
              "num_errors": len(errors), "image_size": image_size, "maxcount": maxcount, "maxsize": maxsize,
              "reused_shards": len(names) - len(tasks)}

@@ -23,6 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from medvlp.data_shards.importers import IMPORTERS  # the importer kinds (a table; importers load on use)
 from medvlp.launch.config import load_stage_config  # noqa: F401 - re-exported: the stages' tests and commands use it
 
 
@@ -473,7 +474,7 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
                    help="exit 1 on any sha256 mismatch, missing shard, corrupt sample or count mismatch (CI gates)")
     s.set_defaults(fn=_cmd_inspect)
     s = sh.add_parser("import", help="import a public data set layout")
-    s.add_argument("kind", choices=["medmnist", "chexpert", "iuxray", "pcam", "mimic_cxr", "ct_reports"])
+    s.add_argument("kind", choices=sorted(IMPORTERS))
     s.add_argument("src")
     s.add_argument("--out", required=True)
     s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="importer option")

@@ -29,6 +29,9 @@ class ModelConfig:
     name: str = "debug"  # model config name in the registry (or a path to a JSON file)
     tokenizer: str = ""  # path to a trained tokenizer dir (BERT-style text towers); "" = open_clip BPE
     checkpoint: str = ""  # local checkpoint to initialise from ("" = from scratch)
+    init: str = ""  # local open_clip checkpoint (file or folder) to start from; its architecture is built (init_from)
+    init_arch: str = ""  # architecture of model.init: an open_clip model name or a .json config ("" = beside it)
+    text_init: str = ""  # local Hugging Face BERT-family folder: text tower + tokenizer to start from
     grad_checkpointing: bool = False  # activation checkpointing on both towers
     init_logit_scale: float | None = None  # initial t of s = exp(t); null = model config's (CLIP: log(1/0.07))
     init_logit_bias: float | None = None  # initial learned logit bias (SigLIP); null = model config's (none for CLIP)

@@ -313,6 +313,9 @@ def evaluate_detailed(model, data_cfg, eval_cfg: EvalConfig | None = None, *, mo
         if eval_cfg.retrieval:
             r, report.sim_NN = retrieval_metrics(ev.img_NE, ev.txt_NE, ev.texts)
             metrics.update(r)
+        from medvlp.pretrain import retrieval as R  # CIs + chance, label-group zero-shot (real captions)
+        metrics.update(R.real_caption_metrics(model, ev, data_cfg, eval_cfg, device=device, split=split,
+                                              sim_NN=report.sim_NN))
         if (eval_cfg.linear_probe or eval_cfg.kshot) and has_labels:
             metrics.update(_probe_metrics(model, data_cfg, eval_cfg, ev, device, limit, loader_fn))
     finally:
@@ -415,6 +418,10 @@ def format_table(metrics: dict[str, Any], protocol: str = "") -> str:
             val = "skipped (too few samples)" if mean == "n/a" else f"{mean} ± {std}"
             rows.append(f"| {k} | {val} | {_int(m.get(keys[2]))} |")
         parts.append("\n".join(rows))
+    from medvlp.pretrain.retrieval import format_tables as real_caption_tables
+    table, shown = real_caption_tables(m)
+    used.update(shown)
+    parts += [table] if table else []
     rest = sorted(k for k in m if k not in used)
     if rest:
         parts.append("\n".join(["| metric | value |", "| --- | --- |"] + [f"| {k} | {_fmt(m[k])} |" for k in rest]))

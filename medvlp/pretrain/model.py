@@ -146,7 +146,11 @@ def _spec_for(cfg: ModelConfig, loss_cfg: LossConfig | None) -> tuple[dict, floa
 
 def build_model(cfg: ModelConfig, loss_cfg: LossConfig | None = None) -> MedCLIP:
     """Registry config -> MedCLIP (+ tokenizer, + local checkpoint). `loss_cfg.kind == "siglip"` adds the bias."""
+    from medvlp.pretrain import init_from
+
+    cfg = init_from.resolve(cfg)  # model.text_init: its tokenizer
     spec, scale, bias = _spec_for(cfg, loss_cfg)
+    spec = init_from.init_spec(cfg, spec)  # model.init / model.text_init: their architecture
     text = spec["text"]
     tokenizer = None
     if text["type"] == "openclip":
@@ -158,10 +162,12 @@ def build_model(cfg: ModelConfig, loss_cfg: LossConfig | None = None) -> MedCLIP
         tokenizer = build_tokenizer("openclip", int(text.get("context_length", 77)))
     elif cfg.tokenizer:
         tokenizer = build_tokenizer("bert", int(text.get("context_length", 77)), cfg.tokenizer)
-        # The embedding table matches the trained vocabulary: the vocab belongs to the tokenizer, not the config.
-        text["vocab_size"] = tokenizer.vocab_size
+        # The embedding table matches the trained vocabulary: the vocab belongs to the tokenizer, not the config
+        # (a model.text_init folder's config.json already says its checkpoint's table size).
+        text["vocab_size"] = text["vocab_size"] if cfg.text_init else tokenizer.vocab_size
         text["pad_token_id"] = tokenizer.pad_id
     model = MedCLIP(spec, tokenizer, scale, bias)
+    init_from.load_init(model, cfg)  # their weights
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
     if cfg.grad_checkpointing:

@@ -2,7 +2,8 @@
 
 kinds: medmnist (.npz), chexpert (CheXpert / MIMIC-CXR label CSV + images), iuxray (reports + projections CSVs +
 images), pcam (PatchCamelyon HDF5), mimic_cxr (MIMIC-CXR DICOM tree + reports), ct_reports (NIfTI volumes + reports
-CSV, organ masks from segmentations/ folders). Options arrive as Python values or as the CLI's `KEY=VALUE` strings; each
+CSV, organ masks from segmentations/ folders), covid_chestxray (metadata.csv + images/, clinical notes), medpix (MedPix 2.0
+Descriptions.json + Case_topic.json + images/), roco (ROCO radiology folders: captions + images/). Options arrive as Python values or as the CLI's `KEY=VALUE` strings; each
 importer converts them to their types and rejects unknown ones by name.
 """
 from __future__ import annotations
@@ -16,7 +17,10 @@ IMPORTERS = {"medmnist": ("medvlp.data_shards.importers.medmnist", "import_medmn
              "iuxray": ("medvlp.data_shards.importers.iuxray", "import_iuxray"),
              "pcam": ("medvlp.data_shards.importers.pcam", "import_pcam"),
              "mimic_cxr": ("medvlp.data_shards.importers.mimic_cxr", "import_mimic_cxr"),
-             "ct_reports": ("medvlp.data_shards.importers.ct_reports", "import_ct_reports")}
+             "ct_reports": ("medvlp.data_shards.importers.ct_reports", "import_ct_reports"),
+             "covid_chestxray": ("medvlp.data_shards.importers.covid_chestxray", "import_covid_chestxray"),
+             "medpix": ("medvlp.data_shards.importers.medpix", "import_medpix"),
+             "roco": ("medvlp.data_shards.importers.roco", "import_roco")}
 
 
 def import_dataset(kind: str, src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
