@@ -80,10 +80,10 @@ from medvlp.data_shards.config import DataConfig
 from medvlp.data_shards.guard import (BadRun, DataStreamError, ShardVerifier, StopSignal, StreamStopped, as_stop_check,
                                check_pipe_allowed)
 from medvlp.data_shards.members import MemberContext, MemberError, MemberSet
-from medvlp.data_shards.schema import SCHEMA_VERSION, Sample, SampleDecodeError, decode_sample
+from medvlp.data_shards.schema import Sample, SampleDecodeError, decode_sample
 from medvlp.data_shards.transforms import SampleTransform, collate_bags
 from medvlp.data_shards import remote
-from medvlp.data_shards.writer import INDEX_NAME, ShardIndexError, read_index
+from medvlp.data_shards.writer import INDEX_NAME, ShardIndexError, check_index, read_index
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +119,7 @@ class ShardSet:
 
 
 def _check_index(doc: Any, where: str) -> dict:
-    if not isinstance(doc, dict) or not isinstance(doc.get("shards"), list):
-        raise ShardIndexError(f"{where}: not a shard index (no 'shards' list)")
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ShardIndexError(f"{where}: schema_version {doc.get('schema_version')} != supported {SCHEMA_VERSION}")
-    return doc
+    return check_index(doc, where)
 
 
 def _load_index_file(path: Path | str, allow_pipe: bool = True) -> dict:
@@ -132,10 +128,11 @@ def _load_index_file(path: Path | str, allow_pipe: bool = True) -> dict:
     path = Path(path)
     if path.is_dir() or path.name == INDEX_NAME:
         return read_index(path if path.is_dir() else path.parent)
-    doc = json.loads(path.read_text())  # e.g. a part index (index.part0of2.json)
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {doc.get('schema_version')} != supported {SCHEMA_VERSION}")
-    return doc
+    try:
+        doc = json.loads(path.read_text())  # e.g. a part index (index.part0of2.json)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardIndexError(f"{path}: not valid JSON ({e})") from None
+    return check_index(doc, str(path))
 
 
 def _find_index(spec: str | list[str], index_path: str, allow_pipe: bool = True) -> tuple[dict, str]:
