@@ -92,7 +92,8 @@ def _read_options(a: argparse.Namespace):
         raise SystemExit("--hash-ids and --salt-file go together (the salt keeps the hashes from being guessed)")
     read = ReadOptions(window=_floats(a.dicom_window, 2, "--dicom-window"), voi=a.dicom_voi,
                        spacing=_floats(a.spacing, 3, "--spacing"),
-                       organs=tuple(o for o in (a.organs or "").split(",") if o), hash_ids=a.hash_ids)
+                       organs=tuple(o for o in (a.organs or "").split(",") if o), hash_ids=a.hash_ids,
+                       keep_burned_in=a.keep_burned_in)
     return read, (read_salt(a.salt_file) if a.hash_ids else None)
 
 
@@ -425,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--part", default=None, help="I/N: build only slice I of N (parallel builders)")
     s.add_argument("--root", default=None, metavar="DIR",
                    help="data root: manifest paths may point under DIR too (default: only under the manifest's folder)")
+    s.add_argument("--keep-burned-in", action="store_true",
+                   help="keep DICOM files whose BurnedInAnnotation is YES (refused by default; flagged in meta)")
     s.add_argument("--follow-symlinks", action="store_true",
                    help="accept symlinks that point outside the data root (refused by default)")
     s.add_argument("--hash-ids", action="store_true",

@@ -91,6 +91,7 @@ CLINICAL_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "voi": (str, "auto", "auto: use the file's VOI LUT / window when present; none: ignore it"),
     "spacing": (str, "", "D,H,W mm: resample volumes (masks nearest) to this spacing"),
     "organs": (str, "", "A,B,...: label order of segmentations/ mask folders (default: sorted names)"),
+    "keep_burned_in": (bool, False, "keep DICOM files with BurnedInAnnotation=YES (flagged in meta); refused by default"),
 }
 
 
@@ -115,7 +116,8 @@ def clinical_read(kind: str, o: dict[str, Any], rows: list) -> Any:
     if o["hash_ids"]:
         hash_rows(rows, read_salt(o["salt_file"]))
     return ReadOptions(window=nums("window", 2), voi=o["voi"], spacing=nums("spacing", 3),
-                       organs=tuple(x for x in o["organs"].split(",") if x), hash_ids=o["hash_ids"])
+                       organs=tuple(x for x in o["organs"].split(",") if x), hash_ids=o["hash_ids"],
+                       keep_burned_in=o["keep_burned_in"])
 
 
 def source_policy(roots: Iterable[str | os.PathLike | None], o: dict[str, Any]) -> PathPolicy:
