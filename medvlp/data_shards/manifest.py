@@ -296,6 +296,7 @@ def parse_row(raw: dict[str, Any], line: int, source: str, base_dir: Path,
 # ------------------------------------------------------------------------------------------------ reading
 _STRUCTURED = {"key", "image", "volume", "mask", "features", "coords", "report_file", "patient_id", "split",
                "dataset", "modality"}  # single-line columns: a line break in one means a quote went astray
+MAX_CELL_CHARS = 64 << 20  # one CSV cell at most (a whole report fits; a runaway quote still ends)
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that did not decode, kept as lone surrogates
 
 
@@ -344,6 +345,7 @@ def iter_csv_rows(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
     that is itself a whole row."""
     text = read_text(Path(path))
     lines = re.split(r"\r\n|\r|\n", text)
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_CELL_CHARS))  # long reports are fine (default 128 KiB)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
     while True:
@@ -355,8 +357,12 @@ def iter_csv_rows(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
         except csv.Error as e:
             end = max(reader.line_num, start)
             span = f"lines {start}-{end}" if end > start else f"line {start}"
-            yield start, None, (f"CSV syntax ({span}): {e}: a stray or unclosed quote? (quote a whole cell, "
-                                'double a quote inside it: "say ""no""")')
+            if "field larger than field limit" in str(e):
+                yield start, None, (f"CSV ({span}): a cell longer than {MAX_CELL_CHARS:,} characters (or a quote "
+                                    "that never closes and swallows the rest of the file)")
+            else:
+                yield start, None, (f"CSV syntax ({span}): {e}: a stray or unclosed quote? (quote a whole cell, "
+                                    'double a quote inside it: "say ""no""")')
             if header is None:
                 return
             continue
