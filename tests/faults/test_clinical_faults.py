@@ -164,3 +164,6 @@ def test_mimic_latin1_split_csv_and_missing_label_column_are_one_line(tmp_path):
     (src2 / "mimic-cxr-2.0.0-chexpert.csv").write_text("subject,study_id,Atelectasis\n1,2,1\n")
     proc = _import(src2, tmp_path / "out2")
     assert proc.returncode == 2 and "missing column(s) ['subject_id']" in one_line_error(proc)
+    (src2 / "mimic-cxr-2.0.0-chexpert.csv").write_text("subject_id,study_id,Atelectasis\n1,2,1\n1,2,0\n")
+    proc = _import(src2, tmp_path / "out3")
+    assert proc.returncode == 2 and "line 3: subject 1 study 2 is listed twice" in one_line_error(proc)

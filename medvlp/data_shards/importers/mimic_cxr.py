@@ -103,7 +103,11 @@ def import_mimic_cxr(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
                         lab[col.strip().lower()] = val
                 except ValueError as e:
                     errors.append(f"{labels_csv.name} line {i}: column {col!r}: {e}")
-            labels[(r["subject_id"].strip(), r["study_id"].strip())] = lab
+            study_key = ((r["subject_id"] or "").strip(), (r["study_id"] or "").strip())
+            if study_key in labels and labels[study_key] != lab:
+                raise ValueError(f"{labels_csv.name} line {i}: subject {study_key[0]} study {study_key[1]} is listed "
+                                 "twice with different labels")
+            labels[study_key] = lab
     policy = source_policy([src], o)
     rows: list[Row] = []
     for study in sorted(files.glob("p*/p*/s*")):
