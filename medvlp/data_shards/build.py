@@ -42,10 +42,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from medvlp.data_shards import readers
+from medvlp.data_shards.paths import PathPolicy
 from medvlp.data_shards.manifest import (ManifestError, Row, assign_splits, check_files, check_global, part_of,
                                   read_manifest)
 from medvlp.data_shards.schema import SCHEMA_VERSION, SPLITS, LabelSpec, Sample
-from medvlp.data_shards.writer import INDEX_NAME, ShardInfo, sha256_file, shard_name, write_index, write_shard
+from medvlp.data_shards.writer import (INDEX_NAME, ShardInfo, check_index, sha256_file, shard_name, write_index,
+                                      write_shard)
 
 __all__ = ["build_shards", "build_rows", "merge_indexes", "ManifestError", "load_row"]
 
@@ -497,8 +499,12 @@ def _report_errors(path: Path, errors: list[str]) -> None:
 def build_shards(manifest, out_dir, *, workers=2, maxcount=1000, maxsize=1 << 30, image_size=512, on_error="fail",
                  val_frac=0.1, test_frac=0.1, seed=0, part=None, modality=None, command=None,
                  progress=True, read=None, salt: bytes | None = None,
-                 labels: LabelSpec | dict | None = None) -> dict:
+                 labels: LabelSpec | dict | None = None, root: str | os.PathLike | None = None,
+                 follow_symlinks: bool = False) -> dict:
     """Build WebDataset shards + index from a CSV/JSONL manifest. Returns the index document (see module doc).
+
+    Paths in the manifest must stay under its folder, or under `root` (which widens it); a symlink pointing
+    outside both is refused unless `follow_symlinks` (`medvlp.data_shards.paths`).
 
     read: `readers.ReadOptions` for DICOM/NIfTI rows. salt: hash patient ids, keys and identifier columns with
     it (`readers.phi`) before anything else sees them. labels: the label spec (kind, templates, prompts;
@@ -524,7 +530,8 @@ def build_shards(manifest, out_dir, *, workers=2, maxcount=1000, maxsize=1 << 30
     if part is not None:
         rows = [r for r in rows if part_of(r.patient_id, part[1]) == part[0]]
     in_build = len(rows)
-    rows, more = check_files(rows)
+    policy = PathPolicy.for_source(Path(manifest).parent, [root] if root else (), follow_symlinks)
+    rows, more = check_files(rows, policy)
     errors += more
     errors.sort(key=_line_of)
     if errors and on_error == "fail":
@@ -564,7 +571,7 @@ def merge_indexes(out_dir) -> dict:
     for p in sorted(out.glob("index.part*of*.json")):
         m = _PART_INDEX_RE.match(p.name)
         if m:
-            parts[int(m.group(1))] = json.loads(p.read_text())
+            parts[int(m.group(1))] = check_index(json.loads(p.read_text()), str(p))
             ns.add(int(m.group(2)))
     if not parts:
         raise FileNotFoundError(f"{out}: no index.part*of*.json to merge")

@@ -70,6 +70,10 @@ class DataConfig:
     verify: bool = False  # sha256 of each shard checked against index.json when a worker first opens it
     on_mismatch: str = "skip"  # verify: a shard whose sha256 differs is skipped and counted (skip) or fails (fail)
     allow_pipe: bool = True  # accept pipe:CMD shard specs (they run CMD in a shell); false for shared recipes
+    remote_timeout_s: float = 3600.0  # http(s) shards: one shard's whole transfer at most this long (0 = no limit)
+    remote_low_speed: int = 1024  # http(s) shards: a transfer below this many bytes/s ...
+    remote_low_speed_s: int = 60  # ... for this many seconds is abandoned, the shard counted unreadable (0 = off)
+    remote_outage_s: float = 300.0  # http(s) shards: server unreachable this long in a row (retried with backoff) -> the stream fails
     aug: AugmentConfig = field(default_factory=AugmentConfig)  # augmentation strengths (used when augment is true)
 
     def validate(self) -> None:
@@ -105,6 +109,10 @@ class DataConfig:
             if not self.allow_pipe and "pipe:" in getattr(self, name):
                 raise ValueError(f"{name}: {getattr(self, name)[:200]!r} is a pipe: spec, which runs a shell command; "
                                  "refused because data.allow_pipe is false")
+        for name in ("remote_timeout_s", "remote_low_speed", "remote_low_speed_s", "remote_outage_s"):
+            v = getattr(self, name)
+            if not v >= 0 or v == float("inf"):
+                raise ValueError(f"{name}: must be a finite number >= 0, got {v}")
         if not self.hu_windows or any(len(w) != 2 or not w[0] < w[1] for w in self.hu_windows):
             raise ValueError(f"hu_windows: need one or more [lo, hi] pairs with lo < hi, got {self.hu_windows}")
         self.aug.validate("aug.")

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from medvlp.data_shards.schema import Sample, SampleDecodeError, decode_sample
-from medvlp.data_shards.writer import read_index, sha256_file
+from medvlp.data_shards.writer import check_index, read_index, sha256_file
 
 SHEET_TILES = 16  # samples drawn on the contact sheet
 THUMB = 128  # longest side of a stored thumbnail
@@ -52,7 +52,8 @@ def iter_samples(shard_dir, index_name: str = "index.json") -> Iterator[Sample]:
     import json
 
     shard_dir = Path(shard_dir)
-    doc = json.loads((shard_dir / index_name).read_text()) if index_name != "index.json" else read_index(shard_dir)
+    doc = check_index(json.loads((shard_dir / index_name).read_text()), str(shard_dir / index_name)) \
+        if index_name != "index.json" else read_index(shard_dir)
     for sh in doc["shards"]:
         for key, members, err in iter_shard(shard_dir / sh["name"]):
             if err is not None:

@@ -16,7 +16,9 @@ A manifest has one row per sample. Columns (CSV header / JSON keys):
                         sentences and labels come from the report by rules (medvlp.data_shards.organ_report)
   spacing_mm            optional JSON [z, y, x] voxel size of the volume
   These three are stored at the top of the sample's json (the organ_labels / organ_sentences / spacing members).
-Any other column is kept verbatim in the sample's meta. Relative paths resolve against the manifest's folder.
+Any other column is kept verbatim in the sample's meta. Relative paths resolve against the manifest's folder, and
+every path must stay under the data root (the manifest's folder, widened by `shards build --root DIR`): see
+`medvlp.data_shards.paths` for the policy (`..`, absolute paths elsewhere, symlinks out, FIFOs are refused).
 
 Line numbers: a CSV header is line 1 and the first data row line 2 (a quoted multi-line cell counts its lines);
 a JSONL row is its line in the file.
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from medvlp.data_shards.paths import PathError, PathPolicy
 from medvlp.data_shards.schema import MODALITIES, SPLITS
 
 MEDIA_KINDS = ("image", "volume", "features")  # exactly one per row
@@ -293,6 +296,7 @@ def parse_row(raw: dict[str, Any], line: int, source: str, base_dir: Path,
 # ------------------------------------------------------------------------------------------------ reading
 _STRUCTURED = {"key", "image", "volume", "mask", "features", "coords", "report_file", "patient_id", "split",
                "dataset", "modality"}  # single-line columns: a line break in one means a quote went astray
+MAX_CELL_CHARS = 64 << 20  # one CSV cell at most (a whole report fits; a runaway quote still ends)
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that did not decode, kept as lone surrogates
 
 
@@ -341,6 +345,7 @@ def iter_csv_rows(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
     that is itself a whole row."""
     text = read_text(Path(path))
     lines = re.split(r"\r\n|\r|\n", text)
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_CELL_CHARS))  # long reports are fine (default 128 KiB)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
     while True:
@@ -352,8 +357,12 @@ def iter_csv_rows(path: Path) -> Iterable[tuple[int, dict | None, str | None]]:
         except csv.Error as e:
             end = max(reader.line_num, start)
             span = f"lines {start}-{end}" if end > start else f"line {start}"
-            yield start, None, (f"CSV syntax ({span}): {e}: a stray or unclosed quote? (quote a whole cell, "
-                                'double a quote inside it: "say ""no""")')
+            if "field larger than field limit" in str(e):
+                yield start, None, (f"CSV ({span}): a cell longer than {MAX_CELL_CHARS:,} characters (or a quote "
+                                    "that never closes and swallows the rest of the file)")
+            else:
+                yield start, None, (f"CSV syntax ({span}): {e}: a stray or unclosed quote? (quote a whole cell, "
+                                    'double a quote inside it: "say ""no""")')
             if header is None:
                 return
             continue
@@ -487,15 +496,23 @@ def check_global(rows: list[Row]) -> tuple[list[Row], list[str]]:
     return keep, errors
 
 
-def check_files(rows: list[Row]) -> tuple[list[Row], list[str]]:
-    """Every referenced file exists; records the size estimate. Bad rows drop."""
+def check_files(rows: list[Row], policy: PathPolicy | None = None) -> tuple[list[Row], list[str]]:
+    """Every referenced file exists and obeys the path policy (under the data root, no symlink out of it, no FIFO
+    or device; see `medvlp.data_shards.paths`); records the size estimate. Bad rows drop.
+
+    `policy` None: only the file-kind check (FIFOs, devices) applies; builders pass the manifest's policy."""
+    policy = policy or PathPolicy(("/",), follow_symlinks=True, real_roots=("/",))
     keep, errors = [], []
     for r in rows:
         bad = False
         size = len(r.text.encode("utf-8")) if r.text else 0
         for col, p in r.paths.items():
             try:
+                policy.check(p, given=r.given.get(col, p))
                 size += os.stat(p).st_size
+            except PathError as e:
+                errors.append(f"{r.where(col)}: {e}")
+                bad = True
             except OSError:
                 errors.append(f"{r.where(col)}: file not found: {r.given[col]}")
                 bad = True

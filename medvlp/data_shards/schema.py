@@ -120,14 +120,25 @@ def _load_png(raw: bytes) -> np.ndarray:
         return np.asarray(im)
 
 
+MEDIA_MEMBERS = ("img.png", "img.jpg", "vol.npy", "feats.npy")
+
+
 def decode_sample(members: dict[str, Any]) -> Sample:
     """WebDataset member dict -> Sample. Raises SampleDecodeError naming key and member."""
     key = members.get("__key__", "?")
+    # every sample is written with a txt member and one media member: a sample without them is damaged (e.g. a tar
+    # whose member is a hardlink, which the tar reader skips), never an empty report or an image-less sample
+    if "txt" not in members:
+        raise SampleDecodeError(f"sample {key!r}: no 'txt' member (members: "
+                                f"{sorted(k for k in members if not k.startswith('__'))})")
+    if not any(m in members for m in MEDIA_MEMBERS):
+        raise SampleDecodeError(f"sample {key!r}: no image, volume or feature member (members: "
+                                f"{sorted(k for k in members if not k.startswith('__'))})")
     cur = "json"
     try:
         doc = json.loads(members["json"]) if "json" in members else {}
         cur = "txt"
-        text = members["txt"].decode("utf-8") if "txt" in members else ""
+        text = members["txt"].decode("utf-8")
         arrays: dict[str, np.ndarray | None] = {}
         for member, name, loader in (
             ("img.png", "image", _load_png), ("img.jpg", "image", _load_png), ("vol.npy", "volume", _load_npy),

@@ -80,10 +80,10 @@ from medvlp.data_shards.config import DataConfig
 from medvlp.data_shards.guard import (BadRun, DataStreamError, ShardVerifier, StopSignal, StreamStopped, as_stop_check,
                                check_pipe_allowed)
 from medvlp.data_shards.members import MemberContext, MemberError, MemberSet
-from medvlp.data_shards.schema import SCHEMA_VERSION, Sample, SampleDecodeError, decode_sample
+from medvlp.data_shards.schema import Sample, SampleDecodeError, decode_sample
 from medvlp.data_shards.transforms import SampleTransform, collate_bags
 from medvlp.data_shards import remote
-from medvlp.data_shards.writer import INDEX_NAME, ShardIndexError, read_index
+from medvlp.data_shards.writer import INDEX_NAME, ShardIndexError, check_index, read_index
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +119,7 @@ class ShardSet:
 
 
 def _check_index(doc: Any, where: str) -> dict:
-    if not isinstance(doc, dict) or not isinstance(doc.get("shards"), list):
-        raise ShardIndexError(f"{where}: not a shard index (no 'shards' list)")
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ShardIndexError(f"{where}: schema_version {doc.get('schema_version')} != supported {SCHEMA_VERSION}")
-    return doc
+    return check_index(doc, where)
 
 
 def _load_index_file(path: Path | str, allow_pipe: bool = True) -> dict:
@@ -132,10 +128,11 @@ def _load_index_file(path: Path | str, allow_pipe: bool = True) -> dict:
     path = Path(path)
     if path.is_dir() or path.name == INDEX_NAME:
         return read_index(path if path.is_dir() else path.parent)
-    doc = json.loads(path.read_text())  # e.g. a part index (index.part0of2.json)
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {doc.get('schema_version')} != supported {SCHEMA_VERSION}")
-    return doc
+    try:
+        doc = json.loads(path.read_text())  # e.g. a part index (index.part0of2.json)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardIndexError(f"{path}: not valid JSON ({e})") from None
+    return check_index(doc, str(path))
 
 
 def _find_index(spec: str | list[str], index_path: str, allow_pipe: bool = True) -> tuple[dict, str]:
@@ -298,14 +295,37 @@ def _select_split(src: Iterator[dict], split: str, tally: _Tally, owner: tuple[i
             yield raw
 
 
+def _open_urls(src: Iterator[dict], tally: _Tally, policy: remote.RemotePolicy) -> Iterator[dict]:
+    """webdataset's url_opener, with http(s) shards opened by `remote.open_http_shard` (transfer limits, retries
+    with backoff across an outage); an outage past `data.remote_outage_s` ends the stream (RemoteOutage)."""
+    from webdataset.gopen import gopen
+
+    outage = remote.Outage(policy)
+    for sample in src:
+        url = sample["url"]
+        try:
+            if url.lower().startswith(("http://", "https://")):
+                stream = remote.open_http_shard(url, policy, outage, tally.run.check_stop)
+            else:
+                stream = gopen(url)
+        except (DataStreamError, StreamStopped):
+            raise
+        except Exception as exn:  # noqa: BLE001 - an unreadable shard: counted by the handler
+            exn.args = exn.args + (url,)
+            if tally.on_tar_error(exn):
+                continue
+            break
+        yield {**sample, "stream": stream}
+
+
 def _read_tars(src: Iterator[dict], tally: _Tally, verifier: ShardVerifier | None,
-               sizes: dict[str, int]) -> Iterator[dict]:
+               sizes: dict[str, int], policy: remote.RemotePolicy | None = None) -> Iterator[dict]:
     """webdataset's tarfile_to_samples with more checks: the shard's sha256 (data.verify), and a tar that ends
     early without an error (zeroed, empty, or cut at a block boundary: tarfile reads that as a clean end of the
     archive) holding fewer samples than index.json lists is counted as unreadable, naming the shard."""
-    from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
+    from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-    streams = url_opener(src, handler=tally.on_tar_error)
+    streams = _open_urls(src, tally, policy or remote.RemotePolicy())
     if verifier is not None:
         streams = verifier(streams, tally.on_bad_shard)
     current: dict[str, Any] = {"url": "?", "keys": 0, "last": None}
@@ -442,6 +462,7 @@ class SlotStream(IterableDataset):
         self.members = MemberSet(cfg.members, MemberContext(tuple(label_names), modality)) if cfg.members else None
         self.max_bad_in_row, self.stop = cfg.max_bad_in_row, None  # stop: a StopSignal, set by the loader
         self.verifier = ShardVerifier(sha256, cfg.on_mismatch) if cfg.verify else None
+        self.remote_policy = remote.RemotePolicy.from_config(cfg)
 
     def pipeline(self, slot: int, tally: _Tally) -> wds.DataPipeline:
         p, b = self.plans[slot], self.batch_size
@@ -456,7 +477,7 @@ class SlotStream(IterableDataset):
             shuffle = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)
         return wds.DataPipeline(
             source,
-            partial(_read_tars, tally=tally, verifier=self.verifier, sizes=self.sizes),
+            partial(_read_tars, tally=tally, verifier=self.verifier, sizes=self.sizes, policy=self.remote_policy),
             partial(_select_split, split=self.split, tally=tally, owner=p.modulo),
             partial(_keep_modulo, slot=p.modulo[0], n_slots=p.modulo[1]) if p.modulo else None,
             shuffle,

@@ -25,6 +25,7 @@ from typing import Iterable
 
 import webdataset as wds
 
+from medvlp.data_shards.paths import plain_name
 from medvlp.data_shards.schema import SCHEMA_VERSION, LabelSpec, Sample, encode_sample
 
 FIXED_MTIME = 0.0  # reproducible tar headers
@@ -128,6 +129,8 @@ def write_index(out_dir: str | os.PathLike, shards: list[ShardInfo], modality: s
             raise ValueError(f"{name}: samples carry labels {extra_names} that the label spec's class_names "
                              f"{labels.class_names} do not list")
         label_names = list(label_names) + [c for c in labels.class_names if c not in set(label_names)]
+    for sh in shards:  # an index names files beside itself only
+        plain_name(sh.name, f"{name}: shard")
     splits: Counter[str] = Counter()
     for sh in shards:
         splits.update(sh.splits)
@@ -156,6 +159,24 @@ class ShardIndexError(ValueError):
     user_facing = True
 
 
+def check_index(doc: object, where: str) -> dict:
+    """A shard index document: a dict with a 'shards' list of entries whose names are plain file names (an index
+    names files beside itself, never a path: `medvlp.data_shards.paths.plain_name`) and of the supported schema."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("shards"), list):
+        raise ShardIndexError(f"{where}: not a shard index (no 'shards' list)")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise ShardIndexError(f"{where}: schema_version {doc.get('schema_version')} != supported {SCHEMA_VERSION}")
+    seen: set[str] = set()
+    for i, sh in enumerate(doc["shards"]):
+        if not isinstance(sh, dict):
+            raise ShardIndexError(f"{where}: shards[{i}] is not an object")
+        name = plain_name(sh.get("name"), f"{where}: shards[{i}]")
+        if name in seen:
+            raise ShardIndexError(f"{where}: shards[{i}]: shard {name!r} is listed twice")
+        seen.add(name)
+    return doc
+
+
 def read_index(shard_dir: str | os.PathLike) -> dict:
     path = Path(shard_dir) / INDEX_NAME
     if not path.exists():
@@ -165,11 +186,7 @@ def read_index(shard_dir: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardIndexError(f"{path}: not valid JSON ({e}); rebuild it (`medvlp shards build` reuses finished "
                               "shards)") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("shards"), list):
-        raise ShardIndexError(f"{path}: not a shard index (no 'shards' list)")
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ShardIndexError(f"{path}: schema_version {doc.get('schema_version')} != supported {SCHEMA_VERSION}")
-    return doc
+    return check_index(doc, str(path))
 
 
 def label_spec(index: dict) -> LabelSpec | None:
@@ -183,4 +200,4 @@ def label_spec(index: dict) -> LabelSpec | None:
 def shard_urls(shard_dir: str | os.PathLike) -> list[str]:
     """Local shard paths listed in the index, in order."""
     doc = read_index(shard_dir)
-    return [str(Path(shard_dir) / sh["name"]) for sh in doc["shards"]]
+    return [str(Path(shard_dir) / sh["name"]) for sh in doc["shards"]]  # plain names: checked by read_index

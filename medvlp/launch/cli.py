@@ -92,7 +92,8 @@ def _read_options(a: argparse.Namespace):
         raise SystemExit("--hash-ids and --salt-file go together (the salt keeps the hashes from being guessed)")
     read = ReadOptions(window=_floats(a.dicom_window, 2, "--dicom-window"), voi=a.dicom_voi,
                        spacing=_floats(a.spacing, 3, "--spacing"),
-                       organs=tuple(o for o in (a.organs or "").split(",") if o), hash_ids=a.hash_ids)
+                       organs=tuple(o for o in (a.organs or "").split(",") if o), hash_ids=a.hash_ids,
+                       keep_burned_in=a.keep_burned_in)
     return read, (read_salt(a.salt_file) if a.hash_ids else None)
 
 
@@ -123,7 +124,8 @@ def _cmd_build(a: argparse.Namespace) -> int:
         doc = build_shards(a.manifest, a.out, workers=a.workers, maxcount=a.maxcount, maxsize=int(a.maxsize_mb * 2**20),
                            image_size=a.image_size, on_error=a.on_error, val_frac=a.val_frac, test_frac=a.test_frac,
                            seed=a.seed, part=_parse_part(a.part), modality=a.modality, command=_cmdline(),
-                           read=read, salt=salt, labels=_label_options(a))
+                           read=read, salt=salt, labels=_label_options(a), root=a.root,
+                           follow_symlinks=a.follow_symlinks)
     except (ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -444,6 +446,12 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--modality", default=None, choices=[None, "cxr", "patho", "ct", "slide"])
     s.add_argument("--part", default=None, help="I/N: build only slice I of N (parallel builders)")
+    s.add_argument("--root", default=None, metavar="DIR",
+                   help="data root: manifest paths may point under DIR too (default: only under the manifest's folder)")
+    s.add_argument("--keep-burned-in", action="store_true",
+                   help="keep DICOM files whose BurnedInAnnotation is YES (refused by default; flagged in meta)")
+    s.add_argument("--follow-symlinks", action="store_true",
+                   help="accept symlinks that point outside the data root (refused by default)")
     s.add_argument("--hash-ids", action="store_true",
                    help="replace patient ids, sample keys and identifier columns by salted hashes (needs --salt-file)")
     s.add_argument("--salt-file", default=None, help="file of >= 16 secret bytes salting --hash-ids")
@@ -635,21 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     from medvlp.pretrain.progress import setup_logging
 
     setup_logging(args.verbose)  # library INFO chatter at WARNING and warnings on one line, unless -v
-    from medvlp.launch.config import ConfigError
+    from medvlp.launch.errors import run_command
 
-    try:
-        return int(args.fn(args) or 0)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - errors meant for the user (bad data, refused specs) in one line
-        if not getattr(e, "user_facing", False):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.fn, args, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,30 @@
     RUN/model.safetensors               consolidated fp32 weights, written when a run ends normally
 
 `latest_complete` never picks a checkpoint that a crash cut short. Nothing here unpickles a file: RNG states are
-JSON and weights are safetensors. DeepSpeed's own `engine.load_checkpoint` (resume) and its ZeRO consolidation
-(`medvlp.pretrain.pretrained`) do unpickle DeepSpeed's `*.pt` files: load checkpoints only from sources you trust.
+JSON and weights are safetensors.
+
+The safe-load gate. DeepSpeed's `engine.load_checkpoint` (resume), its ZeRO consolidation
+(`medvlp.pretrain.pretrained`) and accelerate's `load_state` (fine-tune resume) unpickle their files in full
+(`weights_only=False`). `safe_load_gate(path)` stands in front of each of them: it opens every pickle file of a
+checkpoint (`*.pt`, `*.pth`, `*.bin`, `*.pkl`, `*.ckpt`, recursively) with `torch.load(weights_only=True)` (tensors
+memory-mapped, so a check costs the pickle's size, not the tensors'), allowing only DeepSpeed's and accelerate's own
+plain data classes, and raises `UnsafeCheckpointError` (a `LoadError`) naming the first file that would run code.
+`safe_torch_load` is the one `torch.load` call behind it. `load_checkpoint` calls the gate; `refuse_unsafe` runs it
+over every checkpoint a resume may fall back to, so a tampered checkpoint stops the resume (one line, exit 2)
+instead of being skipped for an older one.
 """
 from __future__ import annotations
 
 import base64
 import json
+import pickle
+import zipfile
 import logging
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +44,16 @@ COMPLETE = "COMPLETE"
 WEIGHTS = "model.safetensors"
 LEGACY_WEIGHTS = "model.pt"
 CKPT_CONFIG = "config.json"
+
+
+class LoadError(ValueError):
+    """A path that cannot be loaded (a model, weights, a checkpoint); the message names the path and why."""
+
+    user_facing = True
+
+
+class UnsafeCheckpointError(LoadError):
+    """A file that holds pickled objects other than tensors and plain data: loading it would run code from it."""
 
 
 def tag_for(step: int) -> str:
@@ -102,7 +124,7 @@ def load_rng(tag_dir: Path, rank: int) -> bool:
     legacy = tag_dir / f"rng_rank{rank}.pt"
     if legacy.is_file():
         try:  # never unpickle arbitrary objects: the safe loader rejects what it does not know
-            st = torch.load(legacy, map_location="cpu", weights_only=True)
+            st = safe_torch_load(legacy)
             random.setstate(st["python"])
             np.random.set_state(st["numpy"])
             torch.set_rng_state(st["torch"])
@@ -111,6 +133,108 @@ def load_rng(tag_dir: Path, rank: int) -> bool:
             log.warning("%s: legacy pickled RNG state not loaded (the safe loader refused it: %s); continuing "
                         "with fresh RNG", legacy, str(e).splitlines()[0] if str(e) else type(e).__name__)
     return False
+
+
+# ----------------------------------------------------------------------------------------------- safe-load gate
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+_checked: dict[tuple, bool] = {}  # (path, inode, size, mtime_ns) of files the gate already passed
+
+
+def safe_torch_load(path: str | os.PathLike, allow: list | None = None, mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)`, refusing (never executing) anything else: `UnsafeCheckpointError` for a
+    pickle that needs more than tensors, containers and the `allow`ed classes, `LoadError` for an unreadable file."""
+    path = Path(path)
+    mmap = mmap and zipfile.is_zipfile(path)  # torch memory-maps only its zip format
+    try:
+        if allow:
+            with torch.serialization.safe_globals(allow):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        first = first.replace("\x1b[1m", "").replace("\x1b[0m", "")
+        raise UnsafeCheckpointError(
+            f"{path}: refused: the file holds pickled objects other than tensors, and loading it would run code "
+            f"from the file (the safe loader said: {first[:200]}); convert trusted weights to safetensors") from None
+    except (RuntimeError, AttributeError, TypeError, ValueError, EOFError, OSError, KeyError, IndexError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"{path}: not a readable torch file ({msg[:200]})") from None
+
+
+def _deepspeed_safe_globals() -> list:
+    """DeepSpeed's own plain classes found in its checkpoint pickles (data only, no code on load)."""
+    out: list = []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        out += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        out.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+        out.append(fragment_address)
+    except ImportError:
+        pass
+    return out
+
+
+def _gate_allow() -> list:
+    """What the gate lets through besides tensors and containers: DeepSpeed's and accelerate's plain classes."""
+    allow = _deepspeed_safe_globals()
+    try:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+        allow += [g for g in TORCH_SAFE_GLOBALS if g not in allow]
+    except ImportError:
+        pass
+    return allow
+
+
+def _pickle_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(f for f in path.rglob("*") if f.suffix in PICKLE_SUFFIXES and f.is_file()
+                  and not f.name.startswith("rng_rank"))  # legacy RNG pickles: `load_rng` reads them safely itself
+
+
+def safe_load_gate(path: str | os.PathLike) -> None:
+    """THE check before anything unpickles in full (DeepSpeed, accelerate): every pickle file under `path` (a file,
+    or a checkpoint folder, recursively) must open with the safe loader. Raises `UnsafeCheckpointError` naming the
+    first file that would run code, `LoadError` for one that does not read; a file passed before (same inode, size
+    and mtime) is not read again."""
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or folder")
+    allow = None
+    for f in _pickle_files(path):
+        st = f.stat()
+        key = (str(f.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key in _checked:
+            continue
+        allow = _gate_allow() if allow is None else allow
+        safe_torch_load(f, allow, mmap=True)
+        _checked[key] = True
+
+
+def check_deepspeed_files(tag_dir: Path) -> None:
+    """The gate over a DeepSpeed checkpoint folder (kept for callers of the older name)."""
+    safe_load_gate(tag_dir)
+
+
+def refuse_unsafe(tag_dirs: list[Path]) -> None:
+    """Before a resume: the gate over every checkpoint it may load or fall back to. A file that would run code stops
+    the resume (`UnsafeCheckpointError`); a merely unreadable one is left to the resume's fallback."""
+    for tag_dir in tag_dirs:
+        try:
+            safe_load_gate(tag_dir)
+        except UnsafeCheckpointError:
+            raise
+        except LoadError:
+            pass
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -144,8 +268,9 @@ def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, client_state:
 def load_checkpoint(engine, tag_dir: Path) -> dict:
     """Load DeepSpeed state + RNG from a complete checkpoint. Returns our client state.
 
-    DeepSpeed's loader unpickles its own `*.pt` files (a trusted-source requirement, see the module doc)."""
+    DeepSpeed's loader unpickles its own `*.pt` files in full: the safe-load gate checks them first."""
     rank = dist.get_rank() if dist.is_initialized() else 0
+    safe_load_gate(tag_dir)
     _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if client is None:

@@ -14,9 +14,10 @@ checkpoint (a run that ended normally), else the latest COMPLETE checkpoint; a l
 
 Security: weights and RNG states written by this project are safetensors / JSON, and every `torch.load` here runs
 with `weights_only=True`, so a crafted pickle is refused, never executed. DeepSpeed's checkpoint files are pickles:
-before handing a checkpoint to DeepSpeed's loader (which unpickles with `weights_only=False`), every one of its
-`*.pt` files is first opened with the safe loader (`weights_only=True`, allowing only DeepSpeed's own plain
-classes) and the checkpoint is refused if any file needs more. Still, treat checkpoints from others as code.
+before handing a checkpoint to DeepSpeed's loader (which unpickles with `weights_only=False`), it passes the one
+safe-load gate, `medvlp.pretrain.checkpoint.safe_load_gate`: every pickle file is first opened with the safe loader
+(`weights_only=True`, allowing only DeepSpeed's and accelerate's own plain classes) and the checkpoint is refused
+if any file needs more. Still, treat checkpoints from others as code.
 """
 from __future__ import annotations
 
@@ -31,16 +32,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from medvlp.pretrain.checkpoint import (CKPT_DIR, COMPLETE, LEGACY_WEIGHTS, WEIGHTS, complete_checkpoints,
-                                 latest_complete, tag_for)
+from medvlp.pretrain.checkpoint import (CKPT_DIR, COMPLETE, LEGACY_WEIGHTS, WEIGHTS, LoadError,  # noqa: F401
+                                        UnsafeCheckpointError, _deepspeed_safe_globals, check_deepspeed_files,
+                                        complete_checkpoints, latest_complete, safe_load_gate, safe_torch_load,
+                                        tag_for)
 
 log = logging.getLogger(__name__)
 
 EXPORT_MANIFEST = "medvlp_export.json"
-
-
-class LoadError(ValueError):
-    """A path that cannot be loaded as a pretrained model; the message names the path and why."""
 
 
 @dataclass
@@ -175,56 +174,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise LoadError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
-def safe_torch_load(path: Path, allow: list | None = None) -> Any:
-    """`torch.load(weights_only=True)`, refusing (never executing) anything else with a clear LoadError."""
-    import pickle
-
-    try:
-        if allow:
-            with torch.serialization.safe_globals(allow):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
-        first = first.replace("\x1b[1m", "").replace("\x1b[0m", "")
-        raise LoadError(f"{path}: refused: the file holds pickled objects other than tensors, and loading it would "
-                        f"run code from the file (the safe loader said: {first[:200]}); convert trusted weights to "
-                        f"safetensors") from None
-    except (RuntimeError, AttributeError, TypeError, ValueError, EOFError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoadError(f"{path}: not a readable torch file ({msg[:200]})") from None
-
-
-def _deepspeed_safe_globals() -> list:
-    """DeepSpeed's own plain classes found in its checkpoint pickles (data only, no code on load)."""
-    out: list = []
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        out += [LossScaler, DynamicLossScaler]
-    except ImportError:
-        pass
-    try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        out.append(ZeroStageEnum)
-    except ImportError:
-        pass
-    try:
-        from deepspeed.utils.tensor_fragment import fragment_address
-        out.append(fragment_address)
-    except ImportError:
-        pass
-    return out
-
-
-def check_deepspeed_files(tag_dir: Path) -> None:
-    """Open every DeepSpeed `*.pt` file of a checkpoint with the safe loader; LoadError if one needs more."""
-    allow = _deepspeed_safe_globals()
-    for f in sorted(tag_dir.glob("*.pt")):
-        if not f.name.startswith("rng_rank"):  # legacy RNG pickles are never read here
-            safe_torch_load(f, allow)
-
-
 def _unwrap(sd: Any, where: Path) -> dict[str, torch.Tensor]:
     for key in ("model", "state_dict", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -243,7 +192,7 @@ def checkpoint_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
     if not (tag_dir / COMPLETE).is_file():
         raise LoadError(f"{tag_dir}: not a COMPLETE checkpoint (a save was cut short)")
-    check_deepspeed_files(tag_dir)
+    safe_load_gate(tag_dir)
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

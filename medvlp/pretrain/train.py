@@ -476,6 +476,8 @@ class Trainer:
         if not done:
             log.warning("resume: no complete checkpoint under %s; starting from scratch", self.out_dir)
             return None
+        from medvlp.pretrain.checkpoint import refuse_unsafe
+        refuse_unsafe(done)  # the safe-load gate: a checkpoint that would run code stops the resume, no fallback
         for tag_dir in reversed(done):
             err = None
             try:

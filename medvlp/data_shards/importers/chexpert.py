@@ -127,4 +127,5 @@ def import_chexpert(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
             rows.append(row)
     extra = {"source": {"kind": "chexpert", "path": str(csv_path.resolve())},
              "notes": ["no report text in the CSV: captions are synthesised from the labels"]}
-    return build_image_rows(rows, errors, out_dir, o, extra, labels=LABEL_SPEC)
+    return build_image_rows(rows, errors, out_dir, o, extra, labels=LABEL_SPEC,
+                            root=[o["root"]] if o["root"] else [csv_path.parent, csv_path.parent.parent])

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from medvlp.data_shards.paths import PathPolicy
 from medvlp.data_shards.schema import LabelSpec, Sample
 from medvlp.data_shards.writer import write_index, write_shards
 
@@ -65,6 +66,7 @@ IMAGE_FILE_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "test_frac": (float, 0.1, "fraction of patients in test when split=auto"),
     "seed": (int, 0, "seed of the patient-hash split and of the within-split sample order"),
     "progress": (bool, True, "show a progress bar"),
+    "follow_symlinks": (bool, False, "accept symlinks that point outside the source folder (refused by default)"),
 }
 
 
@@ -89,6 +91,7 @@ CLINICAL_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "voi": (str, "auto", "auto: use the file's VOI LUT / window when present; none: ignore it"),
     "spacing": (str, "", "D,H,W mm: resample volumes (masks nearest) to this spacing"),
     "organs": (str, "", "A,B,...: label order of segmentations/ mask folders (default: sorted names)"),
+    "keep_burned_in": (bool, False, "keep DICOM files with BurnedInAnnotation=YES (flagged in meta); refused by default"),
 }
 
 
@@ -113,15 +116,35 @@ def clinical_read(kind: str, o: dict[str, Any], rows: list) -> Any:
     if o["hash_ids"]:
         hash_rows(rows, read_salt(o["salt_file"]))
     return ReadOptions(window=nums("window", 2), voi=o["voi"], spacing=nums("spacing", 3),
-                       organs=tuple(x for x in o["organs"].split(",") if x), hash_ids=o["hash_ids"])
+                       organs=tuple(x for x in o["organs"].split(",") if x), hash_ids=o["hash_ids"],
+                       keep_burned_in=o["keep_burned_in"])
+
+
+def source_policy(roots: Iterable[str | os.PathLike | None], o: dict[str, Any]) -> PathPolicy:
+    """The path policy of an importer: files must lie under one of `roots` (its source folder(s), plus the `root`
+    option when given); symlinks out of them are refused unless the option follow_symlinks=true."""
+    roots = [r for r in (*roots, o.get("root") or None) if r]
+    return PathPolicy.for_source(roots[0], roots[1:], bool(o.get("follow_symlinks", False)))
 
 
 def build_image_rows(rows: list, errors: list[str], out_dir: str | os.PathLike, o: dict[str, Any],
-                     extra: dict, read: Any = None, labels: LabelSpec | dict | None = None) -> dict:
+                     extra: dict, read: Any = None, labels: LabelSpec | dict | None = None,
+                     root: str | os.PathLike | Iterable[str | os.PathLike] | PathPolicy | None = None) -> dict:
     """Rows of image files -> the builder's validation, patient splits, seeded within-split order, parallel
-    encoding and index (with the label spec `labels`)."""
+    encoding and index (with the label spec `labels`).
+
+    `root`: the source folder(s) (or a ready `PathPolicy`) every row's files must lie under
+    (`medvlp.data_shards.paths`); None = the `root` option, else the folder the rows' paths have in common."""
     from medvlp.data_shards.build import build_rows
     from medvlp.data_shards.manifest import assign_splits, check_files, check_global
+
+    if isinstance(root, PathPolicy):
+        policy = root
+    elif root is not None:
+        policy = source_policy([root] if isinstance(root, (str, os.PathLike)) else list(root), o)
+    else:
+        dirs = [os.path.dirname(os.path.abspath(p)) for r in rows for p in r.paths.values()]
+        policy = source_policy([os.path.commonpath(dirs)] if dirs else [os.getcwd()], o)
 
     if o["on_error"] not in ("skip", "fail"):
         raise ValueError(f"option on_error={o['on_error']!r} is not 'skip' or 'fail'")
@@ -133,7 +156,7 @@ def build_image_rows(rows: list, errors: list[str], out_dir: str | os.PathLike, 
         for r in rows:
             r.split = o["split"]
     assign_splits(rows, o["val_frac"], o["test_frac"], o["seed"])
-    rows, more = check_files(rows)
+    rows, more = check_files(rows, policy)
     return build_rows(rows, out_dir, errors=errors + more, workers=o["workers"], maxcount=o["maxcount"],
                       maxsize=o["maxsize"], image_size=o["image_size"], on_error=o["on_error"],
                       command=o["command"], progress=o["progress"], extra=extra, read=read, seed=o.get("seed", 0),

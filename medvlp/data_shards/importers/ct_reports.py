@@ -134,4 +134,4 @@ def import_ct_reports(src: str | Path, out_dir: str | Path, **opts: Any) -> dict
     read = clinical_read("ct_reports", o, rows)
     extra = {"source": {"kind": "ct_reports", "reports": reports.name, "labels": Path(o["labels"]).name or None,
                         "masks": bool(masks) or any("mask" in r.paths for r in rows), "hash_ids": o["hash_ids"]}}
-    return build_image_rows(rows, errors, out_dir, o, extra, read)
+    return build_image_rows(rows, errors, out_dir, o, extra, read, root=[base, vol_dir] + ([masks] if masks else []))

@@ -104,4 +104,4 @@ def import_iuxray(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
     extra = {"source": {"kind": "iuxray", "reports": str(reports_csv.resolve()),
                         "projections": str(proj_csv.resolve())},
              "notes": ["IU X-ray has no patient ids: patient_id = study uid", "reports keep 'XXXX' anonymisation"]}
-    return build_image_rows(rows, errors, out_dir, o, extra)
+    return build_image_rows(rows, errors, out_dir, o, extra, root=[reports_csv.parent, image_dir])

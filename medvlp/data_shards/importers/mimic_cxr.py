@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from medvlp.data_shards.importers.common import (CLINICAL_OPTIONS, IMAGE_FILE_OPTIONS, build_image_rows, clinical_read,
-                                          coerce_options)
+                                          coerce_options, source_policy)
+from medvlp.data_shards.paths import PathError, decode_text
 from medvlp.data_shards.manifest import Row, parse_label_value, sanitise_key
 
 OPTIONS = {**IMAGE_FILE_OPTIONS, **CLINICAL_OPTIONS,
@@ -44,11 +45,20 @@ def report_text(raw: str) -> str:
     return text.strip()
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path, need: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of a (gzipped) UTF-8 CSV that has the columns `need`; ValueError naming the file otherwise."""
     data = path.read_bytes()
     if path.suffix == ".gz":
-        data = gzip.decompress(data)
-    return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a gzip file ({e})") from None
+    text = decode_text(data, str(path))
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in need if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} (has {reader.fieldnames or 'no header'})")
+    return list(reader)
 
 
 def _default(src: Path, given: str, name: str) -> Path | None:
@@ -71,12 +81,19 @@ def import_mimic_cxr(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
         raise FileNotFoundError(f"{src}: no files/ folder (expected files/pXX/pXXXXXXXX/sXXXXXXXX/*.dcm)")
     split_csv = _default(src, o["split_csv"], "mimic-cxr-2.0.0-split.csv")
     labels_csv = _default(src, o["labels_csv"], "mimic-cxr-2.0.0-chexpert.csv")
-    splits = {r["dicom_id"].strip(): _SPLITS.get(r["split"].strip().lower()) for r in _read_csv(split_csv)} \
-        if split_csv else {}
+    splits: dict[str, str | None] = {}
+    for i, r in enumerate(_read_csv(split_csv, ("dicom_id", "split")) if split_csv else [], start=2):
+        dicom_id, value = (r["dicom_id"] or "").strip(), (r["split"] or "").strip().lower()
+        if value not in _SPLITS:
+            raise ValueError(f"{split_csv.name} line {i}: column 'split': {value!r} is not one of "
+                             f"{sorted(_SPLITS)}")
+        if dicom_id in splits and splits[dicom_id] != _SPLITS[value]:
+            raise ValueError(f"{split_csv.name} line {i}: dicom_id {dicom_id!r} listed twice with different splits")
+        splits[dicom_id] = _SPLITS[value]
     labels: dict[tuple[str, str], dict[str, int]] = {}
     errors: list[str] = []
     if labels_csv:
-        for i, r in enumerate(_read_csv(labels_csv), start=2):
+        for i, r in enumerate(_read_csv(labels_csv, ("subject_id", "study_id")), start=2):
             lab = {}
             for col, v in r.items():
                 if col in _NON_LABEL or col is None:
@@ -86,7 +103,12 @@ def import_mimic_cxr(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
                         lab[col.strip().lower()] = val
                 except ValueError as e:
                     errors.append(f"{labels_csv.name} line {i}: column {col!r}: {e}")
-            labels[(r["subject_id"].strip(), r["study_id"].strip())] = lab
+            study_key = ((r["subject_id"] or "").strip(), (r["study_id"] or "").strip())
+            if study_key in labels and labels[study_key] != lab:
+                raise ValueError(f"{labels_csv.name} line {i}: subject {study_key[0]} study {study_key[1]} is listed "
+                                 "twice with different labels")
+            labels[study_key] = lab
+    policy = source_policy([src], o)
     rows: list[Row] = []
     for study in sorted(files.glob("p*/p*/s*")):
         if not study.is_dir():
@@ -97,7 +119,11 @@ def import_mimic_cxr(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
         if not report.is_file():
             errors.extend(f"{p.relative_to(src)}: no report {report.relative_to(src)}" for p in dcms)
             continue
-        text = report_text(report.read_text(encoding="utf-8", errors="replace"))
+        try:  # under the source folder (no symlink out), UTF-8, no NUL: else the study's images are reported
+            text = report_text(policy.read_text(report, what=str(report.relative_to(src))))
+        except PathError as e:
+            errors.extend(f"{p.relative_to(src)}: {e}" for p in dcms)
+            continue
         if not text:
             errors.append(f"{report.relative_to(src)}: empty report")
             continue
@@ -116,4 +142,4 @@ def import_mimic_cxr(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
     read = clinical_read("mimic_cxr", o, rows)
     extra = {"source": {"kind": "mimic_cxr", "split_csv": split_csv.name if split_csv else None,
                         "labels_csv": labels_csv.name if labels_csv else None, "hash_ids": o["hash_ids"]}}
-    return build_image_rows(rows, errors, out_dir, o, extra, read)
+    return build_image_rows(rows, errors, out_dir, o, extra, read, root=policy)

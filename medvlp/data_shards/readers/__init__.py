@@ -38,6 +38,7 @@ class ReadOptions:
     spacing: tuple[float, float, float] | None = None  # volumes resampled to this (D, H, W) spacing in mm; None = keep
     organs: tuple[str, ...] = ()  # mask folders (segmentations/*.nii.gz): label k+1 = organs[k]; () = sorted file names
     hash_ids: bool = False  # the sample's source path is left out of its meta (keys and patient ids hashed upstream)
+    keep_burned_in: bool = False  # DICOM with BurnedInAnnotation = YES: kept (meta burned_in_annotation) or refused
 
     def __post_init__(self) -> None:
         if self.voi not in ("auto", "none"):

@@ -9,8 +9,12 @@ Radiograph pixel pipeline (PS3.3 C.11), `load_dicom_image`:
   3. MONOCHROME1 (white = low values) is inverted, so every stored image is MONOCHROME2 (white = dense).
   4. the longer side is resized to at most `image_size`; meta["spacing"] is the stored image's (row, col) mm.
 
-PHI: only the header keywords in `META_ALLOW` are copied (into meta["dicom"]); names, dates, UIDs, accession
-numbers, institutions and free-text comments are never read into a sample. pydicom's own warnings (which may quote
+PHI: only the header keywords in `META_ALLOW` are copied (into meta["dicom"]), and only when the value passes the
+keyword's check (a finite number, or one of a closed vocabulary of codes; keywords that failed are named in
+meta["dicom"]["dropped"]); names, dates, UIDs, accession numbers, institutions and free text (ConvolutionKernel,
+descriptions, comments) are never read into a sample. `BurnedInAnnotation = YES` (text burned into the pixels)
+is refused unless `ReadOptions.keep_burned_in`, and then the sample's meta says `burned_in_annotation: true`.
+Damaged pixel semantics are refused: RescaleSlope 0 or non-finite, NaN/inf pixel values. pydicom's own warnings (which may quote
 header values) are silenced while reading.
 """
 from __future__ import annotations
@@ -24,12 +28,59 @@ import numpy as np
 
 from medvlp.data_shards.readers import ReadError, ReadOptions, is_dicom_file
 
-# Header values a sample may carry: acquisition geometry and pixel semantics, nothing that identifies anyone.
-META_ALLOW = ("Modality", "PhotometricInterpretation", "ViewPosition", "Laterality", "ImageLaterality",
-              "BodyPartExamined", "PatientOrientation", "PixelSpacing", "ImagerPixelSpacing", "SliceThickness",
-              "SpacingBetweenSlices", "ImageOrientationPatient", "Rows", "Columns", "BitsAllocated", "BitsStored",
-              "PixelRepresentation", "SamplesPerPixel", "RescaleSlope", "RescaleIntercept", "RescaleType",
-              "WindowCenter", "WindowWidth", "VOILUTFunction", "PresentationIntentType", "KVP", "ConvolutionKernel")
+# Header values a sample may carry: acquisition geometry and pixel semantics, nothing that identifies anyone. Each
+# keyword has a check on its value: numbers must be finite numbers, coded strings one of a closed vocabulary, so a
+# free-text value ("CHEST JANE DOE" in BodyPartExamined) never reaches a sample. Free-text keywords
+# (ConvolutionKernel, StudyDescription, ...) are not on the list at all.
+_BODY_PARTS = frozenset(
+    "ABDOMEN ABDOMENPELVIS ANKLE ARM BREAST CALF CHEST CHESTABDOMEN CHESTABDPELVIS CLAVICLE CSPINE ELBOW EXTREMITY "
+    "FACE FINGER FOOT FOREARM HAND HEAD HEADNECK HEART HIP HUMERUS JAW KNEE LEG LSPINE NECK PELVIS RIB SCAPULA "
+    "SHOULDER SKULL SPINE SSPINE THORAX THUMB TOE TSPINE WHOLEBODY WRIST".split())
+_VIEW_TOKENS = frozenset("AP PA LL RL RLD LLD RLO LLO LAO RAO LPO RPO LATERAL LAT AXIAL XTABLE OBLIQUE LEFT RIGHT "
+                         "DECUBITUS ERECT SUPINE PRONE".split())
+
+
+def _finite(v: Any) -> bool:
+    vals = list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]
+    try:
+        return bool(vals) and all(np.isfinite(float(x)) for x in vals)
+    except (TypeError, ValueError):
+        return False
+
+
+def _one_of(words: frozenset | set) -> Any:
+    return lambda v: isinstance(v, str) and v.strip().upper() in words
+
+
+def _tokens_of(words: frozenset | set, sep: str = " ") -> Any:
+    return lambda v: isinstance(v, str) and bool(v.strip()) and all(t in words for t in v.strip().upper().split(sep))
+
+
+def _orientation(v: Any) -> bool:  # PatientOrientation: e.g. ["L", "F"], each value letters of A P R L H F
+    vals = list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]
+    return bool(vals) and all(isinstance(x, str) and 0 < len(x) <= 3 and set(x) <= set("APRLHF") for x in vals)
+
+
+META_ALLOW: dict[str, Any] = {
+    "Modality": _one_of({"CR", "DX", "CT", "MR", "PT", "NM", "US", "MG", "XA", "RF", "OT", "SC", "IO", "PX", "OP"}),
+    "PhotometricInterpretation": _one_of({"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL",
+                                          "YBR_FULL_422", "YBR_RCT", "YBR_ICT"}),
+    "ViewPosition": _tokens_of(_VIEW_TOKENS),
+    "Laterality": _one_of({"R", "L", "U", "B"}),
+    "ImageLaterality": _one_of({"R", "L", "U", "B"}),
+    "BodyPartExamined": _one_of(_BODY_PARTS),
+    "PatientOrientation": _orientation,
+    "PixelSpacing": _finite, "ImagerPixelSpacing": _finite, "SliceThickness": _finite,
+    "SpacingBetweenSlices": _finite, "ImageOrientationPatient": _finite, "Rows": _finite, "Columns": _finite,
+    "BitsAllocated": _finite, "BitsStored": _finite, "PixelRepresentation": _finite, "SamplesPerPixel": _finite,
+    "RescaleSlope": _finite, "RescaleIntercept": _finite,
+    "RescaleType": _one_of({"US", "HU", "OD", "MGML", "Z_EFF", "ED", "EDW", "HU_MOD", "PCT"}),
+    "WindowCenter": _finite, "WindowWidth": _finite,
+    "VOILUTFunction": _one_of({"LINEAR", "LINEAR_EXACT", "SIGMOID"}),
+    "PresentationIntentType": _one_of({"FOR PRESENTATION", "FOR PROCESSING"}),
+    "KVP": _finite,
+    "BurnedInAnnotation": _one_of({"YES", "NO"}),
+}
 DECODER_HINT = "compressed transfer syntaxes need the optional decoders: pip install 'medvlp[dicom]'"
 
 
@@ -92,13 +143,54 @@ def _jsonable(v: Any) -> Any:
 
 
 def allowed_meta(ds) -> dict[str, Any]:
-    """The allow-listed header values of a dataset, JSON-ready (keyword -> value)."""
-    out = {}
-    for kw in META_ALLOW:
-        v = ds.get(kw)
-        if v is not None and v != "":
-            out[kw] = _jsonable(v)
+    """The allow-listed header values of a dataset whose value passes its check, JSON-ready (keyword -> value).
+    Keywords whose value failed the check are listed by name (never by value) under "dropped"."""
+    out: dict[str, Any] = {}
+    dropped = []
+    for kw, ok in META_ALLOW.items():
+        try:
+            v = ds.get(kw)
+        except Exception:  # noqa: BLE001 - a value pydicom cannot convert (e.g. text in a DS element)
+            dropped.append(kw)
+            continue
+        if v is None or v == "":
+            continue
+        if ok(v):
+            out[kw] = _jsonable(v.strip().upper() if isinstance(v, str) else v)
+        else:
+            dropped.append(kw)
+    if dropped:
+        out["dropped"] = dropped
     return out
+
+
+def burned_in(ds) -> bool:
+    """The header says the pixels carry burned-in annotation (text that may name the patient)."""
+    try:
+        return str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES"
+    except Exception:  # noqa: BLE001 - an unreadable value: not a claim of burned-in text
+        return False
+
+
+BURNED_IN_HINT = ("BurnedInAnnotation is YES: the pixels carry burned-in text that may name the patient; refused "
+                  "(keep it with --keep-burned-in, importers: keep_burned_in=true; meta then says so)")
+
+
+def check_rescale(ds, column: str, name: str) -> None:
+    """RescaleSlope must be a finite non-zero number and RescaleIntercept finite: slope 0 maps every pixel to
+    one value (a blank image that would build silently)."""
+    for kw in ("RescaleSlope", "RescaleIntercept"):
+        try:
+            v = ds.get(kw)
+        except Exception:  # noqa: BLE001
+            raise ReadError(column, f"{name}: {kw} is not a number") from None
+        if v is None or v == "":
+            continue
+        if not _finite(v):
+            raise ReadError(column, f"{name}: {kw} {str(v)[:20]!r} is not a finite number")
+        if kw == "RescaleSlope" and float(_first(v)) == 0.0:
+            raise ReadError(column, f"{name}: RescaleSlope is 0: every pixel would become RescaleIntercept (a blank "
+                                    "image); the header is damaged")
 
 
 def _first(v: Any) -> float:
@@ -140,8 +232,13 @@ def dicom_image(ds, opts: ReadOptions, column: str = "image", name: str = "") ->
     if arr.ndim != 2:
         raise ReadError(column, f"{name}: expected one 2D frame, got pixel array shape {arr.shape} "
                                 "(multi-frame files are not read as radiographs)")
+    if burned_in(ds) and not opts.keep_burned_in:
+        raise ReadError(column, f"{name}: {BURNED_IN_HINT}")
+    check_rescale(ds, column, name)
     x = modality_values(ds, arr)
-    meta: dict[str, Any] = {}
+    if x.size and not np.isfinite(x).all():
+        raise ReadError(column, f"{name}: {int((~np.isfinite(x)).sum())} pixels are NaN or infinite")
+    meta: dict[str, Any] = {"burned_in_annotation": True} if burned_in(ds) else {}
     lut = ds.get("VOILUTSequence") if opts.voi == "auto" else None
     if lut:
         from pydicom.pixels import apply_voi
@@ -255,6 +352,7 @@ def read_series(folder: str | Path, column: str = "volume") -> tuple[np.ndarray,
             raise ReadError(column, f"{name}/{p.name}: expected one 2D frame per file, got shape {a.shape}")
         if slices and a.shape != slices[0].shape:
             raise ReadError(column, f"{name}/{p.name}: {a.shape} pixels, other slices {slices[0].shape}")
+        check_rescale(d, column, f"{name}/{p.name}")
         slices.append(modality_values(d, a))
     vol_krc = np.stack(slices)
     if len(pos) > 1:
@@ -266,6 +364,8 @@ def read_series(folder: str | Path, column: str = "volume") -> tuple[np.ndarray,
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     meta = allowed_meta(dss[0])
     meta.pop("ImagePositionPatient", None)
+    if any(burned_in(d) for d in dss):
+        meta["BurnedInAnnotation"] = "YES"
     return vol_krc.transpose(2, 1, 0), ras, meta
 
 
@@ -274,5 +374,5 @@ def is_multiframe(path: str) -> bool:
     return int(ds.get("NumberOfFrames", 1) or 1) > 1
 
 
-__all__ = ["META_ALLOW", "apply_window", "allowed_meta", "dicom_image", "load_dicom_image", "read_series",
+__all__ = ["META_ALLOW", "apply_window", "allowed_meta", "burned_in", "check_rescale", "dicom_image", "load_dicom_image", "read_series",
            "read_dataset", "stored_pixels"]

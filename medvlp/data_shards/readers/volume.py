@@ -146,6 +146,10 @@ def resample(vol_DHW: np.ndarray, mask_DHW: np.ndarray | None, spacing: list[flo
 
 def _hu_int16(vol: np.ndarray, what: str) -> np.ndarray:
     v = np.rint(np.asarray(vol, dtype=np.float64))
+    bad = int(v.size - np.isfinite(v).sum())
+    if bad:  # NaN compares false with every bound: it would become 0 HU (water) silently
+        raise ReadError("volume", f"{what}: {bad} voxels are NaN or infinite (of {v.size}); fix or mask them "
+                                  "before building")
     if v.size and (v.min() < -32768 or v.max() > 32767):
         raise ReadError("volume", f"{what}: values {v.min():g}..{v.max():g} do not fit int16 Hounsfield units")
     return v.astype(np.int16)
@@ -161,8 +165,19 @@ def load_volume(vol_path: str, mask_path: str | None, opts: ReadOptions,
         raise ReadError(col, "a NIfTI/DICOM volume and a .npy/.npz mask (or the reverse) cannot be checked for a "
                              "shared grid (.npy has no orientation); use one family for both")
     data, aff, meta = _read_any(vol_path, "volume")
+    burned = str(meta.get("BurnedInAnnotation", "")) == "YES"
+    if burned:
+        from medvlp.data_shards.readers.dicom import BURNED_IN_HINT
+
+        if not opts.keep_burned_in:
+            raise ReadError("volume", f"{Path(vol_path).name}/: {BURNED_IN_HINT}")
+    if data.size and np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise ReadError("volume", f"{Path(vol_path).name}: {int(data.size - np.isfinite(data).sum())} voxels are NaN "
+                                  f"or infinite (of {data.size}); fix or mask them before building")
     data, aff, src = canonical(data, aff)
     meta = {"dicom": meta} if meta else {}
+    if burned:
+        meta["burned_in_annotation"] = True
     mask_xyz = None
     if mask_path is not None:
         if Path(mask_path).is_dir() and not _has_dicom(mask_path):

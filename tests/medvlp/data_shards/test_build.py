@@ -250,10 +250,20 @@ def test_parts_are_disjoint_and_merge_covers_every_sample(tmp_path):
 
 
 def test_load_image_palette_and_bounds(tmp_path):
-    im = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).convert("P")
-    im.save(tmp_path / "p.png")
+    """A palette PNG is expanded through its palette (not read as indices) and the longer side is bounded."""
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[:, :4] = (200, 30, 40)  # left half red-ish, right half blue-ish: 2 palette entries
+    rgb[:, 4:] = (10, 60, 220)
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=2).save(tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").mode == "P"
     arr = load_image(str(tmp_path / "p.png"), 4)
     assert arr.shape == (4, 4, 3) and arr.dtype == np.uint8
+    np.testing.assert_allclose(arr[:, :2].reshape(-1, 3).mean(0), (200, 30, 40), atol=3)
+    np.testing.assert_allclose(arr[:, 2:].reshape(-1, 3).mean(0), (10, 60, 220), atol=3)
+    big = load_image(str(tmp_path / "p.png"), 16)  # never upscaled past the stored size
+    assert big.shape[:2] == (8, 8)
+    Image.fromarray(np.zeros((6, 12), np.uint8)).save(tmp_path / "wide.png")
+    assert load_image(str(tmp_path / "wide.png"), 4).shape[:2] == (2, 4)  # the longer side bounds, aspect kept
 
 
 def test_cli_build_label_spec_and_seeded_order_within_split(tmp_path, capsys):

@@ -130,7 +130,25 @@ def test_resume_continues_exactly(tmp_path, cxr_shards, init_weights):
 
 
 def test_bf16_mixed_precision_runs(tmp_path, cxr_shards, init_weights):
-    res = run_stage(ProbeStage(), probe_config(tmp_path, cxr_shards, init_weights, steps=2, mixed_precision="bf16"))
+    """mixed_precision=bf16 really computes the forward pass in bf16 (autocast: the inner layers' outputs), and
+    fp32 does not (accelerate hands the model's final output back in fp32 either way)."""
+    class Recording(ProbeStage):
+        def __init__(self):
+            self.dtypes, self.hooked = [], False
+
+        def loss(self, model, batch):
+            if not self.hooked:
+                for m in model.modules():
+                    if isinstance(m, (nn.Linear, nn.Conv2d)):
+                        m.register_forward_hook(lambda _m, _i, out: self.dtypes.append(out.dtype))
+                self.hooked = True
+            return super().loss(model, batch)
+
+    bf16, fp32 = Recording(), Recording()
+    res = run_stage(bf16, probe_config(tmp_path / "bf16", cxr_shards, init_weights, steps=2, mixed_precision="bf16"))
+    run_stage(fp32, probe_config(tmp_path / "fp32", cxr_shards, init_weights, steps=2, mixed_precision="no"))
+    assert bf16.dtypes and set(bf16.dtypes) == {torch.bfloat16}
+    assert fp32.dtypes and set(fp32.dtypes) == {torch.float32}
     assert all(torch.isfinite(torch.tensor(v)) for _, v in res.losses) and "acc" in res.metrics
 
 
