@@ -99,6 +99,7 @@ class TrainConfig:
     final_eval: bool = True  # evaluate (cfg.eval) on the held-out split when training ends
     log_every: int = 10  # steps between metric logs
     resume: bool = False  # continue from the latest complete checkpoint in out_dir
+    nonfinite_loss: str = "skip"  # a NaN/inf loss: skip (drop the step, no update) | raise (stop at once)
     max_bad_steps: int = 5  # consecutive NaN/inf losses tolerated (skipped) before stopping
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation (time-boxed jobs); 0 = off
     seed: int = 0  # global seed
@@ -125,6 +126,8 @@ class TrainConfig:
         for name in ("ckpt_every", "keep_ckpts", "eval_every", "log_every", "stop_after"):
             _at_least(name, getattr(self, name), 0)
         _at_least("max_bad_steps", self.max_bad_steps, 1)
+        if self.nonfinite_loss not in ("skip", "raise"):
+            raise ValueError(f"nonfinite_loss: {self.nonfinite_loss!r} is not one of skip, raise")
         _finite("dist_timeout_s", self.dist_timeout_s, positive=True)
 
 
