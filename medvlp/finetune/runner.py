@@ -442,7 +442,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
 
     resumed_from = 0
     if rc.resume:
-        ckpts = complete_checkpoints(out)
+        ckpts = spine.own_checkpoints(out, spine.read_run_uid(out))  # never another run's
         if ckpts:
             check_checkpoint_files(ckpts[-1])
             accelerator.load_state(str(ckpts[-1]))

@@ -18,7 +18,8 @@ The rules, the same in both loops:
 * A folder that already holds a run (`RUN_FILES`) is refused unless resuming; an explicit overwrite moves the old
   run's files into `OUT/replaced/<stamp>/` (`move_aside`) instead of deleting them.
 * Retention (`prune_checkpoints`) deletes only checkpoints whose COMPLETE marker names this run (or carries no run
-  at all: a checkpoint written before run identities existed, in a folder this run resumed).
+  at all: a checkpoint written before run identities existed, in a folder this run resumed); a resume loads only
+  from those (`own_checkpoints`), never from a checkpoint another run left in the folder.
 * `RunLock`: one training process per folder. A second run on a folder in use stops with a one-line `RunDirError`;
   a lock left by a process that no longer exists (same host) is taken over.
 * `StopFlag`: SIGTERM/SIGINT finish the current step, write a checkpoint and end the run cleanly (exit status 0 from
@@ -126,15 +127,20 @@ def read_complete(tag_dir: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
+def own_checkpoints(out_dir: str | os.PathLike, run_uid: str | None) -> list[Path]:
+    """The COMPLETE checkpoints of run `run_uid`, oldest first: their marker names it, or names no run (written
+    before run identities existed). What a resume loads from and what retention may delete."""
+    return [p for p in complete_checkpoints(out_dir) if read_complete(p).get("run_uid") in (run_uid, None)]
+
+
 def prune_checkpoints(out_dir: str | os.PathLike, keep: int, run_uid: str | None) -> list[Path]:
-    """Delete all but the `keep` newest COMPLETE checkpoints of run `run_uid` (markers without a run count as its
-    own: they predate run identities). Another run's checkpoints are never touched. Returns what was deleted."""
+    """Delete all but the `keep` newest COMPLETE checkpoints of run `run_uid` (`own_checkpoints`). Another run's
+    checkpoints are never touched. Returns what was deleted."""
     import shutil
 
     if keep <= 0:
         return []
-    own = [p for p in complete_checkpoints(out_dir) if read_complete(p).get("run_uid") in (run_uid, None)]
-    gone = own[:-keep]
+    gone = own_checkpoints(out_dir, run_uid)[:-keep]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
@@ -179,17 +185,22 @@ def move_aside(out_dir: str | os.PathLike) -> Path | None:
     return dest
 
 
+def read_run_uid(out_dir: str | os.PathLike) -> str | None:
+    """The identity recorded in OUT/run.json (None when the folder has none)."""
+    try:
+        uid = json.loads((Path(out_dir) / RUN_ID_FILE).read_text()).get("uid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(uid) if uid else None
+
+
 def start_run(out_dir: str | os.PathLike, loop: str, resume: bool) -> str:
     """This run's identity: on resume the folder's own (adopted when an older run has none yet), else a new one,
     written to OUT/run.json. The COMPLETE markers carry it so that retention knows its own checkpoints."""
     path = Path(out_dir) / RUN_ID_FILE
-    if resume and path.is_file():
-        try:
-            uid = json.loads(path.read_text()).get("uid")
-            if uid:
-                return str(uid)
-        except (OSError, ValueError, AttributeError):
-            pass
+    uid = read_run_uid(out_dir) if resume else None
+    if uid:
+        return uid
     uid = uuid.uuid4().hex
     tmp = path.with_name(RUN_ID_FILE + ".tmp")
     tmp.write_text(json.dumps({"uid": uid, "loop": loop, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",

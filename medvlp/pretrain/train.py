@@ -329,7 +329,7 @@ class Trainer:
             if bad:
                 _discard_partial_step(engine, micro_start)
                 self._bad += 1
-                spine.on_nonfinite(cfg.train.nonfinite_loss, self.step, self._bad, cfg.train.max_bad_steps)
+                spine.on_nonfinite(cfg.train.nonfinite_loss, self.step + 1, self._bad, cfg.train.max_bad_steps)
                 return float("nan")
             engine.step()
             losses.append(float(loss.detach()))
@@ -434,7 +434,7 @@ class Trainer:
         """Load the latest complete checkpoint that reads (an unreadable one is skipped with a warning for the one
         before it): weights, optimizer, schedule, RNG, step, data position, loss history, MLflow run. Returns the
         checkpoint loaded, or None (nothing to resume: a warning, training starts from scratch)."""
-        done = eng.complete_checkpoints(self.out_dir)
+        done = spine.own_checkpoints(self.out_dir, spine.read_run_uid(self.out_dir))  # never another run's
         if not done:
             log.warning("resume: no complete checkpoint under %s; starting from scratch", self.out_dir)
             return None
