@@ -273,7 +273,7 @@ def check_checkpoint_files(ckpt: Path) -> None:
     arrays only) before `load_state` unpickles them in full; `pretrain.LoadError` naming the file otherwise."""
     from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
-    from medvlp.pretrain.pretrained import check_deepspeed_files, safe_torch_load
+    from medvlp.pretrain.weights import check_deepspeed_files, safe_torch_load
 
     for f in sorted(ckpt.glob("*.pkl")) + sorted(ckpt.glob("*.bin")):
         safe_torch_load(f, list(TORCH_SAFE_GLOBALS))

@@ -354,13 +354,30 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+_NO_DECAY_WORDS = ("logit_scale", "logit_bias", "positional_embedding", "position_embeddings", "class_embedding",
+                   "token_type_embeddings")
+
+
+def decay_param_names(model) -> set[str]:
+    """Names of the parameters that get weight decay (matrices / conv kernels that are not norms or positions)."""
+    import torch.nn as nn
+
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    norm_params = {f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules() if isinstance(m, norm_types)
+                   for pn, _ in m.named_parameters(recurse=False)}
+    out = set()
+    for n, p in model.named_parameters():
+        if p.ndim < 2 or n in norm_params or n.endswith(".bias") or any(w in n for w in _NO_DECAY_WORDS):
+            continue
+        out.add(n)
+    return out
+
+
 def build_adamw(model, lr: float, betas: Iterable[float], weight_decay: float, eps: float = 1e-8,
                 fused: bool = False):
     """AdamW over the trainable parameters in two groups: weight decay on matrices and kernels only (no biases,
-    norms, positions, logit scale: `model.decay_param_names`). ValueError when nothing is trainable."""
+    norms, positions, logit scale: `decay_param_names`). ValueError when nothing is trainable."""
     import torch
-
-    from medvlp.pretrain.model import decay_param_names
 
     with_decay = decay_param_names(model)
     decay, rest = [], []
