@@ -15,7 +15,7 @@ What the loop does, in order:
    (`pretrain.load_pretrained`), asks the stage to `build` its module, applies `freeze` / `unfreeze`
    (fnmatch patterns over parameter names, `freeze_by_pattern`) and prints the trainable parameter counts.
 2. Builds AdamW over the trainable parameters (weight decay on matrices and kernels only) and a warmup + cosine
-   schedule, and hands model + optimizer to an `accelerate.Accelerator` (`mixed_precision`, gradient
+   schedule (both the run spine's, `medvlp.pretrain.spine`, as in pretraining), and hands model + optimizer to an `accelerate.Accelerator` (`mixed_precision`, gradient
    accumulation, DDP across `accelerate launch` processes, its DeepSpeed plugin when `finetune.deepspeed` is set).
 3. One optimizer step = `grad_accum` micro batches, each under `accelerator.accumulate(model)` (gradients are
    synchronised only on the last one); then the gradient-norm clip (`grad_clip`), the optimizer step and the
@@ -24,11 +24,17 @@ What the loop does, in order:
    flattened config is logged as params); every `eval_every` steps and at the end `stage.evaluate` runs (on every
    process, model in eval mode, no grad; rank 0's result is logged under `eval/`). An `evaluate` that declares
    `step` / `tracker` keywords gets the step and, on rank 0, the MLflow tracker (None elsewhere) for artifacts.
-5. Every `ckpt_every` steps and at the end `accelerator.save_state` writes `OUT/checkpoints/step_NNNNNN/`
+5. Every `ckpt_every` steps and at the end `accelerator.save_state` writes `OUT/checkpoints/step_XXXXXXXX/`
    (model as safetensors, optimizer, scheduler, RNG states of every process, the loop position); a `COMPLETE`
-   marker is written last, and only the `keep_ckpts` newest complete checkpoints are kept. With
-   `finetune.resume` the loop continues from the newest complete checkpoint: same weights, optimizer moments,
-   schedule, RNG and data position, so the resumed run's losses equal the uninterrupted run's.
+   marker naming this run is written last, and only the `keep_ckpts` newest complete checkpoints of this run are
+   kept. With `finetune.resume` the loop continues from this run's newest complete checkpoint: same weights,
+   optimizer moments, schedule, RNG and data position, so the resumed run's losses equal the uninterrupted run's.
+
+The run folder and the guards are the run spine's (`medvlp.pretrain.spine`), shared with pretraining: an out_dir
+holding another run is refused unless resuming (`run_stage(..., overwrite=True)` moves it to OUT/replaced/<stamp>/);
+the folder is locked while the run trains; SIGTERM/SIGINT after the first step finish the step, write a checkpoint
+and stop (`FinetuneResult.stopped_by_signal`; the CLI exits 0); a NaN/inf loss raises (`finetune.nonfinite_loss:
+raise`, the default) or skips the step (`skip`, after `max_bad_steps` in a row it raises).
 6. At the end: `OUT/model.safetensors` (the trained module's state dict), `OUT/config.yaml` (the resolved config),
    `OUT/result.json`; `run_stage` returns a `FinetuneResult`.
 

@@ -7,6 +7,7 @@
   groups: weight decay on matrices only; biases, norm weights, embeddings-like 1-d params and the logit scale get none.
   DeepSpeed wraps it (ZeRO partitions its states), so the same code runs on CPU (gloo) and GPU.
 * Schedule: linear warmup then cosine to ``min_lr_ratio·lr``, stepped by the engine at accumulation boundaries.
+  Optimizer groups and schedule are the run spine's (`medvlp.pretrain.spine`), shared with fine-tuning.
 * Checkpoints: see `medvlp.pretrain.checkpoint` (re-exported here): DeepSpeed's files for tag ``step_XXXXXXXX`` plus our
   client state, the config as JSON and per-rank RNG states as JSON; a ``COMPLETE`` marker is written last.
 """
