@@ -211,13 +211,18 @@ def start_run(out_dir: str | os.PathLike, loop: str, resume: bool) -> str:
 
 # ----------------------------------------------------------------------------------------------- the lock
 def _alive(pid: int) -> bool:
+    """Whether process `pid` of this host is running (a zombie, dead but not yet reaped by its parent, is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+    except (OSError, ValueError, IndexError):  # no /proc (not Linux): trust kill(pid, 0)
         return True
-    return True
 
 
 class RunLock:

@@ -218,6 +218,19 @@ def test_lock_unit():
     b.acquire()
     b.release()
     assert not (lock_dir / spine.LOCK_FILE).exists()
+    # a holder that has exited but is not reaped yet (a zombie, e.g. a killed run its launcher has not waited for)
+    import socket
+    import time
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline and "Z" not in Path(f"/proc/{gone.pid}/stat").read_text().rsplit(")", 1)[1][:3]:
+        time.sleep(0.05)
+    (lock_dir / spine.LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    assert spine.RunLock.holder(lock_dir) is None
+    b.acquire()
+    b.release()
+    gone.wait()
     lock_dir.rmdir()
 
 
