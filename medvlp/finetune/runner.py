@@ -63,6 +63,7 @@ import torch
 import torch.nn as nn
 
 from medvlp.pretrain import spine
+from medvlp.pretrain.configtree import to_dict
 from medvlp.pretrain.spine import (CKPT_DIR, COMPLETE, NonFiniteLossError, RunDirError,  # noqa: F401 - re-exported
                                    TrainingInterrupted, complete_checkpoints, lr_multiplier)
 
@@ -242,15 +243,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def config_dict(cfg: Any) -> dict:
-    """A (dataclass) config tree as plain nested dicts."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: config_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (list, tuple)):
-        return [config_dict(v) for v in cfg]
-    if isinstance(cfg, dict):
-        return {k: config_dict(v) for k, v in cfg.items()}
-    return cfg
+config_dict = to_dict  # a (dataclass) config tree as plain nested dicts: the config home's, as in pretraining
 
 
 def runner_config(cfg: Any) -> RunnerConfig:
