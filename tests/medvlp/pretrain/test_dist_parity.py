@@ -23,7 +23,7 @@ def runs(cxr_shards, tmp_path_factory):
     env = {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "pretrain" / "_dist_runs.py"), str(cxr_shards), str(out)]
+           str(REPO / "tests" / "medvlp" / "pretrain" / "_dist_runs.py"), str(cxr_shards), str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"result_rank{r}.json").read_text()) for r in (0, 1)]
