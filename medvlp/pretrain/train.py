@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -207,7 +208,7 @@ def check_out_dir(cfg: Any, overwrite: bool = False, found: list[str] | None = N
     building anything; `Trainer.fit` checks again on every rank."""
     out = Path(cfg.train.out_dir)
     spine.refuse_if_taken(out, cfg.train.resume, overwrite, "train.out_dir", found)
-    holder = spine.RunLock.holder(out)
+    holder = spine.RunLock.holder(out) if int(os.environ.get("RANK", "0") or 0) == 0 else None  # rank 0 locks
     if holder is not None:
         raise RunDirError(f"{out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, since "
                           f"{holder.get('since')}): wait for it to end or choose another out_dir")
