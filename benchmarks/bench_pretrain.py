@@ -336,8 +336,8 @@ def add_flops(rows: list[Row], cuda: bool) -> None:
     if cuda:
         import torch
 
-        from medvlp.pretrain.train import _peak_flops  # the train loop's MFU denominator, so both report the same MFU
-        peak = _peak_flops(torch.device("cuda", 0))
+        from medvlp.pretrain.train import peak_flops  # the train loop's MFU denominator, so both report the same MFU
+        peak = peak_flops(torch.device("cuda", 0))
     for r in rows:
         if r.samples_per_s:
             f = flops_per_sample(r.model) * r.samples_per_s

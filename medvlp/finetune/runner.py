@@ -15,7 +15,7 @@ What the loop does, in order:
    (`pretrain.load_pretrained`), asks the stage to `build` its module, applies `freeze` / `unfreeze`
    (fnmatch patterns over parameter names, `freeze_by_pattern`) and prints the trainable parameter counts.
 2. Builds AdamW over the trainable parameters (weight decay on matrices and kernels only) and a warmup + cosine
-   schedule, and hands model + optimizer to an `accelerate.Accelerator` (`mixed_precision`, gradient
+   schedule (both the run spine's, `medvlp.pretrain.spine`, as in pretraining), and hands model + optimizer to an `accelerate.Accelerator` (`mixed_precision`, gradient
    accumulation, DDP across `accelerate launch` processes, its DeepSpeed plugin when `finetune.deepspeed` is set).
 3. One optimizer step = `grad_accum` micro batches, each under `accelerator.accumulate(model)` (gradients are
    synchronised only on the last one); then the gradient-norm clip (`grad_clip`), the optimizer step and the
@@ -24,11 +24,17 @@ What the loop does, in order:
    flattened config is logged as params); every `eval_every` steps and at the end `stage.evaluate` runs (on every
    process, model in eval mode, no grad; rank 0's result is logged under `eval/`). An `evaluate` that declares
    `step` / `tracker` keywords gets the step and, on rank 0, the MLflow tracker (None elsewhere) for artifacts.
-5. Every `ckpt_every` steps and at the end `accelerator.save_state` writes `OUT/checkpoints/step_NNNNNN/`
+5. Every `ckpt_every` steps and at the end `accelerator.save_state` writes `OUT/checkpoints/step_XXXXXXXX/`
    (model as safetensors, optimizer, scheduler, RNG states of every process, the loop position); a `COMPLETE`
-   marker is written last, and only the `keep_ckpts` newest complete checkpoints are kept. With
-   `finetune.resume` the loop continues from the newest complete checkpoint: same weights, optimizer moments,
-   schedule, RNG and data position, so the resumed run's losses equal the uninterrupted run's.
+   marker naming this run is written last, and only the `keep_ckpts` newest complete checkpoints of this run are
+   kept. With `finetune.resume` the loop continues from this run's newest complete checkpoint: same weights,
+   optimizer moments, schedule, RNG and data position, so the resumed run's losses equal the uninterrupted run's.
+
+The run folder and the guards are the run spine's (`medvlp.pretrain.spine`), shared with pretraining: an out_dir
+holding another run is refused unless resuming (`run_stage(..., overwrite=True)` moves it to OUT/replaced/<stamp>/);
+the folder is locked while the run trains; SIGTERM/SIGINT after the first step finish the step, write a checkpoint
+and stop (`FinetuneResult.stopped_by_signal`; the CLI exits 0); a NaN/inf loss raises (`finetune.nonfinite_loss:
+raise`, the default) or skips the step (`skip`, after `max_bad_steps` in a row it raises).
 6. At the end: `OUT/model.safetensors` (the trained module's state dict), `OUT/config.yaml` (the resolved config),
    `OUT/result.json`; `run_stage` returns a `FinetuneResult`.
 
@@ -46,9 +52,7 @@ import dataclasses
 import inspect
 import json
 import logging
-import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -58,11 +62,14 @@ from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
+from medvlp.pretrain import spine
+from medvlp.pretrain.configtree import to_dict
+from medvlp.pretrain.spine import (CKPT_DIR, COMPLETE, NonFiniteLossError, RunDirError,  # noqa: F401 - re-exported
+                                   TrainingInterrupted, complete_checkpoints, lr_multiplier)
+
 log = logging.getLogger("medvlp.finetune")
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-CKPT_DIR = "checkpoints"
-COMPLETE = "COMPLETE"
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -91,6 +98,8 @@ class RunnerConfig:
     keep_ckpts: int = 2  # complete checkpoints kept
     resume: bool = False  # continue from the newest complete checkpoint in out_dir
     stop_after: int = 0  # stop with a checkpoint after this many steps in this invocation (time-boxed jobs); 0 = off
+    nonfinite_loss: str = "raise"  # a NaN/inf loss: raise (stop at once) | skip (drop the step, no update)
+    max_bad_steps: int = 5  # with nonfinite_loss=skip: consecutive skipped steps before the run stops
     seed: int = 0  # seed of weights init, dropout and anything else drawn from the global RNGs
     deepspeed: str = ""  # "" = plain DDP; a DeepSpeed JSON path, or zero0..zero3, for accelerate's DeepSpeed plugin
     log_every: int = 10  # steps between metric logs
@@ -112,6 +121,9 @@ class RunnerConfig:
             raise ValueError(f"log_every: must be >= 1, got {self.log_every}")
         if self.keep_ckpts < 1:
             raise ValueError(f"keep_ckpts: must be >= 1, got {self.keep_ckpts}")
+        spine.check_nonfinite_policy(self.nonfinite_loss, "nonfinite_loss")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -121,6 +133,9 @@ class RunnerConfig:
         ds = self.deepspeed
         if ds and not (ds in ("zero0", "zero1", "zero2", "zero3") or ds.endswith(".json")):
             raise ValueError(f"deepspeed: {ds!r} is neither zero0..zero3 nor a .json path")
+        if ds and self.nonfinite_loss == "skip":
+            raise ValueError("nonfinite_loss: skip is not supported with deepspeed (its engine keeps the partial "
+                             "gradients); use raise")
 
 
 # ----------------------------------------------------------------------------------------------- protocol
@@ -154,9 +169,10 @@ class FinetuneResult:
     weights: str  # OUT/model.safetensors
     run_id: str | None  # MLflow run id (rank 0; None when tracking is off)
     resumed_from: int  # step the run resumed from (0 = fresh)
-    stopped: bool  # stopped early by `stop_after` (checkpoint written; no final eval, no model.safetensors)
+    stopped: bool  # stopped early by `stop_after` or a signal (checkpoint written; no final eval, no model.safetensors)
     world_size: int
     seconds: float
+    stopped_by_signal: bool = False  # SIGTERM/SIGINT stopped the run (after a checkpoint)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,28 +225,11 @@ def set_train_mode(model: nn.Module, frozen_eval: bool = True) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    t = min(1.0, (step - warmup_steps) / span)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
 def build_optimizer(model: nn.Module, cfg: RunnerConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; weight decay on matrices / kernels only (pretraining's rule)."""
-    from medvlp.pretrain.model import decay_param_names
-
-    with_decay = decay_param_names(model)
-    decay, rest = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if n in with_decay else rest).append(p)
-    if not decay and not rest:
+    """The spine's AdamW over the trainable parameters; weight decay on matrices / kernels only (pretraining's rule)."""
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("finetune.freeze: every parameter is frozen; nothing to train (see finetune.unfreeze)")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+    return spine.build_adamw(model, cfg.lr, cfg.betas, cfg.weight_decay)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -244,15 +243,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def config_dict(cfg: Any) -> dict:
-    """A (dataclass) config tree as plain nested dicts."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: config_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (list, tuple)):
-        return [config_dict(v) for v in cfg]
-    if isinstance(cfg, dict):
-        return {k: config_dict(v) for k, v in cfg.items()}
-    return cfg
+config_dict = to_dict  # a (dataclass) config tree as plain nested dicts: the config home's, as in pretraining
 
 
 def runner_config(cfg: Any) -> RunnerConfig:
@@ -263,14 +254,6 @@ def runner_config(cfg: Any) -> RunnerConfig:
     if not isinstance(rc, RunnerConfig):
         raise TypeError(f"{type(cfg).__name__}: a stage root config needs a `finetune: RunnerConfig` field")
     return rc
-
-
-def complete_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders under OUT/checkpoints, oldest first."""
-    root = Path(out_dir) / CKPT_DIR
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.glob("step_*") if (p / COMPLETE).is_file()), key=lambda p: p.name)
 
 
 def load_pretrained_model(path: str) -> Any:
@@ -289,7 +272,7 @@ def check_checkpoint_files(ckpt: Path) -> None:
     arrays only) before `load_state` unpickles them in full; `pretrain.LoadError` naming the file otherwise."""
     from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
-    from medvlp.pretrain.pretrained import check_deepspeed_files, safe_torch_load
+    from medvlp.pretrain.weights import check_deepspeed_files, safe_torch_load
 
     for f in sorted(ckpt.glob("*.pkl")) + sorted(ckpt.glob("*.bin")):
         safe_torch_load(f, list(TORCH_SAFE_GLOBALS))
@@ -380,11 +363,12 @@ def _mean_metrics(items: list[dict]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------- the loop
-def run_stage(stage: Stage, cfg: Any, tracker: Any = None) -> FinetuneResult:
+def run_stage(stage: Stage, cfg: Any, tracker: Any = None, overwrite: bool = False) -> FinetuneResult:
     """Train `stage` under `cfg` (its root config; the loop reads `cfg.finetune`, MLflow reads `cfg.tracking`).
 
     `tracker`: a started `medvlp.pretrain.tracking.Tracker` to log into (the caller ends it); default: one is made from
-    `cfg.tracking` on rank 0 (none when the config has no `tracking` section)."""
+    `cfg.tracking` on rank 0 (none when the config has no `tracking` section). `finetune.out_dir` holding another
+    run is refused (`RunDirError`) unless `finetune.resume`; `overwrite=True` moves that run aside first."""
     from accelerate.state import AcceleratorState, GradientState
 
     rc = runner_config(cfg)
@@ -407,14 +391,17 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None) -> FinetuneResult:
     set_flag = bool(rc.deepspeed) and os.environ.get(flag) != "true"
     if set_flag:
         os.environ[flag] = "true"
+    lock = spine.RunLock(rc.out_dir)  # taken by the main process once the processes are known (see _run)
     try:
-        return _run(stage, cfg, tracker, rc, t0)
+        return _run(stage, cfg, tracker, rc, t0, overwrite, lock)
     finally:
+        lock.release()
         if set_flag:  # a later stage in this process without finetune.deepspeed must not get DeepSpeed
             os.environ.pop(flag, None)
 
 
-def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> FinetuneResult:
+def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, overwrite: bool,
+         lock: spine.RunLock) -> FinetuneResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
     from medvlp.pretrain.progress import progress_bar as tqdm  # a bar on a terminal, plain lines off it
@@ -434,8 +421,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> F
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     out = Path(rc.out_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    _claim_out_dir(accelerator, out, rc, overwrite, lock)
     set_seed(rc.seed)
 
     pretrained = load_pretrained_model(rc.checkpoint) if rc.checkpoint else None
@@ -455,7 +441,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> F
 
     resumed_from = 0
     if rc.resume:
-        ckpts = complete_checkpoints(out)
+        ckpts = spine.own_checkpoints(out, spine.read_run_uid(out))  # never another run's
         if ckpts:
             check_checkpoint_files(ckpts[-1])
             accelerator.load_state(str(ckpts[-1]))
@@ -478,7 +464,9 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> F
         tracker.start()
     run_id = getattr(tracker, "run_id", None) if tracker is not None else None
     state.run_id = run_id or state.run_id
-    if main:
+    run_uid = None
+    if main:  # the run's identity (its checkpoints carry it) and config, once the model is built
+        run_uid = spine.start_run(out, "finetune", rc.resume)
         _write_config(out, cfg)
 
     batches = _TrainBatches(stage, cfg, rank, world, state)
@@ -486,20 +474,24 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> F
     evals: list[tuple[int, dict]] = []
     last_ckpt = str(complete_checkpoints(out)[-1]) if main and complete_checkpoints(out) else ""
     window: list[dict] = []
-    status, stopped = "FAILED", False
+    status, stopped, by_signal, bad_in_a_row = "FAILED", False, False, 0
     pbar = tqdm(total=rc.steps, initial=state.step, disable=not (rc.progress and main), desc="finetune",
                 dynamic_ncols=True)
+    guard = spine.StopFlag().__enter__()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
     try:
         set_train_mode(model, rc.frozen_eval)
         while state.step < rc.steps:
-            step_metrics = []
+            step_metrics, bad, micro_start = [], False, getattr(accelerator, "step", 0)
             for _ in range(rc.grad_accum):
                 batch = to_device(batches.next(), accelerator.device)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss, metrics = stage.loss(model, batch)
-                    if not torch.isfinite(loss.detach()):
-                        raise FloatingPointError(f"step {state.step + 1}: loss is {loss.item()}")
+                    bad = not bool(torch.isfinite(loss.detach()))
+                    if rc.nonfinite_loss == "skip" and world > 1:  # every process skips the step together
+                        bad = _any_process(bad, accelerator)
+                    if bad:
+                        break
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and rc.grad_clip > 0:
                         accelerator.clip_grad_norm_(model.parameters(), rc.grad_clip)
@@ -507,6 +499,15 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> F
                     optimizer.zero_grad(set_to_none=True)
                 step_metrics.append({"loss": loss.detach().float().item(),
                                      **{k: float(v) for k, v in metrics.items()}})
+            if bad:  # drop the partial step's gradients; the next step's accumulation boundary stays in place
+                bad_in_a_row += 1
+                spine.on_nonfinite(rc.nonfinite_loss, state.step + 1, bad_in_a_row, rc.max_bad_steps)
+                model.zero_grad(set_to_none=True)
+                if hasattr(accelerator, "step"):
+                    accelerator.step = micro_start
+                continue
+            bad_in_a_row = 0
+            guard.armed = True
             scheduler.step()
             state.step += 1
             local = _mean_metrics(step_metrics)
@@ -527,8 +528,10 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> F
             if rc.eval_every and state.step % rc.eval_every == 0 and state.step < rc.steps:
                 evals.append((state.step, _evaluate(stage, accelerator, model, cfg, rc, tracker, state.step)))
             stop = bool(rc.stop_after) and state.step - resumed_from >= rc.stop_after and state.step < rc.steps
+            by_signal = state.step < rc.steps and _any_process(guard.stop, accelerator)
+            stop = stop or by_signal
             if (rc.ckpt_every and state.step % rc.ckpt_every == 0) or state.step == rc.steps or stop:
-                last_ckpt = _save(accelerator, out, state.step, rc.keep_ckpts) or last_ckpt
+                last_ckpt = _save(accelerator, out, state.step, rc.keep_ckpts, run_uid) or last_ckpt
             if stop:
                 stopped = True
                 break
@@ -544,18 +547,19 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float) -> F
             from safetensors.torch import save_file
 
             save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(weights))
-        status = "FINISHED"
+        status = "KILLED" if by_signal else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        guard.__exit__()
         pbar.close()
         if own_tracker and tracker is not None:
             tracker.end(status)
     result = FinetuneResult(out_dir=str(out), steps_done=state.step, trainable=trainable, n_trainable=n_train,
                             n_total=n_total, losses=losses, metrics=final, evals=evals, checkpoint=last_ckpt,
                             weights="" if stopped else str(weights), run_id=run_id, resumed_from=resumed_from,
-                            stopped=stopped, world_size=world, seconds=time.time() - t0)
+                            stopped=stopped, world_size=world, seconds=time.time() - t0, stopped_by_signal=by_signal)
     if main:
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
     accelerator.wait_for_everyone()
@@ -590,18 +594,45 @@ def _accepted(fn, **candidates) -> dict:
     return {k: v for k, v in candidates.items() if k in params}
 
 
-def _save(accelerator, out: Path, step: int, keep: int) -> str:
-    """save_state into OUT/checkpoints/step_NNNNNN; COMPLETE marker last; prune to the `keep` newest."""
-    path = out / CKPT_DIR / f"step_{step:06d}"
+def _save(accelerator, out: Path, step: int, keep: int, run_uid: str | None) -> str:
+    """save_state into OUT/checkpoints/step_XXXXXXXX; COMPLETE marker last (naming this run); prune this run's own
+    checkpoints to the `keep` newest."""
+    path = out / CKPT_DIR / spine.tag_for(step)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(path))  # every process writes its own RNG state; the main one the rest
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return str(path)
-    (path / COMPLETE).write_text(str(step))
-    for old in complete_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    spine.write_complete(path, step, run_uid)
+    spine.prune_checkpoints(out, keep, run_uid)
     return str(path)
+
+
+def _any_process(flag: bool, accelerator) -> bool:
+    """True on every process when `flag` is true on any (a no-op for one process)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _claim_out_dir(accelerator, out: Path, rc: RunnerConfig, overwrite: bool, lock: spine.RunLock) -> None:
+    """The run folder rules of the spine, decided by the main process for all: take OUT's lock; refuse a folder
+    holding another run unless resuming (an overwrite moves that run aside)."""
+    problem = ""
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+            spine.refuse_if_taken(out, rc.resume, overwrite, "finetune.out_dir")
+        except RunDirError as e:
+            problem = str(e)
+    if _any_process(bool(problem), accelerator):
+        raise RunDirError(problem or f"finetune.out_dir {out}: refused by the main process (see its error)")
+    if accelerator.is_main_process:
+        if overwrite and spine.run_files(out):
+            spine.move_aside(out)  # the previous run goes to OUT/replaced/<stamp>/, never deleted
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
 
 
 def _write_config(out: Path, cfg: Any) -> None:

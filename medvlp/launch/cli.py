@@ -7,7 +7,7 @@
     medvlp eval --model-dir RUN_DIR [--step N] [--shards DIR] ...
     medvlp eval few-shot RECIPE [--set k=v ...]
     medvlp export --model-dir RUN_DIR [--step N] --to open_clip|hf|mlflow --out DIR
-    medvlp finetune STAGE [RECIPE] [--set k=v ...] [--resume]
+    medvlp finetune STAGE [RECIPE] [--set k=v ...] [--resume | --overwrite]
     medvlp features extract --checkpoint CKPT --shards PATCHES --out DIR
     medvlp generate --checkpoint RUN --shards SLIDES --out reports.jsonl
     medvlp report eval --checkpoint RUN [--shards SLIDES]
@@ -216,16 +216,24 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
 
 def _cmd_finetune(a: argparse.Namespace) -> int:
     from medvlp.finetune import run_stage
+    from medvlp.pretrain.spine import TrainingInterrupted
 
+    if a.resume and a.overwrite:
+        print("error: --resume and --overwrite: choose one (continue the run, or replace it)", file=sys.stderr)
+        return 2
     cfg, factory = load_stage_config(a.stage, a.recipe, list(a.set) + (["finetune.resume=true"] if a.resume else []))
     try:
-        res = run_stage(factory(), cfg)
-    except ValueError as e:  # bad input found while setting up (freeze patterns, a pretrained path, ...)
+        res = run_stage(factory(), cfg, overwrite=a.overwrite)
+    except ValueError as e:  # bad input found while setting up (freeze patterns, a pretrained path, a used folder)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"finetune interrupted: {e}", file=sys.stderr)
+        return 128 + int(e.signum or 15)
     if res.metrics:
         print("\n".join(f"{k:>24s}  {v:.4f}" for k, v in res.metrics.items()))
-    status = "stopped (checkpoint written)" if res.stopped else "done"
+    status = ("stopped by signal (checkpoint written)" if res.stopped_by_signal
+              else "stopped (checkpoint written)" if res.stopped else "done")
     print(f"finetune {a.stage} {status}: {res.steps_done} steps, {res.n_trainable:,} trainable parameters, "
           f"out_dir {res.out_dir}, mlflow run {res.run_id}")
     return 0
@@ -505,7 +513,7 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true",
                    help="continue the run in train.out_dir from its latest complete checkpoint")
     s.add_argument("--overwrite", action="store_true",
-                   help="delete the run already in train.out_dir (checkpoints, config, logs) and start afresh")
+                   help="move the run already in train.out_dir to train.out_dir/replaced/<stamp>/ and start afresh")
     s.set_defaults(fn=_cmd_pretrain)
 
     s = sub.add_parser("finetune", help="fine-tune a pretrained model (accelerate; a stage per method)",
@@ -519,6 +527,8 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("recipe", nargs="?", default=None, help="recipe YAML (its kind must be the stage's)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    s.add_argument("--overwrite", action="store_true",
+                   help="move the run already in finetune.out_dir to finetune.out_dir/replaced/<stamp>/ and start afresh")
     s.set_defaults(fn=_cmd_finetune)
 
     s = sub.add_parser("eval-few-shot", help="`medvlp eval few-shot RECIPE`: the few-label protocol (Path-CLIP and "

@@ -4,14 +4,15 @@
         mp_rank_00_model_states.pt ...  DeepSpeed's own files (module / ZeRO partitions, optimizer, client state)
         config.json                     the run's resolved config (read without unpickling anything)
         rng_rank<R>.json                rank R's Python / NumPy / torch (/ CUDA) RNG states, as JSON
-        COMPLETE                        written last (atomically, after a barrier): the checkpoint is whole
+        COMPLETE                        written last (atomically, after a barrier): the checkpoint is whole;
+                                        JSON: step, run_uid (the run that wrote it), client state
     RUN/model.safetensors               consolidated fp32 weights, written when a run ends normally
 
 `latest_complete` never picks a checkpoint that a crash cut short. Nothing here unpickles a file: RNG states are
 JSON and weights are safetensors.
 
 The safe-load gate. DeepSpeed's `engine.load_checkpoint` (resume), its ZeRO consolidation
-(`medvlp.pretrain.pretrained`) and accelerate's `load_state` (fine-tune resume) unpickle their files in full
+(`medvlp.pretrain.weights`) and accelerate's `load_state` (fine-tune resume) unpickle their files in full
 (`weights_only=False`). `safe_load_gate(path)` stands in front of each of them: it opens every pickle file of a
 checkpoint (`*.pt`, `*.pth`, `*.bin`, `*.pkl`, `*.ckpt`, recursively) with `torch.load(weights_only=True)` (tensors
 memory-mapped, so a check costs the pickle's size, not the tensors'), allowing only DeepSpeed's and accelerate's own
@@ -29,7 +30,6 @@ import zipfile
 import logging
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from medvlp.pretrain.spine import (CKPT_DIR, COMPLETE, complete_checkpoints, latest_complete,  # noqa: F401
+                                   prune_checkpoints, tag_for, write_complete)
+
 log = logging.getLogger(__name__)
 
-CKPT_DIR = "checkpoints"
-COMPLETE = "COMPLETE"
 WEIGHTS = "model.safetensors"
 LEGACY_WEIGHTS = "model.pt"
 CKPT_CONFIG = "config.json"
@@ -54,22 +55,6 @@ class LoadError(ValueError):
 
 class UnsafeCheckpointError(LoadError):
     """A file that holds pickled objects other than tensors and plain data: loading it would run code from it."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    root = Path(out_dir) / CKPT_DIR
-    if not root.exists():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists())
-
-
-def latest_complete(out_dir: str | os.PathLike) -> Path | None:
-    done = complete_checkpoints(out_dir)
-    return done[-1] if done else None
 
 
 # ----------------------------------------------------------------------------------------------- RNG (JSON)
@@ -162,7 +147,7 @@ def safe_torch_load(path: str | os.PathLike, allow: list | None = None, mmap: bo
         raise LoadError(f"{path}: not a readable torch file ({msg[:200]})") from None
 
 
-def _deepspeed_safe_globals() -> list:
+def deepspeed_safe_globals() -> list:
     """DeepSpeed's own plain classes found in its checkpoint pickles (data only, no code on load)."""
     out: list = []
     try:
@@ -185,7 +170,7 @@ def _deepspeed_safe_globals() -> list:
 
 def _gate_allow() -> list:
     """What the gate lets through besides tensors and containers: DeepSpeed's and accelerate's plain classes."""
-    allow = _deepspeed_safe_globals()
+    allow = deepspeed_safe_globals()
     try:
         from accelerate.utils.other import TORCH_SAFE_GLOBALS
         allow += [g for g in TORCH_SAFE_GLOBALS if g not in allow]
@@ -237,9 +222,13 @@ def refuse_unsafe(tag_dirs: list[Path]) -> None:
             pass
 
 
+_deepspeed_safe_globals = deepspeed_safe_globals  # the older private name
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, client_state: dict, keep: int = 2) -> Path:
-    """All ranks call this. Files first, the COMPLETE marker last (rank 0, after every rank has written)."""
+    """All ranks call this. Files first, the COMPLETE marker last (rank 0, after every rank has written; it carries
+    `client_state["run_uid"]`, and retention then deletes only that run's older checkpoints)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     root = Path(out_dir) / CKPT_DIR
     tag = tag_for(step)
@@ -254,12 +243,9 @@ def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, client_state:
         cfg = client_state.get("config")
         if cfg:
             (tag_dir / CKPT_CONFIG).write_text(json.dumps(cfg, indent=1, sort_keys=True, default=str) + "\n")
-        tmp = tag_dir / (COMPLETE + ".tmp")
-        tmp.write_text(json.dumps({"step": step, **{k: v for k, v in client_state.items() if k != "config"}},
-                                  default=str) + "\n")
-        os.replace(tmp, tag_dir / COMPLETE)
-        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        extra = {k: v for k, v in client_state.items() if k not in ("config", "run_uid")}
+        write_complete(tag_dir, step, client_state.get("run_uid"), extra)
+        prune_checkpoints(out_dir, keep, client_state.get("run_uid"))  # this run's own checkpoints only
     if dist.is_initialized():
         dist.barrier()
     return tag_dir

@@ -1,10 +1,31 @@
-"""Configs owned by pretraining (model, loss, optimizer, loop, eval, tracking)."""
+"""The config home: the typed configs owned by pretraining (model, loss, optimizer, loop, eval, tracking), the
+registry of recipe root configs, and `load_config` (recipe + overrides -> typed, validated tree).
+
+    from medvlp.pretrain.config import load_config
+    cfg = load_config("debug", overrides=["data.batch_size=64", "optim.lr=1e-3"])
+
+* A recipe is a YAML file among the bundled recipes (`RECIPE_DIR`, medvlp/launch/recipes/) or any path (e.g. a run
+  folder's config.yaml). ``inherit: NAME`` merges it over another recipe. ``kind:`` selects the root config class
+  from `ROOTS` (default ``pretrain``); other packages add theirs with `register_root`, or a finder with
+  `register_root_finder` (the CLI registers the fine-tune stages' kinds that way).
+* Overrides are ``dotted.key=value``; the value is parsed as YAML (``1e-3``, ``true``, ``[1, 2]``, ``null``).
+* An unknown key or a value of the wrong type fails with `ConfigError` naming the full key path (the builder is
+  `medvlp.pretrain.configtree`).
+* ``train.deepspeed_config`` may name a bundled template (``zero2``, ``zero3-offload.json``): it is resolved here to
+  a file path, so the engine only ever sees paths.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
 
 from medvlp.data_shards.config import DataConfig
+from medvlp.pretrain.configtree import ConfigError, apply_overrides, build, deep_merge, suggest
 
 
 def _finite(name: str, v: float, *, positive: bool = False, nonneg: bool = False) -> None:
@@ -102,6 +123,7 @@ class TrainConfig:
     final_eval: bool = True  # evaluate (cfg.eval) on the held-out split when training ends
     log_every: int = 10  # steps between metric logs
     resume: bool = False  # continue from the latest complete checkpoint in out_dir
+    nonfinite_loss: str = "skip"  # a NaN/inf loss: skip (drop the step, no update) | raise (stop at once)
     max_bad_steps: int = 5  # consecutive NaN/inf losses tolerated (skipped) before stopping
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation (time-boxed jobs); 0 = off
     seed: int = 0  # global seed
@@ -128,6 +150,8 @@ class TrainConfig:
         for name in ("ckpt_every", "keep_ckpts", "eval_every", "log_every", "stop_after"):
             _at_least(name, getattr(self, name), 0)
         _at_least("max_bad_steps", self.max_bad_steps, 1)
+        if self.nonfinite_loss not in ("skip", "raise"):
+            raise ValueError(f"nonfinite_loss: {self.nonfinite_loss!r} is not one of skip, raise")
         _finite("dist_timeout_s", self.dist_timeout_s, positive=True)
 
 
@@ -206,3 +230,113 @@ class PretrainConfig:
     def validate(self) -> None:
         if self.kind != "pretrain":
             raise ValueError(f"kind: {self.kind!r} is not a pretraining config (expected 'pretrain')")
+
+
+# ----------------------------------------------------------------------------------------------- root registry
+_BUNDLED = Path(__file__).resolve().parents[1] / "launch"
+RECIPE_DIR = _BUNDLED / "recipes"  # the bundled recipes (package data)
+DEEPSPEED_DIR = _BUNDLED / "deepspeed"  # the bundled DeepSpeed templates (package data)
+
+# recipe `kind:` -> root config dataclass; other packages register theirs (`register_root`)
+ROOTS: dict[str, type] = {"pretrain": PretrainConfig}
+# (find, known): `find(kind)` -> a root class or None; `known()` -> the kinds it can find (for error messages)
+_FINDERS: list[tuple[Callable[[str], type | None], Callable[[], list[str]]]] = []
+
+
+def register_root(kind: str, cls: type) -> None:
+    """Make recipes with ``kind: <kind>`` build `cls` (a dataclass with a ``kind`` field)."""
+    if not dataclasses.is_dataclass(cls) or "kind" not in {f.name for f in dataclasses.fields(cls)}:
+        raise TypeError(f"{cls!r}: a root config must be a dataclass with a `kind` field")
+    ROOTS[kind] = cls
+
+
+def register_root_finder(find: Callable[[str], type | None], known: Callable[[], list[str]] = list) -> None:
+    """Let `find(kind)` supply root classes for kinds not in `ROOTS` (found classes are registered)."""
+    if all(f is not find for f, _ in _FINDERS):
+        _FINDERS.append((find, known))
+
+
+def root_for(kind: Any) -> type:
+    """The root config class of recipe ``kind``: registered, or supplied by a registered finder."""
+    if kind not in ROOTS and isinstance(kind, str):
+        for find, _ in _FINDERS:
+            cls = find(kind)
+            if cls is not None:
+                register_root(kind, cls)
+                break
+    if kind not in ROOTS:
+        known = list(ROOTS) + [k for _, names in _FINDERS for k in names() if k not in ROOTS]
+        near = suggest(str(kind), known)
+        hint = f" (did you mean {near}?)" if near else ""
+        raise ConfigError(f"kind: {kind!r} is not one of {', '.join(known)}{hint}")
+    return ROOTS[kind]
+
+
+def resolve_deepspeed_template(value: str) -> str:
+    """A `train.deepspeed_config` value -> an existing file path ('' stays ''): a path as given, else a bundled
+    template by name (``zero2`` or ``zero2.json``)."""
+    if not value:
+        return ""
+    p = Path(value)
+    if p.is_file():
+        return str(p)
+    for cand in (DEEPSPEED_DIR / p.name, DEEPSPEED_DIR / f"{p.name}.json"):
+        if cand.is_file():
+            return str(cand)
+    names = sorted(q.stem for q in DEEPSPEED_DIR.glob("*.json"))
+    near = suggest(p.stem, names)
+    hint = f" (did you mean {near}?)" if near else ""
+    raise ConfigError(f"train.deepspeed_config: {value} not found, and no bundled template of that name{hint}; "
+                      f"bundled: {', '.join(names)}")
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+def recipe_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    cand = RECIPE_DIR / f"{name}.yaml"
+    if cand.exists():
+        return cand
+    raise ConfigError(f"recipe {name!r} not found (looked for {p} and {cand}); available: {', '.join(list_recipes())}")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe_dict(name: str, _seen: tuple[str, ...] = ()) -> dict:
+    path = recipe_path(name)
+    if str(path) in _seen:
+        raise ConfigError(f"recipe {name!r}: inherit cycle {' -> '.join(_seen)}")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path}: invalid YAML: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"recipe {path}: top level must be a mapping")
+    parent = doc.pop("inherit", None)
+    if parent:
+        doc = deep_merge(load_recipe_dict(parent, _seen + (str(path),)), doc)
+    return doc
+
+
+def load_config(recipe: str | None = "debug", overrides: list[str] | None = None, cls: type | None = None) -> Any:
+    """Recipe (+ inherit chain) + dotted overrides -> typed, validated config tree. The root class is `cls` if given,
+    else the one registered for the recipe's ``kind`` (default ``pretrain``)."""
+    doc = load_recipe_dict(recipe) if recipe else {}
+    doc = apply_overrides(doc, overrides or [])
+    kind = doc.get("kind")
+    if cls is None:
+        cls = root_for(kind if kind is not None else "pretrain")
+    elif kind is not None:
+        want = next((k for k, c in ROOTS.items() if c is cls), None)
+        if want is not None and kind != want:
+            raise ConfigError(f"kind: recipe {recipe!r} is a {kind!r} recipe, not {want!r}")
+    if kind is None:
+        doc.pop("kind", None)
+    cfg = build(cls, doc)
+    train = getattr(cfg, "train", None)
+    if train is not None and getattr(train, "deepspeed_config", ""):
+        train.deepspeed_config = resolve_deepspeed_template(train.deepspeed_config)
+    return cfg

@@ -7,13 +7,13 @@
   groups: weight decay on matrices only; biases, norm weights, embeddings-like 1-d params and the logit scale get none.
   DeepSpeed wraps it (ZeRO partitions its states), so the same code runs on CPU (gloo) and GPU.
 * Schedule: linear warmup then cosine to ``min_lr_ratio·lr``, stepped by the engine at accumulation boundaries.
+  Optimizer groups and schedule are the run spine's (`medvlp.pretrain.spine`), shared with fine-tuning.
 * Checkpoints: see `medvlp.pretrain.checkpoint` (re-exported here): DeepSpeed's files for tag ``step_XXXXXXXX`` plus our
   client state, the config as JSON and per-rank RNG states as JSON; a ``COMPLETE`` marker is written last.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import socket
@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from medvlp.pretrain.config import OptimConfig, TrainConfig
+from medvlp.pretrain.spine import build_adamw, lr_multiplier
 
 # ----------------------------------------------------------------------------------------------- process group
 # DeepSpeed ops that training never calls but that DeepSpeed would build with a C++ compiler at start-up.
@@ -84,18 +85,11 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 # ----------------------------------------------------------------------------------------------- optimizer
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    from medvlp.pretrain.model import decay_param_names
-
-    with_decay = decay_param_names(model)  # matrices/kernels only: no biases, norms, positions, logit scale
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if name in with_decay else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    if torch.cuda.is_available() or _fused_adamw_on_cpu():
-        kwargs["fused"] = True  # one kernel over all tensors: on CPU 4x faster than the per-tensor loop (RN50)
-    return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
+    """The spine's AdamW (`medvlp.pretrain.spine.build_adamw`: decay on matrices/kernels only; no biases, norms,
+    positions, logit scale), fused where torch has a fused kernel for the device."""
+    # fused: one kernel over all tensors; on CPU 4x faster than the per-tensor loop (RN50)
+    return build_adamw(model, cfg.lr, cfg.betas, cfg.weight_decay, eps=cfg.eps,
+                       fused=torch.cuda.is_available() or _fused_adamw_on_cpu())
 
 
 def keep_freed_host_memory() -> bool:
@@ -128,12 +122,9 @@ def _fused_adamw_on_cpu() -> bool:
 
 
 def lr_lambda(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Multiplier of the peak lr at optimizer step `step`: linear warmup, then cosine to min_lr_ratio."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, total_steps - cfg.warmup_steps)
-    t = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    """Multiplier of the peak lr at optimizer step `step`: the spine's schedule (linear warmup, then cosine to
+    min_lr_ratio)."""
+    return lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
 
 
 # ----------------------------------------------------------------------------------------------- engine

@@ -43,8 +43,9 @@ import numpy as np
 import torch
 
 from medvlp.pretrain.checkpoint import save_state_dict
-from medvlp.pretrain.pretrained import (EXPORT_MANIFEST, LoadError, Pretrained, build_from_state, config_from_dict,
-                                 load_pretrained, read_safetensors)
+from medvlp.pretrain.pretrained import Pretrained, export_config, load_export, load_pretrained  # noqa: F401
+from medvlp.pretrain.weights import (EXPORT_MANIFEST, HF_LAYER as _HF_LAYER, HF_QKV as _QKV,  # noqa: F401
+                                     HF_TOP as _HF_TOP, LoadError, from_hf, from_open_clip)
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +93,6 @@ def to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[k] = v.reshape(())
         else:
             raise ExportError(f"open_clip export: no open_clip name for {k!r}")
-    return out
-
-
-def from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("visual."):
-            out["visual.net." + k[len("visual."):]] = v
-        elif k in ("logit_scale", "logit_bias"):
-            out[k] = v.reshape(1)
-        else:
-            out["text.net." + k] = v
     return out
 
 
@@ -157,19 +146,6 @@ def hf_config(spec: dict, text_config: Any):
                                                                 projection_dim=int(spec["embed_dim"]))
 
 
-_HF_LAYER = {"ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
-             "ln_2.weight": "layer_norm2.weight", "ln_2.bias": "layer_norm2.bias",
-             "attn.out_proj.weight": "self_attn.out_proj.weight", "attn.out_proj.bias": "self_attn.out_proj.bias",
-             "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
-             "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias"}
-_HF_TOP = {"conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-           "class_embedding": "vision_model.embeddings.class_embedding",
-           "positional_embedding": "vision_model.embeddings.position_embedding.weight",
-           "ln_pre.weight": "vision_model.pre_layrnorm.weight", "ln_pre.bias": "vision_model.pre_layrnorm.bias",
-           "ln_post.weight": "vision_model.post_layernorm.weight", "ln_post.bias": "vision_model.post_layernorm.bias"}
-_QKV = ("q_proj", "k_proj", "v_proj")
-
-
 def to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict (ViT + BERT) -> VisionTextDualEncoderModel names."""
     out: dict[str, torch.Tensor] = {}
@@ -212,44 +188,6 @@ def to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out["text_model.pooler.dense.bias"] = torch.zeros(hidden)
     out["text_projection.weight"] = sd["text.proj.weight"] / HF_POOLER_SCALE
     return out
-
-
-def from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    inv_top = {v: k for k, v in _HF_TOP.items()}
-    inv_layer = {v: k for k, v in _HF_LAYER.items()}
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for k, v in sd.items():
-        if k in inv_top:
-            out["visual.net." + inv_top[k]] = v
-        elif k == "visual_projection.weight":
-            out["visual.net.proj"] = v.t().contiguous()
-        elif k.startswith("vision_model.encoder.layers."):
-            i, rest = k[len("vision_model.encoder.layers."):].split(".", 1)
-            pre = f"visual.net.transformer.resblocks.{i}."
-            if rest.startswith("self_attn.") and rest.split(".")[1] in _QKV:
-                _, name, kind = rest.split(".")
-                qkv.setdefault((pre, kind), {})[name] = v
-            elif rest in inv_layer:
-                out[pre + inv_layer[rest]] = v
-        elif k.startswith("text_model.pooler."):
-            continue
-        elif k.startswith("text_model."):
-            out["text.net." + k[len("text_model."):]] = v
-        elif k == "text_projection.weight":
-            out["text.proj.weight"] = v
-        elif k == "logit_scale":
-            out["logit_scale"] = v.reshape(1)
-    for (pre, kind), parts in qkv.items():
-        out[f"{pre}attn.in_proj_{kind}"] = torch.cat([parts[n] for n in _QKV], dim=0)
-    if "text.proj.weight" in out:  # undo the pooler scaling of `to_hf` (1.0 for an identity pooler)
-        out["text.proj.weight"] = out["text.proj.weight"] * _pooler_scale(sd)
-    return out
-
-
-def _pooler_scale(sd: dict[str, torch.Tensor]) -> float:
-    w = sd.get("text_model.pooler.dense.weight")
-    return float(w[0, 0]) if w is not None and w.numel() else 1.0
 
 
 def export_hf(pre: Pretrained, out: Path) -> Path:
@@ -464,43 +402,6 @@ def export(src: str | os.PathLike, to: str, out: str | os.PathLike, step: int | 
     return export_pretrained(load_pretrained(src, step=step), to, out)
 
 
-def _manifest(folder: Path) -> dict:
-    try:
-        doc = json.loads((folder / EXPORT_MANIFEST).read_text())
-        doc["format"], doc["spec"]  # noqa: B018 - required keys
-        return doc
-    except (OSError, ValueError, KeyError) as e:
-        raise LoadError(f"{folder / EXPORT_MANIFEST}: not a medvlp export manifest ({type(e).__name__}: {e})") \
-            from None
-
-
-def export_config(folder: str | os.PathLike) -> Any:
-    """The typed run config stored in an exported folder (its tokenizer path pointing into the folder)."""
-    folder = Path(folder)
-    doc = _manifest(folder)
-    cfg = config_from_dict(doc.get("config") or {})
-    if doc.get("tokenizer") and hasattr(cfg, "model"):
-        cfg.model.tokenizer = str(folder / doc["tokenizer"])
-    return cfg
-
-
-def load_export(folder: str | os.PathLike):
-    """An exported folder -> (MedCLIP, typed config, step)."""
-    folder = Path(folder)
-    doc = _manifest(folder)
-    sd, _ = read_safetensors(folder / doc.get("weights", ""))
-    if doc["format"] == "open_clip":
-        ours = from_open_clip(sd)
-    elif doc["format"] == "hf":
-        ours = from_hf(sd)
-    else:
-        raise LoadError(f"{folder}: unknown export format {doc['format']!r}")
-    cfg = export_config(folder)
-    model = build_from_state(doc["spec"], ours, cfg, str(folder), base=folder)
-    return model, cfg, doc.get("step")
-
-
-# ----------------------------------------------------------------------------------------------- MLflow
 def default_format(spec: dict) -> str:
     """open_clip when the model fits it, hf for ViT + BERT; ExportError otherwise."""
     try:

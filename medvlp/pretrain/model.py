@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from medvlp.pretrain.config import LossConfig, ModelConfig
 from medvlp.pretrain.registry import get_model_config
+from medvlp.pretrain.spine import decay_param_names  # noqa: F401 - the optimizer's rule, used on models
 from medvlp.pretrain.tokenizer import build_tokenizer
 from medvlp.pretrain.towers import BertText, build_text, build_vision
 
@@ -117,23 +118,6 @@ class MedCLIP(nn.Module):
                 {"params": [p for n, p in params if n not in names], "weight_decay": 0.0}]
 
 
-_NO_DECAY_WORDS = ("logit_scale", "logit_bias", "positional_embedding", "position_embeddings", "class_embedding",
-                   "token_type_embeddings")
-
-
-def decay_param_names(model: nn.Module) -> set[str]:
-    """Names of the parameters that get weight decay (matrices / conv kernels that are not norms or positions)."""
-    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    norm_params = {f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules() if isinstance(m, norm_types)
-                   for pn, _ in m.named_parameters(recurse=False)}
-    out = set()
-    for n, p in model.named_parameters():
-        if p.ndim < 2 or n in norm_params or n.endswith(".bias") or any(w in n for w in _NO_DECAY_WORDS):
-            continue
-        out.add(n)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- build / load
 def _spec_for(cfg: ModelConfig, loss_cfg: LossConfig | None) -> tuple[dict, float | None, float | None]:
     spec = get_model_config(cfg.name)
@@ -179,7 +163,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
     """Load a local weights file: safetensors, or a torch file read with `weights_only=True` only (a plain state
     dict, or one under "model"/"state_dict"/"module"; a "module." prefix is dropped). A pickle that needs more than
     tensors is refused with a ValueError, never executed."""
-    from medvlp.pretrain.pretrained import read_weights
+    from medvlp.pretrain.weights import read_weights
 
     path = Path(path)
     if not path.is_file():

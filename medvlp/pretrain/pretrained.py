@@ -7,6 +7,10 @@
     img = p.transform()(png_array)[None]              # the stream's eval view: resize, centre crop, normalise
     emb = p.model.encode_image(img); txt = p.model.encode_text(p.tokenizer(["No effusion."]))
 
+This module is the front door: the low-level readers (safetensors, the safe torch loader, DeepSpeed checkpoints,
+stored configs) are `medvlp.pretrain.weights`, re-exported here; it also reads folders that
+`medvlp.pretrain.export` wrote (`load_export`).
+
 What a run folder resolves to (`step=None`): `model.safetensors` when it is at least as new as the latest COMPLETE
 checkpoint (a run that ended normally), else the latest COMPLETE checkpoint; a legacy `model.pt` is read only with
 `torch.load(weights_only=True)`. A checkpoint is consolidated by DeepSpeed's own
@@ -25,22 +29,22 @@ import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from medvlp.pretrain.checkpoint import (CKPT_DIR, COMPLETE, LEGACY_WEIGHTS, WEIGHTS, LoadError,  # noqa: F401
-                                        UnsafeCheckpointError, _deepspeed_safe_globals, check_deepspeed_files,
-                                        complete_checkpoints, latest_complete, safe_load_gate, safe_torch_load,
-                                        tag_for)
+from medvlp.pretrain.checkpoint import (CKPT_DIR, COMPLETE, WEIGHTS, UnsafeCheckpointError,  # noqa: F401
+                                        safe_load_gate)
+# The low-level readers live in medvlp.pretrain.weights; their names stay importable from here.
+from medvlp.pretrain.weights import (EXPORT_MANIFEST, LoadError, check_deepspeed_files,  # noqa: F401
+                                     checkpoint_state_dict, config_from_dict, config_root, deepspeed_safe_globals,
+                                     final_weights, from_hf, from_open_clip, pick_checkpoint, read_safetensors,
+                                     read_weights, run_config, safe_torch_load)
 
 log = logging.getLogger(__name__)
-
-EXPORT_MANIFEST = "medvlp_export.json"
-
 
 @dataclass
 class Pretrained:
@@ -83,157 +87,6 @@ class Pretrained:
             return view(x.float(), rng)
 
         return image
-
-
-# ----------------------------------------------------------------------------------------------- config
-def _fallback_root():
-    """The typed root config class: `medvlp.pretrain.config.PretrainConfig` when present, else a local equivalent."""
-    try:
-        from medvlp.pretrain.config import PretrainConfig  # type: ignore[attr-defined]
-        return PretrainConfig
-    except ImportError:
-        pass
-    from medvlp.data_shards.config import DataConfig
-    from medvlp.pretrain.config import EvalConfig, LossConfig, ModelConfig, OptimConfig, TrackingConfig, TrainConfig
-
-    @dataclass
-    class RunConfig:
-        kind: str = "pretrain"
-        data: DataConfig = field(default_factory=DataConfig)
-        model: ModelConfig = field(default_factory=ModelConfig)
-        loss: LossConfig = field(default_factory=LossConfig)
-        optim: OptimConfig = field(default_factory=OptimConfig)
-        train: TrainConfig = field(default_factory=TrainConfig)
-        eval: EvalConfig = field(default_factory=EvalConfig)
-        tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    return RunConfig
-
-
-def _section(cls, values: dict, where: str):
-    """Dataclass `cls` from stored values (stored keys this version does not know are ignored, with a warning)."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in (values or {}).items():
-        if k not in names:
-            log.warning("%s.%s: stored key unknown to this version; ignored", where, k)
-            continue
-        cur = getattr(cls(), k) if dataclasses.is_dataclass(cls) else None
-        if isinstance(cur, float) and isinstance(v, (int, str)) and not isinstance(v, bool):
-            v = float(v)
-        kwargs[k] = v
-    return cls(**kwargs)
-
-
-def config_from_dict(doc: dict) -> Any:
-    """Typed root config from a stored (nested or dotted-flat) config dict."""
-    if any("." in str(k) for k in doc):
-        nested: dict = {}
-        for key, v in doc.items():
-            node = nested
-            *head, last = str(key).split(".")
-            for h in head:
-                node = node.setdefault(h, {})
-            node[last] = v
-        doc = nested
-    root = _fallback_root()
-    try:
-        from medvlp.pretrain.configtree import build  # type: ignore[import-not-found]
-        return build(root, doc)
-    except ImportError:
-        pass
-    kwargs = {}
-    for f in dataclasses.fields(root):
-        if f.name in doc and isinstance(doc[f.name], dict):
-            kwargs[f.name] = _section(f.default_factory().__class__, doc[f.name], f.name)  # type: ignore[misc]
-        elif f.name in doc and not isinstance(doc[f.name], dict):
-            kwargs[f.name] = doc[f.name]
-    return root(**kwargs)
-
-
-def run_config(run_dir: str | Path) -> Any | None:
-    """The typed config of a run folder (`medvlp.pretrain.checkpoint.load_run_config`), None when the folder has none."""
-    from medvlp.pretrain.checkpoint import load_run_config
-
-    doc = load_run_config(run_dir)
-    if dataclasses.is_dataclass(doc):
-        return doc
-    return config_from_dict(doc) if doc else None
-
-
-# ----------------------------------------------------------------------------------------------- safe reads
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        return load_file(str(path)), meta
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one clear line
-        raise LoadError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def _unwrap(sd: Any, where: Path) -> dict[str, torch.Tensor]:
-    for key in ("model", "state_dict", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise LoadError(f"{where}: not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-def checkpoint_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 state dict of a COMPLETE DeepSpeed checkpoint folder: ZeRO 1-3 through DeepSpeed's own
-    `get_fp32_state_dict_from_zero_checkpoint`, ZeRO 0 from its module file. Files are checked safe first."""
-    import contextlib
-    import io
-
-    if not (tag_dir / COMPLETE).is_file():
-        raise LoadError(f"{tag_dir}: not a COMPLETE checkpoint (a save was cut short)")
-    safe_load_gate(tag_dir)
-    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # chatter
-                sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        except Exception as e:  # noqa: BLE001 - a damaged partition: one clear line
-            raise LoadError(f"{tag_dir}: DeepSpeed could not consolidate the ZeRO checkpoint "
-                            f"({type(e).__name__}: {e})") from None
-        # DeepSpeed's consolidation returns parameters and persistent buffers; fp32 throughout
-        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    if not states:
-        raise LoadError(f"{tag_dir}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
-    doc = safe_torch_load(states[0], _deepspeed_safe_globals())
-    sd = _unwrap(doc.get("module") if isinstance(doc, dict) else doc, states[0])
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-
-
-def _pick_checkpoint(run_dir: Path, step: int | None) -> Path | None:
-    if step is None:
-        return latest_complete(run_dir)
-    tag_dir = run_dir / CKPT_DIR / tag_for(int(step))
-    if not (tag_dir / COMPLETE).is_file():
-        have = [int(p.name.split("_")[1]) for p in complete_checkpoints(run_dir)]
-        raise LoadError(f"{run_dir}: no COMPLETE checkpoint at step {step} (complete steps: {have or 'none'})")
-    return tag_dir
-
-
-def _final_weights(run_dir: Path) -> Path | None:
-    for name in (WEIGHTS, LEGACY_WEIGHTS):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    return None
-
-
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A weights file: safetensors, or a legacy torch file through the safe loader only."""
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    return _unwrap(safe_torch_load(path), path), {}
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -294,11 +147,48 @@ def _spec_of(meta: dict[str, str], cfg: Any, where: Path) -> dict:
 
 def _finish(model, cfg: Any, source: Path, step: int | None, map_location) -> Pretrained:
     if cfg is None:
-        cfg = _fallback_root()()
+        cfg = config_root()()
     modality = getattr(getattr(cfg, "data", None), "modality", "cxr")
     model = model.to(map_location).eval()
     return Pretrained(model=model, config=cfg, tokenizer=model.tokenizer, modality=modality,
                       embed_dim=int(model.embed_dim), source=str(source), step=step)
+
+
+# ----------------------------------------------------------------------------------------------- exported folders
+def _manifest(folder: Path) -> dict:
+    try:
+        doc = json.loads((folder / EXPORT_MANIFEST).read_text())
+        doc["format"], doc["spec"]  # noqa: B018 - required keys
+        return doc
+    except (OSError, ValueError, KeyError) as e:
+        raise LoadError(f"{folder / EXPORT_MANIFEST}: not a medvlp export manifest ({type(e).__name__}: {e})") \
+            from None
+
+
+def export_config(folder: str | os.PathLike) -> Any:
+    """The typed run config stored in an exported folder (its tokenizer path pointing into the folder)."""
+    folder = Path(folder)
+    doc = _manifest(folder)
+    cfg = config_from_dict(doc.get("config") or {})
+    if doc.get("tokenizer") and hasattr(cfg, "model"):
+        cfg.model.tokenizer = str(folder / doc["tokenizer"])
+    return cfg
+
+
+def load_export(folder: str | os.PathLike):
+    """An exported folder (written by `medvlp.pretrain.export`) -> (MedCLIP, typed config, step)."""
+    folder = Path(folder)
+    doc = _manifest(folder)
+    sd, _ = read_safetensors(folder / doc.get("weights", ""))
+    if doc["format"] == "open_clip":
+        ours = from_open_clip(sd)
+    elif doc["format"] == "hf":
+        ours = from_hf(sd)
+    else:
+        raise LoadError(f"{folder}: unknown export format {doc['format']!r}")
+    cfg = export_config(folder)
+    model = build_from_state(doc["spec"], ours, cfg, str(folder), base=folder)
+    return model, cfg, doc.get("step")
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -321,12 +211,11 @@ def load_pretrained(path: str | os.PathLike, step: int | None = None, map_locati
     if (p / EXPORT_MANIFEST).is_file():
         if step is not None:
             raise LoadError(f"{p}: an exported folder holds one step; --step applies to a run folder")
-        from medvlp.pretrain.export import load_export
         model, cfg, exp_step = load_export(p)
         return _finish(model, cfg, p, exp_step, map_location)
     cfg = run_config(p)
-    final = _final_weights(p)
-    tag_dir = _pick_checkpoint(p, step)
+    final = final_weights(p)
+    tag_dir = pick_checkpoint(p, step)
     use_final = final is not None and step is None and (
         tag_dir is None or final.stat().st_mtime >= (tag_dir / COMPLETE).stat().st_mtime)
     if use_final:

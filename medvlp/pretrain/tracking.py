@@ -37,7 +37,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 from medvlp.pretrain.configtree import flatten  # noqa: F401 - one flatten ({"a": {"b": 1}} -> {"a.b": 1}), re-exported here
@@ -344,14 +344,6 @@ class Tracker:
         local.write_text(text)
         self.log_artifact(local, str(Path(name).parent) if Path(name).parent != Path(".") else None)
 
-    def log_figure(self, fig, name: str) -> None:
-        """Store a matplotlib figure as the artifact file `name` (PNG unless the suffix says otherwise)."""
-        if not self._ready():
-            return
-        local = self._staged(name)
-        fig.savefig(local, dpi=100, bbox_inches="tight")
-        self.log_artifact(local, str(Path(name).parent) if Path(name).parent != Path(".") else None)
-
     # -- internals
     def _ready(self) -> bool:
         if not self.active or self._ended:
@@ -601,8 +593,3 @@ def read_runs(experiment: str, uri: str | None = None, histories: bool = True) -
                                                              if not k.startswith("mlflow.")},
                     "history": hist})
     return out
-
-
-def iter_metric_keys(runs: Iterable[dict]) -> list[str]:
-    """Sorted union of the metric keys of `runs` (for comparison tables)."""
-    return sorted({k for r in runs for k in r["metrics"]})

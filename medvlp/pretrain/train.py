@@ -6,13 +6,18 @@
 
 One optimizer step = `train.grad_accum` micro batches of `data.batch_size` per rank; the global batch is
 micro × accum × world. Fault handling:
-  * NaN/inf loss on any rank: every rank skips the step (no backward, no update) with a warning; after
-    `train.max_bad_steps` in a row the run stops with an error (after logging what it has).
+The run folder, the signal guard and the non-finite-loss policy are the run spine's (`medvlp.pretrain.spine`),
+shared with fine-tuning:
+  * NaN/inf loss on any rank (`train.nonfinite_loss: skip`, the default): every rank skips the step (no backward,
+    no update) with a warning; after `train.max_bad_steps` in a row the run stops with an error (after logging what
+    it has). `raise` stops at the first one.
   * SIGTERM/SIGINT: finish the current step, write a checkpoint, exit cleanly (status "KILLED" in MLflow). A signal
     while waiting for data ends the step there (its partial gradients dropped) and checkpoints the last full step
     (one process) or exits at once (several ranks). A signal before the first step, or a second signal, exits at
     once (`TrainingInterrupted`).
-  * `out_dir` already holding a run: refused unless resuming or `overwrite=True` (which deletes the old run's files).
+  * `out_dir` already holding a run: refused unless resuming or `overwrite=True` (which moves the old run's files
+    to out_dir/replaced/<stamp>/; nothing is deleted). A folder another live run is training in is refused (its
+    `.lock`); a lock left by a dead process is taken over. Retention deletes only this run's own checkpoints.
   * `train.resume`: compare the config with the run's saved config.yaml (differences outside `RESUME_HARMLESS` are
     refused, naming each key), load the latest *complete* checkpoint (model, optimizer, schedule, RNG; an unreadable
     one is skipped with a warning for the previous complete one) and continue the data stream at the saved
@@ -26,9 +31,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
-import shutil
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -41,41 +45,27 @@ import torch.distributed as dist
 import numpy as np
 
 from medvlp.pretrain import engine as eng
+from medvlp.pretrain import spine
 from medvlp.pretrain.configtree import build, dump_yaml, flatten, to_dict
 
 log = logging.getLogger("medvlp.pretrain")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised after too many consecutive non-finite losses."""
-
-
-class RunDirError(ValueError):
-    """`train.out_dir` holds another run, or a resume does not match the run it continues."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """A signal before the first step, a second signal, or (several ranks) a signal while waiting for data: the run
-    exits at once without a new checkpoint. A KeyboardInterrupt, so `except Exception` in data code cannot swallow it."""
-
-    def __init__(self, signum: int, why: str) -> None:
-        super().__init__(f"signal {signum} {why}: exiting without a new checkpoint")
-        self.signum = signum
-
-
-class _DataWaitInterrupt(KeyboardInterrupt):
-    """Raised by the signal handler into a wait for data (which may never end); the step is abandoned."""
+# The run spine's errors and signal guard, under the names this module has always had.
+NonFiniteLossError = spine.NonFiniteLossError
+RunDirError = spine.RunDirError
+TrainingInterrupted = spine.TrainingInterrupted
+_DataWaitInterrupt = spine.DataWaitInterrupt
+_StopFlag = spine.StopFlag
 
 
 # Keys a resume may change: bookkeeping, evaluation and tracking, not the trained model's recipe. `train.steps`
 # extends (or shortens) the run; the cosine schedule is then stretched to the new length (a warning says so).
 RESUME_HARMLESS = ("train.resume", "train.steps", "train.stop_after", "train.ckpt_every", "train.keep_ckpts",
-                   "train.eval_every", "train.final_eval", "train.log_every", "train.max_bad_steps",
+                   "train.eval_every", "train.final_eval", "train.log_every", "train.max_bad_steps", "train.nonfinite_loss",
                    "train.dist_timeout_s", "train.out_dir", "train.keep_host_memory", "data.workers",
                    "data.log_corrupt", "data.val_shards", "eval.", "tracking.")
-# What a run writes into out_dir (a folder holding any of these holds a run).
-RUN_FILES = ("config.yaml", "config.json", eng.CKPT_DIR, "train_log.jsonl", "model.pt", "model.safetensors",
-             "loss_curve.png", "eval")
+RUN_FILES = spine.RUN_FILES  # what a run writes into out_dir (a folder holding any of these holds a run)
 
 
 @dataclass
@@ -89,42 +79,6 @@ class TrainResult:
     out_dir: str = ""
     run_id: str | None = None
     samples_per_s: float = 0.0
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits. Before the first step
-    (`armed` false) or on a second signal the handler raises `TrainingInterrupted` at once; while the loop waits for
-    data (`waiting`) it raises `_DataWaitInterrupt` into the wait."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self.signum = 0
-        self.armed = False
-        self.waiting = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handler(self, signum, frame) -> None:  # noqa: ARG002
-        if self.stop:
-            raise TrainingInterrupted(signum, "received twice")
-        if not self.armed:
-            raise TrainingInterrupted(signum, "before the first step")
-        self.stop, self.signum = True, signum
-        if self.waiting:
-            log.warning("signal %s while waiting for data: stopping", signum)
-            raise _DataWaitInterrupt()
-        log.warning("signal %s: will checkpoint and stop after this step (a second signal exits at once)", signum)
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -182,7 +136,7 @@ def _image_of(batch: dict) -> torch.Tensor:
     raise KeyError(f"batch has no image or volume member (keys: {sorted(batch)})")
 
 
-def _peak_flops(device: torch.device) -> float:
+def peak_flops(device: torch.device) -> float:
     """Dense bf16 peak of the device (for MFU); 0 on CPU (MFU not reported)."""
     if device.type != "cuda":
         return 0.0
@@ -245,19 +199,19 @@ def config_differences(saved: dict, new: dict) -> tuple[list[str], list[str]]:
     return refused, harmless
 
 
-def run_files(out_dir: str | Path) -> list[str]:
-    """The entries of OUT_DIR that a run wrote (`RUN_FILES` present)."""
-    return sorted(n for n in RUN_FILES if (Path(out_dir) / n).exists())
+run_files = spine.run_files
 
 
 def check_out_dir(cfg: Any, overwrite: bool = False, found: list[str] | None = None) -> None:
     """RunDirError unless `cfg.train.out_dir` is free for this run: empty of run files, or resuming, or overwriting.
-    Cheap (no process group): the CLI calls it before building anything; `Trainer.fit` checks again on every rank."""
+    Also refused: a folder another live run holds (its lock). Cheap (no process group): the CLI calls it before
+    building anything; `Trainer.fit` checks again on every rank."""
     out = Path(cfg.train.out_dir)
-    found = run_files(out) if found is None else found
-    if found and not cfg.train.resume and not overwrite:
-        raise RunDirError(f"train.out_dir {out} already holds a run ({', '.join(found)}): pass --resume to continue "
-                          f"it, --overwrite to replace it, or choose another out_dir")
+    spine.refuse_if_taken(out, cfg.train.resume, overwrite, "train.out_dir", found)
+    holder = spine.RunLock.holder(out) if int(os.environ.get("RANK", "0") or 0) == 0 else None  # rank 0 locks
+    if holder is not None:
+        raise RunDirError(f"{out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, since "
+                          f"{holder.get('since')}): wait for it to end or choose another out_dir")
 
 
 class Trainer:
@@ -318,6 +272,8 @@ class Trainer:
         self._position = {"epoch": 0, "step": 0}  # where the shard stream starts (restored on resume)
         self._bad = 0
         self._stop: _StopFlag | None = None
+        self._lock: spine.RunLock | None = None
+        self.run_uid: str | None = None  # this run's identity (rank 0; its checkpoints' COMPLETE markers carry it)
 
     # ------------------------------------------------------------------------------------------- pieces
     def _batch_source(self):
@@ -374,9 +330,7 @@ class Trainer:
             if bad:
                 _discard_partial_step(engine, micro_start)
                 self._bad += 1
-                log.warning("step %d: non-finite loss on some rank; step skipped (%d in a row)", self.step, self._bad)
-                if self._bad >= cfg.train.max_bad_steps:
-                    raise NonFiniteLossError(f"loss was NaN/inf for {self._bad} consecutive steps (train.max_bad_steps)")
+                spine.on_nonfinite(cfg.train.nonfinite_loss, self.step + 1, self._bad, cfg.train.max_bad_steps)
                 return float("nan")
             engine.step()
             losses.append(float(loss.detach()))
@@ -395,7 +349,7 @@ class Trainer:
         src = self.batches
         pos = src.position() if src is not None and hasattr(src, "position") else dict(self._position)
         client = {"step": self.step, "data": pos, "losses": self.losses[-10000:], "mlflow_run_id": self.run_id,
-                  "config": self.config_dict or {}}
+                  "run_uid": self.run_uid, "config": self.config_dict or {}}
         return eng.save_checkpoint(self.engine, self.cfg.train.out_dir, self.step, client,
                                    keep=self.cfg.train.keep_ckpts)
 
@@ -429,13 +383,24 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- run folder
     def prepare_out_dir(self) -> None:
-        """Refuse an out_dir holding another run unless resuming or overwriting; on resume refuse a changed config
-        (naming each changed key); write config.yaml (rank 0). Every rank decides together."""
+        """Take the folder's lock (rank 0; a folder in use by another live run is refused); refuse an out_dir
+        holding another run unless resuming or overwriting (which moves the old run aside); on resume refuse a
+        changed config (naming each changed key); record the run's identity and write config.yaml (rank 0). Every
+        rank decides together."""
         cfg, out = self.cfg, self.out_dir
-        found = run_files(out)
         resume = cfg.train.resume
         if resume and self.overwrite:
             raise RunDirError("train.resume and overwrite: choose one (continue the run, or replace it)")
+        busy = ""
+        if self.rank == 0:
+            self._lock = spine.RunLock(out)
+            try:
+                self._lock.acquire()
+            except RunDirError as e:
+                busy = str(e)
+        if _any_rank(bool(busy), self.device):
+            raise RunDirError(busy or f"{out} is in use by another run (see rank 0)")
+        found = run_files(out)
         if _any_rank(bool(found) and not resume and not self.overwrite, self.device):
             check_out_dir(cfg, self.overwrite, found=found or ["on another rank"])
         problem = ""
@@ -457,11 +422,9 @@ class Trainer:
             raise RunDirError(problem or "resume: the config differs from the saved one (see rank 0)")
         if self.rank == 0:
             if self.overwrite and found:
-                log.warning("overwrite: deleting the previous run's %s in %s", ", ".join(found), out)
-                for name in found:
-                    p = out / name
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                spine.move_aside(out)  # the previous run goes to out_dir/replaced/<stamp>/, never deleted
             out.mkdir(parents=True, exist_ok=True)
+            self.run_uid = spine.start_run(out, "pretrain", resume)
             tmp = out / "config.yaml.tmp"  # the run's recipe: rerunning it starts afresh (resume is a CLI choice)
             tmp.write_text(dump_yaml(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=False))))
             tmp.replace(out / "config.yaml")
@@ -472,7 +435,7 @@ class Trainer:
         """Load the latest complete checkpoint that reads (an unreadable one is skipped with a warning for the one
         before it): weights, optimizer, schedule, RNG, step, data position, loss history, MLflow run. Returns the
         checkpoint loaded, or None (nothing to resume: a warning, training starts from scratch)."""
-        done = eng.complete_checkpoints(self.out_dir)
+        done = spine.own_checkpoints(self.out_dir, spine.read_run_uid(self.out_dir))  # never another run's
         if not done:
             log.warning("resume: no complete checkpoint under %s; starting from scratch", self.out_dir)
             return None
@@ -502,7 +465,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
-        """Train to `train.steps` (or until a signal / `train.stop_after`); returns losses, eval metrics, paths."""
+        """Train to `train.steps` (or until a signal / `train.stop_after`); returns losses, eval metrics, paths.
+        The run folder's lock is held from the folder checks to the end."""
+        try:
+            return self._fit()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _fit(self) -> TrainResult:
         from medvlp.pretrain.progress import progress_bar as tqdm  # a bar on a terminal, plain lines off it
 
         from medvlp.pretrain.tracking import Tracker
@@ -516,7 +487,7 @@ class Trainer:
         result = TrainResult(steps_done=start_step, losses=self.losses, out_dir=str(self.out_dir))
         global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.world
         flops_per_sample = _flops_per_sample(self.model)
-        peak = _peak_flops(self.device) * self.world
+        peak = peak_flops(self.device) * self.world
         tracker = self.tracker = Tracker(cfg.tracking, rank, self.config_dict, resume_run_id=self.run_id)
         stop = self._stop = _StopFlag()
         try:

@@ -89,7 +89,7 @@ def test_probe_trains_frozen_backbone_untouched_and_logged(tmp_path, cxr_shards,
     assert final["head.weight"].abs().sum() > 0
     # one complete checkpoint kept (keep_ckpts=1), the last one, written by accelerate's save_state
     ckpts = complete_checkpoints(res.out_dir)
-    assert [c.name for c in ckpts] == ["step_000024"] and res.checkpoint == str(ckpts[0])
+    assert [c.name for c in ckpts] == ["step_00000024"] and res.checkpoint == str(ckpts[0])
     assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= {p.name for p in ckpts[0].iterdir()}
     assert json.loads((tmp_path / "run" / "result.json").read_text())["steps_done"] == 24
     assert "finetune:" in (tmp_path / "run" / "config.yaml").read_text()
@@ -121,7 +121,7 @@ def test_resume_continues_exactly(tmp_path, cxr_shards, init_weights):
               final_eval=False)
     full = run_stage(ProbeStage(), probe_config(tmp_path / "full", cxr_shards, init_weights, **kw))
     first = run_stage(ProbeStage(), probe_config(tmp_path / "part", cxr_shards, init_weights, stop_after=3, **kw))
-    assert first.stopped and first.steps_done == 3 and first.checkpoint.endswith("step_000003")
+    assert first.stopped and first.steps_done == 3 and first.checkpoint.endswith("step_00000003")
     rest = run_stage(ProbeStage(), probe_config(tmp_path / "part", cxr_shards, init_weights, resume=True, **kw))
     assert rest.resumed_from == 3 and rest.steps_done == 8
     assert first.losses + rest.losses == full.losses  # bit-exact: weights, Adam moments, schedule, data position

@@ -128,14 +128,14 @@ def _kill_rank_after_checkpoint(proc, out_dir, rank, log_path, deadline_s=180):
 def _check_checkpoints_load(out_dir, world):
     """Every COMPLETE checkpoint's model-state file loads and agrees with its marker (step, data-parallel world)."""
     from medvlp.pretrain.engine import complete_checkpoints
-    from medvlp.pretrain.pretrained import _deepspeed_safe_globals, safe_torch_load
+    from medvlp.pretrain.weights import deepspeed_safe_globals, safe_torch_load
 
     dirs = complete_checkpoints(out_dir)
     assert dirs
     for d in dirs:
         marker = json.loads((d / "COMPLETE").read_text())
         (states,) = d.glob("*model_states.pt")
-        sd = safe_torch_load(states, _deepspeed_safe_globals())  # DeepSpeed's pickle, read with weights_only=True
+        sd = safe_torch_load(states, deepspeed_safe_globals())  # DeepSpeed's pickle, read with weights_only=True
         assert sd["step"] == marker["step"] and sd["data"] == marker["data"], d
         assert sd["dp_world_size"] == world and "module" in sd, d
         assert sorted(p.name for p in d.glob("rng_rank*.json")) == [f"rng_rank{r}.json" for r in range(world)]

@@ -1,0 +1,304 @@
+"""The run spine, proved once per loop: pretraining (DeepSpeed) and fine-tuning (accelerate) follow the same
+run-folder rules, signal guard and non-finite-loss policy."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medvlp.pretrain import spine
+from tests.conftest import tiny_overrides
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "finetune"))  # the fine-tune tests' probe stage
+
+from ft_probe_stage import ProbeConfig, ProbeStage, probe_config  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+LOOPS = ["pretrain", "finetune"]
+
+
+@pytest.fixture(scope="module")
+def init_weights(tmp_path_factory):
+    from medvlp.pretrain.checkpoint import model_metadata, save_state_dict
+    from medvlp.pretrain.config import ModelConfig
+    from medvlp.pretrain.model import build_model
+
+    torch.manual_seed(123)
+    model = build_model(ModelConfig(name="debug"))
+    return save_state_dict(model.state_dict(), tmp_path_factory.mktemp("init") / "model.safetensors",
+                           model_metadata(model))
+
+
+class _Probe(ProbeStage):
+    """The probe stage with a hook on every loss call (a signal, a NaN)."""
+
+    def __init__(self, hook=None) -> None:
+        self.hook, self.calls = hook, 0
+
+    def loss(self, model, batch):
+        loss, metrics = super().loss(model, batch)
+        self.calls += 1
+        return (self.hook(self.calls, loss) if self.hook else loss), metrics
+
+
+def _pretrain_sets(shards, out, steps, **kw):
+    sets = {"tracking.enabled": "false", "train.final_eval": "false", "train.ckpt_every": kw.get("ckpt_every", 1),
+            "train.keep_ckpts": kw.get("keep", 2), "train.stop_after": kw.get("stop_after", 0),
+            "train.resume": str(kw.get("resume", False)).lower()}
+    if "nonfinite" in kw:
+        sets["train.nonfinite_loss"] = kw["nonfinite"]
+    return tiny_overrides(shards, out, steps=steps, **sets)
+
+
+def _run(loop, out, shards, init, steps=4, *, overwrite=False, hook=None, monkeypatch=None, **kw) -> dict:
+    """One run of either loop; -> {steps, signal, weights, resumed_from}."""
+    if loop == "pretrain":
+        from medvlp.launch.config import flatten, load_config, to_dict
+        from medvlp.pretrain import loss as loss_mod
+        from medvlp.pretrain.train import run_pretrain
+
+        if hook is not None:
+            real, calls = loss_mod.ContrastiveLoss.forward, {"n": 0}
+
+            def hooked(self, *a, **k):
+                calls["n"] += 1
+                return hook(calls["n"], real(self, *a, **k))
+
+            monkeypatch.setattr(loss_mod.ContrastiveLoss, "forward", hooked)
+        cfg = load_config("debug", _pretrain_sets(shards, out, steps, **kw))
+        try:
+            res = run_pretrain(cfg, flatten(to_dict(cfg)), progress=False, overwrite=overwrite)
+        finally:
+            if hook is not None:
+                monkeypatch.undo()
+        return {"steps": res.steps_done, "signal": res.stopped_by_signal, "weights": out / "model.safetensors",
+                "losses": res.losses}
+    from medvlp.finetune.runner import run_stage
+
+    rc = dict(steps=steps, ckpt_every=kw.get("ckpt_every", 1), keep_ckpts=kw.get("keep", 2),
+              stop_after=kw.get("stop_after", 0), resume=kw.get("resume", False), final_eval=False)
+    if "nonfinite" in kw:
+        rc["nonfinite_loss"] = kw["nonfinite"]
+    res = run_stage(_Probe(hook), probe_config(out, shards, init, **rc), overwrite=overwrite)
+    return {"steps": res.steps_done, "signal": res.stopped_by_signal, "weights": Path(res.weights or "-"),
+            "losses": res.losses, "resumed_from": res.resumed_from}
+
+
+def _steps(out) -> list[int]:
+    return [spine.step_of(p) for p in spine.complete_checkpoints(out)]
+
+
+# ----------------------------------------------------------------------------------------------- the folder
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_folder_holding_another_run_is_refused(loop, tmp_path, cxr_shards, init_weights):
+    out = tmp_path / "run"
+    _run(loop, out, cxr_shards, init_weights, steps=2)
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(spine.RunDirError, match="already holds a run .*--resume.*--overwrite"):
+        _run(loop, out, cxr_shards, init_weights, steps=2)
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing touched
+    assert _steps(out) == [1, 2]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_overwrite_moves_the_old_run_aside(loop, tmp_path, cxr_shards, init_weights):
+    out = tmp_path / "run"
+    _run(loop, out, cxr_shards, init_weights, steps=2)
+    old_uid = spine.read_run_uid(out)
+    _run(loop, out, cxr_shards, init_weights, steps=1, overwrite=True)
+    (aside,) = (out / spine.REPLACED_DIR).iterdir()
+    assert _steps(aside) == [1, 2] and (aside / "config.yaml").is_file()  # the old run, whole, still loadable
+    assert spine.read_run_uid(aside) == old_uid != spine.read_run_uid(out)
+    assert _steps(out) == [1]  # the new run's own
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_retention_and_resume_only_touch_the_runs_own_checkpoints(loop, tmp_path, cxr_shards, init_weights):
+    """The data-loss case: checkpoints of another run (steps 299, 300) sit in the folder. Resuming this run loads its
+    own newest checkpoint (step 2, not 300), and keep_ckpts=2 deletes only its own older ones."""
+    out = tmp_path / "run"
+    first = _run(loop, out, cxr_shards, init_weights, steps=4, stop_after=2)
+    assert first["steps"] == 2 and _steps(out) == [1, 2]
+    for step in (299, 300):
+        tag = out / spine.CKPT_DIR / spine.tag_for(step)
+        tag.mkdir()
+        spine.write_complete(tag, step, "another-run")
+    rest = _run(loop, out, cxr_shards, init_weights, steps=4, resume=True)
+    assert rest["steps"] == 4 and rest.get("resumed_from", 2) == 2
+    if loop == "pretrain":
+        assert [s for s, _ in rest["losses"]] == [1, 2, 3, 4]
+    assert _steps(out) == [3, 4, 299, 300]
+    uid = spine.read_run_uid(out)
+    assert [spine.read_complete(p)["run_uid"] for p in spine.complete_checkpoints(out)] == [uid, uid, "another-run",
+                                                                                           "another-run"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_exact_resume_gives_equal_weights(loop, tmp_path, cxr_shards, init_weights):
+    full = _run(loop, tmp_path / "full", cxr_shards, init_weights, steps=4)
+    _run(loop, tmp_path / "part", cxr_shards, init_weights, steps=4, stop_after=2)
+    rest = _run(loop, tmp_path / "part", cxr_shards, init_weights, steps=4, resume=True)
+    a, b = load_file(str(full["weights"])), load_file(str(rest["weights"]))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_an_older_six_digit_finetune_checkpoint_still_resumes(tmp_path, cxr_shards, init_weights):
+    out = tmp_path / "run"
+    full = _run("finetune", tmp_path / "full", cxr_shards, init_weights, steps=4)
+    _run("finetune", out, cxr_shards, init_weights, steps=4, stop_after=2)
+    for p in spine.complete_checkpoints(out):  # as an older version wrote them: step_NNNNNN, marker "N", no run.json
+        (p / spine.COMPLETE).write_text(str(spine.step_of(p)))
+        p.rename(p.with_name(f"step_{spine.step_of(p):06d}"))
+    (out / spine.RUN_ID_FILE).unlink()
+    assert [p.name for p in spine.complete_checkpoints(out)] == ["step_000001", "step_000002"]
+    rest = _run("finetune", out, cxr_shards, init_weights, steps=4, resume=True, keep=1)
+    assert rest["resumed_from"] == 2
+    a, b = load_file(str(full["weights"])), load_file(str(rest["weights"]))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in spine.complete_checkpoints(out)] == ["step_00000004"]  # legacy ones were the run's own
+
+
+# ----------------------------------------------------------------------------------------------- lock
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_folder_in_use_is_refused_in_one_line_and_a_stale_lock_taken_over(loop, tmp_path, cxr_shards,
+                                                                             init_weights, capsys):
+    import socket
+
+    from medvlp.finetune import STAGES, register_stage
+    from medvlp.launch.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live process: the holder
+    try:
+        (out / spine.LOCK_FILE).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                                       "since": "2026-01-01T00:00:00Z"}))
+        if loop == "pretrain":
+            argv = ["pretrain", "debug"] + [x for s in _pretrain_sets(cxr_shards, out, 2) for x in ("--set", s)]
+        else:
+            register_stage("probe", ProbeConfig, ProbeStage)
+            recipe = tmp_path / "probe.yaml"
+            recipe.write_text(f"kind: probe\nshards: {cxr_shards}\ninit: {init_weights}\nfinetune:\n  steps: 2\n"
+                              f"  batch_size: 8\n  freeze: ['backbone.*']\n  progress: false\n  ckpt_every: 1\n"
+                              f"  out_dir: {out}\n")
+            argv = ["finetune", "probe", str(recipe)]
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"is in use by another run (pid {other.pid}" in err, err
+        assert "Traceback" not in err and not spine.run_files(out)
+    finally:
+        other.kill()
+        other.wait()
+    try:
+        assert main(argv) == 0  # its holder is gone: the lock is taken over
+    finally:
+        STAGES.pop("probe", None)
+    assert not (out / spine.LOCK_FILE).exists() and _steps(out) == [1, 2]  # released at the end
+
+
+def test_lock_unit():
+    lock_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"spine-lock-{os.getpid()}"
+    a, b = spine.RunLock(lock_dir), spine.RunLock(lock_dir)
+    a.acquire()
+    try:
+        with pytest.raises(spine.RunDirError, match=f"in use by another run \\(pid {os.getpid()}"):
+            b.acquire()
+    finally:
+        a.release()
+    b.acquire()
+    b.release()
+    assert not (lock_dir / spine.LOCK_FILE).exists()
+    # a holder that has exited but is not reaped yet (a zombie, e.g. a killed run its launcher has not waited for)
+    import socket
+    import time
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline and "Z" not in Path(f"/proc/{gone.pid}/stat").read_text().rsplit(")", 1)[1][:3]:
+        time.sleep(0.05)
+    (lock_dir / spine.LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    assert spine.RunLock.holder(lock_dir) is None
+    b.acquire()
+    b.release()
+    gone.wait()
+    lock_dir.rmdir()
+
+
+# ----------------------------------------------------------------------------------------------- guards
+@pytest.mark.parametrize("loop", LOOPS)
+def test_sigterm_checkpoints_and_the_cli_exits_0(loop, tmp_path, cxr_shards, init_weights, capsys, monkeypatch):
+    """SIGTERM in step 3: the step finishes, a checkpoint of step 3 is written, the CLI reports it and exits 0."""
+    from medvlp.finetune import STAGES, register_stage
+    from medvlp.launch.cli import main
+
+    def term_at_3(n, loss):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    out = tmp_path / "run"
+    if loop == "pretrain":
+        from medvlp.pretrain import loss as loss_mod
+
+        real, calls = loss_mod.ContrastiveLoss.forward, {"n": 0}
+
+        def hooked(self, *a, **k):
+            calls["n"] += 1
+            return term_at_3(calls["n"], real(self, *a, **k))
+
+        monkeypatch.setattr(loss_mod.ContrastiveLoss, "forward", hooked)
+        argv = ["pretrain", "debug"] + [x for s in _pretrain_sets(cxr_shards, out, 50, ckpt_every=0)
+                                        for x in ("--set", s)]
+    else:
+        register_stage("probe", ProbeConfig, lambda: _Probe(term_at_3))
+        recipe = tmp_path / "probe.yaml"
+        recipe.write_text(f"kind: probe\nshards: {cxr_shards}\ninit: {init_weights}\nfinetune:\n  steps: 50\n"
+                          f"  batch_size: 8\n  freeze: ['backbone.*']\n  progress: false\n  final_eval: false\n"
+                          f"  out_dir: {out}\n")
+        argv = ["finetune", "probe", str(recipe)]
+    try:
+        capsys.readouterr()
+        assert main(argv) == 0
+    finally:
+        STAGES.pop("probe", None)
+    assert "stopped by signal (checkpoint written): 3 steps" in capsys.readouterr().out
+    assert _steps(out) == [3] and not (out / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nonfinite_loss_policy(loop, policy, tmp_path, cxr_shards, init_weights, monkeypatch):
+    """A NaN loss in the 2nd step: `skip` drops that step (the run still makes every step, all finite); `raise`
+    stops the run there."""
+    nan_at_2 = lambda n, loss: loss * float("nan") if n == 2 else loss  # noqa: E731
+    kw = dict(hook=nan_at_2, monkeypatch=monkeypatch, nonfinite=policy, ckpt_every=0)
+    if policy == "raise":
+        with pytest.raises(spine.NonFiniteLossError, match="step 2: the loss is NaN/inf"):
+            _run(loop, tmp_path / "run", cxr_shards, init_weights, steps=3, **kw)
+        return
+    res = _run(loop, tmp_path / "run", cxr_shards, init_weights, steps=3, **kw)
+    assert res["steps"] == 3 and [s for s, _ in res["losses"]] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in res["losses"])
+
+
+def test_schedule_is_shared_and_unchanged():
+    from medvlp.finetune.runner import lr_multiplier as ft
+    from medvlp.pretrain.config import OptimConfig
+    from medvlp.pretrain.engine import lr_lambda
+
+    cfg = OptimConfig(warmup_steps=2, min_lr_ratio=0.1)
+    got = [lr_lambda(s, cfg, 10) for s in range(11)]
+    assert got == [ft(s, 2, 10, 0.1) for s in range(11)]
+    assert [round(v, 6) for v in got[:3]] == [0.5, 1.0, 1.0] and got[-1] == pytest.approx(0.1)
+    assert got[6] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
