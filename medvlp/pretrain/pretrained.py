@@ -25,7 +25,6 @@ if any file needs more. Still, treat checkpoints from others as code.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os

@@ -12,7 +12,6 @@ Nothing here builds a model, so nothing here imports `model.py`. Every failure i
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
