@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 on any sha256 mismatch, missing shard, corrupt sample or count mismatch (CI gates)")
     s.set_defaults(fn=_cmd_inspect)
     s = sh.add_parser("import", help="import a public data set layout")
-    s.add_argument("kind", choices=["medmnist", "chexpert", "iuxray", "pcam", "mimic_cxr", "ct_reports"])
+    s.add_argument("kind", choices=["medmnist", "chexpert", "iuxray", "pcam", "mimic_cxr", "ct_reports",
+                                    "class_folders", "camelyon17"])
     s.add_argument("src")
     s.add_argument("--out", required=True)
     s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="importer option")

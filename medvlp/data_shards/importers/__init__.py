@@ -16,7 +16,9 @@ IMPORTERS = {"medmnist": ("medvlp.data_shards.importers.medmnist", "import_medmn
              "iuxray": ("medvlp.data_shards.importers.iuxray", "import_iuxray"),
              "pcam": ("medvlp.data_shards.importers.pcam", "import_pcam"),
              "mimic_cxr": ("medvlp.data_shards.importers.mimic_cxr", "import_mimic_cxr"),
-             "ct_reports": ("medvlp.data_shards.importers.ct_reports", "import_ct_reports")}
+             "ct_reports": ("medvlp.data_shards.importers.ct_reports", "import_ct_reports"),
+             "class_folders": ("medvlp.data_shards.importers.class_folders", "import_class_folders"),
+             "camelyon17": ("medvlp.data_shards.importers.camelyon17", "import_camelyon17")}
 
 
 def import_dataset(kind: str, src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
