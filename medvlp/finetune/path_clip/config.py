@@ -96,6 +96,7 @@ class ProtocolConfig:
     shots: list[int] = field(default_factory=lambda: [1, 4, 16])  # k per class (binary: n = 2, 8, 32)
     seeds: int = 3  # labelled subsets (and training seeds) per budget
     run_seeds: list[int] = field(default_factory=list)  # run only these seeds (cells already in out_dir are reused)
+    wait_s: int = 0  # seconds to wait for a missing cell that another process (run_seeds) is computing
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # methods in the table
     alpha_grid: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])  # residual adapter's alphas
     probe_C: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0])  # linear probe's C, picked on val
@@ -117,6 +118,8 @@ class ProtocolConfig:
             raise ValueError(f"methods: {bad} are not among {', '.join(METHODS)}")
         if self.seeds < 1:
             raise ValueError(f"seeds: must be >= 1, got {self.seeds}")
+        if self.wait_s < 0:
+            raise ValueError(f"wait_s: must be >= 0, got {self.wait_s}")
         if any(s < 0 or s >= self.seeds for s in self.run_seeds):
             raise ValueError(f"run_seeds: each in [0, seeds={self.seeds}), got {self.run_seeds}")
         if not self.full_lrs or any(v <= 0 for v in self.full_lrs) or not self.full_eval_steps or \

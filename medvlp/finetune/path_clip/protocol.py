@@ -349,7 +349,7 @@ def _fingerprint(cfg: PathCLIPConfig) -> str:
     from medvlp.finetune.runner import config_dict
 
     d = config_dict(cfg)
-    for k in ("out_dir", "run_seeds", "methods", "bootstrap", "seeds", "shots", "label_fractions"):
+    for k in ("out_dir", "run_seeds", "wait_s", "methods", "bootstrap", "seeds", "shots", "label_fractions"):
         d.get("protocol", {}).pop(k, None)
     d.pop("tracking", None)
     d.get("finetune", {}).pop("out_dir", None)
@@ -412,6 +412,9 @@ def run_protocol(cfg: PathCLIPConfig, pretrained: Any = None, command: str = "")
         parent.set_tags({"medvlp.command": command} if command else {})
     status = "FAILED"
     cells: dict[tuple[str, str, int], tuple[dict, dict]] = {}
+    once: dict[str, tuple[dict, dict]] = {}
+    if not p.run_seeds:  # the rows without a budget first (a gathering run computes them while others finish)
+        once = {"zero_shot": run_cell("zero_shot", ctx, None, cfg, 0, out), **once_cells(ctx, cfg, tower)}  # type: ignore[arg-type]
     try:
         tower_methods = [m for m in p.methods if m in ("full_finetune", "fixmatch")]
         head_methods = [m for m in p.methods if m not in tower_methods and m != "zero_shot"]
@@ -422,6 +425,10 @@ def run_protocol(cfg: PathCLIPConfig, pretrained: Any = None, command: str = "")
                     for method in methods:
                         cell_out = out / "cells" / method / bname.replace("%", "pct") / f"seed{seed}"
                         got = _load_cell(cell_out / "cell.json", fp)
+                        t_wait = time.time()
+                        while got is None and time.time() - t_wait < p.wait_s:  # another process is on it
+                            time.sleep(5)
+                            got = _load_cell(cell_out / "cell.json", fp)
                         if got is None:
                             if (bname, seed) not in drawn:
                                 drawn[(bname, seed)] = draw_budget(ctx, shots, frac, seed, cfg.finetune.views)
@@ -446,9 +453,7 @@ def run_protocol(cfg: PathCLIPConfig, pretrained: Any = None, command: str = "")
         if parent is not None:
             parent.end("FINISHED")
         return {"cells": len(cells), "seconds": time.time() - t0, "table": ""}
-    zs, zpred = run_cell("zero_shot", ctx, None, cfg, 0, out)  # type: ignore[arg-type]
-    source_ref = zs.get("source_acc")
-    once = {"zero_shot": (zs, zpred), **once_cells(ctx, cfg, tower)}
+    source_ref = once["zero_shot"][0].get("source_acc")
     rows = []
     for (method, bname, seed), (m, _) in cells.items():
         r = {"method": method, "budget": bname, "seed": seed, **m}
@@ -499,7 +504,7 @@ def run_protocol(cfg: PathCLIPConfig, pretrained: Any = None, command: str = "")
               "n_eval": len(ctx.eval_split), "seconds": time.time() - t0, "command": command}
     (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
     if parent is not None:
-        parent.log_metrics({f"acc/{m}/{b}": v["acc"]["mean"] for (m, b), v in summary.items()
+        parent.log_metrics({f"acc/{m}/{b or 'all'}": v["acc"]["mean"] for (m, b), v in summary.items()
                             if "acc" in v and math.isfinite(v["acc"]["mean"])})
         for f in ("fewshot.md", "fewshot.png", "results.json"):
             parent.log_artifact(out / f)
