@@ -71,7 +71,8 @@ LAB2_GAIN = (0.7, 1.3)  # per-slide scanner gain of lab2 (brightness / contrast)
 def _stain(prng: np.random.Generator, domain: str = "he") -> dict[str, np.ndarray]:
     h, e, bg = _PALETTES[domain]
     if domain == "lab2":  # per-slide stain and scanner variation larger than the colour gap between classes
-        return {"H": np.array(h) + prng.normal(0, LAB2_STAIN_SD, 3), "E": np.array(e) + prng.normal(0, LAB2_STAIN_SD, 3),
+        return {"H": np.array(h) + prng.normal(0, LAB2_STAIN_SD, 3),
+                "E": np.array(e) + prng.normal(0, LAB2_STAIN_SD, 3),
                 "bg": np.array(bg), "gain": float(prng.uniform(*LAB2_GAIN)), "offset": float(prng.normal(0, 12))}
     return {"H": np.array(h) + prng.normal(0, 8, 3),  # nuclear stain (haematoxylin / DAB-like)
             "E": np.array(e) + prng.normal(0, 8, 3),  # counterstain: stroma, cytoplasm

@@ -49,7 +49,8 @@ def _ints(name: str, text: str) -> set[int]:
     try:
         return {int(v) for v in text.split(",") if v.strip()}
     except ValueError:
-        raise ImportLayoutError(f"camelyon17 importer: option {name}={text!r} is not comma-separated integers") from None
+        raise ImportLayoutError(f"camelyon17 importer: option {name}={text!r} is not comma-separated "
+                                "integers") from None
 
 
 def read_rows(meta: Path) -> list[dict[str, int]]:
@@ -78,7 +79,8 @@ def read_rows(meta: Path) -> list[dict[str, int]]:
 
 def patch_path(root: Path, r: dict[str, int]) -> Path:
     p, n = r["patient"], r["node"]
-    return root / "patches" / f"patient_{p:03d}_node_{n}" / f"patch_patient_{p:03d}_node_{n}_x_{r['x_coord']}_y_{r['y_coord']}.png"
+    name = f"patch_patient_{p:03d}_node_{n}_x_{r['x_coord']}_y_{r['y_coord']}.png"
+    return root / "patches" / f"patient_{p:03d}_node_{n}" / name
 
 
 def _split(r: dict[str, int], o: dict, sets: dict[str, set[int]]) -> str | None:

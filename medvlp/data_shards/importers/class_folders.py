@@ -13,8 +13,9 @@ order); the caption and the class prompt are "a histopathology image of {class}.
 
 Splits: `split=auto` hashes each tile's relative path (seeded) into train / val / test by `val_frac` / `test_frac`;
 a fixed `split` puts every tile in that split. `test_dir` names a second class-folder tree imported as the test
-split (then `src` gives train and val only) (NCT's own test set CRC-VAL-HE-7K comes from other patients; the tiles of NCT-CRC-HE-100K carry no patient
-id, so a hash split of them puts tiles of one slide on both sides). patient_id is the tile's relative path.
+split (then `src` gives train and val only; NCT's own test set CRC-VAL-HE-7K comes from other patients, the
+tiles of NCT-CRC-HE-100K carry no patient id, so a hash split of them puts tiles of one slide on both sides).
+patient_id is the tile's relative path.
 
 Paths: only regular files under the class root are read; a symlink (file or folder) whose target lies outside
 the source folder is refused by name, and so is a class folder that would be reached through one.
@@ -131,7 +132,8 @@ def _samples(trees: list[tuple[Path, dict[str, list[Path]], str | None]], names:
             continue
         counts[split] = counts.get(split, 0) + 1
         k = names.index(cls)
-        yield Sample(key=f"{dataset}/{split}/" + re.sub(r"[^A-Za-z0-9_/-]", "_", rel), text=TEMPLATE.format(c=cls), image=_read(path, o["image_size"]),
+        key = f"{dataset}/{split}/" + re.sub(r"[^A-Za-z0-9_/-]", "_", rel)
+        yield Sample(key=key, text=TEMPLATE.format(c=cls), image=_read(path, o["image_size"]),
                      labels={n: int(n == cls) for n in names},
                      meta={"dataset": dataset, "modality": "patho", "split": split, "patient_id": f"{dataset}/{rel}",
                            "class": cls, "class_index": k, "file": rel})

@@ -25,8 +25,11 @@ Besides, rows without a budget: the ceiling (linear probe on every training labe
 training label. Every setting a method picks (probe C, Tip-Adapter a and b, the residual adapter's alpha, the
 tower arms' lr and steps) is picked by accuracy on the val split (`data.val_split`); the eval split is never used
 to choose. Statistics come from `medvlp.finetune.sweep`: mean ± sample sd over seeds, and for Path-CLIP minus each
-arm a paired bootstrap over seeds x eval items (`protocol.bootstrap` draws). The adapter methods run through the
-fine-tune runner (`run_stage`), seeded with s. MLflow: one parent run for the protocol and a child run per
+arm a paired bootstrap over seeds x eval items (`protocol.bootstrap` draws). The adapter methods train in-process
+with the fine-tune runner's maths (`fit_head`: AdamW, warmup + cosine, gradient clip; no checkpoints), seeded with
+s; the tower arms are in tower.py. Cells are saved under OUT/cells and reused (`protocol.run_seeds` splits the
+seeds over processes, `protocol.wait_s` lets a gathering run wait for them). MLflow: one parent run for the
+protocol and a child run per
 (method, budget, seed) cell. Same config and seeds -> the same numbers.
 Legend: N eval samples, n labelled, E embedding width, C classes, S seeds.
 """
@@ -275,8 +278,9 @@ def markdown_tables(summary: dict, diffs: dict, budgets: list[str], methods: lis
     md, _ = write_table(auc, out / "table_auc")
     parts += ["**Target AUC** (mean ± sample sd over seeds)", "", md.read_text()]
     if diffs:
-        fmt = lambda d: (f"{d['diff']:+.3f} [{d['ci_lo']:+.3f}, {d['ci_hi']:+.3f}] p≤0={d['p_le_0']:.2f}"  # noqa: E731
-                         if d else "n/a")
+        def fmt(d: dict | None) -> str:
+            return f"{d['diff']:+.3f} [{d['ci_lo']:+.3f}, {d['ci_hi']:+.3f}] p≤0={d['p_le_0']:.2f}" if d else "n/a"
+
         dr = [{"Path-CLIP minus": LABELS.get(m, m), **{cols[b]: fmt(diffs.get((m, b))) for b in budgets}}
               for m in rowsets if m != "path_clip" and any((m, b) in diffs for b in budgets)]
         md, _ = write_table(dr, out / "table_diff")
@@ -293,7 +297,8 @@ def markdown_tables(summary: dict, diffs: dict, budgets: list[str], methods: lis
           if any(summary.get((m, b), {}).get(q) for b in budgets)]
     if ad:
         md, _ = write_table(ad, out / "table_alpha")
-        parts += ["**α and τ per cell** (mean ± sample sd over seeds; the residual adapter's α is its val pick)", "",
+        parts += ["**α and τ per cell** (mean ± sample sd over seeds; the residual adapter's α is its val pick)",
+                  "",
                   md.read_text()]
     return "\n".join(parts)
 
@@ -414,7 +419,8 @@ def run_protocol(cfg: PathCLIPConfig, pretrained: Any = None, command: str = "")
     cells: dict[tuple[str, str, int], tuple[dict, dict]] = {}
     once: dict[str, tuple[dict, dict]] = {}
     if not p.run_seeds:  # the rows without a budget first (a gathering run computes them while others finish)
-        once = {"zero_shot": run_cell("zero_shot", ctx, None, cfg, 0, out), **once_cells(ctx, cfg, tower)}  # type: ignore[arg-type]
+        zero = run_cell("zero_shot", ctx, None, cfg, 0, out)  # type: ignore[arg-type]
+        once = {"zero_shot": zero, **once_cells(ctx, cfg, tower)}
     try:
         tower_methods = [m for m in p.methods if m in ("full_finetune", "fixmatch")]
         head_methods = [m for m in p.methods if m not in tower_methods and m != "zero_shot"]
