@@ -153,6 +153,8 @@ def import_class_folders(src: str | Path, out_dir: str | Path, **opts: Any) -> d
         tbase, tclasses = find_classes(Path(o["test_dir"]))
         trees.append((tbase, tclasses, "test"))
     names = sorted({class_name(f) for _, cl, _ in trees for f in cl})
+    if len(names) < 2:
+        raise ImportLayoutError(f"{src}: one class folder only ({names}); a class-folder set needs >= 2 classes")
     clash = {}
     for _, cl, _ in trees:
         for f in cl:

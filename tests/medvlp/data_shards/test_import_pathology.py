@@ -104,6 +104,9 @@ def test_class_folders_bad_input_is_one_line_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad"
     (bad / "TUM").mkdir(parents=True)
     (bad / "TUM" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="one class folder only"):
+        import_dataset("class_folders", bad, tmp_path / "o1")
+    _tile(bad / "ADI" / "fine.png", 3)
     from medvlp.launch.cli import main
 
     rc = main(["shards", "import", "class_folders", str(bad), "--out", str(tmp_path / "o")])
