@@ -9,10 +9,13 @@ patho  RGB uint8 (S, S, 3) patches of three classes (labels {"tumor": 1/0}, meta
        Stain colours vary per patient (one slide per patient), as between real labs and scanners.
        `domain` (PATHO_DOMAINS) renders the same tissue as another lab would: "he" (default, the corpus the
        other generators and the demo use) or "lab2": a dark-field, fluorescence-like scan (bright nuclei on a
-       dark background; the stain colours inverted), slightly out of focus, and harder patches: tumour (or
-       lymphocytes) in part of the patch only, normal stroma around it, and small foci of enlarged reactive
-       nuclei in half of the non-tumour patches. Same classes and nuclear morphology, a very different look: a
-       target domain for few-label adaptation (docs/path_clip.md).
+       dark background; the stain colours inverted), slightly out of focus, and harder patches. In lab2 all
+       class evidence is local: the tumour's nuclei, basophilic cytoplasm and denser tissue lie in a disc covering
+       15-45 % of the patch (lymphocytes likewise for inflamed patches), normal stroma around it; empty spaces
+       occur in every class; half of the non-tumour patches carry a small focus of enlarged reactive nuclei; and
+       each slide has its own stain colours (sd LAB2_STAIN_SD per channel) and scanner gain / offset, a variation
+       larger than the colour gap between the classes, so patch-mean colour no longer tells the class (a 1-shot
+       nearest neighbour on it scores about 0.56). A target domain for few-label adaptation (docs/path_clip.md).
 slide  bags of patch features (n, d) float16 with n in [20, 200] and grid coords (n, 2) int32 as (x, y). Each
        patch has a tissue type (normal, tumor, inflammation, necrosis); each type is a Gaussian cluster around a
        fixed centre (the same for every seed), types form spatially coherent regions (necrosis at the heart of
@@ -61,10 +64,16 @@ _CAPTIONS = {
 PATHO_DOMAINS = ("he", "lab2")
 _PALETTES = {"he": ([75.0, 40.0, 130.0], [235.0, 150.0, 195.0], [250.0, 238.0, 244.0]),  # H, E, background
              "lab2": ([110.0, 70.0, 35.0], [170.0, 190.0, 215.0], [232.0, 236.0, 240.0])}
+LAB2_STAIN_SD = 22.0  # per-slide sd of the lab2 stain colours (he: 8)
+LAB2_GAIN = (0.7, 1.3)  # per-slide scanner gain of lab2 (brightness / contrast), with an offset of sd 12
 
 
 def _stain(prng: np.random.Generator, domain: str = "he") -> dict[str, np.ndarray]:
     h, e, bg = _PALETTES[domain]
+    if domain == "lab2":  # per-slide stain and scanner variation larger than the colour gap between classes
+        return {"H": np.array(h) + prng.normal(0, LAB2_STAIN_SD, 3),
+                "E": np.array(e) + prng.normal(0, LAB2_STAIN_SD, 3),
+                "bg": np.array(bg), "gain": float(prng.uniform(*LAB2_GAIN)), "offset": float(prng.normal(0, 12))}
     return {"H": np.array(h) + prng.normal(0, 8, 3),  # nuclear stain (haematoxylin / DAB-like)
             "E": np.array(e) + prng.normal(0, 8, 3),  # counterstain: stroma, cytoplasm
             "bg": np.array(bg)}
@@ -109,13 +118,10 @@ def _paint_nuclei(img_HWC, rng, cls: str, stain, S: int, keep=None) -> None:
         img_HWC[y0:y1, x0:x1] = img_HWC[y0:y1, x0:x1] * (1 - alpha) + col * alpha
 
 
-def _paint_lab2(img_HWC, rng, cls: str, stain, S: int) -> None:
-    """lab2 nuclei: a tumour patch has tumour cells in a disc covering ~15-45 % of it (normal stroma around), an
-    inflamed patch lymphocytes in such a disc; about half of all non-tumour patches carry a small focus of
-    enlarged reactive nuclei (a look-alike of tumour cells)."""
-    cy0, cx0 = rng.uniform(0.25 * S, 0.75 * S, 2)
-    rad = S * np.sqrt(rng.uniform(0.15, 0.45) / np.pi)
-    disc = lambda y, x: np.hypot(y - cy0, x - cx0) < rad  # noqa: E731
+def _paint_lab2(img_HWC, rng, cls: str, stain, S: int, disc) -> None:
+    """lab2 nuclei: a tumour patch has tumour cells in `disc` (normal stroma around), an inflamed patch lymphocytes
+    in it; about half of all non-tumour patches carry a small focus of enlarged reactive nuclei (a look-alike of
+    tumour cells)."""
     _paint_nuclei(img_HWC, rng, "normal", stain, S, keep=lambda y, x: ~disc(y, x) if cls != "normal" else y >= 0)
     if cls != "normal":
         _paint_nuclei(img_HWC, rng, cls, stain, S, keep=disc)
@@ -124,24 +130,45 @@ def _paint_lab2(img_HWC, rng, cls: str, stain, S: int) -> None:
         _paint_nuclei(img_HWC, rng, "tumor", stain, S, keep=lambda y, x: np.hypot(y - ry, x - rx) < 0.12 * S)
 
 
+def _render_lab2(rng, cls: str, stain, S: int, tissue) -> np.ndarray:
+    """lab2: every class evidence is local. The lesion disc (~15-45 % of the patch) carries the tumour's
+    basophilic cytoplasm, denser tissue and tumour nuclei (or lymphocytes); the rest is normal stroma with empty
+    spaces in every class. Then defocus, dark-field inversion and the slide's scanner gain and offset."""
+    yy, xx = grid((S, S))
+    for _ in range(int(rng.integers(0, 4))):  # empty spaces (fat, lumina) in every class: not a class cue
+        vy, vx, vr = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.11)
+        tissue = tissue * (1 - 0.85 * soft_step(vr - np.hypot(yy - vy, xx - vx), 0.03))
+    cy0, cx0 = rng.uniform(0.25 * S, 0.75 * S, 2)
+    rad = S * np.sqrt(rng.uniform(0.15, 0.45) / np.pi)
+    disc = lambda y, x: np.hypot(y - cy0, x - cx0) < rad  # noqa: E731
+    cyto_HWC = np.broadcast_to(stain["E"], (S, S, 3)).copy()
+    if cls == "tumor":  # basophilic cytoplasm and denser tissue inside the tumour only
+        inside_HW = soft_step(rad - np.hypot(yy * S - cy0, xx * S - cx0), 2.0)
+        tissue = np.clip(tissue + 0.15 * inside_HW, 0, 1)
+        cyto_HWC = cyto_HWC + inside_HW[..., None] * 0.2 * (stain["H"] - stain["E"])
+    img_HWC = stain["bg"] + tissue[..., None] * (cyto_HWC - stain["bg"])
+    _paint_lab2(img_HWC, rng, cls, stain, S, disc)
+    img_HWC = 255.0 - _defocus(img_HWC)  # dark field: bright nuclei on a dark background
+    return stain["gain"] * img_HWC + stain["offset"]
+
+
 def render_patho(rng: np.random.Generator, cls: str, stain, S: int, domain: str = "he") -> np.ndarray:
     yy, xx = grid((S, S))
     theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
     warp = smooth_noise(rng, (S, S), S / 4)
     fibres = np.sin(2 * np.pi * 6 * (xx * np.cos(theta) + yy * np.sin(theta)) + phase + 1.5 * warp)
     tissue = np.clip(0.72 + 0.18 * fibres + 0.08 * smooth_noise(rng, (S, S), S / 16), 0, 1)
-    if cls == "normal":  # a few empty spaces (fat, lumina)
-        for _ in range(int(rng.integers(0, 4))):
-            vy, vx, vr = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.11)
-            tissue = tissue * (1 - 0.85 * soft_step(vr - np.hypot(yy - vy, xx - vx), 0.03))
-    elif cls == "tumor":
-        tissue = np.clip(tissue + 0.15, 0, 1)
-    cyto = stain["E"] * 0.8 + stain["H"] * 0.2 if cls == "tumor" else stain["E"]  # basophilic tumor cytoplasm
-    img_HWC = stain["bg"] + tissue[..., None] * (cyto - stain["bg"])
-    if domain == "lab2":  # partial tumour, reactive atypia: the class is in part of the patch only
-        _paint_lab2(img_HWC, rng, cls, stain, S)
-        img_HWC = 255.0 - _defocus(img_HWC)  # dark field: bright nuclei on a dark background
+    if domain == "lab2":  # the class is in part of the patch only, under a per-slide colour / gain shift
+        img_HWC = _render_lab2(rng, cls, stain, S, tissue)
     else:
+        if cls == "normal":  # a few empty spaces (fat, lumina)
+            for _ in range(int(rng.integers(0, 4))):
+                vy, vx, vr = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.11)
+                tissue = tissue * (1 - 0.85 * soft_step(vr - np.hypot(yy - vy, xx - vx), 0.03))
+        elif cls == "tumor":
+            tissue = np.clip(tissue + 0.15, 0, 1)
+        cyto = stain["E"] * 0.8 + stain["H"] * 0.2 if cls == "tumor" else stain["E"]  # basophilic tumor cytoplasm
+        img_HWC = stain["bg"] + tissue[..., None] * (cyto - stain["bg"])
         _paint_nuclei(img_HWC, rng, cls, stain, S)
     img_HWC = img_HWC + rng.normal(0, 3, img_HWC.shape)
     return np.clip(np.rint(img_HWC), 0, 255).astype(np.uint8)

@@ -3,7 +3,8 @@
 kinds: medmnist (.npz), chexpert (CheXpert / MIMIC-CXR label CSV + images), iuxray (reports + projections CSVs +
 images), pcam (PatchCamelyon HDF5), mimic_cxr (MIMIC-CXR DICOM tree + reports), ct_reports (NIfTI volumes + reports
 CSV, organ masks from segmentations/ folders), covid_chestxray (metadata.csv + images/, clinical notes), medpix (MedPix 2.0
-Descriptions.json + Case_topic.json + images/), roco (ROCO radiology folders: captions + images/). Options arrive as Python values or as the CLI's `KEY=VALUE` strings; each
+Descriptions.json + Case_topic.json + images/), roco (ROCO radiology folders: captions + images/), class_folders (one folder per tissue class of
+tiles: NCT-CRC-HE-100K / Kather), camelyon17 (Camelyon17-WILDS patches + metadata.csv, split by hospital). Options arrive as Python values or as the CLI's `KEY=VALUE` strings; each
 importer converts them to their types and rejects unknown ones by name.
 """
 from __future__ import annotations
@@ -20,7 +21,9 @@ IMPORTERS = {"medmnist": ("medvlp.data_shards.importers.medmnist", "import_medmn
              "ct_reports": ("medvlp.data_shards.importers.ct_reports", "import_ct_reports"),
              "covid_chestxray": ("medvlp.data_shards.importers.covid_chestxray", "import_covid_chestxray"),
              "medpix": ("medvlp.data_shards.importers.medpix", "import_medpix"),
-             "roco": ("medvlp.data_shards.importers.roco", "import_roco")}
+             "roco": ("medvlp.data_shards.importers.roco", "import_roco"),
+             "class_folders": ("medvlp.data_shards.importers.class_folders", "import_class_folders"),
+             "camelyon17": ("medvlp.data_shards.importers.camelyon17", "import_camelyon17")}
 
 
 def import_dataset(kind: str, src: str | Path, out_dir: str | Path, **opts: Any) -> dict:

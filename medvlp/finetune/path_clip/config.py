@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 from medvlp.finetune.runner import RunnerConfig
 from medvlp.pretrain.config import TrackingConfig
 
-METHODS = ("zero_shot", "linear_probe", "tip_adapter", "residual_adapter", "path_clip", "path_clip_fixed_alpha",
-           "full_finetune")
+METHODS = ("shortcut_rgb", "zero_shot", "linear_probe", "tip_adapter", "residual_adapter", "path_clip",
+           "path_clip_no_dvc", "path_clip_no_noise", "path_clip_fixed_alpha", "full_finetune", "fixmatch")
+DEFAULT_METHODS = ("shortcut_rgb", "zero_shot", "linear_probe", "residual_adapter", "path_clip", "path_clip_no_dvc",
+                   "path_clip_no_noise", "full_finetune", "fixmatch")
 TRAINED = ("residual_adapter", "path_clip", "path_clip_fixed_alpha", "full_finetune")
+TAU_SOURCES = ("frozen", "refined")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class AdapterConfig:
     dvc_weight: float = 1.0  # lambda of the dual-view contrastive loss (0 = off)
     temperature: float = 0.1  # NT-Xent temperature of the DVC loss
     tau_momentum: float = 0.9  # moving-average momentum of the dual-view agreement tau
+    tau_source: str = "frozen"  # tau from the frozen embeddings of the two views (frozen) or the adapter's (refined)
 
     def validate(self) -> None:
         if self.method not in TRAINED:
@@ -61,6 +65,8 @@ class AdapterConfig:
         if not 0 <= self.alpha_lo < self.alpha_hi <= 1 or not self.alpha_lo <= self.alpha <= self.alpha_hi:
             raise ValueError(f"alpha: need 0 <= alpha_lo <= alpha <= alpha_hi <= 1, got {self.alpha_lo}, "
                              f"{self.alpha}, {self.alpha_hi}")
+        if self.tau_source not in TAU_SOURCES:
+            raise ValueError(f"tau_source: {self.tau_source!r} is not one of {', '.join(TAU_SOURCES)}")
         if self.noise_std < 0 or self.dvc_weight < 0 or self.temperature <= 0:
             raise ValueError("noise_std / dvc_weight: must be >= 0; temperature: must be > 0")
 
@@ -86,16 +92,24 @@ class FewShotRunnerConfig(RunnerConfig):
 class ProtocolConfig:
     """`medvlp eval few-shot`: every method at every budget and seed, one table."""
 
-    label_fractions: list[float] = field(default_factory=lambda: [0.001, 0.005, 0.02])  # labelled fractions
-    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # k per class
+    label_fractions: list[float] = field(default_factory=list)  # labelled fractions (e.g. 0.001, 0.005, 0.02)
+    shots: list[int] = field(default_factory=lambda: [1, 4, 16])  # k per class (binary: n = 2, 8, 32)
     seeds: int = 3  # labelled subsets (and training seeds) per budget
-    methods: list[str] = field(default_factory=lambda: list(METHODS))  # methods in the table
+    run_seeds: list[int] = field(default_factory=list)  # run only these seeds (cells already in out_dir are reused)
+    wait_s: int = 0  # seconds to wait for a missing cell that another process (run_seeds) is computing
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # methods in the table
     alpha_grid: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])  # residual adapter's alphas
     probe_C: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0])  # linear probe's C, picked on val
     tip_alpha: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])  # Tip-Adapter cache weights (on val)
     tip_beta: list[float] = field(default_factory=lambda: [1.0, 5.5, 10.0])  # Tip-Adapter sharpness (on val)
-    full_lr: float = 1e-4  # full fine-tune of the image tower: learning rate
-    full_steps: int = 60  # full fine-tune: optimizer steps
+    full_lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3])  # tower arms: learning rates (on val)
+    full_eval_steps: list[int] = field(default_factory=lambda: [10, 30, 60])  # tower arms: step counts (on val)
+    fixmatch_threshold: float = 0.95  # FixMatch: confidence of a pseudo-label
+    fixmatch_unlabelled: int = 32  # FixMatch: unlabelled images per step (from the rest of the training split)
+    fixmatch_weight: float = 1.0  # FixMatch: weight of the unlabelled loss
+    source_shards: str = ""  # shards of the source domain (the pretraining's): every arm is also scored there
+    source_split: str = "test"  # split of source_shards scored for forgetting
+    bootstrap: int = 1000  # paired bootstrap draws (seeds x test items) for Path-CLIP minus each arm
     out_dir: str = "runs/path-clip-fewshot"  # table, figure, per-cell runs and results.json
 
     def validate(self) -> None:
@@ -104,6 +118,17 @@ class ProtocolConfig:
             raise ValueError(f"methods: {bad} are not among {', '.join(METHODS)}")
         if self.seeds < 1:
             raise ValueError(f"seeds: must be >= 1, got {self.seeds}")
+        if self.wait_s < 0:
+            raise ValueError(f"wait_s: must be >= 0, got {self.wait_s}")
+        if any(s < 0 or s >= self.seeds for s in self.run_seeds):
+            raise ValueError(f"run_seeds: each in [0, seeds={self.seeds}), got {self.run_seeds}")
+        if not self.full_lrs or any(v <= 0 for v in self.full_lrs) or not self.full_eval_steps or \
+                any(k < 1 for k in self.full_eval_steps):
+            raise ValueError("full_lrs: one or more values > 0; full_eval_steps: one or more step counts >= 1")
+        if not 0 < self.fixmatch_threshold <= 1 or self.fixmatch_unlabelled < 1 or self.fixmatch_weight < 0:
+            raise ValueError("fixmatch_threshold: in (0, 1]; fixmatch_unlabelled: >= 1; fixmatch_weight: >= 0")
+        if not self.label_fractions and not self.shots:
+            raise ValueError("label_fractions / shots: give at least one budget")
         if any(not 0 < f <= 1 for f in self.label_fractions) or any(k < 1 for k in self.shots):
             raise ValueError("label_fractions: each in (0, 1]; shots: each >= 1")
         if any(not 0 <= a <= 1 for a in self.alpha_grid) or not self.alpha_grid:

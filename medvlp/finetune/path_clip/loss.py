@@ -50,10 +50,11 @@ def path_clip_loss(head: PathCLIPHead, f_w1: torch.Tensor, f_w2: torch.Tensor, f
                    update_tau: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Training loss of the head on frozen embeddings of two weak views and one strong view (each (B, E)).
 
-    The batch's dual-view agreement tau updates the running tau first (adaptive alpha), then alpha is computed
+    The batch's dual-view agreement tau (of the frozen or the refined views, `head.tau_source`) updates the running
+    tau first (adaptive alpha), then alpha is computed
     from it. With `dvc_weight == 0` the second weak view is not used."""
     z_w1, z_s = head.refine(f_w1), head.refine(f_s)
-    tau = view_agreement(z_w1, z_s)
+    tau = view_agreement(z_w1, z_s) if head.tau_source == "refined" else view_agreement(f_w1, f_s)
     if update_tau and head.ratio is not None and head.training:
         head.ratio.update_tau(tau)
     alpha = head.alpha()

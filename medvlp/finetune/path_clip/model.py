@@ -19,7 +19,10 @@ step whatever its gradient's size, so the gain lets alpha move on the adapter's 
 put); tau in [0, 1] is the dual-view agreement: the mean cosine similarity of the RFR outputs of the weak and
 the strong view of the same images, mapped to [0, 1] as (1 + cos) / 2 and averaged over training batches with an
 exponential moving average (momentum `tau_momentum`, a buffer saved with the weights, used as is at evaluation).
-tau is detached: the adapter must not collapse the two views just to raise its own weight. When strong and weak
+tau is detached: the adapter must not collapse the two views just to raise its own weight. Because the DVC loss
+trains the refined views to agree, tau measured on them sits near 1 whatever the data; `tau_source="frozen"` (the
+default) measures it on the frozen embeddings of the two views instead, which the training cannot move: tau then
+says how stable the pretrained feature itself is under the strong augmentation on this task. When strong and weak
 views agree (the refinement is stable under augmentation) alpha grows and the refined feature counts more; when
 they disagree (the adapter fits view-specific detail: over-fitting) alpha shrinks toward `lo` and the frozen
 feature dominates. alpha stays within [lo, hi] by construction. The fixed mode (`alpha_mode="fixed"`) uses
@@ -131,8 +134,11 @@ class PathCLIPHead(nn.Module):
 
     def __init__(self, text_CE: torch.Tensor, scale: float, *, adapter: bool = True, alpha_mode: str = "adaptive",
                  alpha: float = 0.5, alpha_lo: float = 0.0, alpha_hi: float = 1.0, noise_std: float = 0.0,
-                 tau_momentum: float = 0.9) -> None:
+                 tau_momentum: float = 0.9, tau_source: str = "frozen") -> None:
         super().__init__()
+        if tau_source not in ("frozen", "refined"):
+            raise ValueError(f"tau_source: {tau_source!r} is not one of frozen, refined")
+        self.tau_source = tau_source
         if text_CE.ndim != 2:
             raise ValueError(f"class embeddings must be (C, E), got {tuple(text_CE.shape)}")
         self.embed_dim = int(text_CE.shape[1])

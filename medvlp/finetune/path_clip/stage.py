@@ -13,7 +13,8 @@ draws, per labelled image, two different weak views and one strong view from tha
 `adapter.method`:
   path_clip              RFR + perturbation + adaptive alpha + DVC, prompt loss on both views (the method)
   path_clip_fixed_alpha  the same with alpha fixed at `adapter.alpha` (the ablation of the adaptive ratio)
-  residual_adapter       CLIPath / CLIP-Adapter: fixed alpha, no noise, no DVC, prompt loss on one weak view
+  residual_adapter       CLIPath / CLIP-Adapter: fixed alpha, no noise, no DVC; the prompt loss on the same weak and
+                         strong views as the method (1/2 [CE(weak) + CE(strong)])
   full_finetune          the whole image tower trained with the prompt loss on online-augmented images
 Shape legend: V views, n labelled images, B batch, E embedding width, C classes.
 """
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from medvlp.finetune.path_clip import data as D
 from medvlp.finetune.path_clip.config import PathCLIPConfig
-from medvlp.finetune.path_clip.loss import path_clip_loss, prompt_ce_loss
+from medvlp.finetune.path_clip.loss import path_clip_loss
 from medvlp.finetune.path_clip.metrics import classification_metrics
 from medvlp.finetune.path_clip.model import PathCLIPHead
 from medvlp.finetune.path_clip.sampling import label_budget
@@ -70,6 +71,9 @@ class TaskContext:
         self.shards = d.shards
         self.val_split_name = d.val_split
         self.max_eval = d.max_eval
+        self.source: D.SplitData | None = None  # the source domain's split (forgetting), if the protocol names one
+        self.f_source: torch.Tensor | None = None
+        self.source_images: list[np.ndarray] = []
         log.info("task %s: %d classes %s, %d training / %d eval samples", d.shards, self.task.num_classes,
                  self.task.class_names, len(self.train), len(self.eval_split))
 
@@ -87,6 +91,16 @@ class TaskContext:
     def val_images(self) -> list[np.ndarray]:
         self.val()
         return self._val_images
+
+    def load_source(self, shards: str, split: str) -> None:
+        """Read and embed the source domain's split (the same task on the pretraining's domain)."""
+        from pathlib import Path
+
+        if not Path(shards).is_dir():
+            raise FileNotFoundError(f"protocol.source_shards: {shards} is not a shard dir")
+        self.source = D.read_split(shards, split, self.task, limit=self.max_eval)
+        self.source_images = self.source.images()
+        self.f_source = self.embed(self.source_images, "eval")
 
 
 @dataclasses.dataclass
@@ -123,8 +137,8 @@ class PathCLIPModule(nn.Module):
         self.dvc_weight, self.temperature = dvc_weight, temperature
 
     def forward(self, f_w1, f_w2, f_s, y):
-        if self.method == "residual_adapter":
-            return prompt_ce_loss(self.head, f_w1, y)
+        if self.method == "residual_adapter":  # the same weak and strong views, no DVC (and no noise: head_for)
+            return path_clip_loss(self.head, f_w1, f_w2, f_s, y, dvc_weight=0.0)
         return path_clip_loss(self.head, f_w1, f_w2, f_s, y, dvc_weight=self.dvc_weight,
                               temperature=self.temperature)
 
@@ -156,7 +170,8 @@ def head_for(ctx: TaskContext, cfg: PathCLIPConfig) -> PathCLIPHead:
     fixed = m in ("residual_adapter", "path_clip_fixed_alpha") or a.alpha_mode == "fixed"
     return PathCLIPHead(ctx.text_CE, ctx.scale, alpha_mode="fixed" if fixed else "adaptive", alpha=a.alpha,
                         alpha_lo=a.alpha_lo, alpha_hi=a.alpha_hi,
-                        noise_std=0.0 if m == "residual_adapter" else a.noise_std, tau_momentum=a.tau_momentum)
+                        noise_std=0.0 if m == "residual_adapter" else a.noise_std, tau_momentum=a.tau_momentum,
+                        tau_source=a.tau_source)
 
 
 class PathCLIPStage:
@@ -166,6 +181,7 @@ class PathCLIPStage:
     def __init__(self, context: TaskContext | None = None, budget: Budget | None = None,
                  with_val: bool = False) -> None:
         self.ctx, self.budget, self.with_val = context, budget, with_val
+        self.preds: dict[str, np.ndarray] = {}  # class predictions of the last evaluation: eval (and val, source)
 
     # -- runner protocol
     def build(self, pretrained: Any, cfg: PathCLIPConfig) -> nn.Module:
@@ -231,11 +247,17 @@ class PathCLIPStage:
         return {"f_w1": b.f_weak[v1, rows], "f_w2": b.f_weak[v2, rows], "f_s": b.f_strong[vs, rows], "y": y}
 
     def evaluate(self, model: nn.Module, cfg: PathCLIPConfig) -> dict:
-        out = classification_metrics(self.ctx.eval_split.y_N, self.logits(model, self.ctx.f_eval).numpy())
+        logits = self.logits(model, self.ctx.f_eval).numpy()
+        out = classification_metrics(self.ctx.eval_split.y_N, logits)
+        self.preds = {"eval": logits.argmax(1), "eval_prob": _prob1(logits)}
         if self.with_val:  # the val split, for choosing a setting (e.g. the residual adapter's alpha)
             y_val, f_val = self.ctx.val()
             val = classification_metrics(y_val, self.logits(model, f_val, split="val").numpy())
             out.update({f"val_{k}": v for k, v in val.items()})
+        if self.ctx.f_source is not None:  # forgetting: the adapted model on the source domain
+            src = self.logits(model, self.ctx.f_source, split="source").numpy()
+            out.update({f"source_{k}": v for k, v in classification_metrics(self.ctx.source.y_N, src).items()})
+            self.preds["source"] = src.argmax(1)
         out["n_labelled"] = float(len(self.budget.idx))
         head = getattr(model, "head", None)
         if head is not None and head.ratio is not None:
@@ -248,10 +270,17 @@ class PathCLIPStage:
     def logits(self, model: nn.Module, f_NE: torch.Tensor, split: str = "eval") -> torch.Tensor:
         """Class logits of the eval (or val) split: from cached embeddings, or images for the full fine-tune."""
         if isinstance(model, FullFinetuneModule):
-            imgs = self.ctx.eval_images if split == "eval" else self.ctx.val_images()
+            imgs = {"eval": self.ctx.eval_images, "source": self.ctx.source_images}.get(split) or self.ctx.val_images()
             x = D.make_views(imgs, "eval", self.ctx.modality, self.ctx.image_size, 0)
             p = next(model.parameters())
             return torch.cat([model.class_logits(x[i:i + 128].to(p.device)).float().cpu()
                               for i in range(0, len(x), 128)])
         p = next(model.parameters())
         return model.head(f_NE.to(p.device)).float().cpu()
+
+
+def _prob1(logits_NC: np.ndarray) -> np.ndarray:
+    """Softmax probabilities (N, C) of class logits."""
+    z = logits_NC - logits_NC.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)

@@ -13,7 +13,7 @@ from medvlp.pretrain.model import MedCLIP, build_model, decay_param_names, flops
 from medvlp.pretrain.registry import get_model_config, list_models
 
 DEBUG = [n for n in list_models() if n.startswith("debug")]
-LARGE = [n for n in list_models() if not n.startswith("debug")]
+LARGE = [n for n in list_models() if not n.startswith(("debug", "patho-rn-tiny"))]
 
 
 def _n_params(m: torch.nn.Module) -> int:

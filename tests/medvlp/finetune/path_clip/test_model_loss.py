@@ -137,5 +137,7 @@ def test_path_clip_loss_trains_only_the_adapter_and_alpha():
     assert trained == {"rfr.net.0.weight", "rfr.net.2.weight", "rfr.net.4.weight", "rfr.net.6.weight",
                        "ratio.theta"}
     assert set(m) >= {"ce_weak", "ce_strong", "dvc", "tau_batch", "alpha", "loss"}
-    assert 0.0 <= m["alpha"] <= 1.0 and float(head.ratio.tau_seen) == 1.0
+    # first update: tau = the batch's agreement of the frozen weak / strong views; alpha = sigmoid(g theta) * tau
+    assert m["tau_batch"] == pytest.approx(float(view_agreement(f[0], f[2]))) and float(head.ratio.tau_seen) == 1.0
+    assert m["alpha"] == pytest.approx(m["tau_batch"] * float(torch.sigmoid(10 * head.ratio.theta)), rel=1e-5)
     assert head(f[0]).shape == (8, 2)

@@ -78,7 +78,14 @@ def test_pcam_layout_reaches_the_stage_and_towers_stay_frozen(pcam, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in pre.model.parameters())
     assert set(res.metrics) >= {"acc", "f1_macro", "auc", "alpha", "tau"}
-    assert 0.0 <= res.metrics["alpha"] <= 1.0
+    # alpha = sigmoid(g theta) * tau, tau the running agreement of the frozen weak / strong embeddings
+    from safetensors.torch import load_file
+
+    w = load_file(res.weights)
+    theta, tau = float(w["head.ratio.theta"]), float(w["head.ratio.tau"])
+    assert res.metrics["tau"] == pytest.approx(tau) and 0.5 < tau <= 1.0
+    assert res.metrics["alpha"] == pytest.approx(tau / (1 + np.exp(-10 * theta)), rel=1e-5)
+    assert res.metrics["acc"] == pytest.approx(float(np.mean(stage.preds["eval"] == ctx.eval_split.y_N)))
 
 
 def test_cells_reproduce_with_the_same_seed(pcam, tmp_path):
@@ -88,11 +95,11 @@ def test_cells_reproduce_with_the_same_seed(pcam, tmp_path):
     b = draw_budget(ctx, 2, 0.0, seed=1, views=3)
     b2 = draw_budget(ctx, 2, 0.0, seed=1, views=3)
     assert np.array_equal(b.idx, b2.idx) and torch.equal(b.f_weak, b2.f_weak)
-    for method in ("path_clip", "residual_adapter", "tip_adapter"):
-        m1 = run_cell(method, ctx, b, cfg, seed=1, out=tmp_path / f"{method}1")
-        m2 = run_cell(method, ctx, b2, cfg, seed=1, out=tmp_path / f"{method}2")
-        assert m1 == m2, method
-    assert run_cell("residual_adapter", ctx, b, cfg, 1, tmp_path / "r")["alpha"] in (0.5, 1.0)
+    for method in ("path_clip", "residual_adapter", "tip_adapter", "shortcut_rgb"):
+        m1, p1 = run_cell(method, ctx, b, cfg, seed=1, out=tmp_path / f"{method}1")
+        m2, p2 = run_cell(method, ctx, b2, cfg, seed=1, out=tmp_path / f"{method}2")
+        assert m1 == m2 and np.array_equal(p1["eval"], p2["eval"]), method
+    assert run_cell("residual_adapter", ctx, b, cfg, 1, tmp_path / "r")[0]["alpha"] in (0.5, 1.0)
 
 
 def test_bad_task_settings_fail_clearly(pcam, tmp_path):
@@ -120,23 +127,38 @@ def test_protocol_table_figure_and_mlflow_runs(pcam, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg = dataclasses.replace(
         _cfg(shards, tmp_path / "unused"),
-        protocol=ProtocolConfig(label_fractions=[], shots=[2], seeds=1, alpha_grid=[0.5, 1.0], full_steps=2,
+        protocol=ProtocolConfig(label_fractions=[], shots=[2], seeds=2, alpha_grid=[0.5, 1.0], full_lrs=[1e-3],
+                                full_eval_steps=[1], fixmatch_unlabelled=4, methods=list(METHODS), bootstrap=50,
                                 out_dir=str(tmp_path / "fs")),
         tracking=TrackingConfig(uri=uri, experiment="fewshot-test"))
     res = run_protocol(cfg, pretrained=pre, command="medvlp eval few-shot test")
-    assert {r["method"] for r in res["rows"]} == set(METHODS) and res["budgets"] == ["2-shot"]
+    assert {r["method"] for r in res["rows"]} == set(METHODS) | {"probe_all", "shortcut_all"}
+    assert res["budgets"] == ["2-shot"]
     table = (tmp_path / "fs" / "fewshot.md").read_text()
-    assert "**Path-CLIP**" in table and "2-shot (n=4)" in table and "Macro-F1" in table and "AUC" in table
+    assert "**Path-CLIP**" in table and "2-shot (n=4)" in table and "Path-CLIP minus" in table and "AUC" in table
     assert (tmp_path / "fs" / "fewshot.png").stat().st_size > 1000
+    assert (tmp_path / "fs" / "table_accuracy.csv").is_file() and (tmp_path / "fs" / "table_diff.md").is_file()
     zs = [r for r in res["rows"] if r["method"] == "zero_shot"][0]
     tip = [r for r in res["rows"] if r["method"] == "tip_adapter"][0]
-    assert tip["tip_alpha"] in (1.0, 3.0, 10.0) and 0 <= zs["acc"] <= 1
+    assert tip["tip_alpha"] in (1.0, 3.0, 10.0)
+    ctx = TaskContext(pre, cfg)
+    y = ctx.eval_split.y_N
+    zs_pred = (ctx.f_eval @ ctx.text_CE.t()).argmax(1).numpy()
+    assert zs["acc"] == pytest.approx(float(np.mean(zs_pred == y)))  # the zero-shot row, by hand
+    # the "±" is the sample sd over the two seeds (ddof=1), the same number as the cells' own
+    pc = sorted((r for r in res["rows"] if r["method"] == "path_clip"), key=lambda r: r["seed"])
+    summ = [s for s in res["summary"] if s["method"] == "path_clip"][0]
+    assert summ["acc"]["sd"] == pytest.approx(float(np.std([r["acc"] for r in pc], ddof=1)))
+    d = [d for d in res["diffs"] if d["arm"] == "linear_probe"][0]
+    lp = sorted((r for r in res["rows"] if r["method"] == "linear_probe"), key=lambda r: r["seed"])
+    assert d["diff"] == pytest.approx(np.mean([a["acc"] - b["acc"] for a, b in zip(pc, lp)]))
+    assert d["ci_lo"] <= d["diff"] <= d["ci_hi"]
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("fewshot-test")
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if r.info.run_id == res["run_id"]][0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == len(METHODS)
+    assert len(children) == 2 * (len(METHODS) - 1)  # a child per trained cell (zero-shot has no budget)
     assert "acc/path_clip/2-shot" in parent.data.metrics
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"fewshot.md", "fewshot.png"}
 
@@ -172,9 +194,10 @@ def test_pathmnist_layout_gives_one_class_per_label_name(pcam, tmp_path):
     assert np.bincount(ctx.train.y_N, minlength=9).tolist() == [3] * 9  # one class per sample, from the one-hot labels
     b = draw_budget(ctx, 1, 0.0, seed=0, views=2)
     assert np.bincount(ctx.train.y_N[b.idx], minlength=9).tolist() == [1] * 9
-    m = run_cell("path_clip", ctx, b, dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, views=2)),
-                 seed=0, out=tmp_path / "cell")
-    assert set(m) >= {"acc", "f1_macro", "auc"} and 0 <= m["acc"] <= 1
+    m, p = run_cell("path_clip", ctx, b, dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, views=2)),
+                    seed=0, out=tmp_path / "cell")
+    assert set(m) >= {"acc", "f1_macro", "auc"}
+    assert len(p["eval"]) == 18 and m["acc"] == pytest.approx(float(np.mean(p["eval"] == ctx.eval_split.y_N)))
 
 
 def test_recipe_builds_the_path_clip_root_and_round_trips():
