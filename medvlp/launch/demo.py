@@ -42,8 +42,16 @@ def wall_split(install_s: float | None, corpus_s: float, fit_s: float, eval_s: f
     return f"wall time: {', '.join(parts)}; total {total:.0f} s"
 
 
-def run_demo(out: str, n: int = 1024, steps: int | None = None, seed: int = 0, extra: list[str] | None = None,
-             install_s: float | None = None) -> dict:
+# The corpus seed of the headline numbers. Corpus seed 0 was used to tune the demo (its prompts and the nodule radius
+# were changed after looking at its test AUCs), so the demo reports on a corpus never used for tuning.
+DEMO_CORPUS_SEED = 101
+# How far one finding moves between training seeds (docs/evaluation.md: three training seeds of this demo on corpus
+# seed 101, `medvlp eval --model-dir RUN0 RUN1 RUN2 --out DIR`); a single run's CI covers test sampling only.
+SEED_SPREAD = ""
+
+
+def run_demo(out: str, n: int = 1024, steps: int | None = None, seed: int = DEMO_CORPUS_SEED,
+             extra: list[str] | None = None, install_s: float | None = None) -> dict:
     from medvlp.data_shards.inspect import inspect_shards
     from medvlp.data_shards.synth import synth_to_shards
     from medvlp.launch.config import load_config
@@ -72,8 +80,9 @@ def run_demo(out: str, n: int = 1024, steps: int | None = None, seed: int = 0, e
     print("[3/4] evaluation on the held-out split", flush=True)
     table = format_table(res.metrics)
     first, last = res.losses[0][1], res.losses[-1][1]
-    summary = (f"# medvlp demo results\n\nloss {first:.3f} -> {last:.3f} over {res.steps_done} steps; "
-               f"{res.samples_per_s:.1f} samples/s; {split}\n\n{table}\n\n"
+    summary = (f"# medvlp demo results\n\ncorpus seed {seed}; loss {first:.3f} -> {last:.3f} over {res.steps_done} "
+               f"steps; {res.samples_per_s:.1f} samples/s; {split}\n\n{table}\n\n"
+               + (f"{SEED_SPREAD}\n\n" if SEED_SPREAD else "") +
                f"MLflow run `{res.run_id}` in `{cfg.tracking.uri}` (browse: `medvlp runs ui --uri {cfg.tracking.uri}`)\n")
     (out_p / "results.md").write_text(summary)
     print("[4/4] results\n" + summary, flush=True)
@@ -85,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--n", type=int, default=1024, help="synthetic radiographs")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DEMO_CORPUS_SEED,
+                   help="corpus seed (default: one never used for tuning the demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--started-at", type=float, default=None, metavar="EPOCH_S",
                    help="when `make demo` started (the install time is counted from it)")

@@ -16,7 +16,8 @@ IMPORTERS = {"medmnist": ("medvlp.data_shards.importers.medmnist", "import_medmn
              "iuxray": ("medvlp.data_shards.importers.iuxray", "import_iuxray"),
              "pcam": ("medvlp.data_shards.importers.pcam", "import_pcam"),
              "mimic_cxr": ("medvlp.data_shards.importers.mimic_cxr", "import_mimic_cxr"),
-             "ct_reports": ("medvlp.data_shards.importers.ct_reports", "import_ct_reports")}
+             "ct_reports": ("medvlp.data_shards.importers.ct_reports", "import_ct_reports"),
+             "nih_cxr14": ("medvlp.data_shards.importers.nih_cxr14", "import_nih_cxr14")}
 
 
 def import_dataset(kind: str, src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
