@@ -339,6 +339,7 @@ def test_single_class_split_warns_naming_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------- protocol hygiene
+@pytest.mark.timeout(300)
 def test_operating_points_come_from_validation_not_test():
     """acc / sens / spec use the per-finding threshold of the ROC point nearest (0, 1) on val, applied to test;
     without a val split they are not reported at all."""
@@ -371,6 +372,7 @@ def test_operating_points_come_from_validation_not_test():
     assert "not reported (no validation split" in E.format_table(m0)
 
 
+@pytest.mark.timeout(300)
 def test_held_out_paraphrases_are_scored_beside_the_corpus_prompts():
     model, loader_fn, _ = _world()
     cfg = EvalConfig(retrieval=False, linear_probe=False, kshot=[], bootstrap=20, max_samples=0)
@@ -382,6 +384,7 @@ def test_held_out_paraphrases_are_scored_beside_the_corpus_prompts():
     assert row.split("|")[4].strip() == "1.000"  # the held-out prompts column
 
 
+@pytest.mark.timeout(300)
 def test_seed_rows_mean_sd_and_spread_line(tmp_path):
     from medvlp.finetune.sweep import seed_summary
 
@@ -402,6 +405,7 @@ def test_seed_rows_mean_sd_and_spread_line(tmp_path):
     assert (tmp_path / "eval_seeds.csv").is_file() and "| macro | 3 |" in text and line in text
 
 
+@pytest.mark.timeout(300)
 def test_eval_cli_several_runs_need_out_and_existing_dirs(tmp_path, capsys):
     a = argparse.Namespace(model_dir=[str(tmp_path), str(tmp_path / "missing")], shards=None, split="test",
                            out=None, set=[])
