@@ -184,7 +184,7 @@ def import_nih_cxr14(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
             continue
         labels = {f: int(f in found) for f in FINDINGS}
         path = images.get(name, root / "images" / name)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"boxes": []} if boxes else {}  # every sample: the `boxes` member needs the field
         if name in boxes:
             seen_boxes.add(name)
             if path.is_file():
