@@ -343,8 +343,11 @@ def evaluate_detailed(model, data_cfg, eval_cfg: EvalConfig | None = None, *, mo
                                                               device, prompts_fn, eval_cfg.batch_size)
             log.info("zero-shot protocol: %s", report.protocol)
             metrics["zeroshot/single_label"] = float(spec.kind == "single-label")
-            val = _val_scores(model, data_cfg, eval_cfg, spec, ev.label_names, modality, device, prompts_fn, split,
-                              limit, loader_fn)
+            if split == (getattr(eval_cfg, "val_split", "") or None):  # evaluating validation itself
+                val = (ev.labels_NK, report.zs_score_NK)
+            else:
+                val = _val_scores(model, data_cfg, eval_cfg, spec, ev.label_names, modality, device, prompts_fn,
+                                  split, limit, loader_fn)
             thresholds = val_thresholds(*val) if val is not None else None
             metrics["zeroshot/op_from_val"] = float(val is not None)
             metrics.update(zero_shot_metrics(ev.labels_NK, report.zs_score_NK, ev.label_names, eval_cfg.bootstrap,
