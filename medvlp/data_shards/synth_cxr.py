@@ -2,7 +2,8 @@
 
 Anatomy (PA view, so the patient's right lung is on the image's left): dark lung fields with vessel markings
 that fade towards the periphery, bright mediastinum, spine, heart and curved ribs, soft tissue, noise. Findings:
-  nodule         small bright blob inside a lung, radius 4-6% of the side (24-36 mm; 2.6-3.8 px at 64 px)
+  nodule         small bright blob inside a lung, radius 4-6% of the side (24-36 mm; 2.6-3.8 px at 64 px);
+                 `nodule_radius` = (lo, hi) changes the range (the lesion-size knob; one uniform draw either way)
   effusion       bright fluid at a lung base with a meniscus (level rising laterally)
   consolidation  bright patchy region inside a lung
   cardiomegaly   enlarged heart silhouette (box = enlarged heart); chronic: a property of the patient
@@ -28,6 +29,7 @@ from medvlp.data_shards.synth_util import (Study, base_meta, grid, join_sentence
 FINDINGS_CXR = ["nodule", "effusion", "consolidation", "cardiomegaly", "pneumothorax"]
 DEFAULT_SIZE_CXR = 128
 CXR_VISITS = (0.5, 0.3, 0.2)  # P(1, 2, 3 studies per patient)
+NODULE_RADIUS = (0.04, 0.06)  # nodule radius range, fractions of the image side
 P_FINDING, P_UNCERTAIN = 0.27, 0.06  # per study: P(label 1), P(label -1); cardiomegaly is per patient
 MM_PER_IMAGE = 300.0  # field of view, only used to state sizes in reports
 SIDE_NAME = {-1: "right", 1: "left"}  # lateral direction on the image (-1 = image left) -> patient side
@@ -53,8 +55,22 @@ def _draw_label(u: float) -> int:
     return 1 if u < P_FINDING else (-1 if u < P_FINDING + P_UNCERTAIN else 0)
 
 
-def draw_cxr_spec(seed: int, study: Study, size: int) -> dict[str, Any]:
-    """Every random number of one radiograph: anatomy, labels, finding geometry, noise fields."""
+def check_nodule_radius(nodule_radius) -> tuple[float, float]:
+    """(lo, hi) with 0 < lo <= hi <= 0.25 (fractions of the image side), else a ValueError naming the value."""
+    try:
+        lo, hi = (float(v) for v in nodule_radius)
+    except (TypeError, ValueError):
+        raise ValueError(f"nodule_radius: expected (lo, hi) fractions of the image side, got {nodule_radius!r}") \
+            from None
+    if not 0.0 < lo <= hi <= 0.25:
+        raise ValueError(f"nodule_radius: need 0 < lo <= hi <= 0.25 (fractions of the image side), got {lo}, {hi}")
+    return lo, hi
+
+
+def draw_cxr_spec(seed: int, study: Study, size: int,
+                  nodule_radius: tuple[float, float] = NODULE_RADIUS) -> dict[str, Any]:
+    """Every random number of one radiograph: anatomy, labels, finding geometry, noise fields. `nodule_radius`
+    (lo, hi) only rescales the one uniform draw of the radius, so every other number stays the same."""
     spec = _draw_anatomy(patient_rng(seed, "cxr", study.patient))
     rng = study_rng(seed, "cxr", study.index)
     labels = {f: _draw_label(rng.random()) for f in ("nodule", "effusion", "consolidation", "pneumothorax")}
@@ -68,7 +84,7 @@ def draw_cxr_spec(seed: int, study: Study, size: int) -> dict[str, Any]:
         return int(rng.choice([-1, 1]))
 
     spec["nodule"] = {"lat": lat(), "u": rng.uniform(-0.2, 0.6), "v": rng.uniform(-0.6, 0.45),
-                      "r": rng.uniform(0.04, 0.06)}
+                      "r": rng.uniform(*nodule_radius)}
     spec["effusion"] = {"lat": lat(), "h": rng.uniform(0.12, 0.3)}
     spec["consolidation"] = {"lat": lat(), "u": rng.uniform(-0.3, 0.5), "v": rng.uniform(-0.5, 0.55),
                              "ax": rng.uniform(0.05, 0.08), "ay": rng.uniform(0.06, 0.1),
@@ -281,11 +297,13 @@ def cxr_report(rng: np.random.Generator, spec: dict[str, Any]) -> str:
     return join_sentences(sentences)
 
 
-def cxr_sample(seed: int, study: Study, size: int | None = None) -> Sample:
+def cxr_sample(seed: int, study: Study, size: int | None = None,
+               nodule_radius: tuple[float, float] | None = None) -> Sample:
     size = DEFAULT_SIZE_CXR if size is None else size
     if size < 32:
         raise ValueError(f"cxr size must be >= 32 pixels, got {size}")
-    spec = draw_cxr_spec(seed, study, size)
+    radius = NODULE_RADIUS if nodule_radius is None else check_nodule_radius(nodule_radius)
+    spec = draw_cxr_spec(seed, study, size, radius)
     img_HW, boxes = render_cxr(spec)
     text = cxr_report(text_rng(seed, "cxr", study.index), spec)
     return Sample(key=sample_key("cxr", study.index), text=text, image=img_HW,

@@ -556,12 +556,13 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="zero-shot / retrieval / linear-probe evaluation of a trained model "
                                     "(few-label protocol: `medvlp eval few-shot RECIPE`)")
-    s.add_argument("--model-dir", required=True,
-                   help="a run folder, a model.safetensors (config beside it) or an exported folder")
+    s.add_argument("--model-dir", required=True, nargs="+",
+                   help="a run folder, a model.safetensors (config beside it) or an exported folder; several "
+                        "(training seeds of one recipe): mean ± sd over them in OUT/eval_seeds.md")
     s.add_argument("--step", type=int, default=None, help="evaluate this COMPLETE checkpoint of the run folder")
     s.add_argument("--shards", default=None, help="shard dir (default: the run's data.train_shards)")
     s.add_argument("--split", default="test")
-    s.add_argument("--out", default=None, help="where tables go (default: MODEL_DIR/eval)")
+    s.add_argument("--out", default=None, help="where tables go (default: MODEL_DIR/eval; required for several runs)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override eval.* / data.* keys")
     s.set_defaults(fn=_cmd_eval)
 

@@ -79,8 +79,18 @@ def interrupted_summary(step: int | None, total: int, why: str, run_id: str | No
     return "\n".join(lines) + "\n"
 
 
-def run_demo(out: str, n: int = 1024, steps: int | None = None, seed: int = 0, extra: list[str] | None = None,
-             install_s: float | None = None, fresh: bool = False) -> dict:
+# The corpus seed of the headline numbers. Corpus seed 0 was used to tune the demo (its prompts and the nodule radius
+# were changed after looking at its test AUCs), so the demo reports on a corpus never used for tuning.
+DEMO_CORPUS_SEED = 101
+# How far one finding moves between training runs (measured on the 2-core box, README "make demo"); a single run's
+# CI covers test sampling only. `medvlp eval --model-dir RUN0 RUN1 RUN2 --out DIR` measures it over training seeds.
+SEED_SPREAD = ("Between training runs single findings move more than this CI: changing only the thread count / float "
+               "rounding moved pneumothorax 0.919 <-> 0.999 and nodule 0.716 <-> 0.823 (macro 0.906-0.922); measure "
+               "training seeds with `medvlp eval --model-dir RUN0 RUN1 RUN2 --out DIR`.")
+
+
+def run_demo(out: str, n: int = 1024, steps: int | None = None, seed: int = DEMO_CORPUS_SEED,
+             extra: list[str] | None = None, install_s: float | None = None, fresh: bool = False) -> dict:
     """The demo in OUT. A run of an earlier demo in OUT that stopped early (signal, train.stop_after) is continued
     from its latest checkpoint unless `fresh`; a finished one is replaced. Returns metrics, losses, run id and
     `interrupted` (True when this session stopped before the last step; results.md then says so)."""
@@ -140,8 +150,9 @@ def run_demo(out: str, n: int = 1024, steps: int | None = None, seed: int = 0, e
     table = format_table(res.metrics)
     first, last = res.losses[0][1], res.losses[-1][1]
     resumed = f" (continued from step {resume_from})" if resume_from else ""
-    summary = (f"# medvlp demo results\n\nloss {first:.3f} -> {last:.3f} over {res.steps_done} steps{resumed}; "
-               f"{res.samples_per_s:.1f} samples/s; {split}\n\n{table}\n\n"
+    summary = (f"# medvlp demo results\n\ncorpus seed {seed}; loss {first:.3f} -> {last:.3f} over {res.steps_done} "
+               f"steps{resumed}; {res.samples_per_s:.1f} samples/s; {split}\n\n{table}\n\n"
+               + (f"{SEED_SPREAD}\n\n" if SEED_SPREAD else "") +
                f"MLflow run `{res.run_id}` in `{uri}` (browse: `medvlp runs ui`"
                + ("" if uri == resolve_uri("") else f" --uri {uri}") + ")\n")
     (out_p / "results.md").write_text(summary)
@@ -156,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--n", type=int, default=1024, help="synthetic radiographs")
     p.add_argument("--steps", type=int, default=None, help="override train.steps (the demo recipe has 450)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DEMO_CORPUS_SEED,
+                   help="corpus seed (default: one never used for tuning the demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--fresh", action="store_true",
                    help="start over even when an interrupted demo run in OUT could be continued")

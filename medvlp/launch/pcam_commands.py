@@ -1,7 +1,9 @@
 """`medvlp localize` and `medvlp pcam-table`: thin argument parsing over `medvlp.finetune.pcam`.
 
     medvlp localize --checkpoint RUN IMAGE... --out DIR [--threshold T] [--findings a,b]
-    medvlp pcam-table RECIPE --out DIR [--poolings avg,max,lse,pcam] [--seeds 0,1,2] [--set KEY=VALUE ...]
+    medvlp pcam-table RECIPE --out DIR [--poolings avg,max,lse,pcam] [--seeds 0,1,2] [--reference avg] [--resume]
+                      [--set KEY=VALUE ...]
+    medvlp pcam-corpus --out DIR [--n 2048] [--seed 0] [--nodule-radius 0.02,0.12] [--size 128]
 """
 from __future__ import annotations
 
@@ -45,12 +47,35 @@ def _cmd_pcam_table(a: argparse.Namespace) -> int:
     except ValueError:
         print(f"error: --seeds: {a.seeds!r} is not a comma-separated list of integers", file=sys.stderr)
         return 2
-    args = ["pcam-table", a.recipe, "--out", a.out, "--poolings", ",".join(poolings)]
+    if a.reference not in poolings:
+        print(f"error: --reference: {a.reference!r} is not among --poolings {','.join(poolings)}", file=sys.stderr)
+        return 2
+    args = ["pcam-table", a.recipe, "--out", a.out, "--poolings", ",".join(poolings), "--reference", a.reference]
     args += ["--seeds", a.seeds] if a.seeds else []
     args += [x for kv in a.set for x in ("--set", kv)]
     command = "medvlp " + " ".join(shlex.quote(x) for x in args)
-    compare_poolings(cfg, a.out, poolings, seeds, command=command)
+    compare_poolings(cfg, a.out, poolings, seeds, command=command, reference=a.reference, resume=a.resume)
     print(open(f"{a.out}/poolings.md").read(), end="")
+    return 0
+
+
+def _cmd_pcam_corpus(a: argparse.Namespace) -> int:
+    from medvlp.finetune.pcam.lesions import write_lesion_corpus
+
+    try:
+        radius = tuple(float(v) for v in a.nodule_radius.split(","))
+        if len(radius) != 2:
+            raise ValueError
+    except ValueError:
+        print(f"error: --nodule-radius: {a.nodule_radius!r} is not LO,HI (fractions of the image side)",
+              file=sys.stderr)
+        return 2
+    try:
+        index = write_lesion_corpus(a.out, a.n, a.seed, radius, size=a.size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{a.out}: {index.get('splits')} (nodule radius {radius[0]:g}-{radius[1]:g} of the image side)")
     return 0
 
 
@@ -70,5 +95,15 @@ def add_pcam_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--poolings", default="avg,max,lse,pcam")
     s.add_argument("--seeds", default="",
                    help="comma-separated seeds (finetune.seed and data.seed); default: the recipe's")
+    s.add_argument("--reference", default="avg", help="the pooling every other is compared with (paired)")
+    s.add_argument("--resume", action="store_true",
+                   help="reuse finished runs in --out (result.json and eval_items.npz present) instead of retraining")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     s.set_defaults(fn=_cmd_pcam_table)
+    s = sub.add_parser("pcam-corpus", help="synthetic radiographs with a chosen nodule-radius range (lesion sizes)")
+    s.add_argument("--out", required=True, help="output shard folder")
+    s.add_argument("--n", type=int, default=2048, help="radiographs")
+    s.add_argument("--seed", type=int, default=0, help="corpus seed")
+    s.add_argument("--nodule-radius", default="0.02,0.12", help="LO,HI: radius range, fractions of the image side")
+    s.add_argument("--size", type=int, default=None, help="stored image side (default 128)")
+    s.set_defaults(fn=_cmd_pcam_corpus)

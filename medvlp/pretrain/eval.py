@@ -19,8 +19,12 @@ final evaluation reads `eval.split` (test) once.
   corpus' code. The protocol is printed above the table, logged as the MLflow tag `eval.zeroshot_protocol` and as
   the metric "zeroshot/single_label" (1 / 0). AUC (`sklearn.metrics`) per finding over samples whose label is not
   uncertain (-1), macro mean, BCa bootstrap 95% CIs (`scipy.stats.bootstrap`), and accuracy / sensitivity /
-  specificity at the ROC point nearest (0, 1). The per-sample scores go to eval_scores.npz, which
-  `medvlp runs compare --ci` pairs across runs.
+  specificity at per-finding thresholds picked on `eval.val_split` (the ROC point nearest (0, 1) there; not
+  reported without a validation split, never picked on the evaluated split). The same images are scored with
+  held-out paraphrase prompts too (`zeroshot_para/...`, `zeroshot.PARAPHRASE_*`), reported beside the data set's
+  own prompts. The per-sample scores go to eval_scores.npz, which `medvlp runs compare --ci` pairs across runs.
+* several runs (training seeds): `medvlp eval --model-dir A B C --out DIR` -> DIR/eval_seeds.md (`seed_rows`:
+  mean ± sample sd over runs beside the per-run test-resampling CI, `medvlp.finetune.sweep`).
 * retrieval: image→text and text→image R@1/5/10 over the eval samples' own reports. A candidate counts as correct
   when its report text is *identical* to the query's (templated corpora repeat reports; distinguishing identical
   strings is impossible), which for unique reports is "same index". Ties are pessimistic (see `recall_at_k`).
@@ -173,28 +177,38 @@ encode_texts = Z.encode_texts
 
 
 def zero_shot_metrics(labels_NK: np.ndarray, score_NK: np.ndarray, names: Sequence[str], n_boot: int,
-                      seed: int) -> dict[str, float]:
-    """AUC (+ CI, counts, operating point) per finding, and macro AUC (+ CI) / mean operating point."""
+                      seed: int, thresholds_K: Sequence[float] | None = None,
+                      prefix: str = "zeroshot") -> dict[str, float]:
+    """AUC (+ CI, counts) per finding and macro AUC (+ CI); accuracy / sensitivity / specificity at
+    `thresholds_K` (operating points picked on a validation split, `val_thresholds`; None = not reported: a
+    threshold picked on the evaluated split itself would flatter it) and their macro means."""
     out: dict[str, float] = {}
     ops = []
     for k, name in enumerate(names):
         y, s = labels_NK[:, k], score_NK[:, k]
-        out[f"zeroshot/n_pos/{name}"] = float((y == 1).sum())
-        out[f"zeroshot/n_neg/{name}"] = float((y == 0).sum())
+        out[f"{prefix}/n_pos/{name}"] = float((y == 1).sum())
+        out[f"{prefix}/n_neg/{name}"] = float((y == 0).sum())
         auc = M.roc_auc(y, s, warn=False)
         lo, hi = M.bootstrap_ci(M.roc_auc, y, s, n=n_boot, seed=seed) if math.isfinite(auc) else (math.nan,) * 2
-        op = M.operating_point(y, s)
-        ops.append(op)
-        out.update({f"zeroshot/auc/{name}": auc, f"zeroshot/auc_ci_lo/{name}": lo, f"zeroshot/auc_ci_hi/{name}": hi,
-                    f"zeroshot/acc/{name}": op["accuracy"], f"zeroshot/sens/{name}": op["sensitivity"],
-                    f"zeroshot/spec/{name}": op["specificity"]})
-    out["zeroshot/auc_macro"] = M.macro_auc(labels_NK, score_NK)
+        out.update({f"{prefix}/auc/{name}": auc, f"{prefix}/auc_ci_lo/{name}": lo, f"{prefix}/auc_ci_hi/{name}": hi})
+        if thresholds_K is not None:
+            op = M.at_threshold(y, s, thresholds_K[k])
+            ops.append(op)
+            out.update({f"{prefix}/acc/{name}": op["accuracy"], f"{prefix}/sens/{name}": op["sensitivity"],
+                        f"{prefix}/spec/{name}": op["specificity"], f"{prefix}/threshold/{name}": op["threshold"]})
+    out[f"{prefix}/auc_macro"] = M.macro_auc(labels_NK, score_NK)
     lo, hi = M.bootstrap_ci(M.macro_auc, labels_NK, score_NK, n=n_boot, seed=seed)
-    out["zeroshot/auc_macro_ci_lo"], out["zeroshot/auc_macro_ci_hi"] = lo, hi
-    for short, key in (("acc", "accuracy"), ("sens", "sensitivity"), ("spec", "specificity")):
-        vals = [o[key] for o in ops if math.isfinite(o[key])]
-        out[f"zeroshot/{short}_macro"] = float(np.mean(vals)) if vals else math.nan
+    out[f"{prefix}/auc_macro_ci_lo"], out[f"{prefix}/auc_macro_ci_hi"] = lo, hi
+    if thresholds_K is not None:
+        for short, key in (("acc", "accuracy"), ("sens", "sensitivity"), ("spec", "specificity")):
+            vals = [o[key] for o in ops if math.isfinite(o[key])]
+            out[f"{prefix}/{short}_macro"] = float(np.mean(vals)) if vals else math.nan
     return out
+
+
+def val_thresholds(labels_NK: np.ndarray, score_NK: np.ndarray) -> list[float]:
+    """Per finding the threshold of the ROC point nearest (0, 1) on a validation split (NaN: one class there)."""
+    return [M.operating_point(labels_NK[:, k], score_NK[:, k])["threshold"] for k in range(labels_NK.shape[1])]
 
 
 # ----------------------------------------------------------------------------------------------- retrieval
@@ -266,6 +280,36 @@ def _probe_metrics(model, data_cfg, eval_cfg: EvalConfig, ev: Embedded, device, 
     return out
 
 
+def _val_scores(model, data_cfg, eval_cfg: EvalConfig, spec: LabelSpec, names: list[str], modality: str, device,
+                prompts_fn, split: str, limit: int, loader_fn) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels_NK, zero-shot scores) of `eval_cfg.val_split` for picking operating points; None (with a warning)
+    when there is no validation split. Evaluating the validation split itself picks them there."""
+    val_split = getattr(eval_cfg, "val_split", "") or ""
+    if not val_split:
+        warnings.warn("no eval.val_split: accuracy / sensitivity / specificity are not reported (their threshold "
+                      "would be picked on the evaluated split)", RuntimeWarning, stacklevel=3)
+        return None
+    try:
+        chosen, _, _ = Z.choose_keys(data_cfg, val_split, limit, eval_cfg.seed, loader_fn=loader_fn,
+                                     batch_size=eval_cfg.batch_size)
+        ev = embed_split(model, data_cfg, split=val_split, max_samples=limit if chosen is None else 0,
+                         device=device, batch_size=eval_cfg.batch_size, with_text=False, loader_fn=loader_fn,
+                         keys=chosen)
+    except (ValueError, FileNotFoundError) as e:
+        warnings.warn(f"validation split {val_split!r} unavailable ({e}): accuracy / sensitivity / specificity are "
+                      "not reported (their threshold would be picked on the evaluated split)", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    missing = [n for n in names if n not in ev.label_names]
+    if missing:
+        warnings.warn(f"validation split {val_split!r} lacks {missing}: no operating points", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    labels = ev.labels_NK[:, [ev.label_names.index(n) for n in names]]
+    scores, _ = Z.zero_shot(model, ev.img_NE, spec, names, modality, device, prompts_fn, eval_cfg.batch_size)
+    return labels, scores
+
+
 def evaluate_detailed(model, data_cfg, eval_cfg: EvalConfig | None = None, *, modality: str | None = None,
                       label_names: Sequence[str] | None = None, prompts_fn: PromptsFn | None = None,
                       device="cpu", max_samples: int | None = None, loader_fn: Callable | None = None,
@@ -304,10 +348,22 @@ def evaluate_detailed(model, data_cfg, eval_cfg: EvalConfig | None = None, *, mo
                                                               device, prompts_fn, eval_cfg.batch_size)
             log.info("zero-shot protocol: %s", report.protocol)
             metrics["zeroshot/single_label"] = float(spec.kind == "single-label")
+            if split == (getattr(eval_cfg, "val_split", "") or None):  # evaluating validation itself
+                val = (ev.labels_NK, report.zs_score_NK)
+            else:
+                val = _val_scores(model, data_cfg, eval_cfg, spec, ev.label_names, modality, device, prompts_fn,
+                                  split, limit, loader_fn)
+            thresholds = val_thresholds(*val) if val is not None else None
+            metrics["zeroshot/op_from_val"] = float(val is not None)
             metrics.update(zero_shot_metrics(ev.labels_NK, report.zs_score_NK, ev.label_names, eval_cfg.bootstrap,
-                                             eval_cfg.seed))
+                                             eval_cfg.seed, thresholds))
             if spec.kind == "single-label":
                 metrics.update(Z.single_label_metrics(ev.labels_NK, report.zs_score_NK))
+            para = Z.paraphrase_spec(spec)
+            para_NK, _ = Z.zero_shot(model, ev.img_NE, para, ev.label_names, modality, device, None,
+                                     eval_cfg.batch_size)
+            metrics.update(zero_shot_metrics(ev.labels_NK, para_NK, ev.label_names, eval_cfg.bootstrap, eval_cfg.seed,
+                                             prefix="zeroshot_para"))
         elif eval_cfg.zero_shot:
             warnings.warn("zero-shot skipped: the eval split has no labels", RuntimeWarning, stacklevel=2)
         if eval_cfg.retrieval:
@@ -371,6 +427,19 @@ def protocol_line(metrics: dict[str, Any], protocol: str = "") -> str:
             "Zero-shot protocol: multi-label: per finding, softmax over its positive / negative prompt pair.")
 
 
+def prompts_line(metrics: dict[str, Any]) -> str:
+    """What the prompt columns and the operating points mean (empty without zero-shot metrics)."""
+    if not any(k.startswith("zeroshot/auc/") for k in metrics):
+        return ""
+    op = metrics.get("zeroshot/op_from_val")
+    where = ("acc / sens / spec at per-finding thresholds picked on the validation split (ROC point nearest "
+             "(0, 1)), applied unchanged here" if op is not None and float(op) == 1.0 else
+             "acc / sens / spec not reported (no validation split to pick their thresholds on)")
+    return ("Prompts: zero-shot AUC = the data set's own prompts (index.json; for the synthetic corpora its report "
+            "sentences, i.e. in-distribution wording); held-out prompts = generic paraphrases never used as "
+            f"captions (medvlp.pretrain.zeroshot.PARAPHRASE_*). {where[0].upper() + where[1:]}.")
+
+
 def format_table(metrics: dict[str, Any], protocol: str = "") -> str:
     """Markdown tables of a flat metrics dict: the zero-shot protocol line, zero-shot per finding (+ probe AUC),
     retrieval, k-shot, the rest.
@@ -378,26 +447,33 @@ def format_table(metrics: dict[str, Any], protocol: str = "") -> str:
     Deterministic: findings in sorted order with the macro row last, k ascending, other keys sorted.
     """
     m = dict(metrics)
-    used: set[str] = {"zeroshot/single_label"}
+    used: set[str] = {"zeroshot/single_label", "zeroshot/op_from_val"}
     parts = []
     line = protocol_line(m, protocol)
     if line:
         parts.append(line)
+    note = prompts_line(m)
+    if note:
+        parts.append(note)
     findings = sorted({k.split("/", 2)[2] for k in m if k.startswith(("zeroshot/auc/", "probe/auc/"))})
     if findings:
-        rows = ["| finding | zero-shot AUC | 95% CI | acc | sens | spec | pos/neg | probe AUC |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        rows = ["| finding | zero-shot AUC | 95% CI | held-out prompts AUC | 95% CI | acc | sens | spec | pos/neg | "
+                "probe AUC |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for f in findings:
             keys = [f"zeroshot/{x}/{f}" for x in ("auc", "auc_ci_lo", "auc_ci_hi", "acc", "sens", "spec", "n_pos",
-                                                  "n_neg")] + [f"probe/auc/{f}"]
-            used.update(keys)
+                                                  "n_neg", "threshold")] + [f"probe/auc/{f}"]
+            para = [f"zeroshot_para/{x}/{f}" for x in ("auc", "auc_ci_lo", "auc_ci_hi", "n_pos", "n_neg")]
+            used.update(keys + para)
             pn = (f"{_int(m.get(keys[6]))}/{_int(m.get(keys[7]))}" if keys[6] in m else "n/a")
-            rows.append(f"| {f} | {_fmt(m.get(keys[0]))} | {_ci(m, keys[1], keys[2])} | {_fmt(m.get(keys[3]))} | "
-                        f"{_fmt(m.get(keys[4]))} | {_fmt(m.get(keys[5]))} | {pn} | {_fmt(m.get(keys[8]))} |")
+            rows.append(f"| {f} | {_fmt(m.get(keys[0]))} | {_ci(m, keys[1], keys[2])} | {_fmt(m.get(para[0]))} | "
+                        f"{_ci(m, para[1], para[2])} | {_fmt(m.get(keys[3]))} | {_fmt(m.get(keys[4]))} | "
+                        f"{_fmt(m.get(keys[5]))} | {pn} | {_fmt(m.get(keys[9]))} |")
         macro = ["zeroshot/auc_macro", "zeroshot/auc_macro_ci_lo", "zeroshot/auc_macro_ci_hi", "zeroshot/acc_macro",
                  "zeroshot/sens_macro", "zeroshot/spec_macro", "probe/auc_macro"]
-        used.update(macro)
-        rows.append(f"| **macro** | {_fmt(m.get(macro[0]))} | {_ci(m, macro[1], macro[2])} | {_fmt(m.get(macro[3]))} | "
+        pmacro = ["zeroshot_para/auc_macro", "zeroshot_para/auc_macro_ci_lo", "zeroshot_para/auc_macro_ci_hi"]
+        used.update(macro + pmacro)
+        rows.append(f"| **macro** | {_fmt(m.get(macro[0]))} | {_ci(m, macro[1], macro[2])} | "
+                    f"{_fmt(m.get(pmacro[0]))} | {_ci(m, pmacro[1], pmacro[2])} | {_fmt(m.get(macro[3]))} | "
                     f"{_fmt(m.get(macro[4]))} | {_fmt(m.get(macro[5]))} |  | {_fmt(m.get(macro[6]))} |")
         parts.append("\n".join(rows))
     if any(k.startswith("retrieval/") for k in m):
@@ -538,19 +614,109 @@ def evaluate_model(model, shards: str, modality: str, eval_cfg: EvalConfig | Non
 
 # ----------------------------------------------------------------------------------------------- `medvlp eval`
 def run_eval_cli(a) -> int:
-    """`medvlp eval --model-dir PATH [--step N] [--shards DIR] [--split S] [--out DIR] [--set eval.k=v|data.k=v]`.
+    """`medvlp eval --model-dir PATH [PATH ...] [--step N] [--shards DIR] [--split S] [--out DIR]
+    [--set eval.k=v|data.k=v]`.
 
     PATH: a run folder (final weights or latest COMPLETE checkpoint, or `--step`), a `model.safetensors` with its
-    config beside it, or an exported folder (see `pretrain.load_pretrained`)."""
+    config beside it, or an exported folder (see `pretrain.load_pretrained`). Several PATHs (runs of one recipe
+    with different training seeds) are evaluated one by one into OUT/run<i>_<name>/ and summarised in
+    OUT/eval_seeds.md / .csv: per finding the mean ± sample sd over runs (`medvlp.finetune.sweep`) beside the
+    per-run test-resampling CI; `--out` is then required."""
+    import sys
+
+    dirs = [str(d) for d in (a.model_dir if isinstance(a.model_dir, (list, tuple)) else [a.model_dir])]
+    if len(dirs) == 1:
+        return _eval_one(dirs[0], a, getattr(a, "out", None))[0]
+    if not getattr(a, "out", None):
+        print("error: --out: needed with several --model-dir runs (per-run tables and eval_seeds.md go there)",
+              file=sys.stderr)
+        return 2
+    for d in dirs:
+        if not Path(d).exists():
+            print(f"error: {d}: no such file or folder", file=sys.stderr)
+            return 2
+    results = []
+    for i, d in enumerate(dirs):
+        p = Path(d)
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (p.parent.name if p.is_file() else p.name))
+        rc, metrics = _eval_one(d, a, Path(a.out) / f"run{i}_{name}")
+        if rc:
+            return rc
+        results.append((d, metrics))
+    text = write_seed_table(results, a.out)
+    print("\n" + text)
+    return 0
+
+
+def seed_rows(results: Sequence[tuple[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    """Per finding (then macro): zero-shot AUC mean ± sample sd over the runs, the t-CI of that mean, the range,
+    the mean per-run test-resampling 95% CI, and the held-out-prompt and probe AUCs (mean ± sd)."""
+    from medvlp.finetune.sweep import pm, seed_summary
+
+    ms = [m for _, m in results]
+    findings = sorted({k.split("/", 2)[2] for m in ms for k in m if k.startswith("zeroshot/auc/")})
+    rows = []
+    for f, auc, lo, hi, para, probe in [(f, f"zeroshot/auc/{f}", f"zeroshot/auc_ci_lo/{f}", f"zeroshot/auc_ci_hi/{f}",
+                                         f"zeroshot_para/auc/{f}", f"probe/auc/{f}") for f in findings] + [
+            ("macro", "zeroshot/auc_macro", "zeroshot/auc_macro_ci_lo", "zeroshot/auc_macro_ci_hi",
+             "zeroshot_para/auc_macro", "probe/auc_macro")]:
+        vals = [float(m.get(auc, math.nan)) for m in ms]
+        s = seed_summary(vals)
+        fin = [v for v in vals if math.isfinite(v)]
+        los = [float(m.get(lo, math.nan)) for m in ms]
+        his = [float(m.get(hi, math.nan)) for m in ms]
+        ci_w = [h - l for l, h in zip(los, his) if math.isfinite(l) and math.isfinite(h)]
+        rows.append({"finding": f, "runs": s["n"],
+                     "zero-shot AUC (mean ± sd over runs)": pm(s) if s["n"] else "n/a",
+                     "95% CI of the mean (t, over runs)": (f"[{s['ci_lo']:.3f}, {s['ci_hi']:.3f}]"
+                                                           if math.isfinite(s["ci_lo"]) else "n/a"),
+                     "range over runs": f"{min(fin):.3f}-{max(fin):.3f}" if fin else "n/a",
+                     "test-resampling 95% CI width (mean per run)": float(np.mean(ci_w)) if ci_w else math.nan,
+                     "held-out prompts AUC": pm(seed_summary([float(m.get(para, math.nan)) for m in ms])),
+                     "probe AUC": pm(seed_summary([float(m.get(probe, math.nan)) for m in ms]))})
+    return rows
+
+
+def spread_line(results: Sequence[tuple[str, dict[str, float]]]) -> str:
+    """One line: how far the zero-shot AUC of the most seed-sensitive finding moves between runs."""
+    rows = [r for r in seed_rows(results) if r["finding"] != "macro" and r["range over runs"] != "n/a"]
+    if len(results) < 2 or not rows:
+        return ""
+
+    def width(r):
+        lo, hi = (float(x) for x in r["range over runs"].split("-"))
+        return hi - lo
+    worst = max(rows, key=width)
+    return (f"Between {len(results)} training runs the zero-shot AUC moves most for {worst['finding']}: "
+            f"{worst['range over runs']} ({worst['zero-shot AUC (mean ± sd over runs)']}), against a mean "
+            f"test-resampling 95% CI width of {worst['test-resampling 95% CI width (mean per run)']:.3f} per run.")
+
+
+def write_seed_table(results: Sequence[tuple[str, dict[str, float]]], out_dir: str | Path) -> str:
+    """OUT/eval_seeds.md / .csv (`seed_rows`) with the runs listed and the spread line; returns the Markdown."""
+    from medvlp.finetune.sweep import write_table
+
+    md, _ = write_table(seed_rows(results), Path(out_dir) / "eval_seeds")
+    head = ("Across runs (training seeds): mean ± sample sd over runs (`medvlp.finetune.sweep`); the test-resampling "
+            "CI of one run covers test sampling only, not training variance.\n\nruns: "
+            + ", ".join(f"`{d}`" for d, _ in results) + "\n\n")
+    line = spread_line(results)
+    text = head + md.read_text() + (f"\n{line}\n" if line else "")
+    md.write_text(text)
+    return text
+
+
+def _eval_one(model_dir, a, out: str | Path | None) -> tuple[int, dict[str, float]]:
+    """One run of `medvlp eval`: (exit code, metrics)."""
     import sys
 
     from medvlp.data_shards.config import DataConfig
     from medvlp.pretrain.pretrained import EXPORT_MANIFEST, LoadError, load_pretrained, run_config
 
-    src = Path(a.model_dir)
+    src = Path(model_dir)
     if not src.exists():
         print(f"error: {src}: no such file or folder", file=sys.stderr)
-        return 2
+        return 2, {}
     home = src.parent if src.is_file() else src
     try:
         if (home / EXPORT_MANIFEST).is_file():
@@ -560,7 +726,7 @@ def run_eval_cli(a) -> int:
             stored = run_config(home)
     except (LoadError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return 2, {}
     if stored is None:
         print(f"warning: no config.yaml / config.json under {home}; using defaults", file=sys.stderr)
     from medvlp.pretrain.configtree import apply_overrides, build, to_dict
@@ -584,16 +750,16 @@ def run_eval_cli(a) -> int:
         eval_cfg = build(EvalConfig, doc["eval"], "eval")
     except ValueError as e:  # ConfigError included: the message names the key path
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return 2, {}
     if not data_cfg.train_shards and not data_cfg.val_shards:
         print("error: no shards: pass --shards DIR (the run's config names none)", file=sys.stderr)
-        return 2
+        return 2, {}
     try:
         pre = load_pretrained(src, step=getattr(a, "step", None))
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    out_dir = Path(a.out) if getattr(a, "out", None) else home / "eval"
+        return 2, {}
+    out_dir = Path(out) if out else home / "eval"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"evaluating {pre.source}" + (f" (step {pre.step})" if pre.step is not None else ""), file=sys.stderr)
     metrics = evaluate_model(pre.model, "", data_cfg.modality, eval_cfg, out_dir, data_cfg=data_cfg, device=device)
@@ -602,7 +768,7 @@ def run_eval_cli(a) -> int:
     if stored is not None and not (home / EXPORT_MANIFEST).is_file():
         _log_eval_child(getattr(stored, "tracking", None), home, out_dir, metrics,
                         data_cfg.val_shards or data_cfg.train_shards)
-    return 0
+    return 0, metrics
 
 
 def _log_eval_child(tracking, model_dir: Path, out_dir: Path, metrics: dict, shards: str) -> None:

@@ -10,6 +10,7 @@ Labels are 1 (positive), 0 (negative) or -1 (uncertain); uncertain labels are le
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Sequence
 
@@ -89,6 +90,23 @@ def operating_point(y, score) -> dict[str, float]:
     pred = s_N >= thr[i]
     return {"threshold": float(thr[i]), "accuracy": float((pred == y_N).mean()),
             "sensitivity": float(tpr[i]), "specificity": float(1.0 - fpr[i])}
+
+
+def at_threshold(y, score, threshold: float) -> dict[str, float]:
+    """Accuracy, sensitivity and specificity of `score >= threshold` (a threshold chosen elsewhere, e.g. by
+    `operating_point` on a validation split). Uncertain labels and non-finite scores are left out; a metric whose
+    class is missing (or a NaN threshold) is NaN."""
+    y_N = _np(y).reshape(-1)
+    s_N = _np(score).astype(np.float64).reshape(-1)
+    keep = (y_N != UNCERTAIN) & np.isfinite(s_N)
+    y_N, s_N = y_N[keep] > 0, s_N[keep]
+    nan = float("nan")
+    if not math.isfinite(float(threshold)) or y_N.size == 0:
+        return {"threshold": float(threshold), "accuracy": nan, "sensitivity": nan, "specificity": nan}
+    pred = s_N >= float(threshold)
+    return {"threshold": float(threshold), "accuracy": float((pred == y_N).mean()),
+            "sensitivity": float(pred[y_N].mean()) if y_N.any() else nan,
+            "specificity": float((~pred[~y_N]).mean()) if (~y_N).any() else nan}
 
 
 def macro_auc(y_NK, score_NK) -> float:

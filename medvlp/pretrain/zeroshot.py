@@ -75,6 +75,24 @@ def resolve_spec(spec: LabelSpec | None, names: Sequence[str]) -> LabelSpec:
 
 
 # ----------------------------------------------------------------------------------------------- prompts
+# Held-out paraphrases: generic prompt wordings built from the class name alone, in words none of the project's
+# corpora or importers use for captions or reports ("compatible", "demonstrates", "evidence", "negative for"). The
+# index's own prompts measure in-distribution prompt matching; these measure transfer to unseen phrasing.
+PARAPHRASE_POSITIVE = ["Findings compatible with {c}.", "The image demonstrates {c}."]
+PARAPHRASE_NEGATIVE = ["There is no evidence of {c}.", "Negative for {c}."]
+PARAPHRASE_CLASS = ["An image that demonstrates {c}.", "Findings compatible with {c}."]
+
+
+def paraphrase_spec(spec: LabelSpec, positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
+                    classes: Sequence[str] | None = None) -> LabelSpec:
+    """The same label kind and classes prompted with held-out paraphrase templates (no per-class prompts)."""
+    if spec.kind == "single-label":
+        return LabelSpec(spec.kind, list(spec.class_names), templates=list(classes or PARAPHRASE_CLASS),
+                         negative_templates=[], prompts={})
+    return LabelSpec(spec.kind, list(spec.class_names), templates=list(positive or PARAPHRASE_POSITIVE),
+                     negative_templates=list(negative or PARAPHRASE_NEGATIVE), prompts={})
+
+
 @torch.no_grad()
 def encode_texts(model, texts: Sequence[str], device, batch_size: int = 64) -> torch.Tensor:
     """(len(texts), E) L2-normalised float32 text embeddings, embedded in batches."""

@@ -23,7 +23,8 @@ IMPORTERS = {"medmnist": ("medvlp.data_shards.importers.medmnist", "import_medmn
              "medpix": ("medvlp.data_shards.importers.medpix", "import_medpix"),
              "roco": ("medvlp.data_shards.importers.roco", "import_roco"),
              "class_folders": ("medvlp.data_shards.importers.class_folders", "import_class_folders"),
-             "camelyon17": ("medvlp.data_shards.importers.camelyon17", "import_camelyon17")}
+             "camelyon17": ("medvlp.data_shards.importers.camelyon17", "import_camelyon17"),
+             "nih_cxr14": ("medvlp.data_shards.importers.nih_cxr14", "import_nih_cxr14")}
 
 
 def import_dataset(kind: str, src: str | Path, out_dir: str | Path, **opts: Any) -> dict:

@@ -1,11 +1,22 @@
-"""The pooling comparison: one PCAM config trained once per pooling (same backbone, seed, steps, data), one table.
+"""The pooling comparison: one PCAM config trained once per pooling and seed (same backbone, steps, data), tables
+with seed statistics, paired bootstrap differences and a lesion-size sweep.
 
-    medvlp pcam-table RECIPE --out DIR [--poolings avg,max,lse,pcam] [--seeds 0,1,2] [--set KEY=VALUE ...]
+    medvlp pcam-table RECIPE --out DIR [--poolings avg,max,lse,pcam] [--seeds 0,1,2,3,4] [--reference avg]
+                      [--resume] [--set KEY=VALUE ...]
 
-Each (pooling, seed) runs in DIR/<pooling>[-s<seed>]/ (its own MLflow run `pcam-<pooling>-s<seed>` in the
-recipe's experiment, with its evaluation metrics and heatmap overlays); a seed sets both `finetune.seed` (weights,
-dropout) and `data.seed` (stream order, augmentation). The table (mean, and +- the standard deviation over seeds
-when there are several) goes to DIR/poolings.md, every run's metrics to DIR/poolings.json.
+Each (pooling, seed) runs in DIR/<pooling>-s<seed>/ (its own MLflow run `pcam-<pooling>-s<seed>`); a seed sets
+both `finetune.seed` (weights, dropout) and `data.seed` (stream order, augmentation). Each run picks its box
+threshold on the validation split and writes its test cases to eval_items.npz (`PcamStage.evaluate`).
+`--resume` reuses a finished run (result.json and eval_items.npz present) instead of training it again.
+
+Tables (`medvlp.finetune.sweep`: "±" = sample sd over seeds; differences = `paired_bootstrap_diff` over test
+images x seeds, the same draw for both poolings):
+  DIR/poolings.md / .json       the overview, per-finding rows, paired differences vs the reference pooling and
+                                the lesion-size sweep (below), with the run metrics of every seed
+  DIR/summary.{md,csv}, DIR/per_finding.{md,csv}, DIR/paired.{md,csv}, DIR/lesion_size.{md,csv}
+Lesion-size sweep: nodule cases binned by the ground-truth box side (max(w, h) / image side); per pooling and
+bin the pointing game, IoU and the box-area ratio (predicted box area / ground-truth box area, geometric mean
+over cases; > 1 = the box is larger than the lesion) with a bootstrap CI over images x seeds.
 """
 from __future__ import annotations
 
@@ -16,84 +27,247 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from medvlp.finetune.pcam.config import PcamConfig
 from medvlp.finetune.pcam.model import POOLINGS
+from medvlp.finetune.sweep import paired_bootstrap_diff, pm, seed_summary, write_table
 
+ITEMS_FILE = "eval_items.npz"
 COLUMNS = [("auc_mean", "AUC"), ("pointing_mean", "pointing"), ("iou_mean", "IoU"), ("acc@0.1_mean", "acc@0.1"),
            ("acc@0.25_mean", "acc@0.25"), ("acc@0.5_mean", "acc@0.5")]
+SIZE_BINS = (0.0, 0.06, 0.10, 0.15, 1.01)  # nodule box side / image side
+SIZE_FINDING = "nodule"
 
 
-def _fmt(vals: Sequence[float] | None) -> str:
-    vals = [v for v in (vals or []) if v is not None and not math.isnan(v)]
-    if not vals:
-        return "n/a"
-    mean = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return f"{mean:.3f}"
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{mean:.3f} ± {sd:.3f}"
+def _pm(vals: Sequence[float]) -> str:
+    s = seed_summary(list(vals))
+    return "n/a" if s["n"] == 0 or math.isnan(s["mean"]) else pm(s)
 
 
-def table_markdown(runs: dict[str, list[dict[str, float]]], names: Sequence[str]) -> str:
-    """Mean (± sd over seeds) metrics per pooling, then per finding the AUC, pointing game and acc@0.25."""
-    def col(pooling: str, key: str) -> list[float]:
-        return [m.get(key, float("nan")) for m in runs[pooling]]
+# ------------------------------------------------------------------------------------------------ case arrays
+def load_items(path: str | Path) -> dict[str, np.ndarray]:
+    """An eval_items.npz (no pickled objects) as a dict of arrays."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
-    lines = ["| pooling | " + " | ".join(c for _, c in COLUMNS) + " | train s (per run) |",
-             "| --- |" + " ---: |" * (len(COLUMNS) + 1)]
-    for pooling in runs:
-        secs = col(pooling, "seconds")
-        lines.append(f"| {pooling} | " + " | ".join(_fmt(col(pooling, k)) for k, _ in COLUMNS)
-                     + f" | {sum(secs) / len(secs):.0f} |")
-    lines += ["", "| pooling | metric | " + " | ".join(names) + " |", "| --- | --- |" + " ---: |" * len(names)]
-    for pooling in runs:
-        for key in ("auc", "pointing", "acc@0.25"):
-            lines.append(f"| {pooling} | {key} | " + " | ".join(_fmt(col(pooling, f"{key}/{n}")) for n in names)
-                         + " |")
-    first = next(iter(runs.values()), [{}])[0]
-    lines += ["", "localisation cases per finding (test images where it is present with a box): "
-              + ", ".join(f"{n} {int(first.get(f'n_loc/{n}', 0))}" for n in names)]
-    return "\n".join(lines) + "\n"
+
+def case_grid(items: dict[str, np.ndarray], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per image (rows in the order of `keys`) and finding: pointing hit, IoU and log2 box-area ratio at the run's
+    chosen threshold (NaN where the finding has no localisation case), the ground-truth box side (pixels), the
+    logits and labels."""
+    row_of = {k: i for i, k in enumerate(items["keys"].tolist())}
+    missing = [k for k in keys if k not in row_of]
+    if missing:
+        raise ValueError(f"eval_items: {len(missing)} test images missing (e.g. {missing[0]})")
+    order = np.asarray([row_of[k] for k in keys])
+    back = np.full(len(items["keys"]), -1)
+    back[order] = np.arange(len(keys))
+    N, K = len(keys), items["labels"].shape[1]
+    j = int(np.argmin(np.abs(items["thresholds"] - float(items["threshold"]))))
+    grid = {name: np.full((N, K), np.nan) for name in ("hit", "iou", "log_area", "gt_side")}
+    r, k = back[items["case_row"]], items["case_finding"]
+    ok = r >= 0
+    gt_area = np.maximum(items["case_gt_w"] * items["case_gt_h"], 1.0)
+    pred_area = items["case_area"][:, j]
+    grid["hit"][r[ok], k[ok]] = items["case_hit"][ok].astype(float)
+    grid["iou"][r[ok], k[ok]] = items["case_iou"][ok, j]
+    with np.errstate(divide="ignore"):
+        grid["log_area"][r[ok], k[ok]] = np.where(pred_area[ok] > 0, np.log2(pred_area[ok] / gt_area[ok]), np.nan)
+    grid["gt_side"][r[ok], k[ok]] = np.maximum(items["case_gt_w"], items["case_gt_h"])[ok]
+    grid["logits"], grid["labels"] = items["logits"][order], items["labels"][order]
+    return grid
+
+
+def loc_macro(_y, v_NK: np.ndarray) -> float:
+    """Mean over findings of the mean over their cases (NaN entries = no case)."""
+    v = np.asarray(v_NK, dtype=float)
+    if v.ndim == 1:
+        v = v[:, None]
+    n = np.sum(~np.isnan(v), axis=0)
+    per = np.nansum(v, axis=0)[n > 0] / n[n > 0]
+    return float(per.mean()) if per.size else float("nan")
+
+
+def _auc_macro(y_NK, s_NK) -> float:
+    """Mean AUC over findings with both classes (labels 1 / 0; others left out): the Mann-Whitney statistic with
+    average ranks for ties, equal to `sklearn.metrics.roc_auc_score` and fast enough for bootstrap draws."""
+    from scipy.stats import rankdata
+
+    y_NK, s_NK = np.asarray(y_NK, dtype=float), np.asarray(s_NK, dtype=float)
+    aucs = []
+    for k in range(y_NK.shape[1]):
+        keep = (y_NK[:, k] == 0) | (y_NK[:, k] == 1)
+        y, sc = y_NK[keep, k] == 1, s_NK[keep, k]
+        n_pos, n_neg = int(y.sum()), int((~y).sum())
+        if n_pos == 0 or n_neg == 0:
+            continue
+        r = rankdata(sc)
+        aucs.append((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def _acc(t: float):
+    def fn(_y, v):
+        v = np.asarray(v, dtype=float)
+        return loc_macro(None, np.where(np.isnan(v), np.nan, (v >= t).astype(float)))
+    return fn
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _finished(run_dir: Path) -> dict | None:
+    res, items = run_dir / "result.json", run_dir / ITEMS_FILE
+    if res.is_file() and items.is_file():
+        return json.loads(res.read_text())
+    return None
 
 
 def compare_poolings(cfg: PcamConfig, out_dir: str | Path, poolings: Sequence[str] = POOLINGS,
-                     seeds: Sequence[int] | None = None, command: str = "") -> dict[str, list[dict[str, float]]]:
-    """Train `cfg` once per pooling and seed; write poolings.md / .json; -> {pooling: [metrics per seed]}."""
+                     seeds: Sequence[int] | None = None, command: str = "", reference: str = "avg",
+                     resume: bool = False, n_boot: int = 1000) -> dict[str, list[dict[str, float]]]:
+    """Train `cfg` once per pooling and seed (or reuse finished runs with `resume`); write the tables;
+    -> {pooling: [metrics per seed]}."""
     from medvlp.finetune.pcam.stage import PcamStage
     from medvlp.finetune.runner import run_stage
 
     bad = [p for p in poolings if p not in POOLINGS]
     if bad:
         raise ValueError(f"--poolings: {bad} are not among {', '.join(POOLINGS)}")
+    if reference not in poolings:
+        raise ValueError(f"--reference: {reference!r} is not among the compared poolings {list(poolings)}")
     seeds = list(seeds) if seeds else [cfg.finetune.seed]
     out = Path(out_dir)
-    runs: dict[str, list[dict[str, float]]] = {}
-    names: list[str] = []
+    runs: dict[str, list[dict[str, float]]] = {p: [] for p in poolings}
     for seed in seeds:
         for pooling in poolings:
             run_cfg = copy.deepcopy(cfg)
             run_cfg.head.pooling = pooling
             run_cfg.finetune.seed, run_cfg.data.seed = seed, seed
-            tag = pooling if len(seeds) == 1 else f"{pooling}-s{seed}"
+            tag = f"{pooling}-s{seed}"
             run_cfg.finetune.out_dir = str(out / tag)
             run_cfg.tracking.run_name = f"pcam-{tag}"
+            done = _finished(out / tag) if resume else None
+            if done is not None:
+                runs[pooling].append({**done["metrics"], "seed": seed, "seconds": float("nan"),
+                                      "run_id": done.get("run_id") or "", "dir": tag})
+                continue
             t0 = time.time()
-            stage = PcamStage()
-            result = run_stage(stage, run_cfg)
-            runs.setdefault(pooling, []).append({**result.metrics, "seed": seed, "seconds": time.time() - t0,
-                                                 "run_id": result.run_id or ""})
-            names = stage.names
-            _write(out, runs, names, cfg, seeds, command)
+            result = run_stage(PcamStage(), run_cfg)
+            runs[pooling].append({**result.metrics, "seed": seed, "seconds": time.time() - t0,
+                                  "run_id": result.run_id or "", "dir": tag})
+    write_tables(out, runs, cfg, seeds, command, reference, n_boot)
     return runs
 
 
-def _write(out: Path, runs: dict, names: list[str], cfg: PcamConfig, seeds: list[int], command: str) -> None:
+# ------------------------------------------------------------------------------------------------ tables
+def _grids(out: Path, runs: dict[str, list[dict]]) -> tuple[list[str], list[str], dict[str, list[dict]]]:
+    """(test image keys, finding names, {pooling: [case grid per seed]}) aligned on the first run's keys."""
+    first = load_items(out / next(iter(runs.values()))[0]["dir"] / ITEMS_FILE)
+    keys, names = sorted(first["keys"].tolist()), first["names"].tolist()
+    grids = {p: [case_grid(load_items(out / m["dir"] / ITEMS_FILE), keys) for m in ms] for p, ms in runs.items()}
+    return keys, names, grids
+
+
+def _stack(grids: list[dict], name: str, cols=None) -> np.ndarray:
+    a = np.stack([g[name] for g in grids])
+    return a if cols is None else a[..., cols]
+
+
+def paired_rows(grids: dict[str, list[dict]], reference: str, n_boot: int, seed: int = 0) -> list[dict]:
+    """Pooling - reference per metric: mean difference and its 95% CI over test images x seeds (paired)."""
+    rows = []
+    ref = grids[reference]
+    metrics = [("pointing", "hit", loc_macro), ("IoU", "iou", loc_macro), ("acc@0.25", "iou", _acc(0.25)),
+               ("acc@0.5", "iou", _acc(0.5)), ("AUC", "logits", _auc_macro)]
+    for pooling, gs in grids.items():
+        if pooling == reference:
+            continue
+        S = min(len(gs), len(ref))
+        for label, field, fn in metrics:
+            a, b = _stack(gs[:S], field), _stack(ref[:S], field)
+            y = _stack(gs[:S], "labels")
+            d = paired_bootstrap_diff(fn, y, a, b, n_boot=n_boot, seed=seed)
+            rows.append({"comparison": f"{pooling} - {reference}", "metric": label, "diff": d["diff"],
+                         "ci_lo": d["ci_lo"], "ci_hi": d["ci_hi"], "p_le_0": d["p_le_0"],
+                         "held (CI > 0)": "yes" if d["ci_lo"] > 0 else ("no: CI < 0" if d["ci_hi"] < 0 else
+                                                                          "no: CI spans 0"),
+                         "seeds": d["n_seeds"], "images": d["n_items"]})
+    return rows
+
+
+def lesion_rows(grids: dict[str, list[dict]], names: list[str], image_side: int, n_boot: int,
+                bins: Sequence[float] = SIZE_BINS, finding: str = SIZE_FINDING, seed: int = 0) -> list[dict]:
+    """Per pooling and nodule-size bin: cases, pointing, IoU (mean ± sd over seeds) and the geometric-mean box-area
+    ratio with a bootstrap CI over images x seeds."""
+    if finding not in names:
+        return []
+    k = names.index(finding)
+    rows = []
+    for pooling, gs in grids.items():
+        side = gs[0]["gt_side"][:, k] / float(image_side)  # ground truth: the same in every run
+        for lo, hi in zip(bins[:-1], bins[1:]):
+            sel = np.where((side >= lo) & (side < hi))[0]
+            if sel.size == 0:
+                continue
+            hit, iou, la = (_stack(gs, f)[:, sel, k] for f in ("hit", "iou", "log_area"))
+            la_ci = paired_bootstrap_diff(loc_macro, np.zeros(sel.size), la, np.zeros_like(la), n_boot=n_boot,
+                                          seed=seed)
+            rows.append({"pooling": pooling, "nodule side / image": f"{lo:.2f}-{min(hi, 1.0):.2f}",
+                         "cases": int(sel.size),
+                         "pointing": _pm([np.nanmean(h) for h in hit]), "IoU": _pm([np.nanmean(v) for v in iou]),
+                         "box area / lesion area": float(2 ** la_ci["diff"]),
+                         "95% CI": f"[{2 ** la_ci['ci_lo']:.2f}, {2 ** la_ci['ci_hi']:.2f}]"})
+    return rows
+
+
+def write_tables(out: Path, runs: dict[str, list[dict]], cfg: PcamConfig, seeds: list[int], command: str,
+                 reference: str = "avg", n_boot: int = 1000) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    keys, names, grids = _grids(out, runs)
+    summary = []
+    for pooling, ms in runs.items():
+        row = {"pooling": pooling}
+        row.update({label: _pm([m.get(k, float("nan")) for m in ms]) for k, label in COLUMNS})
+        row["box threshold (val)"] = ", ".join(f"{m.get('threshold', float('nan')):.1f}" for m in ms)
+        row["seeds"] = len(ms)
+        summary.append(row)
+    per_finding = []
+    for pooling, ms in runs.items():
+        for key in ("auc", "pointing", "iou", "acc@0.25"):
+            per_finding.append({"pooling": pooling, "metric": key,
+                                **{n: _pm([m.get(f"{key}/{n}", float("nan")) for m in ms]) for n in names}})
+    paired = paired_rows(grids, reference, n_boot)
+    lesions = lesion_rows(grids, names, cfg.data.image_size, n_boot)
+    write_table(summary, out / "summary")
+    write_table(per_finding, out / "per_finding")
+    write_table(paired, out / "paired")
+    if lesions:
+        write_table(lesions, out / "lesion_size")
+    n_loc = {n: int(runs[reference][0].get(f"n_loc/{n}", 0)) for n in names}
     head = (f"PCAM pooling comparison: {cfg.finetune.steps} steps x batch {cfg.finetune.batch_size}, seeds "
             f"{', '.join(map(str, seeds))}, backbone {cfg.head.backbone} "
             f"({cfg.finetune.checkpoint or 'registry ' + cfg.head.model}), map level {cfg.head.feature_level}, "
-            f"threshold {cfg.eval.threshold}, split {cfg.eval.split}\n")
-    text = head + (f"\ncommand: `{command}`\n" if command else "") + "\n" + table_markdown(runs, names)
-    (out / "poolings.md").write_text(text)
+            f"image {cfg.data.image_size} px, box threshold picked per run on '{cfg.eval.val_split}' from "
+            f"{cfg.eval.thresholds or [cfg.eval.threshold]}, test split '{cfg.eval.split}' ({len(keys)} images)\n")
+    parts = [head + (f"\ncommand: `{command}`\n" if command else "")]
+    for title, stem in (("Mean ± sample sd over seeds", "summary"), ("Per finding (mean ± sd over seeds)",
+                                                                      "per_finding"),
+                        (f"Paired differences vs {reference} (bootstrap over test images x seeds)", "paired"),
+                        (f"Lesion-size sweep ({SIZE_FINDING} cases)", "lesion_size")):
+        if (out / f"{stem}.md").is_file():
+            parts.append(f"## {title}\n\n" + (out / f"{stem}.md").read_text())
+    parts.append("localisation cases per finding (test images where it is present with a box): "
+                 + ", ".join(f"{n} {c}" for n, c in n_loc.items()) + "\n")
+    (out / "poolings.md").write_text("\n".join(parts))
     (out / "poolings.json").write_text(json.dumps({"command": command, "findings": names, "seeds": seeds,
-                                                   "runs": runs}, indent=1))
+                                                   "reference": reference, "runs": runs, "paired": paired,
+                                                   "lesion_size": lesions}, indent=1, default=float))
+
+
+def table_markdown(runs: dict[str, list[dict[str, float]]], names: Sequence[str]) -> str:
+    """Mean ± sd over seeds per pooling (the overview only; `write_tables` writes the full set)."""
+    lines = ["| pooling | " + " | ".join(c for _, c in COLUMNS) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
+    for pooling, ms in runs.items():
+        lines.append(f"| {pooling} | " + " | ".join(_pm([m.get(k, float("nan")) for m in ms]) for k, _ in COLUMNS)
+                     + " |")
+    return "\n".join(lines) + "\n"

@@ -61,15 +61,19 @@ class PcamLossConfig:
 class PcamEvalConfig:
     """Classification and localisation evaluation on the held-out split."""
 
-    split: str = "test"  # split of data.val_shards (or data.train_shards) to evaluate
-    threshold: float = 0.5  # heatmap threshold (of the peak-normalised map) for boxes
+    split: str = "test"  # split of data.val_shards (or data.train_shards) read once, by the final evaluation
+    val_split: str = "val"  # split of the periodic evaluations and of the box-threshold choice ("" = none)
+    threshold: float = 0.5  # heatmap threshold (of the peak-normalised map) for boxes; the fallback of `thresholds`
+    thresholds: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])  # candidates: the
+    # final evaluation picks the one with the best mean IoU on val_split ([] or no val samples: `threshold`)
     max_batches: int = 0  # evaluate at most this many batches (0 = the whole split)
     overlays: int = 8  # heatmap overlays of this many fixed examples per evaluation (0 = none), logged to MLflow
     boxes: bool = True  # the split stores ground-truth boxes (false: AUC only, e.g. CheXpert's label CSVs)
 
     def validate(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold: must be in [0, 1], got {self.threshold}")
+        for t in [self.threshold, *self.thresholds]:
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"threshold: must be in [0, 1], got {t}")
         if self.max_batches < 0 or self.overlays < 0:
             raise ValueError("max_batches / overlays: must be >= 0")
 

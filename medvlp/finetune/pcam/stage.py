@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -34,6 +35,7 @@ from medvlp.finetune.pcam.model import PcamHead
 
 log = logging.getLogger("medvlp.finetune.pcam")
 MODEL_META = "pcam_model.json"
+ITEMS_FILE = "eval_items.npz"  # the final evaluation's rows and localisation cases (`LocalisationMeter.cases`)
 
 
 class PcamModel(nn.Module):
@@ -196,13 +198,27 @@ class PcamStage:
         return loss, {f"bce/{n}": float(v) for n, v in zip(self.names, per_K.tolist())}
 
     # -- evaluation
-    def evaluate(self, model: nn.Module, cfg: PcamConfig, step: int | None = None, tracker: Any = None) -> dict:
+    def _has_split(self, cfg: PcamConfig, split: str) -> bool:
+        from medvlp.data_shards.stream import resolve_shards
+
+        if not split:
+            return False
+        try:
+            resolve_shards(cfg.data.val_shards or cfg.data.train_shards, split, cfg.data.index)
+        except (ValueError, FileNotFoundError):
+            return False
+        return True
+
+    def _score(self, model: nn.Module, cfg: PcamConfig, split: str, thresholds, threshold: float,
+               overlays: int = 0) -> tuple[LocalisationMeter, list]:
+        """Heatmaps, boxes and logits of `split` into a meter (boxes at every threshold); the first `overlays`
+        (image, present finding) pairs for drawing."""
         from medvlp.data_shards.members import boxes_to_view
 
-        meter = LocalisationMeter(self.names, cfg.eval.threshold)
+        meter = LocalisationMeter(self.names, threshold, thresholds=thresholds)
         device = next(model.parameters()).device
-        shown: list[tuple[torch.Tensor, torch.Tensor, list, list, str]] = []
-        for i, batch in enumerate(self.batches(cfg, cfg.eval.split, 0, 1)):
+        shown: list[tuple[torch.Tensor, torch.Tensor, list, str]] = []
+        for i, batch in enumerate(self.batches(cfg, split, 0, 1)):
             if cfg.eval.max_batches and i >= cfg.eval.max_batches:
                 break
             img = batch["image"].to(device)
@@ -215,16 +231,52 @@ class PcamStage:
             else:
                 gt = [[] for _ in batch["key"]]
             labels = self.columns(batch)
-            meter.update(out["logits"].float().cpu(), labels, heat_BKHW, gt)
+            meter.update(out["logits"].float().cpu(), labels, heat_BKHW, gt, keys=batch["key"])
             for b, items in enumerate(gt):
                 for k in sorted({k for k, _ in items}):
-                    if len(shown) < cfg.eval.overlays and float(labels[b, k]) == 1:
+                    if len(shown) < overlays and float(labels[b, k]) == 1:
                         shown.append((img[b].cpu(), heat_BKHW[b, k], [bx for kk, bx in items if kk == k],
-                                      components(heat_BKHW[b, k], cfg.eval.threshold)[:1],
                                       f"{batch['key'][b]}_{self.names[k]}"))
+        return meter, shown
+
+    def evaluate(self, model: nn.Module, cfg: PcamConfig, step: int | None = None, tracker: Any = None) -> dict:
+        """Periodic evaluations (step < finetune.steps) measure on `eval.val_split`; the final one picks the box
+        threshold on `eval.val_split` (best mean IoU among `eval.thresholds`), then reads `eval.split` once and
+        reports it at that threshold (metric `threshold`; `threshold_from_val` 1 or 0), writing every case to
+        OUT/eval_items.npz for paired comparisons."""
+        final = step is None or step >= cfg.finetune.steps
+        has_val = self._has_split(cfg, cfg.eval.val_split)
+        if not final:
+            split = cfg.eval.val_split if has_val else cfg.eval.split
+            meter, _ = self._score(model, cfg, split, [], cfg.eval.threshold)
+            return meter.summary()
+        threshold, from_val = cfg.eval.threshold, 0.0
+        if cfg.eval.boxes and cfg.eval.thresholds and has_val:
+            val, _ = self._score(model, cfg, cfg.eval.val_split, cfg.eval.thresholds, cfg.eval.threshold)
+            threshold, from_val = val.best_threshold("iou_mean"), 1.0
+        elif cfg.eval.boxes and cfg.eval.thresholds:
+            log.warning("eval.val_split %r has no samples: boxes use the fixed eval.threshold %.2f",
+                        cfg.eval.val_split, cfg.eval.threshold)
+        meter, shown = self._score(model, cfg, cfg.eval.split, cfg.eval.thresholds, threshold, cfg.eval.overlays)
         if shown and _is_main():
-            self._overlays(cfg, shown, step, tracker)
-        return meter.summary()
+            self._overlays(cfg, [(img, heat, gt, components(heat, threshold)[:1], name)
+                                 for img, heat, gt, name in shown], step, tracker)
+        if _is_main():
+            self._write_items(cfg, meter, threshold, from_val)
+        return {**meter.summary(threshold), "threshold": float(threshold), "threshold_from_val": from_val}
+
+    def _write_items(self, cfg: PcamConfig, meter: LocalisationMeter, threshold: float, from_val: float) -> None:
+        path = Path(cfg.finetune.out_dir) / ITEMS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, **meter.cases(), threshold=np.float64(threshold),
+                            threshold_from_val=np.float64(from_val), split=np.asarray(cfg.eval.split))
+        os.replace(tmp, path)
+        meta_path = Path(cfg.finetune.out_dir) / MODEL_META
+        if meta_path.is_file():  # `medvlp localize` defaults to the threshold chosen on validation
+            meta = json.loads(meta_path.read_text())
+            meta.update(threshold=float(threshold), threshold_from_val=bool(from_val))
+            _write_meta(cfg.finetune.out_dir, meta)
 
     def _remap(self, batch: dict) -> torch.Tensor:
         """boxes_label (index into the data set's label names) -> index into this run's findings (-1 = other)."""

@@ -55,14 +55,23 @@ def _split(n: int, seed: int):
     return img, y, texts, emb
 
 
-def _world(n_test=200, n_train=160):
+def _world(n_test=200, n_train=160, n_val=120):
+    from medvlp.pretrain.zeroshot import PARAPHRASE_NEGATIVE, PARAPHRASE_POSITIVE
+
     splits = {"test": _split(n_test, 1), "train": _split(n_train, 2)}
+    if n_val:
+        splits["val"] = _split(n_val, 3)
     table = {"a.": np.eye(EMB)[0], "No a.": -np.eye(EMB)[0], "b.": np.eye(EMB)[2], "No b.": -np.eye(EMB)[2]}
+    for c, axis in (("a", 0), ("b", 2)):  # held-out paraphrases: a's are half as aligned with its axis
+        table.update({t.format(c=c): 0.5 * np.eye(EMB)[axis] + 0.5 * np.eye(EMB)[1] for t in PARAPHRASE_POSITIVE})
+        table.update({t.format(c=c): -0.5 * np.eye(EMB)[axis] + 0.5 * np.eye(EMB)[1] for t in PARAPHRASE_NEGATIVE})
     for _, _, texts, emb in splits.values():
         table.update(dict(zip(texts, emb)))
 
     def loader_fn(cfg, rank=0, world_size=1, tokenizer=None, train=False, split="test", shards=None):
         assert not train and rank == 0 and world_size == 1 and not cfg.augment
+        if split not in splits:
+            raise ValueError(f"split {split!r} has no samples")
         img, y, texts, _ = splits[split]
         for i in range(0, len(img), cfg.batch_size):
             sl = slice(i, i + cfg.batch_size)
@@ -133,7 +142,10 @@ def test_format_table_deterministic_and_outputs(tmp_path):
     assert t1 == t2
     lines = t1.splitlines()
     assert lines[0] == "Zero-shot protocol: multi-label: per finding, softmax over its positive / negative prompt pair."
-    assert lines[2].startswith("| finding | zero-shot AUC") and lines[4].startswith("| a | 1.000 |")
+    assert lines[2].startswith("Prompts: zero-shot AUC = the data set's own prompts")
+    assert "picked on the validation split" in lines[2]
+    assert lines[4].startswith("| finding | zero-shot AUC | 95% CI | held-out prompts AUC |")
+    assert lines[6].startswith("| a | 1.000 |")
     assert any(l.startswith("| **macro** |") for l in lines)
     assert "| image → text | 1.000 | 1.000 | 1.000 |" in t1
     assert "| 64 | skipped (too few samples) | 0 |" in t1
@@ -237,7 +249,10 @@ class BandModel(nn.Module):
 
     def __init__(self):
         super().__init__()
+        from medvlp.pretrain.zeroshot import PARAPHRASE_CLASS
+
         self.prompts = {f"a retinal OCT scan: {c}.": k for k, c in enumerate(OCT)}
+        self.prompts.update({t.format(c=c): k for k, c in enumerate(OCT) for t in PARAPHRASE_CLASS})
         self.logit_scale = nn.Parameter(torch.tensor([math.log(20.0)]))
 
     def tokenize(self, texts):
@@ -325,3 +340,81 @@ def test_single_class_split_warns_naming_it(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"split 'train': every label has a single class"):
         m = E.evaluate(BandModel(), data, cfg)
     assert np.isnan(m["probe/auc_macro"]) and np.isfinite(m["zeroshot/auc_macro"])
+
+
+# ------------------------------------------------------------------------------- protocol hygiene
+@pytest.mark.timeout(300)
+def test_operating_points_come_from_validation_not_test():
+    """acc / sens / spec use the per-finding threshold of the ROC point nearest (0, 1) on val, applied to test;
+    without a val split they are not reported at all."""
+    from medvlp.pretrain import metrics as M
+
+    model, loader_fn, splits = _world()
+    cfg = EvalConfig(retrieval=False, linear_probe=False, kshot=[], bootstrap=0, max_samples=0)
+    m = E.evaluate(model, DataConfig(), cfg, loader_fn=loader_fn)
+    assert m["zeroshot/op_from_val"] == 1.0
+    _, _, _, emb_val = splits["val"]
+    img_v = F.normalize(torch.tensor(emb_val), dim=-1).numpy()
+    pos, neg = E.prompt_embeddings(model, NAMES, "cxr", None, "cpu")
+    val_NK = E.zero_shot_scores(img_v, pos, neg, 10.0)
+    for k, n in enumerate(NAMES):
+        thr = M.operating_point(splits["val"][1][:, k], val_NK[:, k])["threshold"]
+        assert m[f"zeroshot/threshold/{n}"] == pytest.approx(thr)
+        emb_t = F.normalize(torch.tensor(splits["test"][3]), dim=-1).numpy()
+        test_k = E.zero_shot_scores(emb_t, pos, neg, 10.0)[:, k]
+        want = M.at_threshold(splits["test"][1][:, k], test_k, thr)
+        assert m[f"zeroshot/sens/{n}"] == pytest.approx(want["sensitivity"])
+        assert m[f"zeroshot/spec/{n}"] == pytest.approx(want["specificity"])
+    # b carries no signal: the val-picked threshold is not the test-optimal one, so test accuracy is near chance
+    test_opt = M.operating_point(splits["test"][1][:, 1], E.zero_shot_scores(
+        F.normalize(torch.tensor(splits["test"][3]), dim=-1).numpy(), pos, neg, 10.0)[:, 1])
+    assert m["zeroshot/acc/b"] < test_opt["accuracy"]
+    model, loader_fn, _ = _world(n_val=0)
+    with pytest.warns(RuntimeWarning, match="validation split 'val' unavailable"):
+        m0 = E.evaluate(model, DataConfig(), cfg, loader_fn=loader_fn)
+    assert m0["zeroshot/op_from_val"] == 0.0 and "zeroshot/acc/a" not in m0
+    assert "not reported (no validation split" in E.format_table(m0)
+
+
+@pytest.mark.timeout(300)
+def test_held_out_paraphrases_are_scored_beside_the_corpus_prompts():
+    model, loader_fn, _ = _world()
+    cfg = EvalConfig(retrieval=False, linear_probe=False, kshot=[], bootstrap=20, max_samples=0)
+    m = E.evaluate(model, DataConfig(), cfg, loader_fn=loader_fn)
+    # a's paraphrases share its axis (plus a common direction that cancels in the pair): still separable
+    assert m["zeroshot_para/auc/a"] == 1.0 and abs(m["zeroshot_para/auc/b"] - 0.5) < 0.15
+    assert m["zeroshot_para/auc_ci_lo/a"] <= 1.0 and "zeroshot_para/auc_macro" in m
+    row = next(l for l in E.format_table(m).splitlines() if l.startswith("| a |"))
+    assert row.split("|")[4].strip() == "1.000"  # the held-out prompts column
+
+
+@pytest.mark.timeout(300)
+def test_seed_rows_mean_sd_and_spread_line(tmp_path):
+    from medvlp.finetune.sweep import seed_summary
+
+    runs = [(f"run{i}", {"zeroshot/auc/a": a, "zeroshot/auc_ci_lo/a": a - 0.05, "zeroshot/auc_ci_hi/a": a + 0.03,
+                         "zeroshot/auc/b": b, "zeroshot/auc_ci_lo/b": b - 0.1, "zeroshot/auc_ci_hi/b": b + 0.1,
+                         "zeroshot/auc_macro": (a + b) / 2, "zeroshot_para/auc/a": 0.7})
+            for i, (a, b) in enumerate([(0.90, 0.60), (0.92, 0.80), (0.91, 0.70)])]
+    rows = E.seed_rows(runs)
+    ra = next(r for r in rows if r["finding"] == "a")
+    s = seed_summary([0.90, 0.92, 0.91])
+    assert ra["zero-shot AUC (mean ± sd over runs)"] == f"{s['mean']:.3f} ± {s['sd']:.3f}" == "0.910 ± 0.010"
+    assert ra["range over runs"] == "0.900-0.920" and ra["runs"] == 3
+    assert ra["test-resampling 95% CI width (mean per run)"] == pytest.approx(0.08)
+    assert ra["held-out prompts AUC"] == "0.700 ± 0.000"
+    line = E.spread_line(runs)
+    assert line.startswith("Between 3 training runs the zero-shot AUC moves most for b: 0.600-0.800")
+    text = E.write_seed_table(runs, tmp_path)
+    assert (tmp_path / "eval_seeds.csv").is_file() and "| macro | 3 |" in text and line in text
+
+
+@pytest.mark.timeout(300)
+def test_eval_cli_several_runs_need_out_and_existing_dirs(tmp_path, capsys):
+    a = argparse.Namespace(model_dir=[str(tmp_path), str(tmp_path / "missing")], shards=None, split="test",
+                           out=None, set=[])
+    assert E.run_eval_cli(a) == 2
+    assert "--out: needed with several --model-dir runs" in capsys.readouterr().err
+    a.out = str(tmp_path / "o")
+    assert E.run_eval_cli(a) == 2
+    assert "missing: no such file or folder" in capsys.readouterr().err

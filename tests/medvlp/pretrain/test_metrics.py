@@ -176,3 +176,17 @@ def test_bootstrap_ci_is_scipy_bca():
     ref = bootstrap((np.arange(80),), lambda i: M.roc_auc(y[i], s[i], warn=False), n_resamples=300, paired=True,
                     vectorized=False, method="BCa", rng=np.random.default_rng(7)).confidence_interval
     assert (lo, hi) == pytest.approx((ref.low, ref.high))
+
+
+@pytest.mark.timeout(60)
+def test_at_threshold_applies_a_threshold_chosen_elsewhere():
+    y = np.array([0, 0, 0, 1, 1, 1, -1])
+    s = np.array([0.1, 0.2, 0.6, 0.4, 0.7, 0.9, 0.95])  # the uncertain sample is left out
+    op = M.at_threshold(y, s, 0.5)
+    assert op["sensitivity"] == pytest.approx(2 / 3) and op["specificity"] == pytest.approx(2 / 3)
+    assert op["accuracy"] == pytest.approx(4 / 6) and op["threshold"] == 0.5
+    val = M.operating_point(y[:6], s[:6])  # picked on one split, applied unchanged to another
+    test = M.at_threshold(np.array([1, 1, 0]), np.array([0.8, 0.65, 0.75]), val["threshold"])
+    assert test["sensitivity"] == 0.5 and test["specificity"] == 0.0
+    assert np.isnan(M.at_threshold(np.array([1, 1]), np.array([0.2, 0.9]), 0.5)["specificity"])
+    assert np.isnan(M.at_threshold(y, s, float("nan"))["accuracy"])
