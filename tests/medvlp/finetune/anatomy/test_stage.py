@@ -103,8 +103,14 @@ def test_cli_recipe_kind_and_ablation_table(ct_shards, tmp_path, capsys):
     assert md.startswith("| variant | macro AUC") and "| base |" in md and "| +VSD |" in md
     doc = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert set(doc["results"]) == {"base", "+VSD"} and doc["organs"][0] == "liver"
-    assert math.isnan(doc["summary"]["base"]["codebook_perplexity"][0])
-    assert doc["summary"]["+VSD"]["codebook_perplexity"][0] >= 1
+    assert math.isnan(doc["summary"]["base"]["codebook_perplexity"]["mean"])
+    assert doc["summary"]["+VSD"]["codebook_perplexity"]["mean"] >= 1
+    # the paired difference with the base is over the same evaluation volumes
+    d = doc["paired_vs_base"]["+VSD"]
+    rows = {v: r[0] for v, r in doc["results"].items()}
+    assert d["n_seeds"] == 1 and d["n_items"] == rows["base"]["n_samples"]
+    assert d["diff"] == pytest.approx(rows["+VSD"]["auc_macro"] - rows["base"]["auc_macro"], abs=1e-9)
+    assert (tmp_path / "abl" / "ablation.csv").read_text().startswith("variant,macro AUC")
     # seeds run as separate invocations merge into one table
     assert main(["anatomy-ablation", "anatomy-synth", "--merge", str(tmp_path / "abl"), "--out", str(tmp_path / "m"),
                  "--set", "tracking.enabled=false"]) == 0

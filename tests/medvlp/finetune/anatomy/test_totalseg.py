@@ -8,7 +8,7 @@ import pytest
 
 from medvlp.data_shards.readers.totalseg import TOTALSEG_TOTAL, manifest_organs, merge_table, relabel
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(600)
 
 ORGANS = ["liver", "spleen", "left_kidney", "right_kidney", "lung"]
 
