@@ -45,6 +45,7 @@ def extract(cfg, weights: str | None, split: str, out: str | Path, max_samples: 
     from medvlp.finetune.anatomy.stage import AnatomyStage, ct_transform
     from medvlp.finetune.runner import load_pretrained_model
 
+    cfg.data = dataclasses.replace(cfg.data, split=split)  # the organ names are read from the extracted split
     pre = load_pretrained_model(cfg.finetune.checkpoint) if cfg.finetune.checkpoint else None
     model = AnatomyStage().build(pre, cfg)
     if weights:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="K=V", help="recipe override (repeatable)")
     a = ap.parse_args(argv)
     try:
-        from medvlp.launch.cli import load_stage_config
+        from medvlp.launch.config import load_stage_config
 
         if not Path(a.shards).exists():
             raise FileNotFoundError(f"--shards: {a.shards} does not exist")
