@@ -97,7 +97,7 @@ def test_totalseg_case_builds_and_runs_through_organ_tokens(tmp_path, capsys):
 
     out = tmp_path / "extract"
     rc = main(["anatomy-synth", "--shards", str(tmp_path / "shards"), "--out", str(out), "--split", "test",
-               "--set", "model.name=organs-3d", "--set", "data.volume_size=[16,32,32]", "--set", "data.workers=0"])
+               "--set", "model.name=debug-3d-organs", "--set", "data.volume_size=[16,32,32]", "--set", "data.workers=0"])
     assert rc == 0
     rows = list(csv.DictReader((out / "organs.csv").open()))
     assert len(rows) == 2 * 5 and [r["organ"] for r in rows[:5]] == ORGANS
