@@ -231,3 +231,17 @@ def test_stem_options_of_the_3d_tower():
         ResNet3D(16, {"stem_stride": [3, 1, 1]})
     with pytest.raises(ValueError, match="stem_kernel"):
         ResNet3D(16, {"stem_kernel": [2, 3, 3]})
+
+
+@pytest.mark.timeout(300)
+def test_fast_macro_auc_equals_the_reference():
+    import numpy as np
+
+    from medvlp.finetune.anatomy.ablation import macro_auc_fast
+    from medvlp.pretrain.metrics import macro_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(-1, 2, (40, 5))
+    y[:, 4] = 0  # one class only: skipped by both
+    s = np.round(rng.random((40, 5)), 1)  # ties
+    assert macro_auc_fast(y, s) == pytest.approx(macro_auc(y, s), abs=1e-12)
