@@ -106,7 +106,7 @@ def run_ladder(runs: Sequence[str], heldout: str, out: str | Path, path: bool = 
 
     cmd = command or "python -m medvlp.finetune.anatomy.ladder"
     rows = [row("(a)", "voxel sd inside the organ mask (ceiling)", [ceil["sd"]], "{}", "macro", cmd),
-            row("(a)", "max |x - median| inside the mask (ceiling)", [ceil["maxdev"]], "{}", "macro", cmd),
+            row("(a)", "largest deviation from the organ median inside the mask (ceiling)", [ceil["maxdev"]], "{}", "macro", cmd),
             row("(b)", "linear probe on the organ tokens", probes, "{}", "macro", cmd),
             row("(c)", "zero-shot (prompt pair)", zs, "auc/{}", "auc_macro", "medvlp anatomy-ablation (base rows)")]
     write_table(rows, out / "ladder")
