@@ -15,6 +15,8 @@ A manifest has one row per sample. Columns (CSV header / JSON keys):
   organs                optional JSON {organ: {"abnormal": 0|1, "sentence": str}}; without it the per-organ
                         sentences and labels come from the report by rules (medvlp.data_shards.organ_report)
   spacing_mm            optional JSON [z, y, x] voxel size of the volume
+  organ_merge           optional: merge the mask's labels into fewer organs by name; organ_names may then be
+                        "totalseg" (TotalSegmentator's 117 labels), see medvlp.data_shards.readers.totalseg
   These three are stored at the top of the sample's json (the organ_labels / organ_sentences / spacing members).
 Any other column is kept verbatim in the sample's meta. Relative paths resolve against the manifest's folder, and
 every path must stay under the data root (the manifest's folder, widened by `shards build --root DIR`): see
@@ -48,7 +50,7 @@ _SUFFIXES = {"volume": (".npy", ".npz", *_CLINICAL), "mask": (".npy", ".npz", *_
 _KIND_MODALITIES = {"image": ("cxr", "patho"), "volume": ("ct",), "features": ("slide",)}
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 _RESERVED = {"key", "image", "volume", "mask", "features", "coords", "report", "report_file", "labels",
-             "patient_id", "split", "dataset", "modality", "organ_names", "organs", "spacing_mm"}
+             "patient_id", "split", "dataset", "modality", "organ_names", "organs", "spacing_mm", "organ_merge"}
 _KEY_REPLACE = str.maketrans({c: "_" for c in " .\t\n\r\\:"})
 MAX_LISTED = 50  # errors shown in an exception message (all of them go to build_errors.txt)
 
@@ -189,7 +191,9 @@ def _json_cell(raw: dict[str, Any], col: str) -> Any:
 def _parse_organs(raw: dict[str, Any], kind: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """organ_names / organs / spacing_mm cells -> (sample json extras, errors)."""
     extra: dict[str, Any] = {}
-    errs: list[tuple[str, str]] = []
+    from medvlp.data_shards.readers.totalseg import manifest_organs  # organ_names "totalseg", organ_merge
+
+    raw, errs, merged = manifest_organs(raw)
     vals = {}
     for col in ("organ_names", "organs", "spacing_mm"):
         try:
@@ -228,6 +232,8 @@ def _parse_organs(raw: dict[str, Any], kind: str) -> tuple[dict[str, Any], list[
             errs.append(("spacing_mm", f"expected [z, y, x] positive numbers, got {spacing!r}"))
         else:
             extra["spacing_mm"] = [float(v) for v in spacing]
+    if "organ_names" in extra:
+        extra.update(merged)
     return extra, errs
 
 

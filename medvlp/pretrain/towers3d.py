@@ -1,12 +1,14 @@
 """A small 3D ResNet vision tower for CT volumes: pooled embedding + multi-scale feature maps.
 
 Layout (ResNet-18-3D style, as in the ViSD-Boost / fVLM reference, docs/methods.md §3, but sized by config):
-  stem   Conv3d k=(3,7,7) stride (1,2,2)                      -> (B, w0, D,    H/2,  W/2)
+  stem   Conv3d k=(3,7,7) stride (1,2,2) (`stem_stride`)      -> (B, w0, D,    H/2,  W/2)
   stage0 BasicBlock3d x blocks[0], first stride (2,2,2)       -> (B, w0, D/2,  H/4,  W/4)    scale (2,4,4)
   stage1 BasicBlock3d x blocks[1], first stride 2             -> (B, w1, D/4,  H/8,  W/8)    scale (4,8,8)
   stage2 ...                                                  -> (B, w2, D/8,  H/16, W/16)   scale (8,16,16)
   stage3 ...                                                  -> (B, w3, D/16, H/32, W/32)   scale (16,32,32)
   pooled = mean over the last map; embedding = LINEAR projection (w_last -> E), as the 2D towers.
+`stem_kernel` (default (3, 7, 7)) sets the stem's kernel. `stem_stride` [1, 1, 1] keeps the stem at full resolution: every scale is then twice as fine in-plane
+(strides (2,2,2) ... (16,16,16)), for small volumes where a lesion is a few voxels wide.
 `self.scales[i]` is the total (D, H, W) down-sampling of map i: the organ-mask max-pooling kernel of that scale;
 `forward(x, return_tokens=True)` returns the four maps as a `medvlp.pretrain.tokens.VisionTokens` with these strides.
 
@@ -23,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from medvlp.pretrain.tokens import VisionTokens
 
-_KEYS = {"type", "image_size", "in_channels", "widths", "blocks", "groups"}
+_KEYS = {"type", "image_size", "in_channels", "widths", "blocks", "groups", "stem_stride", "stem_kernel"}
 
 
 def _norm(ch: int, groups: int) -> nn.GroupNorm:
@@ -69,12 +71,19 @@ class ResNet3D(nn.Module):
         groups = int(cfg.get("groups", 8))
         self.in_channels = int(cfg.get("in_channels", 1))
         self.width = widths[-1]
+        stem_stride = tuple(int(s) for s in cfg.get("stem_stride", (1, 2, 2)))
+        if len(stem_stride) != 3 or any(s not in (1, 2) for s in stem_stride):
+            raise ValueError(f"{where}.stem_stride: expected three strides of 1 or 2, got {cfg.get('stem_stride')}")
+        stem_kernel = tuple(int(k) for k in cfg.get("stem_kernel", (3, 7, 7)))
+        if len(stem_kernel) != 3 or any(k < 1 or k % 2 == 0 for k in stem_kernel):
+            raise ValueError(f"{where}.stem_kernel: expected three odd sizes, got {cfg.get('stem_kernel')}")
         self.stem = nn.Sequential(
-            nn.Conv3d(self.in_channels, widths[0], (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
+            nn.Conv3d(self.in_channels, widths[0], stem_kernel, stride=stem_stride,
+                      padding=tuple(k // 2 for k in stem_kernel), bias=False),
             _norm(widths[0], groups), nn.ReLU(inplace=True))
         self.stages = nn.ModuleList()
         self.scales: list[tuple[int, int, int]] = []
-        c_in, scale = widths[0], (1, 2, 2)
+        c_in, scale = widths[0], stem_stride
         for c_out, n in zip(widths, blocks):
             layers = [BasicBlock3d(c_in, c_out, (2, 2, 2), groups)]
             layers += [BasicBlock3d(c_out, c_out, (1, 1, 1), groups) for _ in range(n - 1)]

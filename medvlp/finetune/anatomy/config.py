@@ -22,6 +22,7 @@ class AnatomyEvalConfig:
     """Zero-shot organ abnormality evaluation."""
 
     split: str = "test"  # split of data.val_shards (or data.train_shards) the metrics are measured on
+    threshold_split: str = "val"  # split the operating points are picked on ("" = eval.split itself: optimistic)
     max_samples: int = 0  # volumes evaluated (0 = the whole split)
     batch_size: int = 8  # volumes per evaluation forward
     prompts: dict[str, list[list[str]]] = field(default_factory=dict)  # organ -> [[normal...], [abnormal...]]
@@ -55,6 +56,10 @@ class AnatomyConfig:
             raise ValueError(f"data.members: the anatomy stage needs {missing} (per-organ labels and sentences)")
         if self.head.vsd_mode not in VSD_MODES:
             raise ValueError(f"head.vsd_mode: {self.head.vsd_mode!r} is not one of {', '.join(VSD_MODES)}")
+        if self.head.token_select not in ("interior", "any"):
+            raise ValueError(f"head.token_select: {self.head.token_select!r} is not one of interior, any")
+        if self.head.stat_pool < 0:
+            raise ValueError(f"head.stat_pool: must be >= 0 (scales), got {self.head.stat_pool}")
         if self.head.width % self.head.heads:
             raise ValueError(f"head.width: {self.head.width} is not divisible by head.heads {self.head.heads}")
         if not 0.0 <= self.head.vse_momentum < 1.0:
@@ -65,5 +70,7 @@ class AnatomyConfig:
             raise ValueError(f"head.codebook_size: must be >= 1, got {self.head.codebook_size}")
         if len(self.window) != 2 or not self.window[0] < self.window[1]:
             raise ValueError(f"window: expected [low HU, high HU] with low < high, got {self.window}")
+        if self.eval.threshold_split not in ("", "train", "val", "test"):
+            raise ValueError(f"eval.threshold_split: {self.eval.threshold_split!r} is not one of '', train, val, test")
         if self.eval.split not in ("train", "val", "test"):
             raise ValueError(f"eval.split: {self.eval.split!r} is not one of train, val, test")

@@ -63,14 +63,37 @@ def organ_scores(emb_NOE: torch.Tensor, prompts_O2E: torch.Tensor, scale: float)
     return torch.softmax(logits, dim=-1)[..., 1]
 
 
+def organ_thresholds(labels_NO: np.ndarray, scores_NO: np.ndarray, present_NO: np.ndarray,
+                     organ_names: Sequence[str]) -> dict[str, float]:
+    """Per organ, the threshold of the ROC point nearest (0, 1) on these (validation) scores; NaN without both
+    classes."""
+    y = np.where(present_NO, labels_NO, -1)
+    return {name: operating_point(y[:, o], scores_NO[:, o])["threshold"] for o, name in enumerate(organ_names)}
+
+
+def _at_threshold(y_N: np.ndarray, s_N: np.ndarray, thr: float) -> dict[str, float]:
+    keep = y_N >= 0
+    y, pred = y_N[keep] > 0, s_N[keep] >= thr
+    nan = float("nan")
+    if not np.isfinite(thr) or y.all() or not y.any():
+        return {"accuracy": nan, "sensitivity": nan, "specificity": nan}
+    return {"accuracy": float((pred == y).mean()), "sensitivity": float(pred[y].mean()),
+            "specificity": float((~pred[~y]).mean())}
+
+
 def organ_metrics(labels_NO: np.ndarray, scores_NO: np.ndarray, present_NO: np.ndarray,
-                  organ_names: Sequence[str]) -> dict[str, float]:
-    """Per-organ AUC / accuracy / sensitivity / specificity (ROC point nearest (0, 1)) and the macro AUC."""
+                  organ_names: Sequence[str], thresholds: dict[str, float] | None = None) -> dict[str, float]:
+    """Per-organ AUC and accuracy / sensitivity / specificity, and their macro means. The operating point is
+    `thresholds[organ]` (picked on the validation split, `organ_thresholds`); without thresholds, the ROC point
+    nearest (0, 1) of these scores themselves (optimistic: only for a split that is not the reported test)."""
     out: dict[str, float] = {}
     y = np.where(present_NO, labels_NO, -1)  # organs absent from a volume are not scored
     for o, name in enumerate(organ_names):
         out[f"auc/{name}"] = roc_auc(y[:, o], scores_NO[:, o], warn=False)
-        op = operating_point(y[:, o], scores_NO[:, o])
+        if thresholds is None:
+            op = operating_point(y[:, o], scores_NO[:, o])
+        else:
+            op = _at_threshold(y[:, o], scores_NO[:, o], thresholds.get(name, float("nan")))
         for k in ("accuracy", "sensitivity", "specificity"):
             out[f"{k}/{name}"] = op[k]
     out["auc_macro"] = macro_auc(y, scores_NO)
@@ -83,16 +106,19 @@ def organ_metrics(labels_NO: np.ndarray, scores_NO: np.ndarray, present_NO: np.n
 @torch.no_grad()
 def evaluate_organs(model, batches: Iterable[dict], *, max_samples: int = 0,
                     prompts: dict[str, Sequence[Sequence[str]]] | None = None,
-                    normal_template: str = NORMAL_TEMPLATE, abnormal_template: str = ABNORMAL_TEMPLATE
+                    normal_template: str = NORMAL_TEMPLATE, abnormal_template: str = ABNORMAL_TEMPLATE,
+                    thresholds: dict[str, float] | None = None, scores_out: dict | None = None
                     ) -> dict[str, float]:
-    """Zero-shot organ abnormality metrics (+ codebook usage with VSD) over `batches` (volume, mask, organ_labels)."""
+    """Zero-shot organ abnormality metrics (+ codebook usage with VSD) over `batches` (volume, mask, organ_labels).
+    thresholds: per-organ operating points from the validation split (see `organ_metrics`). scores_out: a dict that
+    receives the per-item arrays "labels", "scores", "present" (N, O) and "keys" (N,) for paired comparisons."""
     was_training = model.training
     model.eval()
     dev = model.logit_scale.device
     names = model.organ_names
     P = prompt_embeddings(model, names, prompts, normal_template, abnormal_template)
     scale = float(model.scale())
-    ys, ss, ps = [], [], []
+    ys, ss, ps, keys = [], [], [], []
     counts = None
     n = 0
     for batch in batches:
@@ -103,6 +129,7 @@ def evaluate_organs(model, batches: Iterable[dict], *, max_samples: int = 0,
         ss.append(organ_scores(emb, P, scale).cpu())
         ys.append(batch["organ_labels"].cpu())
         ps.append(feats.present.cpu())
+        keys += [str(k) for k in batch.get("key", [""] * len(batch["volume"]))]
         if feats.vsd is not None:
             codes = feats.vsd.codes  # (B, O, L)
             K = model.encoder.vsd.codebooks[0].size
@@ -120,7 +147,9 @@ def evaluate_organs(model, batches: Iterable[dict], *, max_samples: int = 0,
     if not ss:
         raise ValueError("anatomy eval: no evaluation samples (check data.val_shards / eval.split)")
     y, s, p = (torch.cat(t).numpy() for t in (ys, ss, ps))
-    out = organ_metrics(y, s, p.astype(bool), names)
+    if scores_out is not None:
+        scores_out.update(labels=y, scores=s, present=p.astype(bool), keys=np.asarray(keys))
+    out = organ_metrics(y, s, p.astype(bool), names, thresholds)
     out["n_samples"] = float(len(y))
     if counts is not None:
         usage = [codebook_usage(c) for c in counts]

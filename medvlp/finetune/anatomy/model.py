@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medvlp.finetune.anatomy.losses import organ_contrastive_loss, vse_loss
-from medvlp.finetune.anatomy.organs import OrganQueryPool, ScaleProjection, pool_organ_masks
+from medvlp.finetune.anatomy.organs import (OrganQueryPool, ScaleProjection, organ_fractions, organ_token_flags,
+                                             pool_organ_masks, stat_pool)
 from medvlp.finetune.anatomy.vsd import NormalityVSD, VSDOutput
 
 MAX_LOGIT_SCALE = 4.6052  # log 100, as the pretrained CLIP
@@ -55,6 +56,9 @@ class AnatomyModelConfig:
     commitment: float = 0.25  # commitment loss weight beta
     vsd_layers: int = 2  # transformer layers of the VQ-VAE encoder and of its decoder
     soft_targets: bool = True  # fVLM soft targets (normal-normal / identical sentences are positives)
+    token_select: str = "interior"  # organ tokens: interior (cells >= half inside the organ; all its cells when
+    #                                 none is) | any (reference: a cell with any organ voxel)
+    stat_pool: int = 2  # organ token += Linear of the masked max and sd of the n finest scales' tokens (0 = off)
 
 
 @dataclass
@@ -81,23 +85,43 @@ class OrganEncoder(nn.Module):
                                     cfg.commitment, cfg.heads, cfg.vsd_layers)
             self.hybrid = nn.Sequential(nn.Linear(2 * C, C), nn.GELU(), nn.Linear(C, C))
         self.pool = OrganQueryPool(n_organs, C, cfg.heads)
+        self.stat_scales = min(int(cfg.stat_pool), len(visual.widths))
+        if self.stat_scales:
+            self.stat = nn.Sequential(nn.Linear(2 * self.stat_scales * C, C), nn.GELU(), nn.Linear(C, C))
+            self.stat_norm = nn.LayerNorm(C)
+
+    def organ_flags(self, mask_BDHW: torch.Tensor, tok) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per scale (B, O, L_i): (bool flags of the tokens the organ query attends to, token weights of the
+        statistic pooling)."""
+        if self.cfg.token_select == "any":
+            flags = pool_organ_masks(mask_BDHW, self.n_organs, tok.strides, tok.grids)
+            return flags, [f.float() for f in flags]
+        fracs = organ_fractions(mask_BDHW, self.n_organs, tok.strides, tok.grids)
+        flags = [organ_token_flags(f) for f in fracs]
+        return flags, [f.float() for f in flags]
+
+    def _with_stats(self, pooled_BOC: torch.Tensor, xs: list[torch.Tensor], weights: list[torch.Tensor]):
+        if not self.stat_scales:
+            return pooled_BOC
+        st = torch.cat([stat_pool(x, w) for x, w in zip(xs[:self.stat_scales], weights[:self.stat_scales])], -1)
+        return self.stat_norm(pooled_BOC + self.stat(st))
 
     def forward(self, vol_B1DHW: torch.Tensor, mask_BDHW: torch.Tensor,
                 normal_BO: torch.Tensor | None = None) -> OrganFeatures:
         _, tok = self.visual(vol_B1DHW, return_tokens=True)
-        flags = pool_organ_masks(mask_BDHW, self.n_organs, tok.strides, tok.grids)
+        flags, weights = self.organ_flags(mask_BDHW, tok)
         xs = self.tokens(tok.maps)
         present = torch.stack([f.any(-1) for f in flags]).any(0)
         if self.vsd is None:
             pooled = self.pool(torch.cat(xs, 1), torch.cat(flags, 2))
-            return OrganFeatures(pooled, present, None)
+            return OrganFeatures(self._with_stats(pooled, xs, weights), present, None)
         out = self.vsd(xs[-1], flags[-1], normal_BO)
         other = torch.cat(xs[:-1], 1)
         shared = self.hybrid(torch.cat([other, other], -1))
         last = xs[-1].unsqueeze(1).expand_as(out.recon)
         own = self.hybrid(torch.cat([last, out.recon.detach()], -1))  # (B, O, L, C)
         pooled = self.pool(shared, torch.cat(flags[:-1], 2), own, flags[-1])
-        return OrganFeatures(pooled, present, out)
+        return OrganFeatures(self._with_stats(pooled, xs, weights), present, out)
 
 
 class AnatomyModel(nn.Module):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,6 +55,47 @@ def pool_organ_masks(mask_BDHW: torch.Tensor, n_organs: int, strides: Sequence[S
                              "must have the volume's (D, H, W)")
         out.append(pooled.flatten(2) > 0)
     return out
+
+
+def organ_fractions(mask_BDHW: torch.Tensor, n_organs: int, strides: Sequence[Sequence[int]],
+                    grids: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+    """Per scale, (B, O, L_i) float in [0, 1]: the fraction of token l's cell (kernel = stride = the scale's
+    down-sampling, partial border cells by their in-volume part) that lies in organ o. `pool_organ_masks` is
+    `fraction > 0`."""
+    onehot = organ_onehot(mask_BDHW, n_organs)
+    out = []
+    for i, s in enumerate(strides):
+        s = tuple(int(v) for v in s)
+        pooled = F.avg_pool3d(onehot, kernel_size=s, stride=s, ceil_mode=True)
+        if grids is not None and tuple(pooled.shape[2:]) != tuple(grids[i]):
+            raise ValueError(f"organ mask: shape {tuple(mask_BDHW.shape[1:])} pooled by stride {s} gives grid "
+                             f"{tuple(pooled.shape[2:])}, but token map {i} has grid {tuple(grids[i])}; the mask "
+                             "must have the volume's (D, H, W)")
+        out.append(pooled.flatten(2))
+    return out
+
+
+def organ_token_flags(frac_BOL: torch.Tensor, min_frac: float = 0.5) -> torch.Tensor:
+    """(B, O, L) bool: the organ's interior tokens (cells at least `min_frac` inside the organ); an organ with no
+    such cell keeps every cell it touches, so no organ present in the volume loses all its tokens."""
+    inner = frac_BOL >= min_frac
+    return torch.where(inner.any(-1, keepdim=True), inner, frac_BOL > 0)
+
+
+def stat_pool(x_BLC: torch.Tensor, w_BOL: torch.Tensor) -> torch.Tensor:
+    """Per organ, the max and the sd of its tokens (weights w, 0 = not the organ's): (B, O, 2C); zeros for an organ
+    without tokens. A lesion changes a few tokens of a large organ: the max and the spread keep it where the mean
+    dilutes it by the organ's token count."""
+    keep = w_BOL > 0
+    s = w_BOL.sum(-1, keepdim=True).clamp_min(1e-6)
+    mean = torch.einsum("bol,blc->boc", w_BOL, x_BLC) / s
+    var = torch.einsum("bol,blc->boc", w_BOL, x_BLC.pow(2)) / s - mean.pow(2)
+    sd = (var.clamp_min(0) + 1e-6).sqrt() - 1e-3
+    big = torch.finfo(x_BLC.dtype).max
+    mx = x_BLC.unsqueeze(1).masked_fill(~keep.unsqueeze(-1), -big).amax(2)  # (B, O, C)
+    has = keep.any(-1, keepdim=True)
+    mx = torch.where(has, mx - mean, torch.zeros_like(mx))
+    return torch.cat([mx, torch.where(has, sd, torch.zeros_like(sd))], -1)
 
 
 class ScaleProjection(nn.Module):
@@ -124,3 +166,27 @@ class OrganQueryPool(nn.Module):
         if own is not None:
             pooled = pooled + torch.einsum("bohl,bolhd->bohd", w[..., ls:], v_o)
         return self.norm(self.out(pooled.reshape(B, self.n_organs, self.width)))
+
+
+def organ_size_report(mask_BDHW: torch.Tensor, organ_names: Sequence[str],
+                      strides: Sequence[Sequence[int]]) -> list[list[dict]]:
+    """Per volume, per organ: its voxels on the stage grid, the tokens it touches at the finest and at the last
+    (coarsest) scale, its size in last-scale tokens (voxels / cell volume) and `smaller_than_token` (under one
+    last-scale cell: it still gets the cells it touches, but a lesion in it shares them with its neighbours).
+    An organ absent from the volume has voxels 0 and `present` False: reported, not dropped."""
+    O = len(organ_names)
+    onehot = organ_onehot(mask_BDHW, O)
+    vox = onehot.flatten(2).sum(-1)  # (B, O)
+    first, last = (tuple(int(v) for v in s) for s in (strides[0], strides[-1]))
+    fl = pool_organ_masks(mask_BDHW, O, [first, last])
+    cell = float(np.prod(last))
+    out = []
+    for b in range(mask_BDHW.shape[0]):
+        rows = []
+        for o, name in enumerate(organ_names):
+            v = int(vox[b, o])
+            rows.append({"organ": name, "present": v > 0, "voxels": v, "tokens_first": int(fl[0][b, o].sum()),
+                         "tokens_last": int(fl[1][b, o].sum()), "size_in_last_tokens": round(v / cell, 3),
+                         "smaller_than_token": 0 < v < cell})
+        out.append(rows)
+    return out

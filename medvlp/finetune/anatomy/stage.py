@@ -9,6 +9,7 @@ batch the distinct organ sentences are tokenised once; the wrapped model's forwa
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from medvlp.finetune.anatomy.evaluate import check_organ_names, evaluate_organs
+from medvlp.finetune.anatomy.evaluate import check_organ_names, evaluate_organs, organ_thresholds
 from medvlp.finetune.anatomy.losses import sentence_key
 from medvlp.finetune.anatomy.model import AnatomyModel
 
@@ -32,7 +33,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 class CTTransform:
     """Sample -> {"volume" (1, D, H, W) in [-1, 1], "mask" (D, H, W)}: the stream's CT view with a chosen HU window
     (the stage default is the abdominal soft-tissue window, where organ lesions have contrast), resized to
-    `volume_size`, with the stream's random intensity jitter when training. Picklable for loader workers."""
+    `volume_size` (trilinear volume, nearest mask), with the stream's random intensity jitter when training. A mask
+    stored with source labels and an `organ_label_map` (a TotalSegmentator mask merged by the manifest's
+    organ_merge) is relabelled to the sample's organ_names first. Picklable for loader workers."""
 
     window: tuple[float, float]
     volume_size: tuple[int, ...] | None = None
@@ -44,7 +47,12 @@ class CTTransform:
         if s.volume is None or s.mask is None:
             raise ValueError("the anatomy stage needs a CT volume with an organ mask (vol.npy + mask.npy)")
         vol = hu_window(s.volume, self.window)
-        mask = torch.from_numpy(s.mask.astype(np.int64))
+        m = s.mask
+        if (s.extra or {}).get("organ_label_map"):  # source labels merged into the organs (readers.totalseg)
+            from medvlp.data_shards.readers.totalseg import relabel
+
+            m = relabel(m, s.extra["organ_label_map"])
+        mask = torch.from_numpy(m.astype(np.int64))
         if mask.shape != vol.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != volume shape {tuple(vol.shape)}")
         vol, mask = resize_volume(vol, mask, self.volume_size)
@@ -130,10 +138,29 @@ class AnatomyStage:
                            train=train, split=None if train else split, transform=ct_transform(cfg, train))
 
     def evaluate(self, model: nn.Module, cfg: AnatomyConfig) -> dict:
+        """Zero-shot metrics on eval.split; the operating points (accuracy / sensitivity / specificity) are picked
+        on eval.threshold_split (validation) and applied unchanged. The per-item scores go to
+        OUT/eval_scores.npz (labels, scores, present, keys) for paired comparisons across runs."""
         from medvlp.data_shards.stream import make_loader
 
-        loader = make_loader(data_config(cfg, False), train=False, split=cfg.eval.split,
-                             transform=ct_transform(cfg, False))
         e = cfg.eval
-        return evaluate_organs(_unwrap(model), loader, max_samples=e.max_samples, prompts=e.prompts or None,
-                               normal_template=e.normal_template, abnormal_template=e.abnormal_template)
+        inner = _unwrap(model)
+        kw = dict(max_samples=e.max_samples, prompts=e.prompts or None, normal_template=e.normal_template,
+                  abnormal_template=e.abnormal_template)
+
+        def loader(split):
+            return make_loader(data_config(cfg, False), train=False, split=split, transform=ct_transform(cfg, False))
+
+        thresholds = None
+        if e.threshold_split and e.threshold_split != e.split:
+            val: dict = {}
+            evaluate_organs(inner, loader(e.threshold_split), scores_out=val, **kw)
+            thresholds = organ_thresholds(val["labels"], val["scores"], val["present"], inner.organ_names)
+        scores: dict = {}
+        out = evaluate_organs(inner, loader(e.split), thresholds=thresholds, scores_out=scores, **kw)
+        if thresholds is not None:
+            out.update({f"threshold/{k}": v for k, v in thresholds.items()})
+        od = Path(cfg.finetune.out_dir)
+        od.mkdir(parents=True, exist_ok=True)
+        np.savez(od / "eval_scores.npz", organs=np.asarray(inner.organ_names), **scores)
+        return out

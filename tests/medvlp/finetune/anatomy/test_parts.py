@@ -171,3 +171,77 @@ def test_vsd_trains_only_on_normal_rois_and_reconstructs_in_the_roi():
 def test_codebook_usage():
     u = codebook_usage(torch.tensor([2.0, 2.0, 0.0, 0.0]))
     assert math.isclose(u["perplexity"], 2.0, rel_tol=1e-9) and u["dead_codes"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_organ_fractions_interior_flags_and_statistic_pooling():
+    from medvlp.finetune.anatomy.organs import organ_fractions, organ_token_flags, stat_pool
+
+    mask = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    mask[0, :2, :2, :2] = 1  # organ 0 fills cell 0
+    mask[0, 0, 2, 0] = 1  # and one voxel of cell 2
+    mask[0, 3, 3, 3] = 2  # organ 1: one voxel of cell 7 only
+    (fr,) = organ_fractions(mask, 2, [(2, 2, 2)])
+    assert fr[0, 0, 0] == 1.0 and fr[0, 0, 2] == 0.125 and fr[0, 1, 7] == 0.125 and fr.sum() == 1.25
+    flags = organ_token_flags(fr)
+    assert flags[0, 0].nonzero().flatten().tolist() == [0]  # the boundary cell 2 is not interior
+    assert flags[0, 1].nonzero().flatten().tolist() == [7]  # no interior cell: keeps the cell it touches
+    x = torch.tensor([[[1.0], [9.0], [5.0], [0.0], [0.0], [0.0], [0.0], [3.0]]])  # (B, L, C=1)
+    w = torch.tensor([[[1.0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]]])  # organ 0: tokens 0 and 2
+    st = stat_pool(x, w)
+    assert st.shape == (1, 2, 2)
+    assert st[0, 0, 0].item() == pytest.approx(5.0 - 3.0)  # max - mean of {1, 5}
+    assert st[0, 0, 1].item() == pytest.approx(2.0, abs=2e-3)  # sd of {1, 5}
+    assert st[0, 1].abs().max() == 0  # an organ without tokens: zeros, finite gradient
+    x.requires_grad_(True)
+    stat_pool(x, w).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0, 1].abs().max() == 0  # token 1 is not organ 0's
+
+
+@pytest.mark.timeout(300)
+def test_operating_point_comes_from_the_validation_scores():
+    import numpy as np
+
+    from medvlp.finetune.anatomy.evaluate import organ_metrics, organ_thresholds
+
+    y_val = np.array([[0], [0], [1], [1]])
+    s_val = np.array([[0.1], [0.2], [0.6], [0.9]])
+    thr = organ_thresholds(y_val, s_val, np.ones_like(y_val, bool), ["liver"])
+    assert thr == {"liver": 0.6}
+    y = np.array([[0], [0], [1], [1]])
+    s = np.array([[0.3], [0.7], [0.5], [0.8]])  # on test alone the best threshold would be 0.8 or 0.5
+    m = organ_metrics(y, s, np.ones_like(y, bool), ["liver"], thr)
+    # at 0.6 (from validation): predictions 0, 1, 0, 1 -> sensitivity 1/2, specificity 1/2
+    assert (m["sensitivity/liver"], m["specificity/liver"], m["accuracy/liver"]) == (0.5, 0.5, 0.5)
+    assert m["auc/liver"] == 0.75
+    absent = organ_metrics(y, s, np.zeros_like(y, bool), ["liver"], thr)
+    assert math.isnan(absent["auc/liver"]) and math.isnan(absent["sensitivity/liver"])
+
+
+@pytest.mark.timeout(300)
+def test_stem_options_of_the_3d_tower():
+    from medvlp.pretrain.towers3d import ResNet3D
+
+    t = ResNet3D(16, {"widths": [8, 16, 32], "blocks": [1, 1, 1], "stem_stride": [1, 1, 1],
+                      "stem_kernel": [3, 3, 3]})
+    _, tok = t(torch.zeros(1, 1, 16, 32, 32), return_tokens=True)
+    assert tok.strides == [(2, 2, 2), (4, 4, 4), (8, 8, 8)] and [tuple(m.shape[2:]) for m in tok.maps] == \
+        [(8, 16, 16), (4, 8, 8), (2, 4, 4)]
+    with pytest.raises(ValueError, match="stem_stride"):
+        ResNet3D(16, {"stem_stride": [3, 1, 1]})
+    with pytest.raises(ValueError, match="stem_kernel"):
+        ResNet3D(16, {"stem_kernel": [2, 3, 3]})
+
+
+@pytest.mark.timeout(300)
+def test_fast_macro_auc_equals_the_reference():
+    import numpy as np
+
+    from medvlp.finetune.anatomy.ablation import macro_auc_fast
+    from medvlp.pretrain.metrics import macro_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(-1, 2, (40, 5))
+    y[:, 4] = 0  # one class only: skipped by both
+    s = np.round(rng.random((40, 5)), 1)  # ties
+    assert macro_auc_fast(y, s) == pytest.approx(macro_auc(y, s), abs=1e-12)

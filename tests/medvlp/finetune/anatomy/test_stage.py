@@ -11,6 +11,10 @@ from medvlp.finetune.anatomy.stage import AnatomyStage, text_inputs
 from medvlp.finetune.runner import RunnerConfig, run_stage
 from medvlp.pretrain.config import ModelConfig, TrackingConfig
 
+pytestmark = pytest.mark.timeout(600)
+PROBE_MACRO_MIN = 0.52  # rung (b) today: 0.604 +- 0.012 macro (docs/anatomy.md); the 0.95 target is not reached
+PROBE_LUNG_MIN = 0.75  # lung probe today: 0.959 +- 0.042
+
 
 @pytest.fixture(scope="module")
 def ct_shards(tmp_path_factory):
@@ -103,8 +107,14 @@ def test_cli_recipe_kind_and_ablation_table(ct_shards, tmp_path, capsys):
     assert md.startswith("| variant | macro AUC") and "| base |" in md and "| +VSD |" in md
     doc = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert set(doc["results"]) == {"base", "+VSD"} and doc["organs"][0] == "liver"
-    assert math.isnan(doc["summary"]["base"]["codebook_perplexity"][0])
-    assert doc["summary"]["+VSD"]["codebook_perplexity"][0] >= 1
+    assert math.isnan(doc["summary"]["base"]["codebook_perplexity"]["mean"])
+    assert doc["summary"]["+VSD"]["codebook_perplexity"]["mean"] >= 1
+    # the paired difference with the base is over the same evaluation volumes
+    d = doc["paired_vs_base"]["+VSD"]
+    rows = {v: r[0] for v, r in doc["results"].items()}
+    assert d["n_seeds"] == 1 and d["n_items"] == rows["base"]["n_samples"]
+    assert d["diff"] == pytest.approx(rows["+VSD"]["auc_macro"] - rows["base"]["auc_macro"], abs=1e-9)
+    assert (tmp_path / "abl" / "ablation.csv").read_text().startswith("variant,macro AUC")
     # seeds run as separate invocations merge into one table
     assert main(["anatomy-ablation", "anatomy-synth", "--merge", str(tmp_path / "abl"), "--out", str(tmp_path / "m"),
                  "--set", "tracking.enabled=false"]) == 0
@@ -112,26 +122,36 @@ def test_cli_recipe_kind_and_ablation_table(ct_shards, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_debug_run_beats_chance_on_synthetic_organ_lesions(tmp_path):
-    """The ablation's base cell (recipe anatomy-synth, seed 0, 300 steps from scratch; 37 s on a 2-core CPU): the
-    zero-shot lung-nodule AUC on the held-out patients is above chance (0.707 in docs/anatomy.md)."""
+@pytest.mark.timeout(900)
+def test_organ_tokens_carry_the_lesions_on_a_held_out_corpus(tmp_path):
+    """Rung (b) of the sanity ladder (docs/anatomy.md) cannot regress: the recipe's base model, trained 100 steps
+    from scratch on one corpus seed, gives organ tokens from which a linear probe (fitted on a held-out corpus seed's
+    train split, C picked on its val split) separates abnormal from normal organs on its test split above the level
+    measured today (the lung clearly, the macro above chance); the parameter-free mask statistic (rung (a)) is the
+    ceiling. Thresholds sit below the documented values; the 0.95 target of the rung is not reached yet."""
     from medvlp.data_shards.synth import synth_to_shards
+    from medvlp.finetune.anatomy.ladder import run_ladder
     from medvlp.launch.cli import load_stage_config
 
-    synth_to_shards(tmp_path / "ct", modality="ct", n=1000, seed=0, shard_size=128, size=32)
+    synth_to_shards(tmp_path / "ct", modality="ct", n=400, seed=0, shard_size=100, size=32)
+    synth_to_shards(tmp_path / "held", modality="ct", n=600, seed=5, shard_size=100, size=32)
     cfg, _ = load_stage_config("anatomy", "anatomy-synth", [
-        f"data.train_shards={tmp_path / 'ct'}", f"finetune.out_dir={tmp_path / 'run'}", "tracking.enabled=false",
+        f"data.train_shards={tmp_path / 'ct'}", f"data.val_shards={tmp_path / 'held'}",
+        f"finetune.out_dir={tmp_path / 'run'}", "finetune.steps=100", "tracking.enabled=false",
         "finetune.progress=false"])
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the documented run's thread count: 300 steps from scratch amplify float-order noise
+    torch.set_num_threads(1)
     try:
         res = run_stage(AnatomyStage(), cfg)
+        doc = run_ladder([tmp_path / "run"], str(tmp_path / "held"), tmp_path / "ladder", probe_train=200)
     finally:
         torch.set_num_threads(threads)
-    m = res.metrics
-    assert m["n_samples"] == 90
-    assert m["auc/lung"] > 0.65, m
-    assert m["auc_macro"] > 0.5, m
+    assert doc["ceiling"]["sd"]["macro"] > 0.99
+    probe = doc["probe"][0]
+    assert probe["macro"] >= PROBE_MACRO_MIN, probe
+    assert probe["lung"] >= PROBE_LUNG_MIN, probe
+    assert res.metrics["n_samples"] > 20  # the held-out test split
+    assert doc["zero_shot"][0]["auc_macro"] == pytest.approx(res.metrics["auc_macro"])  # rung (c) from its scores
 
 
 def test_recipe_kind_selects_the_anatomy_root(tmp_path):
