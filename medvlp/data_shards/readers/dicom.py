@@ -273,8 +273,10 @@ def dicom_image(ds, opts: ReadOptions, column: str = "image", name: str = "") ->
         small = int(ds.get("BitsStored", 16)) <= 8
         top = 255 if small else 65535
         if x.size and (x.min() < 0 or x.max() > top):
-            raise ReadError(column, f"{name}: rescaled values {x.min():g}..{x.max():g} do not fit {8 if small else 16} "
-                                    "bits and the file has no window; give one (--dicom-window CENTRE,WIDTH)")
+            why = (f"include negative values (down to {x.min():g}), which unsigned {8 if small else 16}-bit pixels "
+                   f"cannot hold" if x.min() < 0 else f"exceed {top} (up to {x.max():g})")
+            raise ReadError(column, f"{name}: rescaled values {x.min():g}..{x.max():g} {why}, and the file has no "
+                                    "window to map them; give one (--dicom-window CENTRE,WIDTH)")
         img = x.astype(np.uint8 if small else np.uint16)
     return img, meta
 

@@ -133,7 +133,11 @@ class PcamStage:
     def _label_names(self, cfg: PcamConfig) -> list[str]:
         from medvlp.data_shards.stream import resolve_shards
 
-        return list(resolve_shards(cfg.data.train_shards, cfg.data.split, cfg.data.index).label_names)
+        shards = resolve_shards(cfg.data.train_shards, cfg.data.split, cfg.data.index)
+        if shards.modality not in ("", "cxr", "patho"):
+            raise ValueError(f"data.train_shards: {cfg.data.train_shards} holds {shards.modality!r} samples; PCAM "
+                             f"pooling localises findings in 2D images (cxr or patho shards)")
+        return list(shards.label_names)
 
     # -- model
     def build(self, pretrained: Any, cfg: PcamConfig) -> nn.Module:
