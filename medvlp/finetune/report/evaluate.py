@@ -34,14 +34,15 @@ def generation_kwargs(gen: GenerateConfig, tok: ReportTokenizer) -> dict:
     return kw
 
 
-def _pad(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    f, m, _ = collate_bags(feats, [torch.zeros(x.shape[0], 2, dtype=torch.long) for x in feats])
-    return f, m
+def _pad(feats: list[torch.Tensor], coords: list[torch.Tensor] | None = None):
+    if coords is None:
+        coords = [torch.zeros(x.shape[0], 2, dtype=torch.long) for x in feats]
+    return collate_bags(feats, coords)
 
 
 @torch.no_grad()
 def generate_ids(model: ReportModel, tok: ReportTokenizer, gen: GenerateConfig, feats: list[torch.Tensor],
-                 prompt: str) -> list[list[int]]:
+                 prompt: str, coords: list[torch.Tensor] | None = None) -> list[list[int]]:
     """Generated token ids after the prompt (EOS and padding removed), one list per slide."""
     model.eval()
     device = next(model.parameters()).device
@@ -50,9 +51,10 @@ def generate_ids(model: ReportModel, tok: ReportTokenizer, gen: GenerateConfig, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(gen.seed)
         for i in range(0, len(feats), gen.batch_size):
-            f, m = _pad(feats[i:i + gen.batch_size])
+            f, m, c = _pad(feats[i:i + gen.batch_size], None if coords is None else coords[i:i + gen.batch_size])
             prompt_ids = tok.prompt_ids(prompt, f.shape[0]).to(device)
-            ids = model.generate(f.to(device), m.to(device), prompt_ids, **kw).cpu()
+            ids = model.generate(f.to(device), m.to(device), prompt_ids,
+                                 coords=None if coords is None else c.to(device), **kw).cpu()
             for row in ids.tolist():
                 cut = row.index(tok.eos_id) if tok.eos_id in row else len(row)
                 out.append([t for t in row[:cut] if t != tok.pad_id])
@@ -60,9 +62,9 @@ def generate_ids(model: ReportModel, tok: ReportTokenizer, gen: GenerateConfig, 
 
 
 def generate_texts(model: ReportModel, tok: ReportTokenizer, gen: GenerateConfig, feats: list[torch.Tensor],
-                   prompt: str) -> list[str]:
+                   prompt: str, coords: list[torch.Tensor] | None = None) -> list[str]:
     """One report per slide in the reference layout (findings, then "Final diagnosis: X.")."""
-    ids = generate_ids(model, tok, gen, feats, prompt)
+    ids = generate_ids(model, tok, gen, feats, prompt, coords)
     return [report_text(f"{prompt} {tok.decode(r)}") for r in ids]
 
 
@@ -71,8 +73,8 @@ def slide_embeddings(model: ReportModel, sp: SlideSplit, batch_size: int) -> tup
     """(mean latents (S, O), predicted class (S,)) of every slide of a split."""
     device = next(model.parameters()).device
     embs, preds = [], []
-    for f, m in sp.batches(batch_size):
-        lat = model.latents(f.to(device), m.to(device))
+    for f, m, c in sp.batches(batch_size):
+        lat = model.latents(f.to(device), m.to(device), c.to(device))
         emb = lat.mean(dim=1)
         embs.append(emb.float().cpu())
         preds.append(model.head(emb).argmax(-1).cpu())
@@ -112,7 +114,7 @@ def evaluate_reports(model: ReportModel, tok: ReportTokenizer, cfg: ReportConfig
     train = load_split(cfg.data, "train")
     if not len(test):
         raise ValueError(f"eval.split: no slides in split {split!r}")
-    hyps = generate_texts(model, tok, cfg.gen, test.feats, cfg.model.prompt)
+    hyps = generate_texts(model, tok, cfg.gen, test.feats, cfg.model.prompt, test.coords)
     train_emb, train_pred = slide_embeddings(model, train, cfg.gen.batch_size)
     test_emb, test_pred = slide_embeddings(model, test, cfg.gen.batch_size)
     templates = template_reports(train.texts, train.class_index.tolist(), len(test.classes))

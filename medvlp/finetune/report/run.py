@@ -50,7 +50,7 @@ def write_generations(model: ReportModel, tok: ReportTokenizer, cfg: ReportConfi
     sp = load_split(cfg.data, split, max_samples, shards=shards, ground_truth=False)
     if not len(sp):
         raise ValueError(f"--shards {shards}: no slides in split {split!r}")
-    texts = generate_texts(model, tok, cfg.gen, sp.feats, cfg.model.prompt)
+    texts = generate_texts(model, tok, cfg.gen, sp.feats, cfg.model.prompt, sp.coords)
     _, pred = slide_embeddings(model, sp, cfg.gen.batch_size)
     names = class_names or sp.classes
     rows = [{"key": k, "report": t, "predicted_class": names[int(p)] if int(p) < len(names) else int(p),

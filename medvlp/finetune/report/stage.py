@@ -3,7 +3,7 @@
 Stage 1 (`finetune.stage=1`): MIL classification. The resampler and a linear head on the mean latent predict the
 slide class (cross-entropy on the `class_index` member); the LM is frozen and unused.
 Stage 2 (`finetune.stage=2`): report generation. Starts from the stage-1 run (`finetune.init`), freezes the
-resampler and the head, and trains the gated XATTN blocks (and, with `model.train_lm`, the LM) with the causal-LM
+resampler (unless `finetune.train_resampler`) and the head, and trains the gated XATTN blocks (and, with `model.train_lm`, the LM) with the causal-LM
 loss on "[BOS] Final diagnosis: X. <findings> [EOS]" (no loss on the prompt). The bag goes through the model's
 forward at every step, so the loss depends on the slide.
 
@@ -98,10 +98,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
                          "were model.* sizes changed between the stages?")
 
 
-def set_stage_trainable(model: ReportModel, stage: int, train_lm: bool) -> None:
-    """Stage 1: resampler + head train, LM frozen. Stage 2: XATTN blocks (+ the LM with train_lm) train."""
+def set_stage_trainable(model: ReportModel, stage: int, train_lm: bool, train_resampler: bool = False) -> None:
+    """Stage 1: resampler + head train, LM frozen. Stage 2: XATTN blocks (+ the LM with train_lm, + the resampler
+    with train_resampler) train."""
     for p in model.parameters():
         p.requires_grad_(stage == 1)
+    if stage == 2 and train_resampler:
+        for p in model.resampler.parameters():
+            p.requires_grad_(True)
     for p in model.lm.parameters():
         p.requires_grad_(stage == 2 and train_lm)
     if stage == 2:
@@ -117,7 +121,7 @@ def build_model(cfg: ReportConfig) -> tuple[ReportModel, ReportTokenizer]:
     src = init_dir(cfg)
     if src is not None:
         load_weights(model, src / WEIGHTS)
-    set_stage_trainable(model, cfg.finetune.stage, cfg.model.train_lm)
+    set_stage_trainable(model, cfg.finetune.stage, cfg.model.train_lm, cfg.finetune.train_resampler)
     return model, tok
 
 
@@ -133,10 +137,10 @@ class ReportStage:
 
     def loss(self, model: nn.Module, batch: dict):
         if "input_ids" not in batch:  # stage 1
-            logits = model(batch["feats"], batch["feats_mask"])
+            logits = model(batch["feats"], batch["feats_mask"], batch.get("coords"))
             y = batch["class_index"]
             return F.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean().detach()}
-        out = model(batch["feats"], batch["feats_mask"], input_ids=batch["input_ids"],
+        out = model(batch["feats"], batch["feats_mask"], batch.get("coords"), input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"], labels=batch["labels"])
         return out.loss, {}
 
@@ -144,7 +148,8 @@ class ReportStage:
         if self.tok is None and cfg.finetune.stage == 2:
             self.tok = tokenizer_for(cfg)
         for b in train_batches(cfg.data, cfg.finetune.batch_size, cfg.finetune.seed, rank, world, epoch, start_step):
-            out = {"feats": b["feats"], "feats_mask": b["feats_mask"], "class_index": b["class_index"]}
+            out = {"feats": b["feats"], "feats_mask": b["feats_mask"], "coords": b["coords"],
+                   "class_index": b["class_index"]}
             if cfg.finetune.stage == 2:
                 out.update(self.tok.training_batch(b["text"], cfg.model.prompt, cfg.model.context_length))
             yield out
@@ -165,7 +170,7 @@ class ReportStage:
 @torch.no_grad()
 def classify_metrics(model: ReportModel, cfg: ReportConfig) -> dict:
     sp = load_split(cfg.data, cfg.eval.split, cfg.eval.max_samples)
-    logits = torch.cat([model(f, m) for f, m in sp.batches(cfg.gen.batch_size)])
+    logits = torch.cat([model(f, m, c) for f, m, c in sp.batches(cfg.gen.batch_size)])
     y = torch.from_numpy(sp.class_index)
     return {"acc": float((logits.argmax(-1) == y).float().mean()),
             "ce": float(F.cross_entropy(logits, y)), "n": float(len(sp))}
