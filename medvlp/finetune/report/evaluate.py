@@ -1,4 +1,6 @@
-"""Generation and the evaluation table: the model against the template and retrieval baselines.
+"""Generation and the evaluation table: the model against the template and retrieval baselines, the mean-feature
+regressor (the shortcut) and the oracle (the ceiling); facts per `metrics.fact_correct` when the split has ground
+truth.
 
     texts = generate_texts(model, tok, cfg.gen, feats_list, prompt)           # one report per slide
     res = evaluate_reports(model, tok, cfg)                                  # -> ReportEval (rows, examples)
@@ -16,7 +18,10 @@ import torch
 from medvlp.data_shards.transforms import collate_bags
 from medvlp.finetune.report.config import GenerateConfig, ReportConfig
 from medvlp.finetune.report.data import SlideSplit, load_split
-from medvlp.finetune.report.metrics import format_table, retrieval_reports, score, template_reports
+from medvlp.finetune.report.baselines import (MeanFeatureRegressor, diagnosis_phrases, oracle_reports, reports_of,
+                                              truth_facts)
+from medvlp.finetune.report.metrics import (fact_correct, fact_summary, format_table, retrieval_reports, score,
+                                            template_reports)
 from medvlp.finetune.report.model import ReportModel, ReportTokenizer
 from medvlp.finetune.report.text import report_text
 
@@ -120,8 +125,19 @@ def evaluate_reports(model: ReportModel, tok: ReportTokenizer, cfg: ReportConfig
     templates = template_reports(train.texts, train.class_index.tolist(), len(test.classes))
     methods = {"model": hyps, "template": [templates[c] for c in test_pred],
                "retrieval": retrieval_reports(test_emb, train_emb, train.texts)}
+    has_facts = len(test.tissues) > 0 and len(train) > 1
+    if has_facts:  # the shortcut row and the ceiling (needs the composition ground truth)
+        val = load_split(cfg.data, "val")
+        phrases = diagnosis_phrases(train.texts, train.class_index, train.classes)
+        reg = MeanFeatureRegressor().fit(train, val if len(val) else train)
+        methods["mean-feature regressor"] = reports_of(reg.predict(test), phrases)
+        methods["oracle"] = oracle_reports(test, phrases)
     rows = {name: score(h, test.texts, test.classes, test.class_index.tolist(), test.tissues, test.composition)
             for name, h in methods.items()}
+    if has_facts:
+        truth = truth_facts(test)
+        for name, h in methods.items():
+            rows[name].update(fact_summary(fact_correct(h, truth, test.classes, test.tissues)))
     gens = [{"key": k, "report": h, "reference": r, "template": t, "retrieval": n,
              "class": test.classes[int(c)], "predicted_class": test.classes[int(p)]}
             for k, h, r, t, n, c, p in zip(test.keys, hyps, test.texts, methods["template"], methods["retrieval"],

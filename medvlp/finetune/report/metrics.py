@@ -8,7 +8,8 @@
   the composition error (mean absolute difference in percentage points over all tissues) and the composition
   accuracy (share of (slide, tissue) pairs stated within 5 percentage points of the truth; the references round
   to 5%, so they score about 1). `clinical` = mean of diagnosis accuracy, tissue F1 and composition accuracy (all
-  0-1), the one-number summary of the table.
+  0-1); without a composition ground truth (no tissues) the tissue and composition measures are NaN and
+  `clinical` is the diagnosis accuracy.
 * Facts (`fact_correct`, per slide): diagnosis; composition (share of tissues stated within 5 points); for the
   carcinomas, position facts (region, foci count, largest focus size within 1 mm, margin status, clear-margin
   distance within 1 mm) and rare-patch facts (grade from the worst area, mitoses within 1, and the diagnosis of a
@@ -56,6 +57,10 @@ def clinical(hyps: list[str], classes: list[str], true_class: list[int], tissues
     true_i = np.asarray(true_class)
     acc = float(np.mean(pred_i == true_i)) if len(hyps) else 0.0
     f1 = float(f1_score(true_i, pred_i, labels=list(range(len(classes))), average="macro", zero_division=0))
+    if not tissues:  # bags without a composition ground truth (e.g. real slides): the diagnosis only
+        nan = float("nan")
+        return {"diag_acc": acc, "diag_f1": f1, "tissue_f1": nan, "comp_mae": nan, "comp_acc": nan, "clinical": acc,
+                "parsed": float(np.mean(pred_i >= 0)) if len(hyps) else 0.0}
     comp = np.array([composition_vector(h, tissues, rest) for h in hyps]).reshape(len(hyps), len(tissues))
     true_pct = 100.0 * np.asarray(true_comp, dtype=np.float64).reshape(len(hyps), len(tissues))
     others = [i for i, t in enumerate(tissues) if t != rest]
@@ -113,10 +118,13 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     cols = [("bleu4", "BLEU-4", "{:.1f}"), ("rougeL", "ROUGE-L", "{:.1f}"), ("diag_acc", "diagnosis acc", "{:.3f}"),
             ("diag_f1", "diagnosis F1", "{:.3f}"), ("tissue_f1", "tissue F1", "{:.3f}"),
             ("comp_mae", "composition MAE (pp)", "{:.1f}"), ("comp_acc", "composition acc", "{:.3f}"),
-            ("clinical", "clinical", "{:.3f}")]
+            ("clinical", "clinical", "{:.3f}"), ("position", "position facts", "{:.3f}"),
+            ("rare", "rare-patch facts", "{:.3f}")]
+    cols = [c for c in cols if any(c[0] in m for m in rows.values())]
     lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    fmt = lambda f, v: "—" if v is None or v != v else f.format(v)  # noqa: E731
     for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f.format(m[k]) for k, _, f in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(f, m.get(k)) for k, _, f in cols) + " |")
     return "\n".join(lines)
 
 
