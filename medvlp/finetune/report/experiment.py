@@ -73,11 +73,14 @@ def run(a) -> dict:
     texts_of: dict[str, list[str]] = {}  # method -> the first seed's reports (examples)
     times: dict[str, float] = {}
 
+    seed_scores: dict[str, dict] = {}
+
     def add(name, texts):
         row, C = _score(texts, test, truth)
         per.setdefault(name, []).append(row)
         mats.setdefault(name, []).append(C)
         texts_of.setdefault(name, texts)
+        seed_scores[name] = {"row": row, "C": np.where(np.isnan(C), -1.0, C).tolist(), "texts": texts}
 
     t0 = time.process_time()
     reg = MeanFeatureRegressor().fit(train, val)
@@ -98,7 +101,7 @@ def run(a) -> dict:
             times[f"stage2-{variant}"] = times.get(f"stage2-{variant}", 0.0) + time.process_time() - t0
             model, tok = load_report_run(root / f"stage2-{variant}", cfg2)
             torch.set_grad_enabled(False)
-            for strat in a.strategies:
+            for strat in (a.strategies_tuned or a.strategies) if variant == "tuned" else a.strategies:
                 gen = replace(GenerateConfig(), strategy=strat, seed=seed)
                 add(f"model {variant}, {strat}", generate_texts(model, tok, gen, test.feats, cfg2.model.prompt,
                                                                 test.coords))
@@ -115,8 +118,29 @@ def run(a) -> dict:
         times["mil"] = times.get("mil", 0.0) + time.process_time() - t0
         add("mean-feature regressor", reg_texts)
         add("oracle", orc)
+        (root / "scores.json").write_text(json.dumps({"methods": seed_scores, "cpu_seconds": times}, default=float))
+        seed_scores = {}
         _write(a, out, per, mats, texts_of, test, times)  # after every seed: nothing lost if stopped
     return per
+
+
+def merge(a) -> None:
+    """Tables from the per-seed folders that separate processes wrote (`--seeds S --out OUT` each, then
+    `--merge --seeds 0 1 2 --out OUT`)."""
+    out = Path(a.out)
+    dc = DataConfig(modality="slide", train_shards=str(a.shards))
+    test = load_split(dc, a.split)
+    per, mats, texts_of, times = {}, {}, {}, {}
+    for seed in a.seeds:
+        doc = json.loads((out / f"seed{seed}" / "scores.json").read_text())
+        for name, m in doc["methods"].items():
+            per.setdefault(name, []).append(m["row"])
+            C = np.asarray(m["C"], dtype=np.float64)
+            mats.setdefault(name, []).append(np.where(C < 0, np.nan, C))
+            texts_of.setdefault(name, m["texts"])
+        for k, v in doc["cpu_seconds"].items():
+            times[k] = times.get(k, 0.0) + v
+    _write(a, out, per, mats, texts_of, test, times)
 
 
 def _write(a, out: Path, per, mats, texts_of, test, times) -> None:
@@ -183,13 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mil-steps", type=int, default=600)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--split", default="test")
+    p.add_argument("--strategies-tuned", nargs="+", default=None, choices=["greedy", "beam", "nucleus"],
+                   help="decodings of the `tuned` variant (default: --strategies)")
+    p.add_argument("--merge", action="store_true", help="only build the tables from OUT/seed*/scores.json")
     a = p.parse_args(argv)
     if not (Path(a.shards) / "index.json").is_file():
         print(f"--shards {a.shards}: no index.json (a slide-bag shard dir)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
-    run(a)
+    merge(a) if a.merge else run(a)
     print((Path(a.out) / "table.md").read_text())
     print((Path(a.out) / "diffs.md").read_text() if (Path(a.out) / "diffs.md").is_file() else "")
     return 0
