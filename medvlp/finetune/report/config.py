@@ -35,6 +35,9 @@ class ReportModelConfig:
     vocab_size: int = 1000  # WordPiece vocabulary size when the tokenizer is trained here
     train_lm: bool = False  # stage 2: also train the LM's own weights (needed when it starts untrained)
     grad_checkpointing: bool = False  # activation checkpointing of the LM layers and XATTN blocks (stage 2)
+    lm_texts: str = ""  # extra report language (.txt one per line / .jsonl "text"): tokenizer corpus + LM warm-up
+    lm_texts_steps: int = 0  # stage 2: causal-LM steps of the bare LM on lm_texts before the slide reports
+    lm_texts_lr: float = 1e-3  # learning rate of that warm-up
     prompt: str = "Final diagnosis:"  # generation starts from [BOS] + prompt; training texts start with it
 
     def validate(self) -> None:
@@ -48,6 +51,8 @@ class ReportModelConfig:
             raise ValueError(f"lm_hidden: {self.lm_hidden} must be divisible by heads and lm_heads")
         if self.context_length < 8:
             raise ValueError(f"context_length: must be >= 8, got {self.context_length}")
+        if self.lm_texts_steps < 0 or (self.lm_texts_steps and not self.lm_texts):
+            raise ValueError("lm_texts_steps: must be >= 0, and > 0 needs model.lm_texts")
         if self.feat_dim < 0 or self.max_patches < 0 or self.pos_freqs < 0:
             raise ValueError("feat_dim / max_patches / pos_freqs: must be >= 0")
 

@@ -78,7 +78,12 @@ def tokenizer_for(cfg: ReportConfig) -> ReportTokenizer:
                 raise FileNotFoundError(f"{out}: the main process did not write the tokenizer")
             from medvlp.pretrain.tokenizer import iter_shard_texts
 
-            ReportTokenizer.train(list(iter_shard_texts(cfg.data.train_shards, "train")), out, cfg.model.vocab_size)
+            texts = list(iter_shard_texts(cfg.data.train_shards, "train"))
+            if cfg.model.lm_texts:  # real report language beside the corpus's
+                from medvlp.finetune.report.lmtext import read_texts
+
+                texts += read_texts(cfg.model.lm_texts)
+            ReportTokenizer.train(texts, out, cfg.model.vocab_size)
         return ReportTokenizer(out)
 
 
@@ -121,6 +126,13 @@ def build_model(cfg: ReportConfig) -> tuple[ReportModel, ReportTokenizer]:
     src = init_dir(cfg)
     if src is not None:
         load_weights(model, src / WEIGHTS)
+    if cfg.finetune.stage == 2 and cfg.model.lm_texts_steps > 0 and not cfg.finetune.resume:
+        from medvlp.finetune.report.lmtext import read_texts, warmup_lm
+
+        losses = warmup_lm(model.lm, tok, read_texts(cfg.model.lm_texts), cfg.model.lm_texts_steps,
+                           cfg.model.lm_texts_lr, context=cfg.model.context_length, seed=cfg.finetune.seed)
+        log.info("LM warm-up on %s: %d steps, loss %.3f -> %.3f", cfg.model.lm_texts, len(losses), losses[0],
+                 losses[-1])
     set_stage_trainable(model, cfg.finetune.stage, cfg.model.train_lm, cfg.finetune.train_resampler)
     return model, tok
 

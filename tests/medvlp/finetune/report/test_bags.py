@@ -10,7 +10,7 @@ import torch
 
 from medvlp.finetune.report.bags import BagManifestError, bags_to_shards, main
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)
 torch.set_num_threads(1)
 DIAG = ["adenoma", "carcinoma"]
 

@@ -12,7 +12,7 @@ from medvlp.finetune.report.metrics import FACT_COLUMNS, fact_correct, fact_summ
 from medvlp.finetune.report.resampler import PerceiverResampler, cap_bag, coord_features
 from medvlp.finetune.report.text import parse_facts
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
 torch.set_num_threads(1)
 
 
