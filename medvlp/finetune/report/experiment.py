@@ -91,7 +91,8 @@ def run(a) -> dict:
         root = out / f"seed{seed}"
         t0 = time.process_time()
         s1 = root / "stage1"
-        run_stage(ReportStage(), _cfg(a, seed, 1, s1))
+        if not (a.reuse_stage1 and (s1 / "model.safetensors").is_file()):
+            run_stage(ReportStage(), _cfg(a, seed, 1, s1))
         times.setdefault("stage1", 0.0)
         times["stage1"] += time.process_time() - t0
         for variant in a.variants:
@@ -112,16 +113,23 @@ def run(a) -> dict:
                 tmpl = template_reports(train.texts, train.class_index.tolist(), len(test.classes))
                 add("template", [tmpl[c] for c in te_pred])
             torch.set_grad_enabled(True)
+            _save_seed(root, seed_scores, times)  # partial results survive a stop
         t0 = time.process_time()
         mil = AttentionMIL(train.feats[0].shape[1], seed=seed, pos_freqs=a.pos_freqs, steps=a.mil_steps).fit(train, val)
         add("attention-MIL twin", reports_of(mil.predict(test), phrases))
         times["mil"] = times.get("mil", 0.0) + time.process_time() - t0
         add("mean-feature regressor", reg_texts)
         add("oracle", orc)
-        (root / "scores.json").write_text(json.dumps({"methods": seed_scores, "cpu_seconds": times}, default=float))
+        _save_seed(root, seed_scores, times)
         seed_scores = {}
         _write(a, out, per, mats, texts_of, test, times)  # after every seed: nothing lost if stopped
     return per
+
+
+def _save_seed(root: Path, seed_scores: dict, times: dict) -> None:
+    tmp = root / "scores.json.tmp"
+    tmp.write_text(json.dumps({"methods": seed_scores, "cpu_seconds": times}, default=float))
+    tmp.replace(root / "scores.json")
 
 
 def merge(a) -> None:
@@ -131,8 +139,8 @@ def merge(a) -> None:
     dc = DataConfig(modality="slide", train_shards=str(a.shards))
     test = load_split(dc, a.split)
     per, mats, texts_of, times = {}, {}, {}, {}
-    for seed in a.seeds:
-        doc = json.loads((out / f"seed{seed}" / "scores.json").read_text())
+    for d in [out / f"seed{s}" for s in a.seeds] + [Path(x) for x in a.extra_seed_dirs]:
+        doc = json.loads((d / "scores.json").read_text())
         for name, m in doc["methods"].items():
             per.setdefault(name, []).append(m["row"])
             C = np.asarray(m["C"], dtype=np.float64)
@@ -210,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies-tuned", nargs="+", default=None, choices=["greedy", "beam", "nucleus"],
                    help="decodings of the `tuned` variant (default: --strategies)")
     p.add_argument("--merge", action="store_true", help="only build the tables from OUT/seed*/scores.json")
+    p.add_argument("--extra-seed-dirs", nargs="*", default=[], help="--merge: further seed folders (other variants)")
+    p.add_argument("--reuse-stage1", action="store_true", help="keep a finished OUT/seedS/stage1 run")
     a = p.parse_args(argv)
     if not (Path(a.shards) / "index.json").is_file():
         print(f"--shards {a.shards}: no index.json (a slide-bag shard dir)", file=sys.stderr)

@@ -75,7 +75,7 @@ def warmup_lm(lm, tok, texts: list[str], steps: int, lr: float = 1e-3, batch_siz
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     for p, f in zip(params, flags):
         p.requires_grad_(f)
     lm.train(was)
