@@ -139,9 +139,12 @@ def merge(a) -> None:
     dc = DataConfig(modality="slide", train_shards=str(a.shards))
     test = load_split(dc, a.split)
     per, mats, texts_of, times = {}, {}, {}, {}
-    for d in [out / f"seed{s}" for s in a.seeds] + [Path(x) for x in a.extra_seed_dirs]:
+    extra = [Path(x) for x in a.extra_seed_dirs]
+    for d in [out / f"seed{s}" for s in a.seeds] + extra:
         doc = json.loads((d / "scores.json").read_text())
         for name, m in doc["methods"].items():
+            if d in extra and not name.startswith("model "):  # further variants only; baselines come once per seed
+                continue
             per.setdefault(name, []).append(m["row"])
             C = np.asarray(m["C"], dtype=np.float64)
             mats.setdefault(name, []).append(np.where(C < 0, np.nan, C))
