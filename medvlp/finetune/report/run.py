@@ -38,7 +38,14 @@ def load_report_run(path: str | Path, cfg: ReportConfig) -> tuple[ReportModel, R
     if "resampler.proj_in.weight" not in state or "head.weight" not in state:
         raise ValueError(f"{weights}: not the weights of a report model (no resampler / head)")
     feat_dim, n_classes = state["resampler.proj_in.weight"].shape[1], state["head.weight"].shape[0]
-    model = build_report_model(cfg.model, int(feat_dim), int(n_classes), tok)
+    mc = cfg.model
+    pos = state.get("resampler.pos.weight")
+    pos_freqs = pos.shape[1] // 4 if pos is not None else 0  # runs saved before positions existed: none
+    if pos_freqs != mc.pos_freqs:
+        import dataclasses
+
+        mc = dataclasses.replace(mc, pos_freqs=pos_freqs)
+    model = build_report_model(mc, int(feat_dim), int(n_classes), tok)
     model.load_state_dict(state, strict=True)
     return model.eval(), tok
 
