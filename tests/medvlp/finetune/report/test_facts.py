@@ -149,3 +149,36 @@ def test_attention_mil_twin_is_seeded(splits):
     b = AttentionMIL(tr.feats[0].shape[1], seed=3, steps=30, eval_every=10).fit(tr, va).predict(te)
     assert a == b and len(a) == len(te)
     assert all((p["region"] is None) == (te.classes[p["diagnosis"]] != "carcinoma") for p in a)
+
+
+def test_seed_table_merge_writes_sd_and_paired_differences(tmp_path):
+    """The table driver's merge: per-seed scores -> mean ± sample sd per method and a bootstrap row per baseline."""
+    import json
+    from argparse import Namespace
+
+    from medvlp.data_shards.synth import synth_to_shards
+    from medvlp.finetune.report.experiment import merge
+
+    synth_to_shards(str(tmp_path / "s"), modality="slide", n=40, seed=0, size=8)
+    from medvlp.data_shards.config import DataConfig
+    from medvlp.finetune.report.data import load_split
+
+    n = len(load_split(DataConfig(modality="slide", train_shards=str(tmp_path / "s")), "test"))
+    F = len(FACT_COLUMNS)
+    for seed, v in ((0, 0.5), (1, 0.7), (2, 0.9)):
+        methods = {}
+        for name, c in (("model frozen, greedy", 1.0), ("retrieval", 0.0)):
+            C = np.full((n, F), c)
+            row = {k: v for k in ("bleu4", "rougeL", "diag_acc", "comp_acc", "clinical", "position", "rare", "all")}
+            row.update({f"fact_{k}": v for k in FACT_COLUMNS})
+            methods[name] = {"row": row, "C": C.tolist(), "texts": ["x"] * n}
+        (tmp_path / "out" / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / "out" / f"seed{seed}" / "scores.json").write_text(json.dumps({"methods": methods,
+                                                                                "cpu_seconds": {"stage1": 1.0}}))
+    a = Namespace(shards=str(tmp_path / "s"), out=str(tmp_path / "out"), seeds=[0, 1, 2], split="test",
+                  extra_seed_dirs=[], n_boot=50)
+    merge(a)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| model frozen, greedy | 3 | 0.7 ± 0.2 |" in table  # BLEU column: mean ± sample sd (ddof 1)
+    diffs = (tmp_path / "out" / "diffs.csv").read_text().splitlines()
+    assert any(line.startswith('"model frozen, greedy",retrieval,position,1.0,1.0,1.0,0.0,3,') for line in diffs)
