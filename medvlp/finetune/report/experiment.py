@@ -179,7 +179,8 @@ def _write(a, out: Path, per, mats, texts_of, test, times) -> None:
         for k, label, dg in cols:
             row[label] = pm(seed_summary([r[k] for r in rs]), dg)
         rows.append(row)
-    write_table(rows, out / "table", title=f"Split `{a.split}`, {len(test)} slides, {n_seeds} seeds (mean ± sd over seeds)")
+    write_table(rows, out / "table",
+                title=f"Split `{a.split}`, {len(test)} slides, {n_seeds} seeds (mean ± sd over seeds)")
     frows = []
     for name, rs in per.items():
         row = {"method": name}
@@ -202,7 +203,8 @@ def _write(a, out: Path, per, mats, texts_of, test, times) -> None:
             for g in GROUPS:
                 d = paired_bootstrap_diff(group_metric(g), y, np.nan_to_num(A), np.nan_to_num(B), n_boot=a.n_boot)
                 drows.append({"model": m, "minus": b, "facts": g, "diff": d["diff"], "ci_lo": d["ci_lo"],
-                              "ci_hi": d["ci_hi"], "p_le_0": d["p_le_0"], "seeds": d["n_seeds"], "slides": d["n_items"]})
+                              "ci_hi": d["ci_hi"], "p_le_0": d["p_le_0"], "seeds": d["n_seeds"],
+                              "slides": d["n_items"]})
     if drows:
         write_table(drows, out / "diffs", title="Model minus baseline: mean fact accuracy, paired bootstrap 95% CI "
                                                 "over seeds x test slides")

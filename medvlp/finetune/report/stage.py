@@ -3,8 +3,8 @@
 Stage 1 (`finetune.stage=1`): MIL classification. The resampler and a linear head on the mean latent predict the
 slide class (cross-entropy on the `class_index` member); the LM is frozen and unused.
 Stage 2 (`finetune.stage=2`): report generation. Starts from the stage-1 run (`finetune.init`), freezes the
-resampler (unless `finetune.train_resampler`) and the head, and trains the gated XATTN blocks (and, with `model.train_lm`, the LM) with the causal-LM
-loss on "[BOS] Final diagnosis: X. <findings> [EOS]" (no loss on the prompt). The bag goes through the model's
+resampler (unless `finetune.train_resampler`) and the head, and trains the gated XATTN blocks (and, with
+`model.train_lm`, the LM) with the causal-LM loss on "[BOS] Final diagnosis: X. <findings> [EOS]" (no loss on the prompt). The bag goes through the model's
 forward at every step, so the loss depends on the slide.
 
 Evaluation: stage 1 reports the classification accuracy; stage 2 generates a report per slide of `eval.split` and

@@ -98,7 +98,8 @@ def test_positions_reach_the_latents_scale_free():
     # padding neither moves the scaling nor the latents
     fp, cp = torch.cat([f, torch.zeros(1, 3, 8)], 1), torch.cat([c, torch.full((1, 3, 2), 999)], 1)
     m = torch.tensor([[True] * 6 + [False] * 3])
-    torch.testing.assert_close(coord_features(cp, m, 4)[:, :6], coord_features(c, torch.ones(1, 6, dtype=torch.bool), 4))
+    full = torch.ones(1, 6, dtype=torch.bool)
+    torch.testing.assert_close(coord_features(cp, m, 4)[:, :6], coord_features(c, full, 4))
     torch.testing.assert_close(res(fp, m, cp), a, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="coords"):
         res(f, None, c[:, :5])
