@@ -4,8 +4,8 @@ Stage 1 (`finetune.stage=1`): MIL classification. The resampler and a linear hea
 slide class (cross-entropy on the `class_index` member); the LM is frozen and unused.
 Stage 2 (`finetune.stage=2`): report generation. Starts from the stage-1 run (`finetune.init`), freezes the
 resampler (unless `finetune.train_resampler`) and the head, and trains the gated XATTN blocks (and, with
-`model.train_lm`, the LM) with the causal-LM loss on "[BOS] Final diagnosis: X. <findings> [EOS]" (no loss on the prompt). The bag goes through the model's
-forward at every step, so the loss depends on the slide.
+`model.train_lm`, the LM) with the causal-LM loss on "[BOS] Final diagnosis: X. <findings> [EOS]" (no loss on the
+prompt). The bag goes through the model's forward at every step, so the loss depends on the slide.
 
 Evaluation: stage 1 reports the classification accuracy; stage 2 generates a report per slide of `eval.split` and
 scores it against both baselines (`evaluate_reports`), writing OUT/eval/table.md and OUT/eval/generations.jsonl.
