@@ -95,10 +95,11 @@ def run(a) -> dict:
             run_stage(ReportStage(), _cfg(a, seed, 1, s1))
         times.setdefault("stage1", 0.0)
         times["stage1"] += time.process_time() - t0
-        for variant in a.variants:
+        for variant in ([] if a.mil_only else a.variants):
             t0 = time.process_time()
             cfg2 = _cfg(a, seed, 2, root / f"stage2-{variant}", init=str(s1), train_resampler=variant == "tuned")
-            run_stage(ReportStage(), cfg2)
+            if not (a.reuse_stage2 and (root / f"stage2-{variant}" / "model.safetensors").is_file()):
+                run_stage(ReportStage(), cfg2)
             times[f"stage2-{variant}"] = times.get(f"stage2-{variant}", 0.0) + time.process_time() - t0
             model, tok = load_report_run(root / f"stage2-{variant}", cfg2)
             torch.set_grad_enabled(False)
@@ -114,6 +115,12 @@ def run(a) -> dict:
                 add("template", [tmpl[c] for c in te_pred])
             torch.set_grad_enabled(True)
             _save_seed(root, seed_scores, times)  # partial results survive a stop
+        if a.skip_mil:
+            add("mean-feature regressor", reg_texts)
+            add("oracle", orc)
+            _save_seed(root, seed_scores, times)
+            seed_scores = {}
+            continue
         t0 = time.process_time()
         mil = AttentionMIL(train.feats[0].shape[1], seed=seed, pos_freqs=a.pos_freqs, steps=a.mil_steps).fit(train, val)
         add("attention-MIL twin", reports_of(mil.predict(test), phrases))
@@ -237,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true", help="only build the tables from OUT/seed*/scores.json")
     p.add_argument("--extra-seed-dirs", nargs="*", default=[], help="--merge: further seed folders (other variants)")
     p.add_argument("--reuse-stage1", action="store_true", help="keep a finished OUT/seedS/stage1 run")
+    p.add_argument("--reuse-stage2", action="store_true", help="keep a finished OUT/seedS/stage2-VARIANT run")
+    p.add_argument("--skip-mil", action="store_true", help="no attention-MIL twin")
+    p.add_argument("--mil-only", action="store_true", help="only the baselines (no generator)")
     a = p.parse_args(argv)
     if not (Path(a.shards) / "index.json").is_file():
         print(f"--shards {a.shards}: no index.json (a slide-bag shard dir)", file=sys.stderr)
