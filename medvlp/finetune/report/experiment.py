@@ -149,7 +149,14 @@ def merge(a) -> None:
     extra = [Path(x) for x in a.extra_seed_dirs]
     fixed: dict[str, list[str]] = {}  # the deterministic rows, computed here for a seed stopped before them
     for d in [out / f"seed{s}" for s in a.seeds] + extra:
-        doc = json.loads((d / "scores.json").read_text())
+        doc = {"methods": {}, "cpu_seconds": {}}
+        for root in ([d] if d in extra else [Path(x) / d.name for x in [out, *a.also]]):  # the same seed, other runs
+            if (root / "scores.json").is_file():
+                part = json.loads((root / "scores.json").read_text())
+                for name, m in part["methods"].items():
+                    doc["methods"].setdefault(name, m)
+                for k, v in part["cpu_seconds"].items():
+                    doc["cpu_seconds"][k] = doc["cpu_seconds"].get(k, 0.0) + v
         if d not in extra and not {"mean-feature regressor", "oracle"} <= set(doc["methods"]):
             if not fixed:
                 train, val = load_split(dc, "train"), load_split(dc, "val")
@@ -243,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="decodings of the `tuned` variant (default: --strategies)")
     p.add_argument("--merge", action="store_true", help="only build the tables from OUT/seed*/scores.json")
     p.add_argument("--extra-seed-dirs", nargs="*", default=[], help="--merge: further seed folders (other variants)")
+    p.add_argument("--also", nargs="*", default=[], help="--merge: other OUT folders holding methods of the same seeds")
     p.add_argument("--reuse-stage1", action="store_true", help="keep a finished OUT/seedS/stage1 run")
     p.add_argument("--reuse-stage2", action="store_true", help="keep a finished OUT/seedS/stage2-VARIANT run")
     p.add_argument("--skip-mil", action="store_true", help="no attention-MIL twin")

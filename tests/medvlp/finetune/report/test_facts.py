@@ -176,7 +176,7 @@ def test_seed_table_merge_writes_sd_and_paired_differences(tmp_path):
         (tmp_path / "out" / f"seed{seed}").mkdir(parents=True)
         (tmp_path / "out" / f"seed{seed}" / "scores.json").write_text(json.dumps({"methods": methods,
                                                                                 "cpu_seconds": {"stage1": 1.0}}))
-    a = Namespace(shards=str(tmp_path / "s"), out=str(tmp_path / "out"), seeds=[0, 1, 2], split="test",
+    a = Namespace(shards=str(tmp_path / "s"), out=str(tmp_path / "out"), seeds=[0, 1, 2], split="test", also=[],
                   extra_seed_dirs=[], n_boot=50)
     merge(a)
     table = (tmp_path / "out" / "table.md").read_text()
