@@ -91,7 +91,8 @@ def run(a) -> dict:
         root = out / f"seed{seed}"
         t0 = time.process_time()
         s1 = root / "stage1"
-        if not (a.reuse_stage1 and (s1 / "model.safetensors").is_file()):
+        root.mkdir(parents=True, exist_ok=True)
+        if not a.mil_only and not (a.reuse_stage1 and (s1 / "model.safetensors").is_file()):
             run_stage(ReportStage(), _cfg(a, seed, 1, s1))
         times.setdefault("stage1", 0.0)
         times["stage1"] += time.process_time() - t0
