@@ -16,11 +16,9 @@ patho  RGB uint8 (S, S, 3) patches of three classes (labels {"tumor": 1/0}, meta
        each slide has its own stain colours (sd LAB2_STAIN_SD per channel) and scanner gain / offset, a variation
        larger than the colour gap between the classes, so patch-mean colour no longer tells the class (a 1-shot
        nearest neighbour on it scores about 0.56). A target domain for few-label adaptation (docs/path_clip.md).
-slide  bags of patch features (n, d) float16 with n in [20, 200] and grid coords (n, 2) int32 as (x, y). Each
-       patch has a tissue type (normal, tumor, inflammation, necrosis); each type is a Gaussian cluster around a
-       fixed centre (the same for every seed), types form spatially coherent regions (necrosis at the heart of
-       the tumor). extra["composition"] = {type: count / n} exactly; the report states it in rounded percent
-       and ends with "Final diagnosis: X." (benign / chronic inflammation / carcinoma).
+slide  bags of patch features (n, d) float16 and grid coords (n, 2) int32 as (x, y), whose reports state the
+       composition and facts that need positions and rare patches (foci, region, margins, grade, mitoses): see
+       medvlp.data_shards.synth_slide (re-exported here).
 
 Shape legend: S patch side; H, W rows, columns; C = 3 colour channels; N patches in a bag; E feature dim.
 """
@@ -192,102 +190,7 @@ def patho_sample(seed: int, study: Study, size: int | None = None, domain: str =
 
 
 # ----------------------------------------------------------------------------------------------- slide bags
-SLIDE_TISSUES = ["normal", "tumor", "inflammation", "necrosis"]
-SLIDE_DIAGNOSES = ["benign", "inflammation", "carcinoma"]
-DIAGNOSIS_TEXT = {"benign": "benign tissue", "inflammation": "chronic inflammation", "carcinoma": "carcinoma"}
-SLIDE_DIAG_PROBS = (0.4, 0.25, 0.35)
-SLIDE_VISITS = (0.7, 0.3)  # P(1, 2 slides per patient)
-DEFAULT_DIM_SLIDE = 64
-BAG_SIZE = (20, 200)  # patches per slide, inclusive
-CLUSTER_STD = 0.7  # within-type spread; centres are ~sqrt(2E) apart, so types stay separable
-
-SLIDE_PROMPTS = {d: ([f"Final diagnosis: {DIAGNOSIS_TEXT[d]}."],
-                     [f"Final diagnosis: {DIAGNOSIS_TEXT[o]}." for o in SLIDE_DIAGNOSES if o != d])
-                 for d in SLIDE_DIAGNOSES}
-_TISSUE_SENTENCES = {
-    "tumor": ["tumor occupies {p} of the tissue", "carcinoma involves {p} of the sampled tissue",
-              "invasive tumor cells make up {p} of the section"],
-    "inflammation": ["inflammatory infiltrate covers {p} of the tissue",
-                     "chronic inflammatory cells occupy {p} of the tissue"],
-    "necrosis": ["necrosis involves {p} of the tissue", "areas of necrosis make up {p} of the section"],
-    "normal": ["normal tissue makes up {p} of the section", "the remaining tissue ({p}) is unremarkable"],
-}
-
-
-def slide_centres(dim: int) -> np.ndarray:
-    """(len(SLIDE_TISSUES), dim) cluster centres of the tissue types; fixed for every seed."""
-    return world_rng("slide", dim).standard_normal((len(SLIDE_TISSUES), dim))
-
-
-def _target_fractions(rng: np.random.Generator, diagnosis: str) -> dict[str, float]:
-    u = rng.uniform(0, 1, 3)  # always three draws: the stream does not depend on the diagnosis
-    if diagnosis == "benign":
-        return {"tumor": 0.0, "inflammation": 0.15 * u[0], "necrosis": 0.03 * u[1]}
-    if diagnosis == "inflammation":
-        return {"tumor": 0.0, "inflammation": 0.3 + 0.3 * u[0], "necrosis": 0.08 * u[1]}
-    return {"tumor": 0.15 + 0.55 * u[2], "inflammation": 0.12 * u[0], "necrosis": 0.12 * u[1]}
-
-
-def _layout(rng: np.random.Generator, n: int, counts: dict[str, int], carcinoma: bool):
-    """(coords (n, 2) as (x, y) on a grid, tissue id per patch (n,)): a blob of tissue, coherent regions."""
-    g = int(math.ceil(math.sqrt(n / 0.55)))
-    ys, xs = np.divmod(np.arange(g * g), g)
-    cy, cx = g / 2 + rng.normal(0, g / 10), g / 2 + rng.normal(0, g / 10)
-    ay, ax = rng.uniform(0.7, 1.3, 2)
-    score = ((ys - cy) / ay) ** 2 + ((xs - cx) / ax) ** 2 + rng.uniform(0, g / 2, g * g)
-    cells = np.sort(np.argsort(score, kind="stable")[:n])  # raster order
-    ys, xs = ys[cells], xs[cells]
-    tissue_N = np.zeros(n, dtype=np.int64)
-    taken = np.zeros(n, dtype=bool)
-    foci = rng.integers(0, n, 3)
-    jitter = rng.uniform(0, 1.5, (3, n))
-    # Necrosis first, centred on the tumor focus for carcinomas, then tumor around it, then inflammation.
-    for k, (t, focus) in enumerate((("necrosis", foci[0] if carcinoma else foci[2]), ("tumor", foci[0]),
-                                    ("inflammation", foci[1]))):
-        d = np.hypot(xs - xs[focus], ys - ys[focus]) + jitter[k]
-        d[taken] = np.inf
-        pick_idx = np.argsort(d, kind="stable")[:counts[t]]
-        tissue_N[pick_idx] = SLIDE_TISSUES.index(t)
-        taken[pick_idx] = True
-    return np.stack([xs, ys], 1).astype(np.int32), tissue_N
-
-
-def _percent(f: float) -> str:
-    p = int(round(f * 20)) * 5
-    return "less than 5%" if p < 5 else f"about {p}%"
-
-
-def slide_report(rng: np.random.Generator, composition: dict[str, float], diagnosis: str) -> str:
-    sentences = [pick(rng, _TISSUE_SENTENCES[t]).format(p=_percent(composition[t]))
-                 for t in ("tumor", "inflammation", "necrosis") if composition[t] > 0]
-    if rng.random() < 0.6:
-        sentences.append(pick(rng, _TISSUE_SENTENCES["normal"]).format(p=_percent(composition["normal"])))
-    if diagnosis != "carcinoma" and rng.random() < 0.7:
-        sentences.append(pick(rng, ["no tumor is identified", "there is no evidence of malignancy"]))
-    sentences = [sentences[k] for k in rng.permutation(len(sentences))]
-    return join_sentences(sentences + [f"Final diagnosis: {DIAGNOSIS_TEXT[diagnosis]}"])
-
-
-def slide_sample(seed: int, study: Study, size: int | None = None) -> Sample:
-    E = DEFAULT_DIM_SLIDE if size is None else size
-    if E < 4:
-        raise ValueError(f"slide feature dim (size) must be >= 4, got {E}")
-    rng = study_rng(seed, "slide", study.index)
-    diagnosis = SLIDE_DIAGNOSES[int(rng.choice(len(SLIDE_DIAGNOSES), p=SLIDE_DIAG_PROBS))]
-    n = int(rng.integers(BAG_SIZE[0], BAG_SIZE[1] + 1))
-    target = _target_fractions(rng, diagnosis)
-    counts = {t: int(math.floor(f * n)) for t, f in target.items()}
-    if diagnosis == "carcinoma":
-        counts["tumor"] = max(counts["tumor"], 1)
-    counts["normal"] = n - sum(counts.values())
-    coords_N2, tissue_N = _layout(rng, n, counts, diagnosis == "carcinoma")
-    slide_shift_E = 0.15 * patient_rng(seed, "slide", study.patient).standard_normal(E)  # per-patient batch effect
-    feats_NE = slide_centres(E)[tissue_N] + CLUSTER_STD * rng.standard_normal((n, E)) + slide_shift_E
-    composition = {t: float(np.count_nonzero(tissue_N == k)) / n for k, t in enumerate(SLIDE_TISSUES)}
-    text = slide_report(text_rng(seed, "slide", study.index), composition, diagnosis)
-    meta = {**base_meta("slide", study, seed), "diagnosis": diagnosis}
-    extra = {"composition": composition, "tissue_names": list(SLIDE_TISSUES), "patch_tissue": tissue_N.tolist(),
-             "diagnosis_id": SLIDE_DIAGNOSES.index(diagnosis)}
-    return Sample(key=sample_key("slide", study.index), text=text, feats=feats_NE.astype(np.float16),
-                  coords=coords_N2, labels={d: int(d == diagnosis) for d in SLIDE_DIAGNOSES}, meta=meta,
-                  extra=extra)
+# The slide corpus lives in medvlp.data_shards.synth_slide; its names stay importable from here.
+from medvlp.data_shards.synth_slide import (BAG_SIZE, CLUSTER_STD, DEFAULT_DIM_SLIDE, DIAGNOSIS_TEXT,  # noqa: E402,F401
+                                           SLIDE_DIAG_PROBS, SLIDE_DIAGNOSES, SLIDE_PROMPTS, SLIDE_TISSUES,
+                                           SLIDE_VISITS, slide_centres, slide_report, slide_sample)

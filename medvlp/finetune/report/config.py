@@ -21,6 +21,7 @@ class ReportModelConfig:
     depth: int = 2  # resampler blocks of latent cross-attention + FFN (reference: 6)
     heads: int = 4  # attention heads of the resampler and the XATTN blocks
     ff_mult: int = 4  # FFN expansion of the resampler and the XATTN blocks
+    pos_freqs: int = 4  # patch positions into the resampler: sin/cos of bag-scaled coords at F octaves (0 = none)
     max_patches: int = 4096  # bag cap: longer bags are subsampled (random in training, strided otherwise)
     lm: str = ""  # a local pretrained causal LM folder ("" = a BioGPT-architecture LM built from the sizes below)
     lm_hidden: int = 64  # LM width H (BioGPT: 1024 / 1536 large)
@@ -28,12 +29,15 @@ class ReportModelConfig:
     lm_heads: int = 4  # LM attention heads
     lm_ffn: int = 256  # LM feed-forward width
     lm_dropout: float = 0.1  # LM hidden / attention dropout
-    context_length: int = 96  # report tokens (prompt included, BOS/EOS included); longer reports are truncated
+    context_length: int = 160  # report tokens (prompt included, BOS/EOS included); longer reports are truncated
     xattn_every: int = 1  # a gated XATTN block before every k-th decoder layer (reference: every layer)
     tokenizer: str = ""  # tokenizer dir ("" = OUT/tokenizer, trained on the training reports if missing)
     vocab_size: int = 1000  # WordPiece vocabulary size when the tokenizer is trained here
     train_lm: bool = False  # stage 2: also train the LM's own weights (needed when it starts untrained)
     grad_checkpointing: bool = False  # activation checkpointing of the LM layers and XATTN blocks (stage 2)
+    lm_texts: str = ""  # extra report language (.txt one per line / .jsonl "text"): tokenizer corpus + LM warm-up
+    lm_texts_steps: int = 0  # stage 2: causal-LM steps of the bare LM on lm_texts before the slide reports
+    lm_texts_lr: float = 1e-3  # learning rate of that warm-up
     prompt: str = "Final diagnosis:"  # generation starts from [BOS] + prompt; training texts start with it
 
     def validate(self) -> None:
@@ -47,8 +51,10 @@ class ReportModelConfig:
             raise ValueError(f"lm_hidden: {self.lm_hidden} must be divisible by heads and lm_heads")
         if self.context_length < 8:
             raise ValueError(f"context_length: must be >= 8, got {self.context_length}")
-        if self.feat_dim < 0 or self.max_patches < 0:
-            raise ValueError("feat_dim / max_patches: must be >= 0")
+        if self.lm_texts_steps < 0 or (self.lm_texts_steps and not self.lm_texts):
+            raise ValueError("lm_texts_steps: must be >= 0, and > 0 needs model.lm_texts")
+        if self.feat_dim < 0 or self.max_patches < 0 or self.pos_freqs < 0:
+            raise ValueError("feat_dim / max_patches / pos_freqs: must be >= 0")
 
 
 @dataclass
@@ -60,7 +66,7 @@ class GenerateConfig:
     top_k: int = 40  # nucleus: keep the k most likely tokens (reference: 40)
     top_p: float = 0.95  # nucleus: smallest set with this probability mass (reference: 0.95)
     temperature: float = 0.7  # nucleus: softmax temperature (reference: 0.7)
-    max_new_tokens: int = 96  # tokens generated after the prompt at most
+    max_new_tokens: int = 160  # tokens generated after the prompt at most
     batch_size: int = 32  # slides decoded together
     seed: int = 0  # sampling seed
 
@@ -88,6 +94,7 @@ class ReportRunnerConfig(RunnerConfig):
 
     stage: int = 1  # 1: MIL classification through the resampler; 2: report generation (resampler frozen)
     init: str = ""  # stage 2: the stage-1 run folder (or its model.safetensors) to start from
+    train_resampler: bool = False  # stage 2: also train the resampler (HistoGPT freezes it: false)
 
     def validate(self) -> None:
         super().validate()

@@ -2,7 +2,7 @@
 project's stream: training batches are streamed (resampled, shuffled, split by rank, resumable at a step);
 evaluation splits are read once, in index order, and kept in memory (`SlideSplit`).
 
-A batch: feats (B, N, D) zero padded, feats_mask (B, N), class_index (B,), composition (B, T) with
+A batch: feats (B, N, D) zero padded, feats_mask (B, N), coords (B, N, 2), class_index (B,), composition (B, T) with
 composition_names, text (B reports), key.
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ class SlideSplit:
 
     keys: list[str]
     feats: list[torch.Tensor]  # (N_i, D) each
+    coords: list[torch.Tensor]  # (N_i, 2) each
     texts: list[str]
     class_index: np.ndarray  # (S,)
     composition: np.ndarray  # (S, T) fractions
@@ -59,11 +60,9 @@ class SlideSplit:
         return len(self.keys)
 
     def batches(self, batch_size: int):
-        """(feats_BND, mask_BN) of consecutive slides."""
+        """(feats_BND, mask_BN, coords_BN2) of consecutive slides."""
         for i in range(0, len(self), batch_size):
-            f, m, _ = collate_bags(self.feats[i:i + batch_size],
-                                   [torch.zeros(x.shape[0], 2, dtype=torch.long) for x in self.feats[i:i + batch_size]])
-            yield f, m
+            yield collate_bags(self.feats[i:i + batch_size], self.coords[i:i + batch_size])
 
 
 _SPLITS: dict[tuple, SlideSplit] = {}
@@ -81,7 +80,7 @@ def load_split(dc: DataConfig, split: str, max_samples: int = 0, shards: str | N
                               resampled=False, shuffle_buffer=0)
     if not ground_truth:
         cfg.members = [m for m in cfg.members if m not in MEMBERS]
-    keys, feats, texts, cls, comp = [], [], [], [], []
+    keys, feats, coords, texts, cls, comp = [], [], [], [], [], []
     tissues: list[str] = []
     classes: list[str] = []
     for b in make_loader(cfg, train=False, split=split):
@@ -91,15 +90,16 @@ def load_split(dc: DataConfig, split: str, max_samples: int = 0, shards: str | N
             n = int(b["feats_mask"][i].sum())
             keys.append(b["key"][i])
             feats.append(b["feats"][i, :n].clone())
+            coords.append(b["coords"][i, :n].clone())
             texts.append(b["text"][i])
             cls.append(int(b["class_index"][i]) if "class_index" in b else -1)
             comp.append(b["composition"][i].numpy() if "composition" in b else np.zeros(0, np.float32))
         if max_samples and len(keys) >= max_samples:
             break
     if max_samples:
-        keys, feats, texts, cls, comp = keys[:max_samples], feats[:max_samples], texts[:max_samples], \
-            cls[:max_samples], comp[:max_samples]
-    out = SlideSplit(keys, feats, texts, np.array(cls, dtype=np.int64),
+        keys, feats, coords, texts, cls, comp = keys[:max_samples], feats[:max_samples], coords[:max_samples], \
+            texts[:max_samples], cls[:max_samples], comp[:max_samples]
+    out = SlideSplit(keys, feats, coords, texts, np.array(cls, dtype=np.int64),
                      np.stack(comp) if comp else np.zeros((0, len(tissues))), tissues, list(classes))
     _SPLITS[key] = out
     return out

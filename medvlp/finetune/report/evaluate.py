@@ -1,4 +1,6 @@
-"""Generation and the evaluation table: the model against the template and retrieval baselines.
+"""Generation and the evaluation table: the model against the template and retrieval baselines, the mean-feature
+regressor (the shortcut) and the oracle (the ceiling); facts per `metrics.fact_correct` when the split has ground
+truth.
 
     texts = generate_texts(model, tok, cfg.gen, feats_list, prompt)           # one report per slide
     res = evaluate_reports(model, tok, cfg)                                  # -> ReportEval (rows, examples)
@@ -16,7 +18,10 @@ import torch
 from medvlp.data_shards.transforms import collate_bags
 from medvlp.finetune.report.config import GenerateConfig, ReportConfig
 from medvlp.finetune.report.data import SlideSplit, load_split
-from medvlp.finetune.report.metrics import format_table, retrieval_reports, score, template_reports
+from medvlp.finetune.report.baselines import (MeanFeatureRegressor, diagnosis_phrases, oracle_reports, reports_of,
+                                              truth_facts)
+from medvlp.finetune.report.metrics import (fact_correct, fact_summary, format_table, retrieval_reports, score,
+                                            template_reports)
 from medvlp.finetune.report.model import ReportModel, ReportTokenizer
 from medvlp.finetune.report.text import report_text
 
@@ -34,14 +39,15 @@ def generation_kwargs(gen: GenerateConfig, tok: ReportTokenizer) -> dict:
     return kw
 
 
-def _pad(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    f, m, _ = collate_bags(feats, [torch.zeros(x.shape[0], 2, dtype=torch.long) for x in feats])
-    return f, m
+def _pad(feats: list[torch.Tensor], coords: list[torch.Tensor] | None = None):
+    if coords is None:
+        coords = [torch.zeros(x.shape[0], 2, dtype=torch.long) for x in feats]
+    return collate_bags(feats, coords)
 
 
 @torch.no_grad()
 def generate_ids(model: ReportModel, tok: ReportTokenizer, gen: GenerateConfig, feats: list[torch.Tensor],
-                 prompt: str) -> list[list[int]]:
+                 prompt: str, coords: list[torch.Tensor] | None = None) -> list[list[int]]:
     """Generated token ids after the prompt (EOS and padding removed), one list per slide."""
     model.eval()
     device = next(model.parameters()).device
@@ -50,9 +56,10 @@ def generate_ids(model: ReportModel, tok: ReportTokenizer, gen: GenerateConfig, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(gen.seed)
         for i in range(0, len(feats), gen.batch_size):
-            f, m = _pad(feats[i:i + gen.batch_size])
+            f, m, c = _pad(feats[i:i + gen.batch_size], None if coords is None else coords[i:i + gen.batch_size])
             prompt_ids = tok.prompt_ids(prompt, f.shape[0]).to(device)
-            ids = model.generate(f.to(device), m.to(device), prompt_ids, **kw).cpu()
+            ids = model.generate(f.to(device), m.to(device), prompt_ids,
+                                 coords=None if coords is None else c.to(device), **kw).cpu()
             for row in ids.tolist():
                 cut = row.index(tok.eos_id) if tok.eos_id in row else len(row)
                 out.append([t for t in row[:cut] if t != tok.pad_id])
@@ -60,9 +67,9 @@ def generate_ids(model: ReportModel, tok: ReportTokenizer, gen: GenerateConfig, 
 
 
 def generate_texts(model: ReportModel, tok: ReportTokenizer, gen: GenerateConfig, feats: list[torch.Tensor],
-                   prompt: str) -> list[str]:
+                   prompt: str, coords: list[torch.Tensor] | None = None) -> list[str]:
     """One report per slide in the reference layout (findings, then "Final diagnosis: X.")."""
-    ids = generate_ids(model, tok, gen, feats, prompt)
+    ids = generate_ids(model, tok, gen, feats, prompt, coords)
     return [report_text(f"{prompt} {tok.decode(r)}") for r in ids]
 
 
@@ -71,8 +78,8 @@ def slide_embeddings(model: ReportModel, sp: SlideSplit, batch_size: int) -> tup
     """(mean latents (S, O), predicted class (S,)) of every slide of a split."""
     device = next(model.parameters()).device
     embs, preds = [], []
-    for f, m in sp.batches(batch_size):
-        lat = model.latents(f.to(device), m.to(device))
+    for f, m, c in sp.batches(batch_size):
+        lat = model.latents(f.to(device), m.to(device), c.to(device))
         emb = lat.mean(dim=1)
         embs.append(emb.float().cpu())
         preds.append(model.head(emb).argmax(-1).cpu())
@@ -112,14 +119,25 @@ def evaluate_reports(model: ReportModel, tok: ReportTokenizer, cfg: ReportConfig
     train = load_split(cfg.data, "train")
     if not len(test):
         raise ValueError(f"eval.split: no slides in split {split!r}")
-    hyps = generate_texts(model, tok, cfg.gen, test.feats, cfg.model.prompt)
+    hyps = generate_texts(model, tok, cfg.gen, test.feats, cfg.model.prompt, test.coords)
     train_emb, train_pred = slide_embeddings(model, train, cfg.gen.batch_size)
     test_emb, test_pred = slide_embeddings(model, test, cfg.gen.batch_size)
     templates = template_reports(train.texts, train.class_index.tolist(), len(test.classes))
     methods = {"model": hyps, "template": [templates[c] for c in test_pred],
                "retrieval": retrieval_reports(test_emb, train_emb, train.texts)}
+    has_facts = len(test.tissues) > 0 and len(train) > 1
+    if has_facts:  # the shortcut row and the ceiling (needs the composition ground truth)
+        val = load_split(cfg.data, "val")
+        phrases = diagnosis_phrases(train.texts, train.class_index, train.classes)
+        reg = MeanFeatureRegressor().fit(train, val if len(val) else train)
+        methods["mean-feature regressor"] = reports_of(reg.predict(test), phrases)
+        methods["oracle"] = oracle_reports(test, phrases)
     rows = {name: score(h, test.texts, test.classes, test.class_index.tolist(), test.tissues, test.composition)
             for name, h in methods.items()}
+    if has_facts:
+        truth = truth_facts(test)
+        for name, h in methods.items():
+            rows[name].update(fact_summary(fact_correct(h, truth, test.classes, test.tissues)))
     gens = [{"key": k, "report": h, "reference": r, "template": t, "retrieval": n,
              "class": test.classes[int(c)], "predicted_class": test.classes[int(p)]}
             for k, h, r, t, n, c, p in zip(test.keys, hyps, test.texts, methods["template"], methods["retrieval"],

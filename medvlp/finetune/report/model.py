@@ -2,9 +2,9 @@
 
     tok = ReportTokenizer.train(reports, "OUT/tokenizer", vocab_size=1000)   # or ReportTokenizer("OUT/tokenizer")
     model = build_report_model(cfg.model, feat_dim=64, n_classes=3, tok=tok)
-    logits_BC = model(feats, feats_mask)                                       # stage 1: slide class logits
-    out = model(feats, feats_mask, input_ids=ids, attention_mask=am, labels=lab)   # stage 2: out.loss, out.logits
-    ids = model.generate(feats, feats_mask, prompt_ids, max_new_tokens=64)    # latents computed once per slide
+    logits_BC = model(feats, feats_mask, coords)                               # stage 1: slide class logits
+    out = model(feats, feats_mask, coords, input_ids=ids, attention_mask=am, labels=lab)  # stage 2: out.loss
+    ids = model.generate(feats, feats_mask, prompt_ids, coords=coords, max_new_tokens=64)  # latents once per slide
 
 Shape legend: B slides, N patches, D patch features, M latents, O LM width, L tokens, C classes.
 """
@@ -82,25 +82,27 @@ class ReportModel(nn.Module):
         self.head = nn.Linear(resampler.out_dim, n_classes)
         self.lm = lm
 
-    def latents(self, feats_BND: torch.Tensor, mask_BN: torch.Tensor | None = None) -> torch.Tensor:
-        return self.resampler(feats_BND, mask_BN)
+    def latents(self, feats_BND: torch.Tensor, mask_BN: torch.Tensor | None = None,
+                coords_BN2: torch.Tensor | None = None) -> torch.Tensor:
+        return self.resampler(feats_BND, mask_BN, coords_BN2)
 
-    def slide_embedding(self, feats_BND: torch.Tensor, mask_BN: torch.Tensor | None = None) -> torch.Tensor:
+    def slide_embedding(self, feats_BND: torch.Tensor, mask_BN: torch.Tensor | None = None,
+                        coords_BN2: torch.Tensor | None = None) -> torch.Tensor:
         """(B, O) mean latent: the slide summary the head classifies (and retrieval compares)."""
-        return self.latents(feats_BND, mask_BN).mean(dim=1)
+        return self.latents(feats_BND, mask_BN, coords_BN2).mean(dim=1)
 
-    def forward(self, feats: torch.Tensor, feats_mask: torch.Tensor | None = None, input_ids=None,
-                attention_mask=None, labels=None):
-        lat_BMO = self.latents(feats, feats_mask)
+    def forward(self, feats: torch.Tensor, feats_mask: torch.Tensor | None = None, coords: torch.Tensor | None = None,
+                input_ids=None, attention_mask=None, labels=None):
+        lat_BMO = self.latents(feats, feats_mask, coords)
         if input_ids is None:
             return self.head(lat_BMO.mean(dim=1))
         return self.lm(input_ids, attention_mask=attention_mask, latents=lat_BMO, labels=labels)
 
     @torch.no_grad()
     def generate(self, feats: torch.Tensor, feats_mask: torch.Tensor | None, prompt_ids: torch.Tensor,
-                 **gen_kwargs) -> torch.Tensor:
+                 coords: torch.Tensor | None = None, **gen_kwargs) -> torch.Tensor:
         """Token ids after the prompt, (B, T); the latents are computed once and reused at every step."""
-        lat_BMO = self.latents(feats, feats_mask)
+        lat_BMO = self.latents(feats, feats_mask, coords)
         out = self.lm.generate(prompt_ids, latents=lat_BMO, attention_mask=torch.ones_like(prompt_ids),
                                **gen_kwargs)
         return out[:, prompt_ids.shape[1]:]
@@ -118,7 +120,7 @@ def build_report_model(mc, feat_dim: int, n_classes: int, tok: ReportTokenizer) 
                         eos_id=tok.eos_id, dropout=mc.lm_dropout)
     hidden = base.config.hidden_size
     res = PerceiverResampler(feat_dim, width=mc.width, latents=mc.latents, depth=mc.depth, heads=mc.heads,
-                             ff_mult=mc.ff_mult, out_dim=hidden, cap=mc.max_patches)
+                             ff_mult=mc.ff_mult, out_dim=hidden, cap=mc.max_patches, pos_freqs=mc.pos_freqs)
     lm = ReportLM(base, latent_dim=hidden, every=mc.xattn_every, heads=mc.heads, ff_mult=mc.ff_mult)
     if mc.grad_checkpointing:
         lm.set_gradient_checkpointing(True)

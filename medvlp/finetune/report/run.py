@@ -38,7 +38,14 @@ def load_report_run(path: str | Path, cfg: ReportConfig) -> tuple[ReportModel, R
     if "resampler.proj_in.weight" not in state or "head.weight" not in state:
         raise ValueError(f"{weights}: not the weights of a report model (no resampler / head)")
     feat_dim, n_classes = state["resampler.proj_in.weight"].shape[1], state["head.weight"].shape[0]
-    model = build_report_model(cfg.model, int(feat_dim), int(n_classes), tok)
+    mc = cfg.model
+    pos = state.get("resampler.pos.weight")
+    pos_freqs = pos.shape[1] // 4 if pos is not None else 0  # runs saved before positions existed: none
+    if pos_freqs != mc.pos_freqs:
+        import dataclasses
+
+        mc = dataclasses.replace(mc, pos_freqs=pos_freqs)
+    model = build_report_model(mc, int(feat_dim), int(n_classes), tok)
     model.load_state_dict(state, strict=True)
     return model.eval(), tok
 
@@ -50,7 +57,7 @@ def write_generations(model: ReportModel, tok: ReportTokenizer, cfg: ReportConfi
     sp = load_split(cfg.data, split, max_samples, shards=shards, ground_truth=False)
     if not len(sp):
         raise ValueError(f"--shards {shards}: no slides in split {split!r}")
-    texts = generate_texts(model, tok, cfg.gen, sp.feats, cfg.model.prompt)
+    texts = generate_texts(model, tok, cfg.gen, sp.feats, cfg.model.prompt, sp.coords)
     _, pred = slide_embeddings(model, sp, cfg.gen.batch_size)
     names = class_names or sp.classes
     rows = [{"key": k, "report": t, "predicted_class": names[int(p)] if int(p) < len(names) else int(p),

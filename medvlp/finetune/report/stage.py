@@ -3,9 +3,9 @@
 Stage 1 (`finetune.stage=1`): MIL classification. The resampler and a linear head on the mean latent predict the
 slide class (cross-entropy on the `class_index` member); the LM is frozen and unused.
 Stage 2 (`finetune.stage=2`): report generation. Starts from the stage-1 run (`finetune.init`), freezes the
-resampler and the head, and trains the gated XATTN blocks (and, with `model.train_lm`, the LM) with the causal-LM
-loss on "[BOS] Final diagnosis: X. <findings> [EOS]" (no loss on the prompt). The bag goes through the model's
-forward at every step, so the loss depends on the slide.
+resampler (unless `finetune.train_resampler`) and the head, and trains the gated XATTN blocks (and, with
+`model.train_lm`, the LM) with the causal-LM loss on "[BOS] Final diagnosis: X. <findings> [EOS]" (no loss on the
+prompt). The bag goes through the model's forward at every step, so the loss depends on the slide.
 
 Evaluation: stage 1 reports the classification accuracy; stage 2 generates a report per slide of `eval.split` and
 scores it against both baselines (`evaluate_reports`), writing OUT/eval/table.md and OUT/eval/generations.jsonl.
@@ -78,7 +78,12 @@ def tokenizer_for(cfg: ReportConfig) -> ReportTokenizer:
                 raise FileNotFoundError(f"{out}: the main process did not write the tokenizer")
             from medvlp.pretrain.tokenizer import iter_shard_texts
 
-            ReportTokenizer.train(list(iter_shard_texts(cfg.data.train_shards, "train")), out, cfg.model.vocab_size)
+            texts = list(iter_shard_texts(cfg.data.train_shards, "train"))
+            if cfg.model.lm_texts:  # real report language beside the corpus's
+                from medvlp.finetune.report.lmtext import read_texts
+
+                texts += read_texts(cfg.model.lm_texts)
+            ReportTokenizer.train(texts, out, cfg.model.vocab_size)
         return ReportTokenizer(out)
 
 
@@ -98,10 +103,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
                          "were model.* sizes changed between the stages?")
 
 
-def set_stage_trainable(model: ReportModel, stage: int, train_lm: bool) -> None:
-    """Stage 1: resampler + head train, LM frozen. Stage 2: XATTN blocks (+ the LM with train_lm) train."""
+def set_stage_trainable(model: ReportModel, stage: int, train_lm: bool, train_resampler: bool = False) -> None:
+    """Stage 1: resampler + head train, LM frozen. Stage 2: XATTN blocks (+ the LM with train_lm, + the resampler
+    with train_resampler) train."""
     for p in model.parameters():
         p.requires_grad_(stage == 1)
+    if stage == 2 and train_resampler:
+        for p in model.resampler.parameters():
+            p.requires_grad_(True)
     for p in model.lm.parameters():
         p.requires_grad_(stage == 2 and train_lm)
     if stage == 2:
@@ -117,7 +126,14 @@ def build_model(cfg: ReportConfig) -> tuple[ReportModel, ReportTokenizer]:
     src = init_dir(cfg)
     if src is not None:
         load_weights(model, src / WEIGHTS)
-    set_stage_trainable(model, cfg.finetune.stage, cfg.model.train_lm)
+    if cfg.finetune.stage == 2 and cfg.model.lm_texts_steps > 0 and not cfg.finetune.resume:
+        from medvlp.finetune.report.lmtext import read_texts, warmup_lm
+
+        losses = warmup_lm(model.lm, tok, read_texts(cfg.model.lm_texts), cfg.model.lm_texts_steps,
+                           cfg.model.lm_texts_lr, context=cfg.model.context_length, seed=cfg.finetune.seed)
+        log.info("LM warm-up on %s: %d steps, loss %.3f -> %.3f", cfg.model.lm_texts, len(losses), losses[0],
+                 losses[-1])
+    set_stage_trainable(model, cfg.finetune.stage, cfg.model.train_lm, cfg.finetune.train_resampler)
     return model, tok
 
 
@@ -133,10 +149,10 @@ class ReportStage:
 
     def loss(self, model: nn.Module, batch: dict):
         if "input_ids" not in batch:  # stage 1
-            logits = model(batch["feats"], batch["feats_mask"])
+            logits = model(batch["feats"], batch["feats_mask"], batch.get("coords"))
             y = batch["class_index"]
             return F.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean().detach()}
-        out = model(batch["feats"], batch["feats_mask"], input_ids=batch["input_ids"],
+        out = model(batch["feats"], batch["feats_mask"], batch.get("coords"), input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"], labels=batch["labels"])
         return out.loss, {}
 
@@ -144,7 +160,8 @@ class ReportStage:
         if self.tok is None and cfg.finetune.stage == 2:
             self.tok = tokenizer_for(cfg)
         for b in train_batches(cfg.data, cfg.finetune.batch_size, cfg.finetune.seed, rank, world, epoch, start_step):
-            out = {"feats": b["feats"], "feats_mask": b["feats_mask"], "class_index": b["class_index"]}
+            out = {"feats": b["feats"], "feats_mask": b["feats_mask"], "coords": b["coords"],
+                   "class_index": b["class_index"]}
             if cfg.finetune.stage == 2:
                 out.update(self.tok.training_batch(b["text"], cfg.model.prompt, cfg.model.context_length))
             yield out
@@ -165,7 +182,7 @@ class ReportStage:
 @torch.no_grad()
 def classify_metrics(model: ReportModel, cfg: ReportConfig) -> dict:
     sp = load_split(cfg.data, cfg.eval.split, cfg.eval.max_samples)
-    logits = torch.cat([model(f, m) for f, m in sp.batches(cfg.gen.batch_size)])
+    logits = torch.cat([model(f, m, c) for f, m, c in sp.batches(cfg.gen.batch_size)])
     y = torch.from_numpy(sp.class_index)
     return {"acc": float((logits.argmax(-1) == y).float().mean()),
             "ce": float(F.cross_entropy(logits, y)), "n": float(len(sp))}
