@@ -57,3 +57,15 @@ def saved_pretrained_run(run, name: str, modality: str, seed: int = 0):
     save_state_dict(model.state_dict(), run / "model.safetensors", model_metadata(model))
     (run / "config.json").write_text(json.dumps({"model.name": name, "data.modality": modality}))
     return model
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_as_found():
+    """A library call that switches autograd off globally breaks every later test in the process: fail the test that
+    did it (and restore the mode) instead."""
+    import torch
+
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left torch's grad mode disabled (a torch.set_grad_enabled(False) without restore)")

@@ -70,10 +70,15 @@ def run_ladder(runs: Sequence[str], heldout: str, out: str | Path, path: bool = 
                command: str = "", overrides: Sequence[str] = ()) -> dict:
     import torch
 
+    with torch.no_grad():  # a library call: grad mode is restored on return
+        return _run_ladder(runs, heldout, out, path, probe_train, command, overrides)
+
+
+def _run_ladder(runs: Sequence[str], heldout: str, out: str | Path, path: bool, probe_train: int, command: str,
+                overrides: Sequence[str]) -> dict:
     from medvlp.finetune.anatomy.probe import collect_split, mask_statistic_auc, path_features, probe_auc
     from medvlp.finetune.sweep import pm, seed_summary, write_table
 
-    torch.set_grad_enabled(False)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg0, _ = load_run(runs[0], overrides)
