@@ -67,24 +67,37 @@ class RowDecodeError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ decoding
+UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def pil_image(im: Image.Image) -> Image.Image | np.ndarray:
+    """A loaded PIL image in the form the shards keep: EXIF orientation applied; 16-bit modes ("I;16*", "I") as a
+    (H, W) uint16 array; bilevel / grey+alpha as "L"; anything else but "L" / "RGB" as "RGB". Float ("F") images
+    are refused (ValueError)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in UINT16_MODES:
+        arr = np.asarray(im)
+        if arr.dtype != np.uint16:
+            if arr.size and (arr.min() < 0 or arr.max() > 65535):
+                raise ValueError(f"32-bit image values {arr.min()}..{arr.max()} do not fit 16 bits")
+            arr = arr.astype(np.uint16)
+        return arr
+    if im.mode in ("1", "LA", "La"):
+        return im.convert("L")
+    if im.mode not in ("L", "RGB"):
+        if im.mode == "F":
+            raise ValueError("floating-point images are not supported; store 8- or 16-bit PNG")
+        return im.convert("RGB")
+    return im
+
+
 def load_image(path: str, image_size: int) -> np.ndarray:
     """Image file -> (H, W) or (H, W, 3) uint8, or (H, W) uint16, longer side <= image_size."""
     with Image.open(path) as im:
         im.load()
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-            arr = np.asarray(im)
-            if arr.dtype != np.uint16:
-                if arr.size and (arr.min() < 0 or arr.max() > 65535):
-                    raise ValueError(f"32-bit image values {arr.min()}..{arr.max()} do not fit 16 bits")
-                arr = arr.astype(np.uint16)
-            return _resize_u16(arr, image_size)
-        if im.mode in ("1", "LA", "La"):
-            im = im.convert("L")
-        elif im.mode not in ("L", "RGB"):
-            if im.mode == "F":
-                raise ValueError("floating-point images are not supported; store 8- or 16-bit PNG")
-            im = im.convert("RGB")
+        im = pil_image(im)
+        if isinstance(im, np.ndarray):
+            return _resize_u16(im, image_size)
         w, h = im.size
         nw, nh = _bounded(w, h, image_size)
         if (nw, nh) != (w, h):

@@ -351,16 +351,9 @@ def decode_image(image: Any) -> np.ndarray:
     if not isinstance(image, Image.Image):
         raise ValueError(f"image of type {type(image).__name__}: expected a path, bytes, PIL image or array")
     image.load()
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(image)
-        if arr.dtype != np.uint16:
-            if arr.size and (arr.min() < 0 or arr.max() > 65535):
-                raise ValueError(f"image values {arr.min()}..{arr.max()} are not 16-bit (0..65535)")
-            arr = arr.astype(np.uint16)
-        return arr
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
-    return np.asarray(image)
+    from medvlp.data_shards.build import pil_image  # the shards' own decoding (EXIF, 16-bit, modes)
+
+    return np.asarray(pil_image(image))
 
 
 def image_preprocess(src: str | os.PathLike | Pretrained) -> Callable[[Any], torch.Tensor]:

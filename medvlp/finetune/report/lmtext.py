@@ -46,17 +46,6 @@ def read_texts(path: str | Path) -> list[str]:
     return out
 
 
-def _batch(tok, texts: list[str], context: int) -> dict[str, torch.Tensor]:
-    rows = [([tok.bos_id] + tok.encode(t))[: context - 1] + [tok.eos_id] for t in texts]
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), tok.pad_id, dtype=torch.long)
-    am = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        am[i, : len(r)] = 1
-    return {"input_ids": ids, "attention_mask": am, "labels": ids.masked_fill(am == 0, -100)}
-
-
 def warmup_lm(lm, tok, texts: list[str], steps: int, lr: float = 1e-3, batch_size: int = 16, context: int = 160,
               seed: int = 0) -> list[float]:
     """Train the LM's own weights (not the XATTN blocks: no latents) on `texts` for `steps`; returns the losses."""
@@ -71,7 +60,7 @@ def warmup_lm(lm, tok, texts: list[str], steps: int, lr: float = 1e-3, batch_siz
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, len(texts), (min(batch_size, len(texts)),), generator=g).tolist()
-        out = lm(**_batch(tok, [texts[i] for i in idx], context), latents=None)
+        out = lm(**tok.text_batch([texts[i] for i in idx], context), latents=None)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -89,7 +78,7 @@ def perplexity(lm, tok, texts: list[str], context: int = 160, batch_size: int = 
     lm.eval()
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        b = _batch(tok, texts[i:i + batch_size], context)
+        b = tok.text_batch(texts[i:i + batch_size], context)
         n = int((b["labels"][:, 1:] != -100).sum())
         total += float(lm(**b, latents=None).loss) * n
         count += n

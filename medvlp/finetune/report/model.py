@@ -54,20 +54,21 @@ class ReportTokenizer:
     def training_batch(self, reports: list[str], prompt: str, context: int) -> dict[str, torch.Tensor]:
         """[BOS] train_text(report) [EOS], right-padded to the longest (at most `context`); labels = ids with the
         prompt and the padding set to -100 (no loss on them)."""
-        n_prompt = 1 + len(self.encode(prompt))
-        rows = []
-        for r in reports:
-            ids = [self.bos_id] + self.encode(train_text(r))
-            rows.append((ids[: context - 1] + [self.eos_id]))
+        out = self.text_batch([train_text(r) for r in reports], context)
+        out["labels"][:, : 1 + len(self.encode(prompt))] = -100
+        return out
+
+    def text_batch(self, texts: list[str], context: int) -> dict[str, torch.Tensor]:
+        """[BOS] text [EOS] per text, right-padded to the longest (at most `context`); labels = ids with the padding
+        set to -100."""
+        rows = [([self.bos_id] + self.encode(t))[: context - 1] + [self.eos_id] for t in texts]
         L = max(len(r) for r in rows)
         ids_BL = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
         am_BL = torch.zeros(len(rows), L, dtype=torch.long)
         for i, r in enumerate(rows):
             ids_BL[i, : len(r)] = torch.tensor(r)
             am_BL[i, : len(r)] = 1
-        labels = ids_BL.masked_fill(am_BL == 0, -100)
-        labels[:, :n_prompt] = -100
-        return {"input_ids": ids_BL, "attention_mask": am_BL, "labels": labels}
+        return {"input_ids": ids_BL, "attention_mask": am_BL, "labels": ids_BL.masked_fill(am_BL == 0, -100)}
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         return clean(self.tok.decode(ids, skip_special_tokens=True))
