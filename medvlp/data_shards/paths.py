@@ -30,9 +30,17 @@ from typing import Iterable
 
 
 class PathError(ValueError):
-    """A path that the policy refuses; the message names the item and why."""
+    """A path that the policy refuses; the message names the item and why. `reason`: "outside" (the written path
+    leaves every root), "symlink" (its real location does), "special" (a FIFO, socket or device), or "" (a name)."""
 
     user_facing = True
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (PathError, (str(self), self.reason))
 
 
 def plain_name(name: object, where: str = "") -> str:
@@ -69,22 +77,24 @@ class PathPolicy:
     def _what_roots(self) -> str:
         return ", ".join(self.roots) if len(self.roots) > 1 else self.roots[0]
 
-    def resolve(self, given: str | os.PathLike, base: str | os.PathLike | None = None, what: str = "") -> Path:
+    def resolve(self, given: str | os.PathLike, base: str | os.PathLike | None = None, what: str = "",
+                walk: bool = True) -> Path:
         """`given` (relative to `base`, default the first root) checked against the policy; returns the path."""
         base = os.fspath(base) if base is not None else self.roots[0]
         p = os.fspath(given)
-        return self.check(p if os.path.isabs(p) else os.path.join(base, p), what=what, given=p)
+        return self.check(p if os.path.isabs(p) else os.path.join(base, p), what=what, given=p, walk=walk)
 
-    def check(self, path: str | os.PathLike, what: str = "", given: str | None = None) -> Path:
-        """A path already joined to its base, checked against the policy (see the module doc)."""
+    def check(self, path: str | os.PathLike, what: str = "", given: str | None = None, walk: bool = True) -> Path:
+        """A path already joined to its base, checked against the policy (see the module doc). `walk=False`: a
+        folder is checked itself, not file by file (for callers that check each file they then open)."""
         pre = f"{what}: " if what else ""
         shown = given if given is not None else os.fspath(path)
         lex = os.path.abspath(os.fspath(path))
         if not _under(lex, self.roots):
             raise PathError(f"{pre}{shown!r} lies outside the data root {self._what_roots()}; paths in a manifest "
-                            "resolve under its folder (widen it with --root DIR, importers: root=DIR)")
+                            "resolve under its folder (widen it with --root DIR, importers: root=DIR)", "outside")
         self._check_real(lex, pre, shown)
-        if os.path.isdir(lex):
+        if walk and os.path.isdir(lex):
             for dirpath, dirnames, filenames in os.walk(lex, followlinks=self.follow_symlinks):
                 for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
                     self._check_real(os.path.join(dirpath, name), pre, os.path.join(shown, os.path.relpath(
@@ -95,14 +105,15 @@ class PathPolicy:
         real = os.path.realpath(lex)
         if not self.follow_symlinks and not _under(real, self.real_roots):
             raise PathError(f"{pre}{shown!r} is a symlink to {real}, outside the data root {self._what_roots()}; "
-                            "refused (allow with --follow-symlinks, importers: follow_symlinks=true)")
+                            "refused (allow with --follow-symlinks, importers: follow_symlinks=true)", "symlink")
         try:
             mode = os.stat(real).st_mode
         except OSError:
             return  # missing: the caller reports it
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-            raise PathError(f"{pre}{shown!r} is {kind}, not a file (reading it would block or never end)")
+            raise PathError(f"{pre}{shown!r} is {kind}, not a file (reading it would block or never end)",
+                            "special")
 
     def read_text(self, path: str | os.PathLike, what: str = "") -> str:
         """The text of a file the policy allows: UTF-8 (a BOM is dropped), no NUL bytes; PathError naming the file

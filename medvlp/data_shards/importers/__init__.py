@@ -2,9 +2,11 @@
 
 kinds: medmnist (.npz), chexpert (CheXpert / MIMIC-CXR label CSV + images), iuxray (reports + projections CSVs +
 images), pcam (PatchCamelyon HDF5), mimic_cxr (MIMIC-CXR DICOM tree + reports), ct_reports (NIfTI volumes + reports
-CSV, organ masks from segmentations/ folders), covid_chestxray (metadata.csv + images/, clinical notes), medpix (MedPix 2.0
-Descriptions.json + Case_topic.json + images/), roco (ROCO radiology folders: captions + images/), class_folders (one folder per tissue class of
-tiles: NCT-CRC-HE-100K / Kather), camelyon17 (Camelyon17-WILDS patches + metadata.csv, split by hospital). Options arrive as Python values or as the CLI's `KEY=VALUE` strings; each
+CSV, organ masks from segmentations/ folders), covid_chestxray (metadata.csv + images/, clinical notes), medpix
+(MedPix 2.0 Descriptions.json + Case_topic.json + images/), roco (ROCO radiology folders: captions + images/),
+class_folders (one folder of tiles per tissue class: NCT-CRC-HE-100K / Kather), camelyon17 (Camelyon17-WILDS
+patches + metadata.csv, split by hospital), nih_cxr14 (NIH ChestX-ray14 labels, boxes and images*/ folders).
+Options arrive as Python values or as the CLI's `KEY=VALUE` strings; each
 importer converts them to their types and rejects unknown ones by name.
 """
 from __future__ import annotations

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from medvlp.data_shards.importers.common import coerce_options, write_dataset
+from medvlp.data_shards.paths import PathError, PathPolicy
 from medvlp.data_shards.schema import LabelSpec, Sample
 
 EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
@@ -63,10 +64,16 @@ def class_name(folder: str) -> str:
 
 
 def inside(path: Path, root: Path, what: str) -> Path:
-    """`path` resolved; refuses one whose target (after symlinks) lies outside `root`."""
+    """`path` resolved; refuses one whose target (after symlinks) lies outside `root`, or that is a FIFO, socket or
+    device (the data-root policy, `medvlp.data_shards.paths.PathPolicy`)."""
     real = path.resolve()
-    if not real.is_relative_to(root):
-        raise ImportLayoutError(f"{what} {path}: resolves to {real}, outside the source folder {root}; refused")
+    try:
+        PathPolicy.for_source(root).check(real, walk=False)
+    except PathError as e:
+        if e.reason == "special":
+            raise ImportLayoutError(f"{what} {path}: not a regular file (a FIFO, socket or device); refused") from None
+        raise ImportLayoutError(f"{what} {path}: resolves to {real}, outside the source folder {root}; refused") \
+            from None
     return real
 
 

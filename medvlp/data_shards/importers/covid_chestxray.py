@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from medvlp.data_shards.importers.common import IMAGE_FILE_OPTIONS, build_image_rows
-from medvlp.data_shards.importers.layout import (LayoutError, label_group, limit_rows, options, require_columns,
-                                                 resolve_within, source_file, source_root, split_record)
-from medvlp.data_shards.manifest import Row, assign_splits, check_files, check_global, iter_csv_rows, sanitise_key
+from medvlp.data_shards.importers.layout import (LayoutError, label_group, limit_rows, options, place_rows,
+                                                 require_columns, resolve_within, source_file, source_root,
+                                                 split_record, usable_rows)
+from medvlp.data_shards.manifest import Row, iter_csv_rows, sanitise_key
 
 OPTIONS = {**{k: v for k, v in IMAGE_FILE_OPTIONS.items() if k != "root"},
            "metadata": (str, "metadata.csv", "the metadata CSV, relative to the source folder"),
@@ -110,13 +111,8 @@ def import_covid_chestxray(src: str | Path, out_dir: str | Path, **opts: Any) ->
     root = source_root(src, "covid_chestxray")
     csv_path = source_file(root, o["metadata"], "covid_chestxray", "the data set's metadata CSV")
     rows, errors, counts = _rows(csv_path, root, o)
-    rows, more = check_global(rows)  # duplicated file names (one image on two rows) are bad rows
-    errors += more
-    rows, more = check_files(rows)  # before the split record and label counts, so they count what is built
-    errors += more
-    if not rows:
-        raise LayoutError(f"covid_chestxray importer: {csv_path}: no usable row ({len(errors)} bad; first: "
-                          f"{errors[0] if errors else 'none of modality ' + o['modalities']})")
+    rows = usable_rows(rows, errors, "covid_chestxray", csv_path, "row",  # a file on two rows is a bad row
+                       "none of modality " + o["modalities"])
     term_counts: dict[str, int] = {}
     for r in rows:
         for t in finding_terms(r.meta.get("finding", "")):
@@ -127,11 +123,7 @@ def import_covid_chestxray(src: str | Path, out_dir: str | Path, **opts: Any) ->
         if f.strip().lower() not in NO_LABEL:
             terms = set(finding_terms(f))
             r.labels = {t: int(t in terms) for t in vocab}
-    if o["split"] == "auto":
-        assign_splits(rows, o["val_frac"], o["test_frac"], o["seed"])
-    else:
-        for r in rows:
-            r.split = o["split"]
+    place_rows(rows, o)
     rows = limit_rows(rows, o["limit"])
     groups = {}
     for name, field, tmpl, prompts in (("view", "view", ["a chest x-ray, {c} view."], VIEW_PROMPTS),

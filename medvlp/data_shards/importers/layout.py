@@ -20,7 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from medvlp.data_shards.manifest import Row
+from medvlp.data_shards.manifest import Row, assign_splits, check_files, check_global
+from medvlp.data_shards.paths import PathError, PathPolicy
 from medvlp.data_shards.schema import LabelSpec
 
 
@@ -57,21 +58,21 @@ def source_root(src: str | os.PathLike, kind: str) -> Path:
 
 
 def resolve_within(root: Path, given: str) -> tuple[str | None, str | None]:
-    """(path under `root`, None) or (None, why): relative, no '..', and its real path inside root's."""
+    """(path under `root`, None) or (None, why). These layouts name their files relative to their folder, so an
+    absolute path is refused; the rest is the data-root policy (`medvlp.data_shards.paths.PathPolicy`): the written
+    path and its real location (symlinks followed) stay under `root`, and a FIFO, socket or device is refused."""
     g = str(given).strip()
     if not g:
         return None, "empty path"
-    p = Path(g.replace("\\", "/"))
-    if p.is_absolute() or g.startswith(("/", "\\")) or (len(g) > 1 and g[1] == ":"):
+    rel = g.replace("\\", "/")
+    if Path(rel).is_absolute() or (len(g) > 1 and g[1] == ":"):
         return None, f"{g!r}: an absolute path (paths must be relative to the source folder)"
-    if ".." in p.parts:
-        return None, f"{g!r}: leaves the source folder ('..')"
-    full = root / p
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(full)
-    if os.path.commonpath([real, real_root]) != real_root:
-        return None, f"{g!r}: a symlink that leaves the source folder"
-    return str(full), None
+    try:
+        return str(PathPolicy.for_source(root).resolve(rel, base=root, walk=False)), None
+    except PathError as e:
+        return None, {"symlink": f"{g!r}: a symlink that leaves the source folder",
+                      "special": f"{g!r}: not a regular file (a FIFO, socket or device)"}.get(
+                          e.reason, f"{g!r}: leaves the source folder ('..')")
 
 
 def source_file(root: Path, name: str, kind: str, what: str) -> Path:
@@ -119,6 +120,29 @@ def split_record(rows: list[Row], group: str) -> dict[str, Any]:
         groups[s] += 1
     return {"group_by": group, "group_disjoint": True, "groups": dict(sorted(groups.items())),
             "samples": dict(sorted(samples.items()))}
+
+
+def usable_rows(rows: list[Row], errors: list[str], kind: str, where: str | Path, what: str,
+                if_none: str) -> list[Row]:
+    """The builder's global and file checks (duplicate keys, missing files, ...: bad rows are appended to
+    `errors`); a LayoutError naming `where` when no row is left (`if_none` says why when nothing was bad)."""
+    rows, more = check_global(rows)
+    errors += more
+    rows, more = check_files(rows)  # before split records and label counts, so they count what is built
+    errors += more
+    if not rows:
+        raise LayoutError(f"{kind} importer: {where}: no usable {what} ({len(errors)} bad; first: "
+                          f"{errors[0] if errors else if_none})")
+    return rows
+
+
+def place_rows(rows: list[Row], o: dict[str, Any], release_splits: bool = False) -> None:
+    """Splits: option split=train|val|test puts every row there unless the release's own splits are used; rows
+    still without a split go by group (`Row.patient_id`: patient, case, image) with a seeded hash."""
+    if not release_splits and o["split"] != "auto":
+        for r in rows:
+            r.split = o["split"]
+    assign_splits(rows, o["val_frac"], o["test_frac"], o["seed"])
 
 
 def limit_rows(rows: list[Row], limit: int) -> list[Row]:

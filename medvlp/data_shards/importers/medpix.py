@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from medvlp.data_shards.importers.common import IMAGE_FILE_OPTIONS, build_image_rows
-from medvlp.data_shards.importers.layout import (LayoutError, label_group, limit_rows, options, require_columns,
-                                                 resolve_within, source_file, source_root, split_record)
-from medvlp.data_shards.manifest import Row, assign_splits, check_files, check_global, iter_jsonl_rows, sanitise_key
+from medvlp.data_shards.importers.layout import (LayoutError, label_group, limit_rows, options, place_rows,
+                                                 require_columns, resolve_within, source_file, source_root,
+                                                 split_record, usable_rows)
+from medvlp.data_shards.manifest import Row, iter_jsonl_rows, sanitise_key
 
 OPTIONS = {**{k: v for k, v in IMAGE_FILE_OPTIONS.items() if k != "root"},
            "text": (str, "caption", "caption | caption_case (caption + the case's Title and Findings)"),
@@ -136,17 +137,8 @@ def import_medpix(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
         rows.append(Row(source=desc_path.name, line=n, key=sanitise_key("medpix/" + Path(stem).stem), kind="image",
                         paths={"image": path}, given={"image": given}, text=caption, labels=labels, patient_id=uid,
                         split=split, modality="cxr", dataset="medpix", meta=meta))
-    rows, more = check_global(rows)
-    errors += more
-    rows, more = check_files(rows)
-    errors += more
-    if not rows:
-        raise LayoutError(f"medpix importer: {desc_path}: no usable record ({len(errors)} bad; first: "
-                          f"{errors[0] if errors else 'the list is empty'})")
-    if official is None and o["split"] != "auto":
-        for r in rows:
-            r.split = o["split"]
-    assign_splits(rows, o["val_frac"], o["test_frac"], o["seed"])
+    rows = usable_rows(rows, errors, "medpix", desc_path, "record", "the list is empty")
+    place_rows(rows, o, release_splits=official is not None)
     rows = limit_rows(rows, o["limit"])
     groups = {}
     for name, field, tmpl, prompts in (("modality", "source_modality", ["a {c} image."], TYPE_PROMPTS),

@@ -29,6 +29,7 @@ from typing import Any
 
 from medvlp.data_shards.importers.common import IMAGE_FILE_OPTIONS, build_image_rows, coerce_options
 from medvlp.data_shards.manifest import Row, sanitise_key
+from medvlp.data_shards.paths import PathError, PathPolicy
 
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
             "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
@@ -50,11 +51,12 @@ OPTIONS = {**{k: v for k, v in IMAGE_FILE_OPTIONS.items() if k != "root"},
 
 
 def _inside(path: Path, root: Path) -> bool:
-    """`path` resolves (symlinks followed) to `root` or below it."""
+    """`path` resolves (symlinks followed) to `root` or below it, and is no FIFO, socket or device: the data-root
+    policy (`medvlp.data_shards.paths.PathPolicy`)."""
     try:
-        path.resolve().relative_to(root)
+        PathPolicy.for_source(root).check(path.resolve(), walk=False)
         return True
-    except (ValueError, OSError, RuntimeError):
+    except (PathError, OSError, RuntimeError):
         return False
 
 

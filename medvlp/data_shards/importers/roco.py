@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from medvlp.data_shards.importers.common import IMAGE_FILE_OPTIONS, build_image_rows
-from medvlp.data_shards.importers.layout import (LayoutError, limit_rows, options, require_columns, resolve_within,
-                                                 source_root, split_record)
-from medvlp.data_shards.manifest import (Row, assign_splits, check_files, check_global, iter_csv_rows, read_text,
-                                         sanitise_key)
+from medvlp.data_shards.importers.layout import (LayoutError, limit_rows, options, place_rows, require_columns,
+                                                 resolve_within, source_root, split_record, usable_rows)
+from medvlp.data_shards.manifest import Row, iter_csv_rows, read_text, sanitise_key
 
 OPTIONS = {**{k: v for k, v in IMAGE_FILE_OPTIONS.items() if k != "root"},
            "official": (bool, True, "use the release's split folders (else a seeded hash of the image id)")}
@@ -106,17 +105,8 @@ def import_roco(src: str | Path, out_dir: str | Path, **opts: Any) -> dict:
                             paths={"image": path}, given={"image": given}, text=caption, labels={},
                             patient_id=ident, split=SPLIT_DIRS[folder] if o["official"] else None, modality="cxr",
                             dataset="roco", meta={"roco_id": ident, "release_split": folder}))
-    rows, more = check_global(rows)
-    errors += more
-    rows, more = check_files(rows)
-    errors += more
-    if not rows:
-        raise LayoutError(f"roco importer: {root}: no usable caption ({len(errors)} bad; first: "
-                          f"{errors[0] if errors else 'no lines'})")
-    if not o["official"] and o["split"] != "auto":
-        for r in rows:
-            r.split = o["split"]
-    assign_splits(rows, o["val_frac"], o["test_frac"], o["seed"])
+    rows = usable_rows(rows, errors, "roco", root, "caption", "no lines")
+    place_rows(rows, o, release_splits=bool(o["official"]))
     rows = limit_rows(rows, o["limit"])
     extra = {"source": {"kind": "roco", "path": str(root.resolve()), "captions": sources},
              "splits_by": {**split_record(rows, "image id"), "official": bool(o["official"]),

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medvlp.data_shards.paths import PathError, PathPolicy
 from medvlp.data_shards.schema import Sample
 from medvlp.data_shards.writer import write_index, write_shards
 
@@ -66,9 +67,12 @@ def _inside(root: Path, rel: str, where: str) -> Path:
     p = Path(rel)
     if p.is_absolute():
         raise BagManifestError(f"{where}: {rel!r} is absolute; paths are relative to the manifest's folder")
-    full = (root / p).resolve()
-    if not full.is_relative_to(root.resolve()):
-        raise BagManifestError(f"{where}: {rel!r} leaves the manifest's folder")
+    try:  # the data-root policy (medvlp.data_shards.paths): written path and real location under the folder
+        full = PathPolicy.for_source(root).resolve(p, base=root, walk=False)
+    except PathError as e:
+        raise BagManifestError(f"{where}: {rel!r} " + ("is not a regular file (a FIFO, socket or device)"
+                                                       if e.reason == "special" else "leaves the manifest's folder")) \
+            from None
     if not full.is_file():
         raise BagManifestError(f"{where}: {rel!r} does not exist")
     return full
