@@ -267,19 +267,6 @@ def load_pretrained_model(path: str) -> Any:
     return load_pretrained(path)
 
 
-def check_checkpoint_files(ckpt: Path) -> None:
-    """Open every pickle of an accelerate checkpoint with the safe loader (tensors, numbers, containers, numpy RNG
-    arrays only) before `load_state` unpickles them in full; `pretrain.LoadError` naming the file otherwise."""
-    from accelerate.utils.other import TORCH_SAFE_GLOBALS
-
-    from medvlp.pretrain.weights import check_deepspeed_files, safe_torch_load
-
-    for f in sorted(ckpt.glob("*.pkl")) + sorted(ckpt.glob("*.bin")):
-        safe_torch_load(f, list(TORCH_SAFE_GLOBALS))
-    for sub in sorted(p for p in ckpt.iterdir() if p.is_dir()):  # DeepSpeed's own layout
-        check_deepspeed_files(sub)
-
-
 def _deepspeed_plugin(rc: RunnerConfig):
     from accelerate import DeepSpeedPlugin
 
@@ -443,7 +430,9 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
     if rc.resume:
         ckpts = spine.own_checkpoints(out, spine.read_run_uid(out))  # never another run's
         if ckpts:
-            check_checkpoint_files(ckpts[-1])
+            from medvlp.pretrain.checkpoint import safe_load_gate
+
+            safe_load_gate(ckpts[-1])  # before accelerate's load_state unpickles its files in full
             accelerator.load_state(str(ckpts[-1]))
             resumed_from = state.step
             # the restored lr belongs to the saved schedule; recompute it from this config's (steps may have grown)

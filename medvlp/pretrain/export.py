@@ -409,9 +409,11 @@ def default_format(spec: dict) -> str:
 
 
 def build_mlflow_model(run_dir: str | os.PathLike, step: int | None = None, to: str | None = None,
-                       out: str | os.PathLike | None = None) -> Path:
+                       out: str | os.PathLike | None = None, signature: bool = True) -> Path:
     """An MLflow pyfunc model folder (MLmodel + the export as artifact "export", models-from-code: no pickle) of
-    the run's model, in open_clip or hf format (whichever fits unless `to` says). Default folder: RUN/mlflow_model."""
+    the run's model, in open_clip or hf format (whichever fits unless `to` says). Default folder: RUN/mlflow_model.
+    `signature`: declare the DataFrame input/output schema (`mlflow_signature`); without it MLflow does not
+    enforce a schema, and `predict` also takes a plain list of texts (mlflow_pyfunc.py)."""
     import tempfile
 
     import mlflow
@@ -429,7 +431,7 @@ def build_mlflow_model(run_dir: str | os.PathLike, step: int | None = None, to: 
         folder = export_pretrained(pre, fmt, Path(tmp) / "export")
         mlflow.pyfunc.save_model(str(out), python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),
                                  artifacts={"export": str(folder)}, pip_requirements=[],
-                                 signature=mlflow_signature(pre.embed_dim),
+                                 signature=mlflow_signature(pre.embed_dim) if signature else None,
                                  metadata={"medvlp_format": fmt, "medvlp_step": pre.step,
                                            "medvlp_embed_dim": pre.embed_dim, "medvlp_modality": pre.modality})
     make_readable(out)
@@ -453,7 +455,8 @@ def mlflow_signature(embed_dim: int):
 def log_model_artifact(run_dir: str | os.PathLike, step: int | None = None, to: str | None = None, *,
                        tracker=None, run_id: str | None = None, tracking_uri: str | None = None,
                        artifact_path: str = "model") -> str:
-    """Build the run's MLflow pyfunc model (`build_mlflow_model`, into RUN/mlflow_model) and log it as the artifact
+    """Build the run's MLflow pyfunc model (`build_mlflow_model` without an input schema, into RUN/mlflow_model: it
+    takes a list of texts as well as the DataFrame of `medvlp export --to mlflow`) and log it as the artifact
     directory `artifact_path` of an MLflow run: through `tracker` (the training loop's `Tracker`; a model no format
     can express is then skipped with a warning), else of `run_id` (default: the run recorded in the latest
     checkpoint). Register it with `mlflow.register_model("runs:/<run_id>/model", NAME)`. Returns that URI ("" when
@@ -463,7 +466,7 @@ def log_model_artifact(run_dir: str | os.PathLike, step: int | None = None, to: 
         if not rid:
             return ""
         try:
-            folder = build_mlflow_model(run_dir, step, to)
+            folder = build_mlflow_model(run_dir, step, to, signature=False)
         except (ExportError, LoadError) as e:
             log.warning("model artifact not logged: %s", e)
             return ""
@@ -474,7 +477,7 @@ def log_model_artifact(run_dir: str | os.PathLike, step: int | None = None, to: 
     run_id = run_id or _recorded_run_id(Path(run_dir))
     if run_id is None:
         raise ExportError(f"{run_dir}: no MLflow run recorded in its checkpoints (pass run_id=)")
-    folder = build_mlflow_model(run_dir, step, to)
+    folder = build_mlflow_model(run_dir, step, to, signature=False)
     client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri)
     client.log_artifacts(run_id, str(folder), artifact_path)
     return f"runs:/{run_id}/{artifact_path}"

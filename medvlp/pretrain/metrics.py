@@ -253,13 +253,12 @@ def single_class_columns(labels_NK, names: Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- retrieval
-def recall_at_k(sim_QC, gt=None, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
-    """Fraction of queries whose correct candidate is among the top k by similarity.
+def retrieval_ranks(sim_QC, gt=None) -> np.ndarray:
+    """1-based rank of each query's best correct candidate: 1 + the number of *wrong* candidates scoring >= it (ties
+    are pessimistic, so a collapsed model with constant similarities ranks last, never first).
 
     `gt`: None (query q's correct candidate is candidate q), an int array (Q,) of correct candidate indices, or a
     boolean matrix (Q, C) marking every correct candidate (e.g. identical report texts).
-    Ties are pessimistic: a query's rank is the number of *wrong* candidates scoring >= its best correct one,
-    so a collapsed model with constant similarities gets R@k ≈ k/C, never a perfect score.
     """
     sim_QC = _np(sim_QC).astype(np.float64)
     n_q, n_c = sim_QC.shape
@@ -280,8 +279,14 @@ def recall_at_k(sim_QC, gt=None, ks: Sequence[int] = (1, 5, 10)) -> dict[int, fl
     if not mask_QC.any(axis=1).all():
         raise ValueError(f"recall_at_k: query {int(np.flatnonzero(~mask_QC.any(axis=1))[0])} has no correct candidate")
     best_Q = np.where(mask_QC, sim_QC, -np.inf).max(axis=1)
-    rank_Q = ((sim_QC >= best_Q[:, None]) & ~mask_QC).sum(axis=1)  # 0 = correct item ranked first
-    return {int(k): float((rank_Q < k).mean()) for k in ks}
+    return 1 + ((sim_QC >= best_Q[:, None]) & ~mask_QC).sum(axis=1)
+
+
+def recall_at_k(sim_QC, gt=None, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """Fraction of queries whose correct candidate is among the top k by similarity (`retrieval_ranks` <= k; `gt`
+    as there)."""
+    rank_Q = retrieval_ranks(sim_QC, gt)
+    return {int(k): float((rank_Q <= k).mean()) for k in ks}
 
 
 # ----------------------------------------------------------------------------------------------- probes

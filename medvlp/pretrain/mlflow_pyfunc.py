@@ -6,8 +6,11 @@
 
 Input (the model's signature): a DataFrame with an optional string column "text" and an optional binary column
 "image" (an encoded PNG or JPEG, 8- or 16-bit, grey or RGB; over MLflow's REST API: base64); a row may have either
-or both. A list of strings or one string means texts. Output: a DataFrame with the L2-normalised embeddings as
-float lists, "text_embedding" and "image_embedding" (None where the row had no such input). Images go through
+or both; output: a DataFrame with the L2-normalised embeddings as float lists, "text_embedding" and
+"image_embedding" (None where the row had no such input). A list of strings (or one string) means texts, and its
+output is the (N, E) float32 array of their embeddings. MLflow's schema enforcement turns a plain list into an
+empty DataFrame, so the list form works on the model logged at the end of training (no input schema) and not on
+`medvlp export --to mlflow`'s model, whose signature declares the DataFrame columns. Images go through
 medvlp's own preprocessing (`medvlp.pretrain.export.image_preprocess`), so 16-bit input is scaled as in training.
 The export itself is the artifact "export" (load it with `medvlp.pretrain.load_pretrained(local_path)`, or with
 open_clip / transformers per its format).
@@ -43,7 +46,8 @@ class MedVLPEmbedder(PythonModel):
 
         if isinstance(model_input, str):
             model_input = [model_input]
-        if isinstance(model_input, (list, tuple)):
+        texts_only = isinstance(model_input, (list, tuple))
+        if texts_only:
             model_input = pd.DataFrame({"text": [str(t) for t in model_input]})
         elif isinstance(model_input, dict):
             model_input = pd.DataFrame(model_input)
@@ -67,6 +71,10 @@ class MedVLPEmbedder(PythonModel):
                 emb = model.encode_image(x).float()
                 for i, e in zip(part, emb):
                     out_img[i] = e.tolist()
+        if texts_only:
+            import numpy as np
+
+            return np.asarray(out_txt, dtype=np.float32).reshape(n, -1)
         return pd.DataFrame({"text_embedding": out_txt, "image_embedding": out_img})
 
 

@@ -45,13 +45,14 @@ DIRECTIONS = (("i2t", "image → text"), ("t2i", "text → image"))
 
 # ----------------------------------------------------------------------------------------------- retrieval
 def ranks(sim_QC: np.ndarray, same_QC: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's best correct candidate; ties count against the query."""
-    sim_QC = np.asarray(sim_QC, dtype=np.float64)
+    """1-based rank of each query's best correct candidate; ties count against the query
+    (`metrics.retrieval_ranks`)."""
+    from medvlp.pretrain.metrics import retrieval_ranks
+
     same_QC = np.asarray(same_QC, dtype=bool)
     if not same_QC.any(axis=1).all():
         raise ValueError("ranks: a query has no correct candidate")
-    best_Q = np.where(same_QC, sim_QC, -np.inf).max(axis=1)
-    return 1 + ((sim_QC >= best_Q[:, None]) & ~same_QC).sum(axis=1)
+    return retrieval_ranks(sim_QC, same_QC)
 
 
 def _chance_cdf(c: int, n: int) -> np.ndarray:

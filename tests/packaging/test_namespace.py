@@ -79,9 +79,6 @@ def test_our_loss_and_transformers_models_in_one_process():
                                          intermediate_size=32))
     ids = torch.tensor([[1, 2, 3]])
     print(bert(ids).last_hidden_state.shape[-1], bio(ids).logits.shape[-1])
-    import sys
-    print("hf_kernels" if "kernels" in sys.modules and "site-packages" in (sys.modules["kernels"].__file__ or "")
-          else "no_hf_kernels")
     """
     proc = _py(code, REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
