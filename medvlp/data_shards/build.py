@@ -215,14 +215,15 @@ def load_row(row: Row, image_size: int, read: readers.ReadOptions | None = None)
 
         s.extra["organs"] = organs_from_report(text, s.extra["organ_names"])
     if row.kind == "image" and readers.is_dicom_file(row.paths["image"]):
-        s.image, more = _clinical("image", readers.load_image_file, row.paths["image"], image_size, read, _resize_u16)
+        s.image, more = _clinical("image", readers.load_image_file, row.paths["image"], image_size, read, _resize_u16,
+                                  row.modality)
         s.meta.update(more)
     elif row.kind == "image":
         s.image = _guard("image", load_image, row.paths["image"], image_size)
     elif row.kind == "volume" and any(readers.is_clinical_volume(row.paths[c]) for c in ("volume", "mask")
                                       if c in row.paths):
         s.volume, s.mask, more = _clinical("volume", readers.load_volume_files, row.paths["volume"],
-                                           row.paths.get("mask"), read, _load_array)
+                                           row.paths.get("mask"), read, _load_array, row.modality)
         s.meta.update(more)
     elif row.kind == "volume":
         s.volume, s.mask = _load_volume(row)

@@ -85,7 +85,7 @@ def _floats(text: str | None, n: int, flag: str) -> tuple[float, ...] | None:
 
 def _read_options(a: argparse.Namespace):
     """ReadOptions and salt of the clinical-format flags of `shards build`."""
-    from medvlp.data_shards.readers import ReadOptions
+    from medvlp.data_shards.readers import ReadOptions, parse_modalities
     from medvlp.data_shards.readers.phi import read_salt
 
     if a.hash_ids != bool(a.salt_file):
@@ -93,7 +93,8 @@ def _read_options(a: argparse.Namespace):
     read = ReadOptions(window=_floats(a.dicom_window, 2, "--dicom-window"), voi=a.dicom_voi,
                        spacing=_floats(a.spacing, 3, "--spacing"),
                        organs=tuple(o for o in (a.organs or "").split(",") if o), hash_ids=a.hash_ids,
-                       keep_burned_in=a.keep_burned_in)
+                       keep_burned_in=a.keep_burned_in,
+                       dicom_modalities=parse_modalities(a.dicom_modality, "--dicom-modality"))
     return read, (read_salt(a.salt_file) if a.hash_ids else None)
 
 
@@ -465,6 +466,9 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--salt-file", default=None, help="file of >= 16 secret bytes salting --hash-ids")
     s.add_argument("--dicom-window", default=None, metavar="C,W",
                    help="window centre,width for DICOM radiographs without a VOI of their own")
+    s.add_argument("--dicom-modality", default=None, metavar="CODES",
+                   help="DICOM Modality codes the build accepts, e.g. CR,DX,MG (default: CR,DX for cxr, CT for ct); "
+                        "a file whose header names another modality is refused")
     s.add_argument("--dicom-voi", choices=["auto", "none"], default="auto",
                    help="auto: use the file's VOI LUT / window when present; none: ignore it")
     s.add_argument("--spacing", default=None, metavar="D,H,W",

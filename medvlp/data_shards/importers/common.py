@@ -92,12 +92,13 @@ CLINICAL_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "spacing": (str, "", "D,H,W mm: resample volumes (masks nearest) to this spacing"),
     "organs": (str, "", "A,B,...: label order of segmentations/ mask folders (default: sorted names)"),
     "keep_burned_in": (bool, False, "keep DICOM files with BurnedInAnnotation=YES (flagged in meta); refused by default"),
+    "dicom_modality": (str, "", "A,B,...: DICOM Modality codes accepted (default: CR,DX for radiographs, CT for volumes)"),
 }
 
 
 def clinical_read(kind: str, o: dict[str, Any], rows: list) -> Any:
     """ReadOptions from the CLINICAL_OPTIONS of `o`; with hash_ids the rows' identifiers are hashed in place."""
-    from medvlp.data_shards.readers import ReadOptions
+    from medvlp.data_shards.readers import ReadOptions, parse_modalities
     from medvlp.data_shards.readers.phi import hash_rows, read_salt
 
     def nums(name: str, n: int):
@@ -117,7 +118,8 @@ def clinical_read(kind: str, o: dict[str, Any], rows: list) -> Any:
         hash_rows(rows, read_salt(o["salt_file"]))
     return ReadOptions(window=nums("window", 2), voi=o["voi"], spacing=nums("spacing", 3),
                        organs=tuple(x for x in o["organs"].split(",") if x), hash_ids=o["hash_ids"],
-                       keep_burned_in=o["keep_burned_in"])
+                       keep_burned_in=o["keep_burned_in"],
+                       dicom_modalities=parse_modalities(o["dicom_modality"], f"{kind} importer: option dicom_modality"))
 
 
 def source_policy(roots: Iterable[str | os.PathLike | None], o: dict[str, Any]) -> PathPolicy:

@@ -14,6 +14,7 @@ as (D, H, W) = (z, y, x), i.e. d runs inferior -> superior, h posterior -> anter
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class ReadOptions:
     organs: tuple[str, ...] = ()  # mask folders (segmentations/*.nii.gz): label k+1 = organs[k]; () = sorted file names
     hash_ids: bool = False  # the sample's source path is left out of its meta (keys and patient ids hashed upstream)
     keep_burned_in: bool = False  # DICOM with BurnedInAnnotation = YES: kept (meta burned_in_annotation) or refused
+    dicom_modalities: tuple[str, ...] = ()  # DICOM Modality codes a build accepts; () = the build's default (DICOM_MODALITIES)
 
     def __post_init__(self) -> None:
         if self.voi not in ("auto", "none"):
@@ -47,6 +49,29 @@ class ReadOptions:
             raise ValueError(f"window: need (centre, width >= 1), got {self.window}")
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
             raise ValueError(f"spacing: need 3 positive mm values (D, H, W), got {self.spacing}")
+        bad = [m for m in self.dicom_modalities if not _MODALITY_CODE.match(str(m))]
+        if bad:
+            raise ValueError(f"dicom modality: {bad} are not DICOM Modality codes (upper-case letters, e.g. CR,DX)")
+
+
+# DICOM Modality codes (PS3.3 C.7.3.1.1.1) a build of each medvlp modality accepts by default: a header naming
+# another modality (a CT slice given as a radiograph, an MR series in a CT build) is refused, naming the file.
+DICOM_MODALITIES: dict[str, tuple[str, ...]] = {"cxr": ("CR", "DX"), "ct": ("CT",), "patho": ("SM", "XC", "GM")}
+_MODALITY_CODE = re.compile(r"^[A-Z][A-Z0-9]{0,15}$")
+
+
+def parse_modalities(text: str, where: str) -> tuple[str, ...]:
+    """'CR, dx' -> ('CR', 'DX'); a value that is not a DICOM Modality code is a ValueError naming `where`."""
+    codes = tuple(t.strip().upper() for t in str(text or "").split(",") if t.strip())
+    bad = [c for c in codes if not _MODALITY_CODE.match(c)]
+    if bad:
+        raise ValueError(f"{where}: {bad} are not DICOM Modality codes (e.g. CR,DX or CT)")
+    return codes
+
+
+def accepted_modalities(opts: "ReadOptions", modality: str) -> tuple[str, ...]:
+    """The DICOM Modality codes a row of this medvlp modality accepts: the build's choice, else the default."""
+    return tuple(opts.dicom_modalities) or DICOM_MODALITIES.get(modality, ())
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -77,16 +102,17 @@ def is_clinical_volume(path: str) -> bool:
     return is_nifti(path) or Path(path).is_dir() or is_dicom_file(path)
 
 
-def load_image_file(path: str, image_size: int, opts: ReadOptions, resize_u16):
+def load_image_file(path: str, image_size: int, opts: ReadOptions, resize_u16, modality: str = "cxr"):
+    """A DICOM image of a row of `modality` (its header's Modality must be one `accepted_modalities` allows)."""
     from medvlp.data_shards.readers.dicom import load_dicom_image
 
-    return load_dicom_image(path, image_size, opts, resize_u16)
+    return load_dicom_image(path, image_size, opts, resize_u16, modality)
 
 
-def load_volume_files(vol_path: str, mask_path: str | None, opts: ReadOptions, load_array):
+def load_volume_files(vol_path: str, mask_path: str | None, opts: ReadOptions, load_array, modality: str = "ct"):
     from medvlp.data_shards.readers.volume import load_volume
 
-    return load_volume(vol_path, mask_path, opts, load_array)
+    return load_volume(vol_path, mask_path, opts, load_array, modality)
 
 
 def replace_options(opts: ReadOptions | None, **changes) -> ReadOptions:
@@ -108,5 +134,5 @@ def prepare(rows: list, read: ReadOptions | None) -> tuple[ReadOptions, dict]:
 
 from medvlp.data_shards.readers import phi  # noqa: E402 - submodule, after the names it may import
 
-__all__ = ["phi", "prepare", "replace_options", "ReadError", "ReadOptions", "is_nifti", "is_dicom_file", "is_clinical_volume", "load_image_file",
+__all__ = ["DICOM_MODALITIES", "accepted_modalities", "parse_modalities", "phi", "prepare", "replace_options", "ReadError", "ReadOptions", "is_nifti", "is_dicom_file", "is_clinical_volume", "load_image_file",
            "load_volume_files"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from medvlp.data_shards.readers import ReadError, ReadOptions, is_dicom_file
+from medvlp.data_shards.readers import ReadError, ReadOptions, accepted_modalities, is_dicom_file
 
 # Header values a sample may carry: acquisition geometry and pixel semantics, nothing that identifies anyone. Each
 # keyword has a check on its value: numbers must be finite numbers, coded strings one of a closed vocabulary, so a
@@ -193,6 +193,46 @@ def check_rescale(ds, column: str, name: str) -> None:
                                     "image); the header is damaged")
 
 
+_MODALITY_NAMES = {"CR": "computed radiography", "DX": "digital radiography", "CT": "computed tomography",
+                   "MR": "magnetic resonance", "NM": "nuclear medicine", "PT": "PET", "US": "ultrasound",
+                   "MG": "mammography", "XA": "angiography", "RF": "fluoroscopy", "OT": "other", "SC": "secondary capture",
+                   "SM": "slide microscopy", "IO": "intra-oral radiography", "PX": "panoramic X-ray"}
+
+
+def header_modality(ds, column: str, name: str) -> str | None:
+    """The header's Modality code (upper case), None when the header has none. A value that is not a code (free
+    text) is refused without quoting it (it could name someone)."""
+    try:
+        v = ds.get("Modality")
+    except Exception:  # noqa: BLE001 - a value pydicom cannot convert
+        v = "?"
+    if v is None or str(v).strip() == "":
+        return None
+    code = str(v).strip().upper()
+    if not code.replace("_", "").isalnum() or len(code) > 16 or not code[0].isalpha():
+        raise ReadError(column, f"{name}: its Modality element holds no DICOM Modality code (damaged header)")
+    return code
+
+
+def check_modality(code: str | None, opts: ReadOptions, modality: str, column: str, name: str) -> None:
+    """A header Modality outside what a build of `modality` accepts is refused with what to do about it. A header
+    without Modality is not checked (the sample's meta then says dicom_modality null)."""
+    accepted = accepted_modalities(opts, modality)
+    if code is None or not accepted or code in accepted:
+        return
+    what = f"{code} ({_MODALITY_NAMES[code]})" if code in _MODALITY_NAMES else code
+    if column == "image" and code in ("CT", "MR", "PT", "NM"):
+        todo = (f"{'an' if code in ('MR', 'NM') else 'a'} {code} slice is not a radiograph: give its series folder in the volume column of a ct build, or "
+                "leave the file out")
+    elif column != "image":
+        todo = f"only {'/'.join(accepted)} series make {modality} volumes; leave this series out of the build"
+    else:
+        todo = "leave the file out"
+    raise ReadError(column, f"{name}: the DICOM header says Modality {what}, but this {modality} build takes "
+                            f"{'/'.join(accepted)}; {todo} (if it does belong, accept it with --dicom-modality "
+                            f"{','.join((*accepted, code))}; importers: dicom_modality=...)")
+
+
 def _first(v: Any) -> float:
     return float(v[0]) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else float(v)
 
@@ -281,11 +321,16 @@ def dicom_image(ds, opts: ReadOptions, column: str = "image", name: str = "") ->
     return img, meta
 
 
-def load_dicom_image(path: str, image_size: int, opts: ReadOptions, resize_u16) -> tuple[np.ndarray, dict]:
-    """A DICOM radiograph file -> (stored image, meta) with the longer side <= image_size."""
+def load_dicom_image(path: str, image_size: int, opts: ReadOptions, resize_u16,
+                     modality: str = "cxr") -> tuple[np.ndarray, dict]:
+    """A DICOM radiograph file -> (stored image, meta) with the longer side <= image_size. Its header's Modality
+    must be one a `modality` build accepts (`readers.accepted_modalities`); it is kept as meta["dicom_modality"]."""
     name = Path(path).name
     ds = read_dataset(path, "image")
+    code = header_modality(ds, "image", name)
+    check_modality(code, opts, modality, "image", name)
     img, meta = dicom_image(ds, opts, "image", name)
+    meta["dicom_modality"] = code
     h, w = img.shape
     img = _resize(img, image_size, resize_u16)
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
@@ -309,11 +354,13 @@ def _resize(img: np.ndarray, image_size: int, resize_u16) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ series
-def read_series(folder: str | Path, column: str = "volume") -> tuple[np.ndarray, np.ndarray, dict]:
-    """A folder holding one CT/MR series (one file per slice) -> (data_xyz float64, RAS affine, allowed meta).
+def read_series(folder: str | Path, column: str = "volume", opts: ReadOptions | None = None,
+                modality: str = "ct") -> tuple[np.ndarray, np.ndarray, dict]:
+    """A folder holding one series (one file per slice) -> (data_xyz float64, RAS affine, allowed meta).
 
     Slices are sorted by their position along the slice normal (ImagePositionPatient . (row x col)); one
-    series per folder, one orientation, no duplicate positions, even spacing (a gap means missing slices)."""
+    series per folder, one Modality (one a `modality` build accepts, kept as meta "dicom_modality"), one
+    orientation, no duplicate positions, even spacing (a gap means missing slices)."""
     folder = Path(folder)
     name = folder.name
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_dicom_file(str(p)))
@@ -323,6 +370,12 @@ def read_series(folder: str | Path, column: str = "volume") -> tuple[np.ndarray,
     if len({str(d.get("SeriesInstanceUID", "")) for d in dss}) > 1:  # the UIDs themselves are never printed
         raise ReadError(column, f"{name}/: holds slices of {len({str(d.get('SeriesInstanceUID', '')) for d in dss})} "
                                 "series; put one series per folder")
+    codes = [header_modality(d, column, f"{name}/{p.name}") for d, p in zip(dss, files)]
+    for c, p in zip(codes, files):
+        if c != codes[0]:
+            raise ReadError(column, f"{name}/{p.name}: Modality {c or 'missing'} differs from {files[0].name}'s "
+                                    f"{codes[0] or 'missing'}; one series (one modality) per folder")
+    check_modality(codes[0], opts or ReadOptions(), modality, column, f"{name}/")
     for d, p in zip(dss, files):
         for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if d.get(kw) is None:
@@ -366,6 +419,7 @@ def read_series(folder: str | Path, column: str = "volume") -> tuple[np.ndarray,
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     meta = allowed_meta(dss[0])
     meta.pop("ImagePositionPatient", None)
+    meta["_modality"] = codes[0]  # popped by load_volume into the sample's meta["dicom_modality"]
     if any(burned_in(d) for d in dss):
         meta["BurnedInAnnotation"] = "YES"
     return vol_krc.transpose(2, 1, 0), ras, meta

@@ -70,14 +70,15 @@ def read_nifti(path: str | Path, column: str) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
-def _read_any(path: str, column: str) -> tuple[np.ndarray, np.ndarray, dict]:
+def _read_any(path: str, column: str, opts: ReadOptions | None = None,
+              modality: str = "ct") -> tuple[np.ndarray, np.ndarray, dict]:
     if is_nifti(path):
         data, aff = read_nifti(path, column)
         return data, aff, {}
     if Path(path).is_dir():
         from medvlp.data_shards.readers.dicom import read_series
 
-        return read_series(path, column)
+        return read_series(path, column, opts, modality)
     if is_dicom_file(path):
         raise ReadError(column, f"{Path(path).name}: a single DICOM file is not a volume; give the series folder "
                                 "(one file per slice) or a NIfTI file")
@@ -155,16 +156,18 @@ def _hu_int16(vol: np.ndarray, what: str) -> np.ndarray:
     return v.astype(np.int16)
 
 
-def load_volume(vol_path: str, mask_path: str | None, opts: ReadOptions,
-                load_array: Callable[..., np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """Volume (+ mask) files of one row -> (vol_DHW int16, mask_DHW uint8 | None, meta), see the module doc."""
+def load_volume(vol_path: str, mask_path: str | None, opts: ReadOptions, load_array: Callable[..., np.ndarray],
+                modality: str = "ct") -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Volume (+ mask) files of one row -> (vol_DHW int16, mask_DHW uint8 | None, meta), see the module doc. A DICOM
+    series must be of a Modality a `modality` build accepts (CT by default); meta["dicom_modality"] records it."""
     from medvlp.data_shards.readers import is_clinical_volume
 
     if not is_clinical_volume(vol_path) or (mask_path is not None and not is_clinical_volume(mask_path)):
         col = "volume" if not is_clinical_volume(vol_path) else "mask"
         raise ReadError(col, "a NIfTI/DICOM volume and a .npy/.npz mask (or the reverse) cannot be checked for a "
                              "shared grid (.npy has no orientation); use one family for both")
-    data, aff, meta = _read_any(vol_path, "volume")
+    data, aff, meta = _read_any(vol_path, "volume", opts, modality)
+    dicom_modality = meta.pop("_modality", False)
     burned = str(meta.get("BurnedInAnnotation", "")) == "YES"
     if burned:
         from medvlp.data_shards.readers.dicom import BURNED_IN_HINT
@@ -176,6 +179,8 @@ def load_volume(vol_path: str, mask_path: str | None, opts: ReadOptions,
                                   f"or infinite (of {data.size}); fix or mask them before building")
     data, aff, src = canonical(data, aff)
     meta = {"dicom": meta} if meta else {}
+    if dicom_modality is not False:  # a DICOM series (NIfTI has no modality)
+        meta["dicom_modality"] = dicom_modality
     if burned:
         meta["burned_in_annotation"] = True
     mask_xyz = None
@@ -184,7 +189,7 @@ def load_volume(vol_path: str, mask_path: str | None, opts: ReadOptions,
             raw, maff, present = merge_organs(mask_path, opts.organs)
             meta["organs_present"] = present
         else:
-            raw, maff, _ = _read_any(mask_path, "mask")
+            raw, maff, _ = _read_any(mask_path, "mask", None, "")  # a label map: its modality is not checked
             raw = _labels(raw, Path(mask_path).name)
         mask_xyz, maff, _ = canonical(raw, maff)
         if mask_xyz.shape != data.shape or not np.allclose(maff, aff, atol=GRID_ATOL_MM):

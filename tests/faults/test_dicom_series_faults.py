@@ -1,0 +1,55 @@
+"""DICOM files and series that do not fit the build: a header of another modality, mixed modalities in one series,
+a one-slice "series", a CT sample without an organ mask. One line naming the file, exit 2, or an explicit flag."""
+import numpy as np
+import pytest
+
+from medvlp.data_shards.readers.fabricate import write_ct_series, write_radiograph
+from tests.conftest import write_csv
+from tests.faults.conftest import cli_here as cli, one_line_error
+
+pytestmark = pytest.mark.timeout(120)
+
+PX = np.array([[0, 10, 20], [30, 40, 4095]])
+HU = np.arange(24).reshape(3, 2, 4) * 25 - 200
+
+
+def _build(d, rows, *extra):
+    man = write_csv(d / "m.csv", rows)
+    return cli("shards", "build", "--manifest", man, "--out", d / "out", "--workers", 1, "--image-size", 16, *extra)
+
+
+def _meta(out):
+    from medvlp.data_shards.inspect import iter_samples
+    return [s.meta for s in iter_samples(out)]
+
+
+def test_ct_slice_in_a_radiograph_build_is_one_line(tmp_path):
+    write_radiograph(tmp_path / "a.dcm", PX, window=(2048, 4096))
+    write_radiograph(tmp_path / "ct7.dcm", PX, window=(2048, 4096), Modality="CT", uid_root="1.2.3.4.5")
+    rows = [{"image": "a.dcm", "report": "r", "patient_id": "p1"}, {"image": "ct7.dcm", "report": "r", "patient_id": "p2"}]
+    proc = _build(tmp_path, rows)
+    assert proc.returncode == 2
+    err = one_line_error(proc)
+    assert "m.csv line 3: column 'image'" in err and "ct7.dcm: the DICOM header says Modality CT" in err
+    assert "this cxr build takes CR/DX" in err and "a ct build" in err
+    ok = _build(tmp_path, rows, "--dicom-modality", "CR,DX,CT")  # the user's explicit choice
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert sorted(m["dicom_modality"] for m in _meta(tmp_path / "out")) == ["CT", "DX"]
+
+
+def test_bad_dicom_modality_flag_is_one_line(tmp_path):
+    write_radiograph(tmp_path / "a.dcm", PX, window=(2048, 4096))
+    proc = _build(tmp_path, [{"image": "a.dcm", "report": "r", "patient_id": "p1"}], "--dicom-modality", "C R")
+    assert proc.returncode == 2 and "--dicom-modality: ['C R'] are not DICOM Modality codes" in one_line_error(proc)
+
+
+def test_mixed_modality_series_is_one_line(tmp_path):
+    s = write_ct_series(tmp_path / "ser", HU, name=lambda k: f"{k}.dcm")
+    from pydicom import dcmread
+
+    ds = dcmread(s / "2.dcm")
+    ds.Modality = "MR"
+    ds.save_as(s / "2.dcm")
+    proc = _build(tmp_path, [{"volume": "ser/", "report": "r", "patient_id": "p1"}])
+    assert proc.returncode == 2
+    assert "ser/2.dcm: Modality MR differs from 0.dcm's CT; one series (one modality) per folder" in one_line_error(proc)
