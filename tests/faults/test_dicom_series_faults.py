@@ -53,3 +53,11 @@ def test_mixed_modality_series_is_one_line(tmp_path):
     proc = _build(tmp_path, [{"volume": "ser/", "report": "r", "patient_id": "p1"}])
     assert proc.returncode == 2
     assert "ser/2.dcm: Modality MR differs from 0.dcm's CT; one series (one modality) per folder" in one_line_error(proc)
+
+
+def test_one_slice_series_is_one_line(tmp_path):
+    write_ct_series(tmp_path / "ser", HU[:1], name=lambda k: "s1.dcm")
+    proc = _build(tmp_path, [{"volume": "ser/", "report": "r", "patient_id": "p1"}])
+    assert proc.returncode == 2
+    err = one_line_error(proc)
+    assert "m.csv line 2: column 'volume'" in err and "ser/: a series of one slice (s1.dcm) is not a volume" in err

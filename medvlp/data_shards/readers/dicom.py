@@ -377,15 +377,28 @@ def read_series(folder: str | Path, column: str = "volume", opts: ReadOptions | 
                                     f"{codes[0] or 'missing'}; one series (one modality) per folder")
     check_modality(codes[0], opts or ReadOptions(), modality, column, f"{name}/")
     for d, p in zip(dss, files):
-        for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-            if d.get(kw) is None:
+        for kw, n in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2)):
+            v = d.get(kw)
+            if v is None:
                 raise ReadError(column, f"{name}/{p.name}: no {kw}: cannot place the slice in a volume")
+            vals = list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]
+            if not _finite(vals) or len(vals) != n or (kw == "PixelSpacing" and min(float(x) for x in vals) <= 0):
+                raise ReadError(column, f"{name}/{p.name}: {kw} is not {n} finite numbers"
+                                        f"{' > 0' if kw == 'PixelSpacing' else ''}: cannot place the slice in a volume")
+    if len(dss) < 2:  # the slice spacing comes from the positions of neighbouring slices: one slice has none
+        raise ReadError(column, f"{name}/: a series of one slice ({files[0].name}) is not a volume: the spacing "
+                                "between slices comes from their positions; put all of the series' slice files in "
+                                "the folder, or leave it out")
     iop = np.array([float(v) for v in dss[0].ImageOrientationPatient])
     for d, p in zip(dss, files):
         if not np.allclose([float(v) for v in d.ImageOrientationPatient], iop, atol=1e-4):
             raise ReadError(column, f"{name}/{p.name}: orientation differs from the other slices")
     row_cos, col_cos = iop[:3], iop[3:]
     normal = np.cross(row_cos, col_cos)
+    if not (abs(np.linalg.norm(row_cos) - 1) < 0.01 and abs(np.linalg.norm(col_cos) - 1) < 0.01
+            and abs(np.linalg.norm(normal) - 1) < 0.01):
+        raise ReadError(column, f"{name}/{files[0].name}: ImageOrientationPatient is not two perpendicular unit "
+                                "vectors: cannot place the slices in a volume")
     pos = [np.array([float(v) for v in d.ImagePositionPatient]) for d in dss]
     order = np.argsort([float(p @ normal) for p in pos], kind="stable")
     dss, files, pos = [dss[i] for i in order], [files[i] for i in order], [pos[i] for i in order]
@@ -410,10 +423,7 @@ def read_series(folder: str | Path, column: str = "volume", opts: ReadOptions | 
         check_rescale(d, column, f"{name}/{p.name}")
         slices.append(modality_values(d, a))
     vol_krc = np.stack(slices)
-    if len(pos) > 1:
-        step = (pos[-1] - pos[0]) / (len(pos) - 1)
-    else:
-        step = normal * float(dss[0].get("SliceThickness", 1.0) or 1.0)
+    step = (pos[-1] - pos[0]) / (len(pos) - 1)
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_cos * ps[1], col_cos * ps[0], step, pos[0]
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
