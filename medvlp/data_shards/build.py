@@ -602,8 +602,7 @@ def merge_indexes(out_dir) -> dict:
     shas = {d["build"]["manifest"]["sha256"] for d in docs}
     if len(shas) != 1:
         raise ValueError(f"{out}: parts were built from different manifests (sha256 {sorted(shas)})")
-    infos = [ShardInfo(**{k: sh[k] for k in ("name", "count", "bytes", "sha256", "splits")})
-             for d in docs for sh in d["shards"]]
+    infos = [ShardInfo.from_dict(sh) for d in docs for sh in d["shards"]]
     seen: dict[str, str] = {}
     for sh in infos:
         for key in _shard_keys(out / sh.name):

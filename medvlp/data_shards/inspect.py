@@ -73,6 +73,9 @@ class _Stats:
         self.kinds: Counter = Counter()  # "image uint8 grey" -> count
         self.extent: dict[str, tuple[tuple, tuple]] = {}  # kind -> (smallest, largest) shape, per axis
         self.corrupt: list[str] = []
+        self.volumes = 0
+        self.no_mask: list[str] = []  # keys of volume samples without an organ mask
+        self.flag_wrong: list[str] = []  # meta has_mask that contradicts the stored members
         self.examples: list[Sample] = []
         self.tiles: list[Sample] = []
         self.n_examples = n_examples
@@ -84,6 +87,14 @@ class _Stats:
             self.labels[name][int(v)] += 1
         self.chars.append(len(s.text))
         self.words.append(len(s.text.split()))
+        if s.volume is not None:
+            self.volumes += 1
+            if s.mask is None:
+                self.no_mask.append(s.key)
+            flag = s.meta.get("has_mask")
+            if flag is not None and flag != (s.mask is not None):
+                self.flag_wrong.append(f"sample {s.key!r}: meta has_mask is {flag} but mask.npy is "
+                                       f"{'stored' if s.mask is not None else 'absent'}")
         kind, shape = _array_kind(s)
         if kind:
             self.kinds[kind] += 1
@@ -164,6 +175,7 @@ def inspect_report(shard_dir, n_examples: int = 4, sheet_path: str | None = None
     if stats.n + len(stats.corrupt) != doc["num_samples"] or (stats.n != doc["num_samples"] and not stats.corrupt):
         lines.append(f"  WARNING: index says {doc['num_samples']} samples, shards hold {stats.n}")
         problems.append(f"count: index.json says {doc['num_samples']} samples, the shards hold {stats.n} readable")
+    lines += _mask_lines(doc, stats, problems)
     lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.splits.items())))
     for kind, count in stats.kinds.most_common():
         lo, hi = stats.extent[kind]
@@ -181,6 +193,26 @@ def inspect_report(shard_dir, n_examples: int = 4, sheet_path: str | None = None
         write_contact_sheet(stats.tiles, sheet_path, title=f"{shard_dir.name}: {doc.get('modality')}")
         lines.append(f"contact sheet: {sheet_path}")
     return "\n".join(lines), problems
+
+
+def _mask_lines(doc: dict, stats: _Stats, problems: list[str]) -> list[str]:
+    """Organ masks of a volume set: how many samples have none (named), and any flag or count that disagrees."""
+    if not stats.volumes:
+        return []
+    n = len(stats.no_mask)
+    if n:
+        shown = ", ".join(stats.no_mask[:5]) + (", ..." if n > 5 else "")
+        lines = [f"organ masks: {n} of {stats.volumes} volumes have none (meta has_mask: false; the stream batches "
+                 f"a zero map for them, stages that need masks skip them): {shown}"]
+    else:
+        lines = [f"organ masks: all {stats.volumes} volumes have one"]
+    said = doc.get("samples_without_mask")
+    if said is not None and int(said) != n and not stats.corrupt:
+        lines.append(f"  WARNING: index.json says {said} samples without mask, the shards hold {n}")
+        problems.append(f"masks: index.json says {said} samples without mask, the shards hold {n}")
+    lines += [f"  WARNING: {w}" for w in stats.flag_wrong[:10]]
+    problems += [f"masks: {w}" for w in stats.flag_wrong]
+    return lines
 
 
 def _prevalence(stats: _Stats) -> list[str]:
@@ -216,6 +248,8 @@ def _draw_tile(ax, s: Sample) -> None:
         if s.mask is not None and s.mask.any():
             levels = np.unique(s.mask[0])[1:]
             ax.contour(s.mask[0], levels=np.asarray(levels, float) - 0.5, linewidths=0.6, cmap="tab10")
+        elif s.mask is None:
+            ax.text(0.02, 0.02, "no mask", transform=ax.transAxes, color="red", fontsize=6)
     elif s.feats is not None:
         pc = _first_pc(s.feats)
         xy = s.coords if s.coords is not None else np.stack([np.arange(len(pc)), pc], 1)

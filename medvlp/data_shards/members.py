@@ -28,6 +28,8 @@ Built-in members (json fields as the corpora store them; "meta.x" is the x of th
   spacing          json "spacing_mm": [z, y, x] (CT voxel size of the stored volume) -> (B, 3) float.
   mask             the stored organ label map (CT): already batched as "mask" by the stream (a zero map when a volume
                    has none); asking for the member makes a missing stored mask an error instead.
+  has_mask         whether each volume stores an organ mask -> "has_mask" (B,) bool: tells a real all-background mask
+                   from the zero map the stream batches for a volume without one (meta has_mask: false).
 
 Missing fields. A requested member that a sample lacks raises `MemberError` naming the member and the sample key
 (it is a data set / config mismatch, not a corrupt sample: the stream stops instead of skipping every sample). A
@@ -318,6 +320,12 @@ def _decode_mask(doc: dict, s: Sample, ctx: MemberContext) -> None:
     return None
 
 
+def _decode_has_mask(doc: dict, s: Sample, ctx: MemberContext) -> bool:
+    if s.volume is None:
+        raise MissingField("a volume (member vol.npy): has_mask is a CT member")
+    return s.mask is not None
+
+
 def _collate_tensor(values: list, keys: list[str], name: str, dtype: torch.dtype) -> dict[str, Any]:
     return {name: torch.tensor(values, dtype=dtype)}
 
@@ -347,5 +355,7 @@ for _m in (
            "CT voxel spacing (B, 3) float mm (z, y, x) of the stored volume"),
     Member("mask", _decode_mask, _collate_nothing,
            "require a stored organ mask (CT; the stream already batches 'mask')"),
+    Member("has_mask", _decode_has_mask, _tensor_of("has_mask", torch.bool),
+           "(B,) bool: the volume stores an organ mask (else the batched 'mask' is a zero map)"),
 ):
     register_member(_m)

@@ -203,4 +203,4 @@ def ct_sample(seed: int, study: Study, size: int | None = None) -> Sample:
              "spacing_mm": [FOV_MM / (size // 2), FOV_MM / size, FOV_MM / size]}
     return Sample(key=sample_key("ct", study.index), text=text, volume=vol_DHW, mask=spec["mask"],
                   labels={f"{o}_lesion": organs[o]["abnormal"] for o in CT_ORGANS},
-                  meta=base_meta("ct", study, seed), extra=extra)
+                  meta={**base_meta("ct", study, seed), "has_mask": True}, extra=extra)

@@ -6,8 +6,13 @@ the same samples give byte-identical shards.
 
 index.json (schema version `SCHEMA_VERSION`):
   {"schema_version", "modality", "label_names", "num_samples", "splits": {split: count},
-   "shards": [{"name", "count", "bytes", "sha256", "splits": {split: count}}], "command", "created_by",
-   "labels": {"kind", "class_names", "templates", "negative_templates", "prompts"}}
+   "shards": [{"name", "count", "bytes", "sha256", "splits": {split: count}, "without_mask"?}], "command",
+   "created_by", "labels": {"kind", "class_names", "templates", "negative_templates", "prompts"},
+   "samples_without_mask"?}
+Organ masks. Every volume sample's meta says `has_mask` (true / false: whether a mask.npy is stored), set here, so
+a CT sample without an organ mask is never mistaken for one whose organs are all background. A shard of volumes
+counts them (`without_mask`), and the index sums them as `samples_without_mask` (absent when a reused shard was
+written before this was counted).
 "labels" (a `LabelSpec`) says whether the set is multi-label, single-label multi-class or binary, and how to
 prompt for its classes; the evaluation picks its zero-shot protocol from it. Indexes without it read as
 multi-label (binary for one finding) with "X." / "No X." prompts (`label_spec`).
@@ -47,10 +52,27 @@ class ShardInfo:
     bytes: int
     sha256: str
     splits: dict[str, int] = field(default_factory=dict)
+    without_mask: int | None = None  # volume samples of the shard without an organ mask (None: no volumes / unknown)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "count": self.count, "bytes": self.bytes, "sha256": self.sha256,
-                "splits": dict(sorted(self.splits.items()))}
+        d = {"name": self.name, "count": self.count, "bytes": self.bytes, "sha256": self.sha256,
+             "splits": dict(sorted(self.splits.items()))}
+        if self.without_mask is not None:
+            d["without_mask"] = self.without_mask
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardInfo":
+        return cls(d["name"], int(d["count"]), int(d["bytes"]), d["sha256"], dict(d.get("splits", {})),
+                   d.get("without_mask"))
+
+
+def flag_mask(s: Sample) -> bool:
+    """Record in a volume sample's meta whether it stores an organ mask; True for a volume without one."""
+    if s.volume is None:
+        return False
+    s.meta["has_mask"] = s.mask is not None
+    return s.mask is None
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> ShardInfo:
@@ -59,10 +81,13 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> ShardInfo
     tmp = path.with_name(path.name + ".tmp")
     splits: Counter[str] = Counter()
     n = 0
+    volumes = no_mask = 0
     try:
         with open(tmp, "wb") as f:
             with wds.TarWriter(f, mtime=FIXED_MTIME, user="medvlp", group="medvlp", encoder=False) as tw:
                 for s in samples:
+                    no_mask += flag_mask(s)
+                    volumes += s.volume is not None
                     tw.write(encode_sample(s))
                     splits[s.split] += 1
                     n += 1
@@ -72,7 +97,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> ShardInfo
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return ShardInfo(path.name, n, path.stat().st_size, sha256_file(path), dict(splits))
+    return ShardInfo(path.name, n, path.stat().st_size, sha256_file(path), dict(splits), no_mask if volumes else None)
 
 
 def shard_name(prefix: str, i: int) -> str:
@@ -146,6 +171,9 @@ def write_index(out_dir: str | os.PathLike, shards: list[ShardInfo], modality: s
     }
     if labels is not None:
         doc["labels"] = labels.to_dict()
+    counted = [sh.without_mask for sh in shards]
+    if modality == "ct" and shards and None not in counted:
+        doc["samples_without_mask"] = sum(counted)
     path = Path(out_dir) / name
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

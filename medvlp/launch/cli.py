@@ -137,6 +137,8 @@ def _cmd_build(a: argparse.Namespace) -> int:
               "once fixed", file=sys.stderr)
         return 2
     print(f"{doc['num_samples']} samples in {len(doc['shards'])} shards -> {a.out} (splits {doc['splits']})")
+    if doc.get("samples_without_mask"):
+        print(f"{doc['samples_without_mask']} volumes have no organ mask (meta has_mask: false; listed by shards inspect)")
     return 0
 
 

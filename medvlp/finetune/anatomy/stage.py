@@ -44,8 +44,11 @@ class CTTransform:
     def __call__(self, s, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         from medvlp.data_shards.transforms import RandIntensity3D, hu_window, resize_volume
 
-        if s.volume is None or s.mask is None:
-            raise ValueError("the anatomy stage needs a CT volume with an organ mask (vol.npy + mask.npy)")
+        from medvlp.data_shards.require import missing_mask_reason
+
+        why = missing_mask_reason(s, "anatomy")
+        if why:  # the stream skips and counts this sample, logging the reason with its key
+            raise ValueError(why)
         vol = hu_window(s.volume, self.window)
         m = s.mask
         if (s.extra or {}).get("organ_label_map"):  # source labels merged into the organs (readers.totalseg)
@@ -109,6 +112,9 @@ class AnatomyStage:
         cfg.validate()
         if not cfg.data.train_shards:
             raise ValueError("data.train_shards: empty; point it at CT shards with organ masks")
+        from medvlp.data_shards.require import require_shards
+
+        require_shards(cfg.data, stage="anatomy", modalities=("ct",), masks=True, what="CT volumes with organ masks")
         if pretrained is not None:
             clip = pretrained.model
         else:

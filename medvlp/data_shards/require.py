@@ -1,0 +1,71 @@
+"""What a consumer needs of a shard set, checked from its index.json before any sample is read.
+
+    require_shards(cfg.data, stage="pcam", modalities=("cxr", "patho"))            # 2D findings
+    require_shards(cfg.data, stage="anatomy", modalities=("ct",), masks=True)      # CT with organ masks
+
+A stage given shards of another modality would otherwise fail deep in its first batch (`KeyError: 'image'` when a
+2D stage meets volumes), or skip every sample as corrupt. Here it is one line naming the config key, the shards'
+modality and what the stage needs (a `ShardRequirementError`, a ValueError: the CLI prints it and exits 2).
+
+Organ masks (`masks=True`): the index counts the volume samples built without one (`samples_without_mask`, see
+`medvlp.data_shards.writer`). None of them having a mask is refused; some lacking one is logged as a warning, and the
+stage's transform skips those samples by name.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class ShardRequirementError(ValueError):
+    """Shards that do not fit what a consumer needs (wrong modality, no organ masks)."""
+
+    user_facing = True
+
+
+def _index(spec: str, cfg: Any) -> dict:
+    from medvlp.data_shards.stream import _find_index
+
+    return _find_index(spec, cfg.index, cfg.allow_pipe)[0]
+
+
+def require_shards(cfg: Any, *, stage: str, modalities: tuple[str, ...], masks: bool = False, what: str = "") -> dict:
+    """Check `cfg.train_shards` (and `cfg.val_shards` when set) of a `DataConfig` against what `stage` needs
+    (`what`: those shards in words, for the message). Returns the training shards' index document."""
+    docs = {}
+    for key in ("train_shards", "val_shards"):
+        spec = getattr(cfg, key)
+        if not spec:
+            continue
+        doc = docs[key] = _index(spec, cfg)
+        mod = doc.get("modality", "")
+        if mod and mod not in modalities:
+            raise ShardRequirementError(
+                f"data.{key}: {spec} holds {mod!r} samples (index.json modality); the {stage} stage needs "
+                f"{' or '.join(repr(m) for m in modalities)} shards{f' ({what})' if what else ''}")
+        n, without = int(doc.get("num_samples", 0)), doc.get("samples_without_mask")
+        if masks and without is not None and n and int(without) >= n:
+            raise ShardRequirementError(
+                f"data.{key}: {spec}: none of its {n} volume samples has an organ mask (index.json "
+                f"samples_without_mask); the {stage} stage pools organ tokens by mask: build the shards with a mask "
+                "column (a label map or a segmentations/ folder per volume)")
+        if masks and without:
+            log.warning("data.%s: %d of %d volume samples of %s have no organ mask (meta has_mask: false); the %s "
+                        "stage skips them", key, int(without), n, spec, stage)
+    return docs.get("train_shards", {})
+
+
+def missing_mask_reason(s: Any, stage: str) -> str | None:
+    """Why a decoded sample cannot serve a stage that needs an organ mask, or None when it can."""
+    if s.volume is None:
+        return f"sample {s.key!r} holds no volume (modality {s.modality or '?'}); the {stage} stage needs CT volumes"
+    if s.mask is None:
+        flag = (s.meta or {}).get("has_mask")
+        said = " (meta has_mask: false)" if flag is False else ""
+        return f"sample {s.key!r} has no organ mask{said}; skipped by the {stage} stage"
+    return None
+
+
+__all__ = ["ShardRequirementError", "missing_mask_reason", "require_shards"]
