@@ -79,7 +79,9 @@ def pil_image(im: Image.Image) -> Image.Image | np.ndarray:
         arr = np.asarray(im)
         if arr.dtype != np.uint16:
             if arr.size and (arr.min() < 0 or arr.max() > 65535):
-                raise ValueError(f"32-bit image values {arr.min()}..{arr.max()} do not fit 16 bits")
+                bad = "negative values" if arr.min() < 0 else "values above 65535"
+                raise ValueError(f"32-bit grey values {arr.min()}..{arr.max()}: {bad} do not fit the unsigned 16-bit "
+                                 "pixels the shards keep; rescale the image to 0..65535 (16-bit PNG) before building")
             arr = arr.astype(np.uint16)
         return arr
     if im.mode in ("1", "LA", "La"):

@@ -61,3 +61,24 @@ def test_one_slice_series_is_one_line(tmp_path):
     assert proc.returncode == 2
     err = one_line_error(proc)
     assert "m.csv line 2: column 'volume'" in err and "ser/: a series of one slice (s1.dcm) is not a volume" in err
+
+
+def test_signed_values_name_the_file_the_sign_and_a_window(tmp_path):
+    write_radiograph(tmp_path / "neg.dcm", np.array([[0, 100], [200, 275]]), slope=1.0, intercept=-30.0)
+    proc = _build(tmp_path, [{"image": "neg.dcm", "report": "r", "patient_id": "p1"}])
+    assert proc.returncode == 2
+    err = one_line_error(proc)
+    assert "m.csv line 2: column 'image'" in err and "neg.dcm: rescaled values -30..245 include negative values" in err
+    assert "--dicom-window 108,276" in err
+    ok = _build(tmp_path, [{"image": "neg.dcm", "report": "r", "patient_id": "p1"}], "--dicom-window", "108,276")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_signed_32bit_grey_image_names_the_sign(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.array([[-30, 0], [100, 245]], np.int32), mode="I").save(tmp_path / "s.tif")
+    proc = _build(tmp_path, [{"image": "s.tif", "report": "r", "patient_id": "p1"}])
+    assert proc.returncode == 2
+    err = one_line_error(proc)
+    assert "column 'image'" in err and "s.tif" in err and "32-bit grey values -30..245: negative values do not fit" in err

@@ -250,6 +250,12 @@ def apply_window(x: np.ndarray, centre: float, width: float, function: str = "LI
     return np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
 
 
+def window_for_range(lo: float, hi: float) -> tuple[float, float]:
+    """The LINEAR window (centre, width) that maps lo to 0 and hi to the top of the output (C.11.2.1.2)."""
+    w = max(hi - lo + 1.0, 1.0)
+    return lo + 0.5 + (w - 1.0) / 2.0, w
+
+
 def modality_values(ds, arr: np.ndarray) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
@@ -313,10 +319,15 @@ def dicom_image(ds, opts: ReadOptions, column: str = "image", name: str = "") ->
         small = int(ds.get("BitsStored", 16)) <= 8
         top = 255 if small else 65535
         if x.size and (x.min() < 0 or x.max() > top):
-            why = (f"include negative values (down to {x.min():g}), which unsigned {8 if small else 16}-bit pixels "
-                   f"cannot hold" if x.min() < 0 else f"exceed {top} (up to {x.max():g})")
-            raise ReadError(column, f"{name}: rescaled values {x.min():g}..{x.max():g} {why}, and the file has no "
-                                    "window to map them; give one (--dicom-window CENTRE,WIDTH)")
+            lo, hi = float(x.min()), float(x.max())
+            why = (f"include negative values (down to {lo:g}), which unsigned {8 if small else 16}-bit pixels "
+                   f"cannot hold" if lo < 0 else f"exceed {top}, the largest unsigned {8 if small else 16}-bit pixel "
+                   f"(up to {hi:g})")
+            c, w = window_for_range(lo, hi)
+            raise ReadError(column, f"{name}: rescaled values {lo:g}..{hi:g} {why}, and the file has no window "
+                                    f"(VOI) to map them onto the stored pixels; give one with --dicom-window "
+                                    f"CENTRE,WIDTH (importers: window=CENTRE,WIDTH), e.g. --dicom-window {c:g},{w:g} "
+                                    "spans this file's whole range")
         img = x.astype(np.uint8 if small else np.uint16)
     return img, meta
 

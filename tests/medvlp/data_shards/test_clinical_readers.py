@@ -71,6 +71,25 @@ def test_values_that_do_not_fit_need_a_window(tmp_path):
         _img(write_radiograph(tmp_path / "n.dcm", PX, slope=1.0, intercept=-1024.0))
 
 
+def test_sign_message_names_the_file_and_a_window_that_works(tmp_path):
+    """The values of the report (-30..245): the message says the sign is the problem and gives a window that maps
+    the file's whole range onto 0..65535."""
+    px = np.array([[0, 100], [200, 275]])
+    p = write_radiograph(tmp_path / "neg.dcm", px, slope=1.0, intercept=-30.0)
+    with pytest.raises(ReadError) as e:
+        _img(p)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("neg.dcm: rescaled values -30..245 include negative values (down to "
+                                              "-30), which unsigned 16-bit pixels cannot hold")
+    assert "do not fit 16 bits" not in msg and "e.g. --dicom-window 108,276 spans this file's whole range" in msg
+    img, meta = _img(p, ReadOptions(window=(108.0, 276.0)))
+    assert img.min() == 0 and img.max() == 65535 and meta["window_source"] == "option"
+    big = write_radiograph(tmp_path / "big.dcm", np.array([[0, 4095]]), slope=20.0, intercept=0.0)
+    with pytest.raises(ReadError, match="^big.dcm: rescaled values 0..81900 exceed 65535, the largest unsigned "
+                                        "16-bit pixel .*--dicom-window 40950.5,81901"):
+        _img(big)
+
+
 def test_unsupported_syntax_and_missing_pixels_are_named(tmp_path):
     from pydicom.uid import JPEG2000Lossless
 
