@@ -36,3 +36,15 @@ def test_anatomy_on_2d_shards_is_one_line(tmp_path):
     assert proc.returncode == 2
     msg = one_line_error(proc)
     assert "holds 'cxr' samples (index.json modality); the anatomy stage needs 'ct' shards" in msg
+
+
+def test_pcam_with_ct_validation_shards_is_one_line(tmp_path):
+    synth_to_shards(tmp_path / "cxr", modality="cxr", n=4, seed=0, shard_size=4, size=32)
+    synth_to_shards(tmp_path / "ct", modality="ct", n=4, seed=0, shard_size=4, size=16)
+    proc = cli("finetune", "pcam", "pcam-synth", "--set", f"data.train_shards={tmp_path / 'cxr'}",
+               "--set", f"data.val_shards={tmp_path / 'ct'}", "--set", f"finetune.out_dir={tmp_path / 'run'}",
+               "--set", "tracking.enabled=false")
+    assert proc.returncode == 2
+    msg = one_line_error(proc)
+    assert msg.strip().endswith(f"data.val_shards: {tmp_path / 'ct'} holds 'ct' samples (index.json modality); the pcam stage "
+                        "needs 'cxr' or 'patho' shards (2D images: PCAM localises findings in them)")

@@ -131,13 +131,11 @@ class PcamStage:
                            start_step=start_step, train=train, split=None if train else split)
 
     def _label_names(self, cfg: PcamConfig) -> list[str]:
+        from medvlp.data_shards.require import require_shards
         from medvlp.data_shards.stream import resolve_shards
 
-        shards = resolve_shards(cfg.data.train_shards, cfg.data.split, cfg.data.index)
-        if shards.modality not in ("", "cxr", "patho"):
-            raise ValueError(f"data.train_shards: {cfg.data.train_shards} holds {shards.modality!r} samples; PCAM "
-                             f"pooling localises findings in 2D images (cxr or patho shards)")
-        return list(shards.label_names)
+        require_shards(cfg.data, stage="pcam", modalities=("cxr", "patho"), what="2D images: PCAM localises findings in them")
+        return list(resolve_shards(cfg.data.train_shards, cfg.data.split, cfg.data.index).label_names)
 
     # -- model
     def build(self, pretrained: Any, cfg: PcamConfig) -> nn.Module:
