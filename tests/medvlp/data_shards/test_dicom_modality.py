@@ -104,3 +104,13 @@ def test_modality_codes_parse_and_default():
     assert accepted_modalities(ReadOptions(dicom_modalities=("MG",)), "cxr") == ("MG",)
     with pytest.raises(ValueError, match="not DICOM Modality codes"):
         ReadOptions(dicom_modalities=("cr",))
+
+
+def test_importer_option_dicom_modality():
+    from medvlp.data_shards.importers.common import CLINICAL_OPTIONS, clinical_read
+
+    o = {k: v[1] for k, v in CLINICAL_OPTIONS.items()}
+    assert clinical_read("mimic_cxr", {**o, "dicom_modality": "cr,dx,mg"}, []).dicom_modalities == ("CR", "DX", "MG")
+    assert clinical_read("mimic_cxr", o, []).dicom_modalities == ()
+    with pytest.raises(ValueError, match="mimic_cxr importer: option dicom_modality: \\['C R'\\] are not DICOM"):
+        clinical_read("mimic_cxr", {**o, "dicom_modality": "C R"}, [])
