@@ -41,6 +41,26 @@ def test_short_class_warns_and_bad_budgets_fail():
     assert budget_name(label_fraction=0.02) == "2%" and budget_name(label_fraction=0.001) == "0.1%"
 
 
+@pytest.mark.timeout(60)
+def test_recipe_fraction_budgets_on_the_lab2_split():
+    """The recipe's 0.1 / 0.5 / 2 % budgets on the lab2 train split (1616 images, 972 normal / 644 tumour) are
+    n = 2, 8 and 32 labels, stratified: 1 / 1 (the 1-shot subset itself), 5 / 3 and 19 / 13."""
+    from medvlp.finetune.path_clip.protocol import budgets_of
+    from medvlp.launch.config import load_config
+
+    cfg = load_config("path-clip-patho", [])
+    assert cfg.protocol.seeds == 5 and cfg.protocol.label_fractions == [0.001, 0.005, 0.02]
+    assert [b[0] for b in budgets_of(cfg)] == ["0.1%", "0.5%", "2%", "1-shot", "4-shot", "16-shot"]
+    y = np.random.default_rng(0).permutation(np.array([0] * 972 + [1] * 644))
+    want = {0.001: [1, 1], 0.005: [5, 3], 0.02: [19, 13]}
+    for f, k in zip(cfg.protocol.label_fractions, cfg.protocol.shots):
+        for seed in range(cfg.protocol.seeds):
+            a = label_budget(y, label_fraction=f, seed=seed, num_classes=2)
+            shot = label_budget(y, shots=k, seed=seed, num_classes=2)
+            assert np.bincount(y[a], minlength=2).tolist() == want[f] and len(a) == len(shot)
+            assert np.array_equal(a, shot) == (f == 0.001)  # one per class: the same draw as 1-shot
+
+
 def test_metrics_against_hand_values():
     y = np.array([0, 0, 1, 1])
     logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.5]])  # preds 0, 1, 1, 0
