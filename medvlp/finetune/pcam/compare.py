@@ -240,7 +240,11 @@ def write_tables(out: Path, runs: dict[str, list[dict]], cfg: PcamConfig, seeds:
     lesions = lesion_rows(grids, names, cfg.data.image_size, n_boot)
     write_table(summary, out / "summary")
     write_table(per_finding, out / "per_finding")
-    write_table(paired, out / "paired")
+    if paired:  # none when the reference is the only pooling (one pooling run on its own)
+        write_table(paired, out / "paired")
+    else:
+        for ext in (".md", ".csv"):
+            (out / f"paired{ext}").unlink(missing_ok=True)
     if lesions:
         write_table(lesions, out / "lesion_size")
     n_loc = {n: int(runs[reference][0].get(f"n_loc/{n}", 0)) for n in names}

@@ -87,6 +87,11 @@ def test_paired_differences_and_lesion_sweep_from_items(tmp_path):
     md = (tmp_path / "poolings.md").read_text()
     assert "Paired differences vs avg" in md and "Lesion-size sweep" in md and "± " in md
     assert (tmp_path / "paired.csv").is_file() and (tmp_path / "summary.csv").is_file()
+    # one pooling on its own (one run per process into a shared folder): no paired rows, no stale paired table
+    C.write_tables(tmp_path, {"avg": runs["avg"]}, cfg, [0, 1, 2], "cmd", reference="avg", n_boot=50)
+    assert not (tmp_path / "paired.md").exists() and not (tmp_path / "paired.csv").exists()
+    assert json.loads((tmp_path / "poolings.json").read_text())["paired"] == []
+    assert "Paired differences" not in (tmp_path / "poolings.md").read_text()
 
 
 def test_loc_macro_ignores_missing_cases():
