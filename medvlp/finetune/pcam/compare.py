@@ -252,7 +252,8 @@ def write_tables(out: Path, runs: dict[str, list[dict]], cfg: PcamConfig, seeds:
             f"{', '.join(map(str, seeds))}, backbone {cfg.head.backbone} "
             f"({cfg.finetune.checkpoint or 'registry ' + cfg.head.model}), map level {cfg.head.feature_level}, "
             f"image {cfg.data.image_size} px, box threshold picked per run on '{cfg.eval.val_split}' from "
-            f"{cfg.eval.thresholds or [cfg.eval.threshold]}, test split '{cfg.eval.split}' ({len(keys)} images)\n")
+            f"{cfg.eval.thresholds or [cfg.eval.threshold]}, test split '{cfg.eval.split}' ({len(keys)} images)"
+            + (f", lse pooling r = {cfg.head.lse_r:g}" if "lse" in runs else "") + "\n")
     parts = [head + (f"\ncommand: `{command}`\n" if command else "")]
     for title, stem in (("Mean ± sample sd over seeds", "summary"), ("Per finding (mean ± sd over seeds)",
                                                                       "per_finding"),

@@ -92,6 +92,9 @@ def test_paired_differences_and_lesion_sweep_from_items(tmp_path):
     assert not (tmp_path / "paired.md").exists() and not (tmp_path / "paired.csv").exists()
     assert json.loads((tmp_path / "poolings.json").read_text())["paired"] == []
     assert "Paired differences" not in (tmp_path / "poolings.md").read_text()
+    assert "lse pooling r" not in md  # the sharpness is named only when lse is compared
+    C.write_tables(tmp_path, {"avg": runs["avg"], "lse": runs["pcam"]}, cfg, [0, 1, 2], "cmd", n_boot=50)
+    assert f"lse pooling r = {cfg.head.lse_r:g}" in (tmp_path / "poolings.md").read_text()
 
 
 def test_loc_macro_ignores_missing_cases():
