@@ -2,7 +2,7 @@
 
     medvlp localize --checkpoint RUN IMAGE... --out DIR [--threshold T] [--findings a,b]
     medvlp pcam-table RECIPE --out DIR [--poolings avg,max,lse,pcam] [--seeds 0,1,2] [--reference avg] [--resume]
-                      [--set KEY=VALUE ...]
+                      [--tables-only] [--set KEY=VALUE ...]
     medvlp pcam-corpus --out DIR [--n 2048] [--seed 0] [--nodule-radius 0.02,0.12] [--size 128]
 """
 from __future__ import annotations
@@ -53,8 +53,15 @@ def _cmd_pcam_table(a: argparse.Namespace) -> int:
     args = ["pcam-table", a.recipe, "--out", a.out, "--poolings", ",".join(poolings), "--reference", a.reference]
     args += ["--seeds", a.seeds] if a.seeds else []
     args += [x for kv in a.set for x in ("--set", kv)]
+    args += ["--resume"] if a.resume else []
+    args += ["--tables-only"] if a.tables_only else []
     command = "medvlp " + " ".join(shlex.quote(x) for x in args)
-    compare_poolings(cfg, a.out, poolings, seeds, command=command, reference=a.reference, resume=a.resume)
+    try:
+        compare_poolings(cfg, a.out, poolings, seeds, command=command, reference=a.reference, resume=a.resume,
+                         train=not a.tables_only)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(open(f"{a.out}/poolings.md").read(), end="")
     return 0
 
@@ -98,6 +105,8 @@ def add_pcam_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--reference", default="avg", help="the pooling every other is compared with (paired)")
     s.add_argument("--resume", action="store_true",
                    help="reuse finished runs in --out (result.json and eval_items.npz present) instead of retraining")
+    s.add_argument("--tables-only", action="store_true",
+                   help="train nothing: tabulate the finished runs in --out and name the missing (pooling, seed) runs")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     s.set_defaults(fn=_cmd_pcam_table)
     s = sub.add_parser("pcam-corpus", help="synthetic radiographs with a chosen nodule-radius range (lesion sizes)")

@@ -7,7 +7,9 @@ with seed statistics, paired bootstrap differences and a lesion-size sweep.
 Each (pooling, seed) runs in DIR/<pooling>-s<seed>/ (its own MLflow run `pcam-<pooling>-s<seed>`); a seed sets
 both `finetune.seed` (weights, dropout) and `data.seed` (stream order, augmentation). Each run picks its box
 threshold on the validation split and writes its test cases to eval_items.npz (`PcamStage.evaluate`).
-`--resume` reuses a finished run (result.json and eval_items.npz present) instead of training it again.
+`--resume` reuses a finished run (result.json and eval_items.npz present) instead of training it again;
+`--tables-only` trains nothing and tabulates the finished runs among the asked (pooling, seed) pairs, naming the
+missing ones (so poolings may have different seeds; paired differences use the seeds both poolings have).
 
 Tables (`medvlp.finetune.sweep`: "±" = sample sd over seeds; differences = `paired_bootstrap_diff` over test
 images x seeds, the same draw for both poolings):
@@ -124,9 +126,10 @@ def _finished(run_dir: Path) -> dict | None:
 
 def compare_poolings(cfg: PcamConfig, out_dir: str | Path, poolings: Sequence[str] = POOLINGS,
                      seeds: Sequence[int] | None = None, command: str = "", reference: str = "avg",
-                     resume: bool = False, n_boot: int = 1000) -> dict[str, list[dict[str, float]]]:
-    """Train `cfg` once per pooling and seed (or reuse finished runs with `resume`); write the tables;
-    -> {pooling: [metrics per seed]}."""
+                     resume: bool = False, n_boot: int = 1000,
+                     train: bool = True) -> dict[str, list[dict[str, float]]]:
+    """Train `cfg` once per pooling and seed (or reuse finished runs with `resume`; with `train=False` only the
+    finished runs are tabulated and the missing ones named); write the tables; -> {pooling: [metrics per seed]}."""
     from medvlp.finetune.pcam.stage import PcamStage
     from medvlp.finetune.runner import run_stage
 
@@ -138,6 +141,7 @@ def compare_poolings(cfg: PcamConfig, out_dir: str | Path, poolings: Sequence[st
     seeds = list(seeds) if seeds else [cfg.finetune.seed]
     out = Path(out_dir)
     runs: dict[str, list[dict[str, float]]] = {p: [] for p in poolings}
+    missing: list[str] = []
     for seed in seeds:
         for pooling in poolings:
             run_cfg = copy.deepcopy(cfg)
@@ -146,16 +150,22 @@ def compare_poolings(cfg: PcamConfig, out_dir: str | Path, poolings: Sequence[st
             tag = f"{pooling}-s{seed}"
             run_cfg.finetune.out_dir = str(out / tag)
             run_cfg.tracking.run_name = f"pcam-{tag}"
-            done = _finished(out / tag) if resume else None
+            done = _finished(out / tag) if (resume or not train) else None
             if done is not None:
                 runs[pooling].append({**done["metrics"], "seed": seed, "seconds": float("nan"),
                                       "run_id": done.get("run_id") or "", "dir": tag})
+                continue
+            if not train:
+                missing.append(tag)
                 continue
             t0 = time.time()
             result = run_stage(PcamStage(), run_cfg)
             runs[pooling].append({**result.metrics, "seed": seed, "seconds": time.time() - t0,
                                   "run_id": result.run_id or "", "dir": tag})
-    write_tables(out, runs, cfg, seeds, command, reference, n_boot)
+    runs = {p: ms for p, ms in runs.items() if ms}
+    if reference not in runs:
+        raise ValueError(f"no finished run of the reference pooling {reference!r} in {out}")
+    write_tables(out, runs, cfg, seeds, command, reference, n_boot, missing=missing)
     return runs
 
 
@@ -164,7 +174,8 @@ def _grids(out: Path, runs: dict[str, list[dict]]) -> tuple[list[str], list[str]
     """(test image keys, finding names, {pooling: [case grid per seed]}) aligned on the first run's keys."""
     first = load_items(out / next(iter(runs.values()))[0]["dir"] / ITEMS_FILE)
     keys, names = sorted(first["keys"].tolist()), first["names"].tolist()
-    grids = {p: [case_grid(load_items(out / m["dir"] / ITEMS_FILE), keys) for m in ms] for p, ms in runs.items()}
+    grids = {p: [{**case_grid(load_items(out / m["dir"] / ITEMS_FILE), keys), "seed": m.get("seed")} for m in ms]
+             for p, ms in runs.items()}
     return keys, names, grids
 
 
@@ -182,10 +193,14 @@ def paired_rows(grids: dict[str, list[dict]], reference: str, n_boot: int, seed:
     for pooling, gs in grids.items():
         if pooling == reference:
             continue
-        S = min(len(gs), len(ref))
+        # paired by seed: the seeds both poolings ran (runs without a seed pair by position)
+        ref_by = {g.get("seed", i): g for i, g in enumerate(ref)}
+        pairs = [(g, ref_by[g.get("seed", i)]) for i, g in enumerate(gs) if g.get("seed", i) in ref_by]
+        if not pairs:
+            continue
         for label, field, fn in metrics:
-            a, b = _stack(gs[:S], field), _stack(ref[:S], field)
-            y = _stack(gs[:S], "labels")
+            a, b = _stack([g for g, _ in pairs], field), _stack([r for _, r in pairs], field)
+            y = _stack([g for g, _ in pairs], "labels")
             d = paired_bootstrap_diff(fn, y, a, b, n_boot=n_boot, seed=seed)
             rows.append({"comparison": f"{pooling} - {reference}", "metric": label, "diff": d["diff"],
                          "ci_lo": d["ci_lo"], "ci_hi": d["ci_hi"], "p_le_0": d["p_le_0"],
@@ -221,7 +236,7 @@ def lesion_rows(grids: dict[str, list[dict]], names: list[str], image_side: int,
 
 
 def write_tables(out: Path, runs: dict[str, list[dict]], cfg: PcamConfig, seeds: list[int], command: str,
-                 reference: str = "avg", n_boot: int = 1000) -> None:
+                 reference: str = "avg", n_boot: int = 1000, missing: Sequence[str] = ()) -> None:
     out.mkdir(parents=True, exist_ok=True)
     keys, names, grids = _grids(out, runs)
     summary = []
@@ -230,6 +245,7 @@ def write_tables(out: Path, runs: dict[str, list[dict]], cfg: PcamConfig, seeds:
         row.update({label: _pm([m.get(k, float("nan")) for m in ms]) for k, label in COLUMNS})
         row["box threshold (val)"] = ", ".join(f"{m.get('threshold', float('nan')):.1f}" for m in ms)
         row["seeds"] = len(ms)
+        row["seed ids"] = ",".join(str(m.get("seed", "?")) for m in ms)
         summary.append(row)
     per_finding = []
     for pooling, ms in runs.items():
@@ -240,7 +256,11 @@ def write_tables(out: Path, runs: dict[str, list[dict]], cfg: PcamConfig, seeds:
     lesions = lesion_rows(grids, names, cfg.data.image_size, n_boot)
     write_table(summary, out / "summary")
     write_table(per_finding, out / "per_finding")
-    write_table(paired, out / "paired")
+    if paired:  # none when the reference is the only pooling (one pooling run on its own)
+        write_table(paired, out / "paired")
+    else:
+        for ext in (".md", ".csv"):
+            (out / f"paired{ext}").unlink(missing_ok=True)
     if lesions:
         write_table(lesions, out / "lesion_size")
     n_loc = {n: int(runs[reference][0].get(f"n_loc/{n}", 0)) for n in names}
@@ -248,7 +268,10 @@ def write_tables(out: Path, runs: dict[str, list[dict]], cfg: PcamConfig, seeds:
             f"{', '.join(map(str, seeds))}, backbone {cfg.head.backbone} "
             f"({cfg.finetune.checkpoint or 'registry ' + cfg.head.model}), map level {cfg.head.feature_level}, "
             f"image {cfg.data.image_size} px, box threshold picked per run on '{cfg.eval.val_split}' from "
-            f"{cfg.eval.thresholds or [cfg.eval.threshold]}, test split '{cfg.eval.split}' ({len(keys)} images)\n")
+            f"{cfg.eval.thresholds or [cfg.eval.threshold]}, test split '{cfg.eval.split}' ({len(keys)} images)"
+            + (f", lse pooling r = {cfg.head.lse_r:g}" if "lse" in runs else "") + "\n")
+    if missing:
+        head += f"\nnot run (left out of every table): {', '.join(missing)}\n"
     parts = [head + (f"\ncommand: `{command}`\n" if command else "")]
     for title, stem in (("Mean ± sample sd over seeds", "summary"), ("Per finding (mean ± sd over seeds)",
                                                                       "per_finding"),
@@ -261,6 +284,7 @@ def write_tables(out: Path, runs: dict[str, list[dict]], cfg: PcamConfig, seeds:
     (out / "poolings.md").write_text("\n".join(parts))
     (out / "poolings.json").write_text(json.dumps({"command": command, "findings": names, "seeds": seeds,
                                                    "reference": reference, "runs": runs, "paired": paired,
+                                                   "missing": list(missing),
                                                    "lesion_size": lesions}, indent=1, default=float))
 
 

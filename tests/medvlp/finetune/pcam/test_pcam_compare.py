@@ -87,6 +87,26 @@ def test_paired_differences_and_lesion_sweep_from_items(tmp_path):
     md = (tmp_path / "poolings.md").read_text()
     assert "Paired differences vs avg" in md and "Lesion-size sweep" in md and "± " in md
     assert (tmp_path / "paired.csv").is_file() and (tmp_path / "summary.csv").is_file()
+    # one pooling on its own (one run per process into a shared folder): no paired rows, no stale paired table
+    C.write_tables(tmp_path, {"avg": runs["avg"]}, cfg, [0, 1, 2], "cmd", reference="avg", n_boot=50)
+    assert not (tmp_path / "paired.md").exists() and not (tmp_path / "paired.csv").exists()
+    assert json.loads((tmp_path / "poolings.json").read_text())["paired"] == []
+    assert "Paired differences" not in (tmp_path / "poolings.md").read_text()
+    assert "lse pooling r" not in md  # the sharpness is named only when lse is compared
+    C.write_tables(tmp_path, {"avg": runs["avg"], "lse": runs["pcam"]}, cfg, [0, 1, 2], "cmd", n_boot=50)
+    assert f"lse pooling r = {cfg.head.lse_r:g}" in (tmp_path / "poolings.md").read_text()
+    # tables only: finished runs are tabulated, a missing one is named, and differences pair runs by seed
+    for pooling, ms in runs.items():
+        for seed, m in enumerate(ms):
+            if (pooling, seed) != ("pcam", 1):
+                (tmp_path / m["dir"] / "result.json").write_text(json.dumps({"metrics": m}))
+    got = C.compare_poolings(cfg, tmp_path, ["avg", "pcam"], [0, 1, 2], train=False, n_boot=50)
+    assert [m["seed"] for m in got["pcam"]] == [0, 2] and len(got["avg"]) == 3
+    doc = json.loads((tmp_path / "poolings.json").read_text())
+    assert doc["missing"] == ["pcam-s1"] and all(r["seeds"] == 2 for r in doc["paired"])
+    assert "not run (left out of every table): pcam-s1" in (tmp_path / "poolings.md").read_text()
+    with pytest.raises(ValueError, match="reference pooling 'avg'"):
+        C.compare_poolings(cfg, tmp_path / "empty", ["avg", "pcam"], [0], train=False)
 
 
 def test_loc_macro_ignores_missing_cases():

@@ -118,3 +118,68 @@ def test_bad_configuration_and_input_are_named():
         PcamHead(4, 2, dropout=1.0)
     with pytest.raises(ValueError, match=r"\(B, 4, h, w\)"):
         PcamHead(4, 2)(torch.randn(2, 5, 3, 3))
+
+
+@pytest.mark.timeout(60)
+def test_lse_and_max_against_hand_values():
+    # one image, two channels on a 2x2 map; r = 1: log mean exp, written out
+    feat = torch.tensor([[[[0.0, 0.0], [0.0, math.log(3.0)]],
+                          [[1.0, 2.0], [3.0, 4.0]]]])
+    torch.testing.assert_close(lse_pool(feat, 1.0),
+                               torch.tensor([[math.log(1.5), math.log((math.e + math.e ** 2 + math.e ** 3
+                                                                       + math.e ** 4) / 4)]]))
+    # r = 2 on the second channel: (1/2) log((e^2 + e^4 + e^6 + e^8) / 4) = 4 + (1/2) log((1 + e^-2 + e^-4 + e^-6) / 4)
+    want = 4 + 0.5 * math.log((1 + math.exp(-2) + math.exp(-4) + math.exp(-6)) / 4)
+    assert lse_pool(feat, 2.0)[0, 1].item() == pytest.approx(want, rel=1e-6)
+    head = PcamHead(2, 1, pooling="max")
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.tensor([1.0, -2.0]).view(1, 2, 1, 1))
+        head.fc.bias.fill_(0.5)
+    # max pools each channel on its own (ln 3 and 4 come from different cells): 1*ln3 - 2*4 + 0.5
+    assert head(feat).logits.item() == pytest.approx(math.log(3.0) - 8.0 + 0.5, rel=1e-6)
+
+
+@pytest.mark.timeout(60)
+def test_max_is_the_large_r_limit_of_lse():
+    torch.manual_seed(1)
+    feat = 5.0 * torch.randn(3, 4, 6, 6)  # n = 36 cells
+    mx, avg = feat.amax(dim=(-2, -1)), feat.mean(dim=(-2, -1))
+    gaps = []
+    for r in (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e6):
+        lse = lse_pool(feat, r)
+        assert torch.isfinite(lse).all(), r  # max-shifted: no overflow even at r * |x| ~ 1e7
+        # avg <= lse <= max (Jensen), and max - lse <= log(n) / r (all mass on the peak cell)
+        assert (lse >= avg - 1e-4).all() and (lse <= mx + 1e-5).all(), r
+        gap = (mx - lse).abs().max().item()
+        assert gap <= math.log(36) / r + 1e-5, (r, gap)
+        gaps.append(gap)
+    assert all(b <= a for a, b in zip(gaps, gaps[1:]))  # the gap shrinks as r grows
+    assert gaps[-1] < 1e-5
+    heads = {p: _head(p, C=4, K=2, **({"lse_r": 1e6} if p == "lse" else {})) for p in ("max", "lse")}
+    torch.testing.assert_close(heads["lse"](feat).logits, heads["max"](feat).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pooling", ["max", "lse"])
+def test_max_and_lse_gradients_flow(pooling):
+    r = 3.0
+    torch.manual_seed(2)
+    feat = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    if pooling == "lse":
+        # analytic gradient: d lse / d x = softmax(r x) over the cells of each channel
+        (g,) = torch.autograd.grad(lse_pool(feat, r).sum(), feat)
+        want = torch.softmax(r * feat.detach().flatten(2), dim=2).view_as(feat)
+        torch.testing.assert_close(g.float(), want.float(), atol=1e-6, rtol=1e-5)
+    head = _head(pooling, C=3, K=2, lse_r=r)
+    out = head(feat)
+    out.logits.sum().backward()
+    assert head.fc.weight.grad.abs().sum() > 0 and head.fc.bias.grad.abs().sum() > 0
+    g = feat.grad
+    assert torch.isfinite(g).all()
+    nonzero = (g != 0).flatten(2).sum(dim=2)  # cells per (image, channel) that receive gradient
+    if pooling == "max":
+        assert (nonzero == 1).all()  # only each channel's peak cell
+        peak = feat.detach().flatten(2).argmax(dim=2)
+        assert (g.flatten(2).abs().argmax(dim=2) == peak).all()
+    else:
+        assert (nonzero == 16).all()  # every cell, weighted by softmax(r x)

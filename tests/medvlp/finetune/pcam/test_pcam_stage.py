@@ -133,11 +133,21 @@ def test_cli_finetune_localize_and_table(lesion_run, tmp_path, capsys):
     assert main(["localize", "--checkpoint", str(tmp_path), str(tmp_path / "a.png"), "--out", str(tmp_path / "x")]) == 2
     assert "no model.safetensors" in capsys.readouterr().err
     out = tmp_path / "table"
-    assert main(["pcam-table", "pcam-synth", "--out", str(out), "--poolings", "avg,pcam", *_tiny(root, uri)]) == 0
+    assert main(["pcam-table", "pcam-synth", "--out", str(out), "--poolings", "avg,max,lse,pcam",
+                 *_tiny(root, uri)]) == 0
     doc = json.loads((out / "poolings.json").read_text())
-    assert list(doc["runs"]) == ["avg", "pcam"] and doc["findings"] == ["lesion"]
+    assert list(doc["runs"]) == ["avg", "max", "lse", "pcam"] and doc["findings"] == ["lesion"]
+    assert {r["comparison"] for r in doc["paired"]} == {"max - avg", "lse - avg", "pcam - avg"}
     md = (out / "poolings.md").read_text()
-    assert "| avg |" in md and "| pcam |" in md and "command: `medvlp pcam-table" in md
+    assert "| avg |" in md and "| pcam |" in md and "command: `medvlp pcam-table" in md and "lse pooling r = 10" in md
+    # tables only: nothing trained, the asked runs that do not exist are named
+    assert main(["pcam-table", "pcam-synth", "--out", str(out), "--poolings", "avg,pcam", "--seeds", "0,7",
+                 "--tables-only", *_tiny(root, uri)]) == 0
+    doc = json.loads((out / "poolings.json").read_text())
+    assert doc["missing"] == ["avg-s7", "pcam-s7"] and not (out / "avg-s7").exists()
+    assert main(["pcam-table", "pcam-synth", "--out", str(tmp_path / "none"), "--poolings", "avg", "--tables-only",
+                 *_tiny(root, uri)]) == 2
+    assert "no finished run of the reference pooling 'avg'" in capsys.readouterr().err
     assert main(["pcam-table", "pcam-synth", "--out", str(out), "--poolings", "mean"]) == 2
     assert "--poolings: ['mean']" in capsys.readouterr().err
 
