@@ -32,7 +32,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import tarfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -43,6 +42,7 @@ from PIL import Image, ImageOps
 
 from medvlp.data_shards import readers
 from medvlp.data_shards.paths import PathPolicy
+from medvlp.data_shards.reader import shard_keys
 from medvlp.data_shards.manifest import (ManifestError, Row, assign_splits, check_files, check_global, part_of,
                                   read_manifest)
 from medvlp.data_shards.schema import SCHEMA_VERSION, SPLITS, LabelSpec, Sample
@@ -563,19 +563,6 @@ def _line_of(err: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ merge
-def _shard_keys(path: Path) -> list[str]:
-    """Sample keys of a shard from its tar headers only (no member data is read)."""
-    keys: list[str] = []
-    with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            base = m.name.rsplit("/", 1)
-            stem = base[-1].split(".", 1)[0]
-            key = f"{base[0]}/{stem}" if len(base) == 2 else stem
-            if not keys or keys[-1] != key:
-                keys.append(key)
-    return keys
-
-
 def merge_indexes(out_dir) -> dict:
     """Join index.part{i}of{n}.json into index.json; every part present, no sample key missing or doubled."""
     out = Path(out_dir)
@@ -605,7 +592,7 @@ def merge_indexes(out_dir) -> dict:
              for d in docs for sh in d["shards"]]
     seen: dict[str, str] = {}
     for sh in infos:
-        for key in _shard_keys(out / sh.name):
+        for key in shard_keys(out / sh.name):
             if key in seen:
                 raise ValueError(f"{out}: sample key {key!r} is in both {seen[key]} and {sh.name}")
             seen[key] = sh.name
