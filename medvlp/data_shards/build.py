@@ -372,7 +372,7 @@ def _die_with_parent(builder_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
-def _pool_context():
+def pool_context():
     """Start method of the build workers.
 
     forkserver where the platform has it: one server process imports this module (numpy, PIL, webdataset and the
@@ -388,7 +388,7 @@ def _pool_context():
 
 def _warm_pool(workers: int) -> None:
     """Start the workers' fork server now: it imports in the background while this process reads the manifest."""
-    if workers > 1 and _pool_context().get_start_method() == "forkserver":
+    if workers > 1 and pool_context().get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
@@ -404,7 +404,7 @@ def _run_tasks(tasks: list[dict], workers: int, on_error: str, progress: bool) -
             results.append(_encode_shard(t))
             bar.update()
     else:
-        ctx = _pool_context()  # not fork: unsafe once threads (torch, tqdm) exist in the parent
+        ctx = pool_context()  # not fork: unsafe once threads (torch, tqdm) exist in the parent
         with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
                                     initializer=_die_with_parent, initargs=(os.getpid(),)) as ex:
             futs = [ex.submit(_encode_shard, t) for t in tasks]
