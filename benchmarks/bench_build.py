@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.hw import cpu_model  # noqa: E402
-from medvlp.data_shards.build import _pool_context, build_shards  # noqa: E402
+from medvlp.data_shards.build import pool_context, build_shards  # noqa: E402
 
 
 def make_corpus(root: Path, n: int, side: int, bits: int) -> Path:
@@ -72,7 +72,7 @@ def start_workers() -> float:
     """Start the build workers' fork server now; returns its start-up seconds (0 where spawn is used)."""
     import multiprocessing.forkserver as fs
 
-    ctx = _pool_context()
+    ctx = pool_context()
     if ctx.get_start_method() != "forkserver":
         return 0.0
     t0 = time.perf_counter()

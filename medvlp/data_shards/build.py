@@ -32,7 +32,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import tarfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -43,6 +42,7 @@ from PIL import Image, ImageOps
 
 from medvlp.data_shards import readers
 from medvlp.data_shards.paths import PathPolicy
+from medvlp.data_shards.reader import shard_keys
 from medvlp.data_shards.manifest import (ManifestError, Row, assign_splits, check_files, check_global, part_of,
                                   read_manifest)
 from medvlp.data_shards.schema import SCHEMA_VERSION, SPLITS, LabelSpec, Sample
@@ -375,7 +375,7 @@ def _die_with_parent(builder_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
-def _pool_context():
+def pool_context():
     """Start method of the build workers.
 
     forkserver where the platform has it: one server process imports this module (numpy, PIL, webdataset and the
@@ -391,7 +391,7 @@ def _pool_context():
 
 def _warm_pool(workers: int) -> None:
     """Start the workers' fork server now: it imports in the background while this process reads the manifest."""
-    if workers > 1 and _pool_context().get_start_method() == "forkserver":
+    if workers > 1 and pool_context().get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
@@ -407,7 +407,7 @@ def _run_tasks(tasks: list[dict], workers: int, on_error: str, progress: bool) -
             results.append(_encode_shard(t))
             bar.update()
     else:
-        ctx = _pool_context()  # not fork: unsafe once threads (torch, tqdm) exist in the parent
+        ctx = pool_context()  # not fork: unsafe once threads (torch, tqdm) exist in the parent
         with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
                                     initializer=_die_with_parent, initargs=(os.getpid(),)) as ex:
             futs = [ex.submit(_encode_shard, t) for t in tasks]
@@ -566,19 +566,6 @@ def _line_of(err: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ merge
-def _shard_keys(path: Path) -> list[str]:
-    """Sample keys of a shard from its tar headers only (no member data is read)."""
-    keys: list[str] = []
-    with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            base = m.name.rsplit("/", 1)
-            stem = base[-1].split(".", 1)[0]
-            key = f"{base[0]}/{stem}" if len(base) == 2 else stem
-            if not keys or keys[-1] != key:
-                keys.append(key)
-    return keys
-
-
 def merge_indexes(out_dir) -> dict:
     """Join index.part{i}of{n}.json into index.json; every part present, no sample key missing or doubled."""
     out = Path(out_dir)
@@ -607,7 +594,7 @@ def merge_indexes(out_dir) -> dict:
     infos = [ShardInfo.from_dict(sh) for d in docs for sh in d["shards"]]
     seen: dict[str, str] = {}
     for sh in infos:
-        for key in _shard_keys(out / sh.name):
+        for key in shard_keys(out / sh.name):
             if key in seen:
                 raise ValueError(f"{out}: sample key {key!r} is in both {seen[key]} and {sh.name}")
             seen[key] = sh.name

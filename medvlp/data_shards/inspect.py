@@ -10,7 +10,6 @@ Legend: HW = image height/width, D = axial slices, n = patches, d = feature widt
 """
 from __future__ import annotations
 
-import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterator
@@ -18,47 +17,17 @@ from typing import Iterator
 import numpy as np
 
 from medvlp.data_shards.schema import Sample, SampleDecodeError, decode_sample
-from medvlp.data_shards.writer import check_index, read_index, sha256_file
+from medvlp.data_shards import reader
+from medvlp.data_shards.writer import INDEX_NAME, read_index, sha256_file
 
 SHEET_TILES = 16  # samples drawn on the contact sheet
 THUMB = 128  # longest side of a stored thumbnail
 
 
-def iter_shard(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
-    """(key, members, None) per sample in tar order, or (key, None, error) for an unreadable shard tail."""
-    cur: dict | None = None
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                head, _, name = m.name.rpartition("/")
-                stem, _, ext = name.partition(".")
-                key = f"{head}/{stem}" if head else stem
-                if cur is not None and cur["__key__"] != key:
-                    yield cur["__key__"], cur, None
-                    cur = None
-                cur = cur or {"__key__": key}
-                cur[ext] = tf.extractfile(m).read()
-    except (tarfile.TarError, OSError) as e:
-        yield (cur or {}).get("__key__", path.name), None, f"{path.name}: unreadable tar: {type(e).__name__}: {e}"
-        return
-    if cur is not None:
-        yield cur["__key__"], cur, None
-
-
-def iter_samples(shard_dir, index_name: str = "index.json") -> Iterator[Sample]:
+def iter_samples(shard_dir, index_name: str = INDEX_NAME) -> Iterator[Sample]:
     """Every sample of the shards an index lists, decoded, in order (raises on a corrupt one)."""
-    import json
-
-    shard_dir = Path(shard_dir)
-    doc = check_index(json.loads((shard_dir / index_name).read_text()), str(shard_dir / index_name)) \
-        if index_name != "index.json" else read_index(shard_dir)
-    for sh in doc["shards"]:
-        for key, members, err in iter_shard(shard_dir / sh["name"]):
-            if err is not None:
-                raise SampleDecodeError(err)
-            yield decode_sample(members)
+    index = "" if index_name == INDEX_NAME else str(Path(shard_dir) / index_name)
+    return reader.iter_samples(str(shard_dir), index_path=index)
 
 
 class _Stats:
@@ -158,7 +127,7 @@ def inspect_report(shard_dir, n_examples: int = 4, sheet_path: str | None = None
             continue
         if sha256_file(path) != sh["sha256"]:
             bad_sha.append(sh["name"])
-        for key, members, err in iter_shard(path):
+        for key, members, err in reader.iter_shard(path):
             if err is not None:
                 stats.corrupt.append(err)
                 continue

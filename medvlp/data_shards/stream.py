@@ -66,9 +66,8 @@ import math
 import random
 import re
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -80,10 +79,10 @@ from medvlp.data_shards.config import DataConfig
 from medvlp.data_shards.guard import (BadRun, DataStreamError, ShardVerifier, StopSignal, StreamStopped, as_stop_check,
                                check_pipe_allowed)
 from medvlp.data_shards.members import MemberContext, MemberError, MemberSet
+from medvlp.data_shards.reader import ShardSet, resolve_shards, split_member  # noqa: F401 (resolve_shards re-exported)
 from medvlp.data_shards.schema import Sample, SampleDecodeError, decode_sample
 from medvlp.data_shards.transforms import SampleTransform, collate_bags
 from medvlp.data_shards import remote
-from medvlp.data_shards.writer import INDEX_NAME, ShardIndexError, check_index, read_index
 
 log = logging.getLogger(__name__)
 
@@ -98,90 +97,6 @@ def stream_seed(*parts: int) -> int:
     """A 63-bit seed from integer parts (seed, epoch, rank, ...), independent of time and pid."""
     ss = np.random.SeedSequence([int(p) % (1 << 64) for p in parts])
     return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-# ------------------------------------------------------------------------------------------ shard sets
-@dataclass
-class ShardSet:
-    """The shards of one stream with their per-shard sample counts of the selected split (from index.json)."""
-
-    urls: list[str]
-    counts: list[int]
-    label_names: list[str]
-    modality: str
-    split: str
-    sha256: list[str] = field(default_factory=list)  # per url, from index.json ("" = unknown)
-    sizes: list[int] = field(default_factory=list)  # samples per url, all splits, from index.json (-1 = unknown)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-
-def _check_index(doc: Any, where: str) -> dict:
-    return check_index(doc, where)
-
-
-def _load_index_file(path: Path | str, allow_pipe: bool = True) -> dict:
-    if isinstance(path, str) and remote.is_remote(path):  # http(s)://, s3-style URL or pipe:CMD
-        return _check_index(remote.fetch_json(path, allow_pipe), path)
-    path = Path(path)
-    if path.is_dir() or path.name == INDEX_NAME:
-        return read_index(path if path.is_dir() else path.parent)
-    try:
-        doc = json.loads(path.read_text())  # e.g. a part index (index.part0of2.json)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardIndexError(f"{path}: not valid JSON ({e})") from None
-    return check_index(doc, str(path))
-
-
-def _find_index(spec: str | list[str], index_path: str, allow_pipe: bool = True) -> tuple[dict, str]:
-    if index_path:
-        return _load_index_file(index_path if remote.is_remote(index_path) else Path(index_path), allow_pipe), index_path
-    if isinstance(spec, str) and Path(spec).is_dir():
-        return read_index(spec), str(Path(spec) / INDEX_NAME)
-    if isinstance(spec, str) and remote.is_folder_url(spec):
-        where = remote.join(spec, INDEX_NAME)
-        return _load_index_file(where, allow_pipe), where
-    first = spec[0] if isinstance(spec, list) else wds.shardlists.expand_urls(spec)[0]
-    if remote.is_url(first):
-        where = remote.index_beside(first)
-        return _load_index_file(where, allow_pipe), where
-    d = Path(first).parent
-    if not (d / INDEX_NAME).exists():
-        raise FileNotFoundError(f"shards {spec!r}: no {INDEX_NAME} in {d}; set data.index to the index of "
-                                "remote or pipe: shards")
-    return read_index(d), str(d / INDEX_NAME)
-
-
-def resolve_shards(spec: str | list[str], split: str, index_path: str = "", allow_pipe: bool = True) -> ShardSet:
-    """A shard dir (with index.json), a folder URL (with index.json), a brace spec / URL / pipe spec, or a list of
-    URLs -> ShardSet. The index of a URL spec is fetched from beside it (see medvlp.data_shards.remote)."""
-    if not spec:
-        raise ValueError("data shards: empty shard spec (set data.train_shards / data.val_shards)")
-    index, where = _find_index(spec, index_path, allow_pipe)
-    if not isinstance(index.get("shards"), list):
-        raise ValueError(f"{where}: no 'shards' list")
-    entries = {sh["name"]: sh for sh in index["shards"]}
-    if isinstance(spec, str) and Path(spec).is_dir():
-        urls = [str(Path(spec) / name) for name in entries]
-    elif isinstance(spec, str) and remote.is_folder_url(spec):
-        urls = [remote.join(spec, name) for name in entries]
-    else:
-        urls = list(spec) if isinstance(spec, list) else wds.shardlists.expand_urls(spec)
-    counts, sums, sizes = [], [], []
-    for url in urls:
-        # match the index entry by file name (URLs and pipe commands carry it as a path component)
-        hit = sorted({t for t in re.findall(r"[^/\s:]+", url) if t in entries})
-        if len(hit) != 1:
-            raise ValueError(f"shard {url!r}: {'not listed' if not hit else 'ambiguous'} in {where}")
-        counts.append(int(entries[hit[0]].get("splits", {}).get(split, 0)))
-        sums.append(str(entries[hit[0]].get("sha256", "")))
-        sizes.append(int(entries[hit[0]].get("count", -1)))
-    if sum(counts) == 0:
-        raise ValueError(f"shards {spec!r}: split {split!r} has no samples (index {where}: {index.get('splits')})")
-    return ShardSet(urls, counts, list(index.get("label_names", [])), index.get("modality", ""), split, sums,
-                    sizes)
 
 
 # ---------------------------------------------------------------------------------------- slot planning
@@ -323,7 +238,7 @@ def _read_tars(src: Iterator[dict], tally: _Tally, verifier: ShardVerifier | Non
     """webdataset's tarfile_to_samples with more checks: the shard's sha256 (data.verify), and a tar that ends
     early without an error (zeroed, empty, or cut at a block boundary: tarfile reads that as a clean end of the
     archive) holding fewer samples than index.json lists is counted as unreadable, naming the shard."""
-    from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     streams = _open_urls(src, tally, policy or remote.RemotePolicy())
     if verifier is not None:
@@ -344,13 +259,13 @@ def _read_tars(src: Iterator[dict], tally: _Tally, verifier: ShardVerifier | Non
                                                   "samples, then the tar ends (truncated, zeroed or empty)"))
                 current.update(keys=0, last=None)
             else:
-                key = base_plus_ext(f.get("fname", ""))[0]
+                key = split_member(f.get("fname", ""))[0]
                 if key != current["last"]:
                     current.update(keys=current["keys"] + 1, last=key)
             yield f
 
     files = count(tar_file_expander(watch(streams), handler=tally.on_tar_error))
-    yield from group_by_keys(files, handler=tally.on_tar_error)
+    yield from group_by_keys(files, keys=split_member, handler=tally.on_tar_error)
 
 
 def _keep_modulo(src: Iterator[dict], slot: int, n_slots: int) -> Iterator[dict]:

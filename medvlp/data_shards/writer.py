@@ -223,9 +223,3 @@ def label_spec(index: dict) -> LabelSpec | None:
         return LabelSpec.from_dict(index["labels"], "index.json labels")
     names = list(index.get("label_names") or [])
     return LabelSpec.infer(names) if names else None
-
-
-def shard_urls(shard_dir: str | os.PathLike) -> list[str]:
-    """Local shard paths listed in the index, in order."""
-    doc = read_index(shard_dir)
-    return [str(Path(shard_dir) / sh["name"]) for sh in doc["shards"]]  # plain names: checked by read_index

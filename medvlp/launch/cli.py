@@ -15,20 +15,19 @@
     medvlp launch [...] -- <subcommand ...>
     medvlp runs compare|ui ...
     medvlp localize --checkpoint RUN IMAGE... --out DIR;  medvlp pcam-table RECIPE --out DIR
+
+The commands of a fine-tune stage (eval few-shot, anatomy-ablation, features, generate, report, localize,
+pcam-table, pcam-corpus) live in the stage's own `commands.py`; the stage registry (`medvlp.finetune.registry`)
+adds them here.
 """
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 from medvlp.data_shards.importers import IMPORTERS  # the importer kinds (a table; importers load on use)
-from medvlp.launch.config import load_stage_config  # noqa: F401 - re-exported: the stages' tests and commands use it
-
-
-def _cmdline() -> str:
-    return "medvlp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+from medvlp.finetune.registry import command_line, load_stage_config  # noqa: F401 - load_stage_config re-exported
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -52,7 +51,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     from medvlp.data_shards.synth import synth_to_shards
 
     doc = synth_to_shards(a.out, modality=a.modality, n=a.n, seed=a.seed, shard_size=a.shard_size, size=a.size,
-                          command=_cmdline(), domain=a.domain)
+                          command=command_line(), domain=a.domain)
     docs = doc if a.modality == "all" else {a.modality: doc}
     for mod, d in docs.items():
         print(f"{mod}: {d['num_samples']} samples in {len(d['shards'])} shards, splits {d['splits']}")
@@ -124,7 +123,7 @@ def _cmd_build(a: argparse.Namespace) -> int:
     try:
         doc = build_shards(a.manifest, a.out, workers=a.workers, maxcount=a.maxcount, maxsize=int(a.maxsize_mb * 2**20),
                            image_size=a.image_size, on_error=a.on_error, val_frac=a.val_frac, test_frac=a.test_frac,
-                           seed=a.seed, part=_parse_part(a.part), modality=a.modality, command=_cmdline(),
+                           seed=a.seed, part=_parse_part(a.part), modality=a.modality, command=command_line(),
                            read=read, salt=salt, labels=_label_options(a), root=a.root,
                            follow_symlinks=a.follow_symlinks)
     except (ManifestError, ValueError) as e:
@@ -242,66 +241,6 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
     return 0
 
 
-def _config_keys_epilog(cls, what: str = "") -> str:
-    from medvlp.launch.config import format_docs
-
-    return (f"config keys{what} (set with --set KEY=VALUE; the recipe supplies the values):\n"
-            + format_docs(cls))
-
-
-def _finetune_keys_epilog(stage: str | None) -> str:
-    """`medvlp finetune STAGE --help`: the stage's config keys; without a stage, the runner keys every stage has."""
-    from medvlp.finetune import get_stage
-
-    if stage:
-        try:
-            root_cls, _ = get_stage(stage)
-        except ValueError as e:
-            return f"{e}\n"
-        return _config_keys_epilog(root_cls, f" of stage {stage}")
-    from medvlp.finetune.runner import RunnerConfig
-    from medvlp.launch.config import format_docs
-
-    keys = "".join(f"finetune.{line}\n" for line in format_docs(RunnerConfig).splitlines())
-    return ("config keys of the shared runner, in every stage (set with --set KEY=VALUE); each stage adds its own "
-            "(model, data, loss, eval, tracking): `medvlp finetune STAGE --help` lists them all:\n" + keys)
-
-
-def _cmd_eval_few_shot(a: argparse.Namespace) -> int:
-    from medvlp.finetune.path_clip.protocol import run_protocol
-
-    cfg, _ = load_stage_config("path-clip", a.recipe, list(a.set))
-    try:
-        res = run_protocol(cfg, command=_cmdline().replace("medvlp eval-few-shot", "medvlp eval few-shot"))
-    except ValueError as e:  # bad input found while setting up (task, shards, budgets, pretrained path)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(res["table"], end="")
-    print(f"few-shot protocol done in {res['seconds']:.0f} s: {cfg.protocol.out_dir}/fewshot.md, fewshot.png, "
-          f"results.json; mlflow run {res.get('run_id')}")
-    return 0
-
-
-def _cmd_anatomy_ablation(a: argparse.Namespace) -> int:
-    from medvlp.finetune.anatomy.ablation import VARIANTS, merge_ablations, run_ablation
-
-    cfg, _ = load_stage_config("anatomy", a.recipe, list(a.set))
-    if a.merge:
-        out = merge_ablations(a.merge, a.out, cfg)
-        print(out["markdown"])
-        print(f"table: {a.out}/ablation.md")
-        return 0
-    bad = [v for v in a.variants if v not in VARIANTS]
-    if bad:
-        from medvlp.launch.config import ConfigError
-
-        raise ConfigError(f"--variants: {bad} are not among {', '.join(VARIANTS)}")
-    out = run_ablation(cfg, a.seeds, a.out, a.variants)
-    print(out["markdown"])
-    print(f"table: {a.out}/ablation.md")
-    return 0
-
-
 def _cmd_eval(a: argparse.Namespace) -> int:
     from medvlp.pretrain.eval import run_eval_cli
 
@@ -319,73 +258,6 @@ def _cmd_export(a: argparse.Namespace) -> int:
         return 2
     print(f"exported to {out}" + (f" (16-bit images: see {out}/PREPROCESSING.md)" if a.to != "mlflow" else
                                   f" (mlflow.pyfunc.load_model({str(out)!r}).predict(DataFrame with text / image))"))
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------- reports
-def _cmd_features_extract(a: argparse.Namespace) -> int:
-    from medvlp.finetune.report.features import extract_features
-    from medvlp.pretrain.pretrained import LoadError
-
-    try:
-        doc = extract_features(a.checkpoint, a.shards, a.out, batch_size=a.batch_size, slide_key=a.slide_key,
-                               slides_per_shard=a.slides_per_shard, command=_cmdline())
-    except (LoadError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{doc['num_samples']} slide bags in {len(doc['shards'])} shards -> {a.out} (splits {doc['splits']})")
-    return 0
-
-
-def _report_run(checkpoint: str, overrides: list[str]):
-    """(config, model, tokenizer) of a trained report run (its config.yaml, a `kind: report` recipe, + overrides)."""
-    from medvlp.finetune.report.config import ReportConfig
-    from medvlp.finetune.report.run import load_report_run, run_paths
-    from medvlp.launch.config import ConfigError, load_config
-
-    run, _ = run_paths(checkpoint)
-    path = run / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no config.yaml beside the weights")
-    cfg = load_config(str(path), overrides)
-    if not isinstance(cfg, ReportConfig):
-        raise ConfigError(f"--checkpoint {checkpoint}: a {getattr(cfg, 'kind', '?')!r} run, not a report run")
-    if cfg.finetune.stage != 2:
-        raise ConfigError(f"--checkpoint {checkpoint}: a stage-1 run (its LM is untrained); give the stage-2 run")
-    model, tok = load_report_run(checkpoint, cfg)
-    return cfg, model, tok
-
-
-def _cmd_generate(a: argparse.Namespace) -> int:
-    from medvlp.finetune.report.run import write_generations
-
-    overrides = list(a.set) + ([f"gen.strategy={a.strategy}"] if a.strategy else [])
-    cfg, model, tok = _report_run(a.checkpoint, overrides)
-    try:
-        rows = write_generations(model, tok, cfg, a.shards, a.out, split=a.split, max_samples=a.max_samples)
-    except ValueError as e:  # shards without the split, bags of another width, ...
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{len(rows)} reports ({cfg.gen.strategy}) -> {a.out}")
-    for r in rows[:2]:
-        print(f"  {r['key']}: {r['report']}")
-    return 0
-
-
-def _cmd_report_eval(a: argparse.Namespace) -> int:
-    from medvlp.finetune.report.run import report_table
-    from medvlp.launch.config import flatten, to_dict
-
-    cfg, model, tok = _report_run(a.checkpoint, list(a.set))
-    out = a.out or str(Path(a.checkpoint if Path(a.checkpoint).is_dir() else Path(a.checkpoint).parent) / "eval")
-    try:
-        res, run_id = report_table(model, tok, cfg, a.shards, out, split=a.split, config_flat=flatten(to_dict(cfg)))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"split {res.split}, {res.n} slides ({cfg.gen.strategy} decoding)")
-    print(res.table())
-    print(f"table and generations -> {out}; mlflow run {run_id}")
     return 0
 
 
@@ -410,16 +282,11 @@ def _cmd_launch(a: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- parser
-def _known_stages() -> list[str]:
-    try:
-        from medvlp.finetune import known_stages
-        return known_stages()
-    except ImportError:
-        return []
+def build_parser(help_stage: str | None = None, help_cmd: str | None = None) -> argparse.ArgumentParser:
+    """The `medvlp` parser; `help_stage`: the fine-tune stage whose config keys `finetune --help` lists; `help_cmd`:
+    the command whose `--help` is asked for (a stage command builds its config-key epilog only then)."""
+    from medvlp.finetune.registry import keys_epilog, known_stages, stage_keys_epilog
 
-
-def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
-    """The `medvlp` parser; `help_stage`: the fine-tune stage whose config keys `finetune --help` lists."""
     p = argparse.ArgumentParser(prog="medvlp", description="Medical vision-language pretraining at scale.")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="debug logging, the libraries' INFO lines and warnings with their source")
@@ -513,7 +380,7 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("pretrain", help="contrastive pretraining (DeepSpeed)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=_config_keys_epilog(PretrainConfig))
+                       epilog=keys_epilog(PretrainConfig))
     s.add_argument("recipe", nargs="?", default="debug", help="recipe name or YAML path (a run's config.yaml too)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     s.add_argument("--resume", action="store_true",
@@ -524,11 +391,11 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("finetune", help="fine-tune a pretrained model (accelerate; a stage per method)",
                        description="Run a fine-tune stage through the shared accelerate runner. Stages: "
-                                   + (", ".join(_known_stages()) or "(none installed)")
+                                   + (", ".join(known_stages()) or "(none installed)")
                                    + ". Start several processes with "
                                    "`accelerate launch --multi_gpu --num_processes N -m medvlp.launch.cli finetune ...`.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=_finetune_keys_epilog(help_stage))
+                       epilog=stage_keys_epilog(help_stage))
     s.add_argument("stage", help="stage name (e.g. path-clip, pcam, anatomy, report)")
     s.add_argument("recipe", nargs="?", default=None, help="recipe YAML (its kind must be the stage's)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
@@ -536,29 +403,6 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true",
                    help="move the run already in finetune.out_dir to finetune.out_dir/replaced/<stamp>/ and start afresh")
     s.set_defaults(fn=_cmd_finetune)
-
-    s = sub.add_parser("eval-few-shot", help="`medvlp eval few-shot RECIPE`: the few-label protocol (Path-CLIP and "
-                       "baselines at every label budget and seed; one table)",
-                       description="Every method of protocol.methods at every label budget (protocol.label_fractions "
-                                   "and protocol.shots) and seed: a Markdown table, a PNG and one MLflow parent run "
-                                   "with a child per cell. See docs/path_clip.md.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=_finetune_keys_epilog("path-clip") if help_stage == "path-clip" else
-                       "config keys: `medvlp finetune path-clip --help` (the recipe's kind is path_clip)")
-    s.add_argument("recipe", help="a kind: path_clip recipe (e.g. path-clip-patho)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
-    s.set_defaults(fn=_cmd_eval_few_shot)
-
-    s = sub.add_parser("anatomy-ablation", help="anatomy stage ablation: base / +VSE / +VSD / both, same seeds",
-                       epilog="config keys: `medvlp finetune anatomy --help` (the recipe's kind is anatomy)")
-    s.add_argument("recipe", help="an anatomy recipe (kind: anatomy)")
-    s.add_argument("--seeds", type=int, nargs="+", default=[0], help="finetune.seed of each repetition")
-    s.add_argument("--variants", nargs="+", default=["base", "+VSE", "+VSD", "both"])
-    s.add_argument("--out", default="runs/anatomy-ablation", help="run folders, ablation.md and ablation.json")
-    s.add_argument("--merge", nargs="+", default=None, metavar="DIR",
-                   help="only merge the ablation.json of these folders (e.g. seeds run in parallel) into one table")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
-    s.set_defaults(fn=_cmd_anatomy_ablation)
 
     s = sub.add_parser("eval", help="zero-shot / retrieval / linear-probe evaluation of a trained model "
                                     "(few-label protocol: `medvlp eval few-shot RECIPE`)")
@@ -584,35 +428,6 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="new (or empty) output folder")
     s.set_defaults(fn=_cmd_export)
 
-    ft = sub.add_parser("features", help="slide feature bags").add_subparsers(dest="sub", required=True)
-    s = ft.add_parser("extract", help="embed patch shards with a frozen pretrained tower into slide-bag shards")
-    s.add_argument("--checkpoint", required=True, help="pretrained model: run folder, model.safetensors or export")
-    s.add_argument("--shards", required=True, help="patch shard dir (with index.json)")
-    s.add_argument("--out", required=True, help="slide-bag shard dir (a rerun skips finished input shards)")
-    s.add_argument("--batch-size", type=int, default=64, help="patches per forward pass")
-    s.add_argument("--slide-key", default="slide_id", help="meta field naming a patch's slide (else patient_id)")
-    s.add_argument("--slides-per-shard", type=int, default=256)
-    s.set_defaults(fn=_cmd_features_extract)
-
-    s = sub.add_parser("generate", help="write a report per slide with a trained report model")
-    s.add_argument("--checkpoint", required=True, help="a `medvlp finetune report` stage-2 run folder")
-    s.add_argument("--shards", required=True, help="slide-bag shard dir")
-    s.add_argument("--out", required=True, help="JSON-lines file: key, report, predicted_class, reference")
-    s.add_argument("--split", default="test")
-    s.add_argument("--max-samples", type=int, default=0, help="slides at most (0 = all)")
-    s.add_argument("--strategy", choices=["greedy", "beam", "nucleus"], default=None, help="default: gen.strategy")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override gen.* / model.* keys")
-    s.set_defaults(fn=_cmd_generate)
-
-    rp = sub.add_parser("report", help="report-generation evaluation").add_subparsers(dest="sub", required=True)
-    s = rp.add_parser("eval", help="BLEU-4, ROUGE-L, clinical correctness vs template and retrieval baselines")
-    s.add_argument("--checkpoint", required=True, help="a `medvlp finetune report` stage-2 run folder")
-    s.add_argument("--shards", default=None, help="slide-bag shard dir (default: the run's data.train_shards)")
-    s.add_argument("--split", default=None, help="default: eval.split")
-    s.add_argument("--out", default=None, help="where table.md / generations.jsonl go (default: RUN/eval)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override gen.* / eval.* keys")
-    s.set_defaults(fn=_cmd_report_eval)
-
     rn = sub.add_parser("runs", help="compare tracked runs").add_subparsers(dest="sub", required=True)
     s = rn.add_parser("compare", help="table + loss-curve overlay of an experiment's runs")
     s.add_argument("--experiment", required=True)
@@ -630,8 +445,8 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--uri", default=None)
     s.set_defaults(fn=_cmd_runs_ui)
 
-    from medvlp.launch.pcam_commands import add_pcam_commands
-    add_pcam_commands(sub)
+    from medvlp.finetune.registry import add_stage_commands
+    add_stage_commands(sub, help_cmd)  # each stage's own commands (eval-few-shot, anatomy-ablation, localize, ...)
 
     s = sub.add_parser("launch", help="single/multi-node launch (torchrun, deepspeed, SLURM)")
     try:
@@ -647,16 +462,16 @@ def build_parser(help_stage: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["eval", "few-shot"]:  # `medvlp eval few-shot RECIPE` is the eval-few-shot command
-        argv = ["eval-few-shot"] + argv[2:]
+    from medvlp.finetune.registry import expand_aliases
+
+    argv = expand_aliases(list(sys.argv[1:] if argv is None else argv))  # e.g. `eval few-shot` -> `eval-few-shot`
     asks_help = any(x in ("-h", "--help") for x in argv)
-    help_stage = None
+    help_stage = help_cmd = None
     if asks_help and argv[:1] == ["finetune"] and len(argv) > 1 and not argv[1].startswith("-"):
         help_stage = argv[1]
-    elif asks_help and argv[:1] == ["eval-few-shot"]:
-        help_stage = "path-clip"
-    args = build_parser(help_stage).parse_args(argv)
+    if asks_help and argv:
+        help_cmd = argv[0]
+    args = build_parser(help_stage, help_cmd).parse_args(argv)
     from medvlp.pretrain.progress import setup_logging
 
     setup_logging(args.verbose)  # library INFO chatter at WARNING and warnings on one line, unless -v

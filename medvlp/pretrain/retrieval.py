@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tarfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -119,23 +118,21 @@ def label_groups(data_cfg, shards: str | None = None) -> dict[str, dict]:
 def sample_metas(data_cfg, split: str, keys: Sequence[str], shards: str | None = None) -> list[dict] | None:
     """The json meta of each of `keys` (row order), read from the local shards' json members; None when the
     shards are not local files."""
-    from medvlp.pretrain.zeroshot import _KEY_RE, _local_tars
+    from medvlp.data_shards.reader import SampleDecodeError, iter_raw, sample_doc
+    from medvlp.pretrain.zeroshot import _local_tars
 
     urls = _local_tars(data_cfg, split, shards)
     if urls is None:
         return None
     want = set(keys)
     found: dict[str, dict] = {}
-    for url in urls:
-        with tarfile.open(url, "r:") as tf:
-            for m in tf:
-                hit = _KEY_RE.match(m.name)
-                if not m.isfile() or hit is None or hit.group(2) != "json" or hit.group(1) not in want:
-                    continue
-                try:
-                    found[hit.group(1)] = json.loads(tf.extractfile(m).read()).get("meta") or {}
-                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                    continue
+    for raw in iter_raw(urls, members=("json",)):
+        if raw["__key__"] not in want:
+            continue
+        try:
+            found[raw["__key__"]] = sample_doc(raw).get("meta") or {}
+        except SampleDecodeError:
+            continue
     return [found.get(k, {}) for k in keys]
 
 

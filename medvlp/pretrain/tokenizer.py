@@ -16,9 +16,8 @@ vocabulary is re-read in each process on first use), so a worker receives a few 
 """
 from __future__ import annotations
 
-import json
+import itertools
 import logging
-import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -139,47 +138,26 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     return out
 
 
-def _shard_paths(shard_dir: Path) -> list[Path]:
-    index = shard_dir / "index.json"
-    if index.is_file():
-        try:
-            doc = json.loads(index.read_text())
-            return [shard_dir / s["name"] for s in doc["shards"] if s.get("splits", {}).get("train", 1)]
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{index}: not a shard index ({type(e).__name__}: {e})") from e
-    return sorted(shard_dir.glob("*.tar"))
-
-
 def iter_shard_texts(shard_dir: str | Path, split: str = "train") -> Iterator[str]:
-    """The `txt` member of every sample of `split` in the shards of `shard_dir` (split read from the `json` meta)."""
-    shard_dir = Path(shard_dir)
-    paths = _shard_paths(shard_dir)
-    if not paths:
-        raise FileNotFoundError(f"no shards (*.tar) under {shard_dir}")
-    for path in paths:
-        with tarfile.open(path, "r") as tf:
-            cur_key, members = None, {}
-            for m in [*tf, None]:  # None flushes the last sample
-                key, ext = (m.name.split(".", 1) + [""])[:2] if m is not None else (None, "")
-                if key != cur_key and cur_key is not None:
-                    text = _sample_text(path, cur_key, members, split)
-                    if text is not None:
-                        yield text
-                    members = {}
-                cur_key = key
-                if m is not None and ext in ("txt", "json") and m.isfile():
-                    members[ext] = tf.extractfile(m).read()
+    """The `txt` member of every sample of `split` in a shard set (split read from the `json` meta); a sample whose
+    json or txt cannot be read is skipped with a warning."""
+    from medvlp.data_shards.reader import iter_split
 
+    def skip(raw: dict, err: Exception) -> None:  # a corrupt sample is skipped, not fatal
+        log.warning("%s: sample %r skipped (%s)", raw.get("__url__"), raw.get("__key__"), err)
 
-def _sample_text(path: Path, key: str, members: dict, split: str) -> str | None:
+    samples = iter_split(str(shard_dir), split, members=("txt",), on_bad=skip)
     try:
-        meta = json.loads(members["json"]).get("meta", {}) if "json" in members else {}
-        if meta.get("split", "train") != split or "txt" not in members:
-            return None
-        return members["txt"].decode("utf-8")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # a corrupt sample is skipped, not fatal
-        log.warning("%s: sample %r skipped (%s: %s)", path, key, type(e).__name__, e)
-        return None
+        first = next(samples, None)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no shards under {shard_dir} ({e})") from None
+    for raw, _ in itertools.chain([] if first is None else [first], samples):
+        if "txt" not in raw:
+            continue
+        try:
+            yield raw["txt"].decode("utf-8")
+        except UnicodeDecodeError as e:
+            skip(raw, e)
 
 
 def train_tokenizer_from_shards(shard_dir: str | Path, out_dir: str | Path, vocab_size: int = 8000,

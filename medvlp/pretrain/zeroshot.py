@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-import tarfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,7 +35,6 @@ from medvlp.pretrain import metrics as M
 log = logging.getLogger("medvlp.eval")
 
 PromptsFn = Callable[[str, str], tuple[Sequence[str], Sequence[str]]]  # (modality, finding) -> (pos, neg) prompts
-_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key / extension split of a member name
 
 
 # ----------------------------------------------------------------------------------------------- label spec
@@ -47,9 +44,9 @@ def _index_of(data_cfg, shards: str | None) -> dict | None:
     if not spec:
         return None
     try:
-        from medvlp.data_shards.stream import _find_index
+        from medvlp.data_shards.reader import find_index
 
-        return _find_index(spec, getattr(data_cfg, "index", ""))[0]
+        return find_index(spec, getattr(data_cfg, "index", ""))[0]
     except (FileNotFoundError, ValueError, OSError, IndexError):
         return None
 
@@ -188,7 +185,7 @@ def single_label_metrics(labels_NK: np.ndarray, score_NK: np.ndarray) -> dict[st
 # ----------------------------------------------------------------------------------------------- sample choice
 def _local_tars(data_cfg, split: str, shards: str | None) -> list[str] | None:
     """The local tar files of the stream (None when a URL / pipe spec cannot be read as files)."""
-    from medvlp.data_shards.stream import resolve_shards
+    from medvlp.data_shards.reader import resolve_shards
 
     spec = shards or getattr(data_cfg, "val_shards", "") or getattr(data_cfg, "train_shards", "")
     try:
@@ -200,22 +197,19 @@ def _local_tars(data_cfg, split: str, shards: str | None) -> list[str] | None:
 
 def scan_labels(urls: Sequence[str], split: str, label_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """(keys, labels_NK) of the samples of `split` in local tar shards, read from their json members only."""
+    from medvlp.data_shards.reader import SampleDecodeError, iter_raw, sample_doc, sample_split
+
     keys, rows = [], []
-    for url in urls:
-        with tarfile.open(url, "r:") as tf:
-            for m in tf:
-                hit = _KEY_RE.match(m.name)
-                if not m.isfile() or hit is None or hit.group(2) != "json":
-                    continue
-                try:
-                    doc = json.loads(tf.extractfile(m).read())
-                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                    continue  # the stream skips and counts corrupt samples; so does the choice
-                if (doc.get("meta") or {}).get("split", "train") != split:
-                    continue
-                labels = doc.get("labels") or {}
-                keys.append(hit.group(1))
-                rows.append([float(labels.get(n, 0)) if labels.get(n) in (1, 0, -1) else 0.0 for n in label_names])
+    for raw in iter_raw(urls, members=("json",)):
+        try:
+            doc = sample_doc(raw)
+        except SampleDecodeError:
+            continue  # the stream skips and counts corrupt samples; so does the choice
+        if sample_split(doc) != split:
+            continue
+        labels = doc.get("labels") or {}
+        keys.append(raw["__key__"])
+        rows.append([float(labels.get(n, 0)) if labels.get(n) in (1, 0, -1) else 0.0 for n in label_names])
     return keys, np.asarray(rows, dtype=np.float32).reshape(len(rows), len(label_names))
 
 
@@ -230,7 +224,7 @@ def choose_keys(data_cfg, split: str, n: int, seed: int, *, loader_fn: Callable 
         if urls is None:
             return None, names, np.zeros((0, len(names)))
         if not names:
-            from medvlp.data_shards.stream import resolve_shards
+            from medvlp.data_shards.reader import resolve_shards
 
             spec = shards or getattr(data_cfg, "val_shards", "") or getattr(data_cfg, "train_shards", "")
             names = resolve_shards(spec, split, getattr(data_cfg, "index", "")).label_names

@@ -446,10 +446,5 @@ def read_series(folder: str | Path, column: str = "volume", opts: ReadOptions | 
     return vol_krc.transpose(2, 1, 0), ras, meta
 
 
-def is_multiframe(path: str) -> bool:
-    ds = read_dataset(path, "volume")
-    return int(ds.get("NumberOfFrames", 1) or 1) > 1
-
-
 __all__ = ["META_ALLOW", "apply_window", "allowed_meta", "burned_in", "check_rescale", "dicom_image", "load_dicom_image", "read_series",
            "read_dataset", "stored_pixels"]

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="K=V", help="recipe override (repeatable)")
     a = ap.parse_args(argv)
     try:
-        from medvlp.launch.config import load_stage_config
+        from medvlp.finetune.registry import load_stage_config
 
         if not Path(a.shards).exists():
             raise FileNotFoundError(f"--shards: {a.shards} does not exist")

@@ -32,7 +32,7 @@ def load_run(run: str | Path, overrides: Sequence[str] = ()):
     from safetensors.torch import load_file
 
     from medvlp.finetune.anatomy.stage import AnatomyStage
-    from medvlp.launch.config import load_config
+    from medvlp.pretrain.config import load_config  # the stage kinds are known once medvlp.finetune is imported
 
     run = Path(run)
     if not (run / "config.yaml").is_file() or not (run / "model.safetensors").is_file():

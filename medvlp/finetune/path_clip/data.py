@@ -19,18 +19,15 @@ Shape legend: N samples, n subset, V views, E embedding width, C classes, S imag
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from medvlp.data_shards.members import MemberError, MissingField
 from medvlp.data_shards.schema import decode_sample
-from medvlp.data_shards.stream import resolve_shards
+from medvlp.data_shards.reader import iter_raw, iter_split, resolve_shards
 from medvlp.data_shards.transforms import image_view, strong_view, to_float_image, weak_view
 
 log = logging.getLogger("medvlp.path_clip")
@@ -121,7 +118,7 @@ class SplitData:
         idx = np.arange(len(self.keys)) if idx is None else np.asarray(idx)
         want = {self.keys[i]: j for j, i in enumerate(idx)}
         out: list[np.ndarray | None] = [None] * len(idx)
-        for raw in _raw_samples(self.urls):
+        for raw in iter_raw(self.urls):
             j = want.get(raw.get("__key__"))
             if j is None:
                 continue
@@ -135,21 +132,15 @@ class SplitData:
         return out  # type: ignore[return-value]
 
 
-def _raw_samples(urls: list[str]) -> Iterator[dict]:
-    yield from wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-
-
 def read_split(shards: str, split: str, task: TaskSpec, limit: int = 0) -> SplitData:
     """Keys and class ids of `split` (json members only). `limit` > 0 keeps the first `limit` usable samples."""
     ss = resolve_shards(shards, split)
     keys, ys, skipped = [], [], 0
-    for raw in _raw_samples(ss.urls):
-        try:
-            doc = json.loads(raw["json"])
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{shards}: sample {raw.get('__key__')!r} has no readable json member ({e})") from e
-        if (doc.get("meta") or {}).get("split", "train") != split:
-            continue
+
+    def unreadable(raw: dict, e: Exception) -> None:
+        raise ValueError(f"{shards}: sample {raw.get('__key__')!r} has no readable json member ({e})")
+
+    for raw, doc in iter_split(shards, split, members=(), on_bad=unreadable):
         try:
             c = task.class_of(doc.get("labels") or {}, doc, raw["__key__"])
         except (MissingField, MemberError) as e:  # a data set / task mismatch, not a corrupt sample

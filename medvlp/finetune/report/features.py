@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medvlp.data_shards.reader import iter_raw
 from medvlp.data_shards.schema import Sample, decode_sample
 from medvlp.data_shards.writer import read_index, write_index, write_shards
 
@@ -38,8 +39,6 @@ def _patch_coords(meta: dict, i: int) -> list[int]:
 
 
 def _embed_shard(url: str, model, view, batch_size: int, slide_key: str, pbar) -> dict[str, Any]:
-    import webdataset as wds
-
     rows: list[dict] = []
     feats: list[np.ndarray] = []
     batch: list[torch.Tensor] = []
@@ -52,7 +51,7 @@ def _embed_shard(url: str, model, view, batch_size: int, slide_key: str, pbar) -
             pbar.update(len(batch))
             batch.clear()
 
-    for raw in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+    for raw in iter_raw([url]):
         s = decode_sample(raw)
         if s.image is None:
             raise ValueError(f"sample {s.key!r} in {url}: no image (features extract reads patch shards)")

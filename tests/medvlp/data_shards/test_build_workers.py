@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from medvlp.data_shards.build import _die_with_parent, _pool_context
+from medvlp.data_shards.build import _die_with_parent, pool_context
 
 REPO = Path(__file__).resolve().parents[3]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and forkserver")
@@ -27,7 +27,7 @@ def _alive(pid: int) -> bool:
 
 @linux_only
 def test_workers_are_forks_of_a_preloaded_server() -> None:
-    ctx = _pool_context()
+    ctx = pool_context()
     assert ctx.get_start_method() == "forkserver"
     with cf.ProcessPoolExecutor(2, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)) as ex:
         parents = {ex.submit(os.getppid).result() for _ in range(4)}
@@ -42,8 +42,8 @@ def test_workers_are_forks_of_a_preloaded_server() -> None:
 
 BUILDER = r"""
 import concurrent.futures as cf, os, sys, time
-from medvlp.data_shards.build import _die_with_parent, _pool_context
-ex = cf.ProcessPoolExecutor(1, mp_context=_pool_context(), initializer=_die_with_parent, initargs=(os.getpid(),))
+from medvlp.data_shards.build import _die_with_parent, pool_context
+ex = cf.ProcessPoolExecutor(1, mp_context=pool_context(), initializer=_die_with_parent, initargs=(os.getpid(),))
 print(ex.submit(os.getpid).result(), flush=True)
 ex.submit(time.sleep, 600)
 time.sleep(600)

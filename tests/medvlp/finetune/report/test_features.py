@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medvlp.data_shards.schema import decode_sample
 
 
 def _saved_model(tmp_path):
@@ -15,12 +14,9 @@ def _saved_model(tmp_path):
 
 
 def _read(shard_dir):
-    import webdataset as wds
+    from medvlp.data_shards.reader import iter_samples
 
-    from medvlp.data_shards.writer import shard_urls
-
-    return [decode_sample(r) for r in wds.DataPipeline(wds.SimpleShardList(shard_urls(shard_dir)),
-                                                       wds.tarfile_to_samples())]
+    return list(iter_samples(str(shard_dir)))
 
 
 def test_extract_writes_one_bag_per_slide_with_the_tower_embeddings(tmp_path, monkeypatch):

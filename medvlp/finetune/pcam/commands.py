@@ -1,4 +1,5 @@
-"""`medvlp localize` and `medvlp pcam-table`: thin argument parsing over `medvlp.finetune.pcam`.
+"""The pcam stage's commands (`medvlp localize`, `pcam-table`, `pcam-corpus`): thin argument parsing over
+`medvlp.finetune.pcam`, added to the CLI through the stage registry.
 
     medvlp localize --checkpoint RUN IMAGE... --out DIR [--threshold T] [--findings a,b]
     medvlp pcam-table RECIPE --out DIR [--poolings avg,max,lse,pcam] [--seeds 0,1,2] [--reference avg] [--resume]
@@ -34,7 +35,7 @@ def _cmd_localize(a: argparse.Namespace) -> int:
 def _cmd_pcam_table(a: argparse.Namespace) -> int:
     from medvlp.finetune.pcam.compare import compare_poolings
     from medvlp.finetune.pcam.model import POOLINGS
-    from medvlp.launch.config import load_stage_config
+    from medvlp.finetune.registry import load_stage_config
 
     poolings = [p for p in a.poolings.split(",") if p]
     bad = [p for p in poolings if p not in POOLINGS]
@@ -86,8 +87,8 @@ def _cmd_pcam_corpus(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_pcam_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `localize` and `pcam-table` on the top-level subparsers."""
+def add_commands(sub: argparse._SubParsersAction, help_cmd: str | None = None) -> None:  # noqa: ARG001
+    """Add `localize`, `pcam-table` and `pcam-corpus` to the top-level subparsers."""
     s = sub.add_parser("localize", help="heatmap overlays + boxes (PNG, JSON) from a trained PCAM run")
     s.add_argument("--checkpoint", required=True, help="a PCAM fine-tune run folder (or its model.safetensors)")
     s.add_argument("images", nargs="+", help="image files (PNG/JPEG, 8 or 16 bit)")
