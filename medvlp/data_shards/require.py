@@ -26,9 +26,9 @@ class ShardRequirementError(ValueError):
 
 
 def _index(spec: str, cfg: Any) -> dict:
-    from medvlp.data_shards.stream import _find_index
+    from medvlp.data_shards.reader import find_index
 
-    return _find_index(spec, cfg.index, cfg.allow_pipe)[0]
+    return find_index(spec, cfg.index, cfg.allow_pipe)[0]
 
 
 def require_shards(cfg: Any, *, stage: str, modalities: tuple[str, ...], masks: bool = False, what: str = "") -> dict:
