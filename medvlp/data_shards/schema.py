@@ -138,8 +138,18 @@ def _load_png(raw: bytes) -> np.ndarray:
 MEDIA_MEMBERS = ("img.png", "img.jpg", "vol.npy", "feats.npy")
 
 
-def decode_sample(members: dict[str, Any]) -> Sample:
-    """WebDataset member dict -> Sample. Raises SampleDecodeError naming key and member."""
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image member left undecoded by ``decode_sample(..., lazy_image=True)``: the fast stream path reads its
+    header, draws the crop, and decodes it itself (at reduced size where the codec allows)."""
+
+    member: str  # "img.png" | "img.jpg"
+    data: bytes
+
+
+def decode_sample(members: dict[str, Any], lazy_image: bool = False) -> Sample:
+    """WebDataset member dict -> Sample. Raises SampleDecodeError naming key and member. lazy_image: the image
+    stays an `EncodedImage` (Sample.image) instead of being decoded."""
     key = members.get("__key__", "?")
     # every sample is written with a txt member and one media member: a sample without them is damaged (e.g. a tar
     # whose member is a hardlink, which the tar reader skips), never an empty report or an image-less sample
@@ -161,6 +171,9 @@ def decode_sample(members: dict[str, Any]) -> Sample:
         ):
             if member in members:
                 cur = member
+                if lazy_image and name == "image":
+                    arrays[name] = EncodedImage(member, bytes(members[member]))
+                    continue
                 arrays[name] = loader(members[member])
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes one clear error
         raise SampleDecodeError(f"sample {key!r}: cannot decode member {cur!r}: {type(e).__name__}: {e}") from e
