@@ -53,8 +53,9 @@ class Hardware:
 
 # Per-worker samples/s of the fast stream path (data.pipeline=fast) on JPEG-256 shards, worker side (the batch-side
 # normalisation runs on the GPU), one core of the project's 2-core AMD EPYC box: `python benchmarks/bench_stream.py
-# --feed` (benchmarks/results/stream-feed-*.md). model -> (samples/s, the recipe measured)
-WORKER_RATES: dict[str, tuple[float, str]] = {"RN50": (0.0, "rn50-cxr"), "ViT-B-16": (0.0, "vitb16-patho")}
+# --feed` (benchmarks/results/stream-feed-2026-12-07-amd-epyc-2c.md, measured under a load average of 20-25: an
+# idle core is faster). model -> (samples/s, the recipe measured)
+WORKER_RATES: dict[str, tuple[float, str]] = {"RN50": (318.0, "rn50-cxr"), "ViT-B-16": (248.0, "vitb16-patho")}
 
 
 def feed_workers(plan: "Plan", worker_rate: float, margin: float = 1.5) -> tuple[float, int]:
