@@ -6,6 +6,8 @@ DataLoader workers 0, 1, 2 (0 = in the main process), in train mode (decode + au
     .venv/bin/python benchmarks/bench_stream.py --recipes          # every pretraining recipe at its own size
     .venv/bin/python benchmarks/bench_stream.py --recipes debug rn50-cxr
 
+    .venv/bin/python benchmarks/bench_stream.py --feed [--feed-n 512 --rounds 3]
+
 Writes benchmarks/results/stream-<date>-<hw>.md. Timing starts at the first batch of each run (worker start-up
 is reported separately), so the rate is the steady state an epoch sees.
 
@@ -24,6 +26,7 @@ import csv
 import math
 import datetime as dt
 import os
+import random
 import re
 import sys
 import tempfile
@@ -229,6 +232,162 @@ def recipe_check(a) -> None:
     print(f"wrote {out}")
 
 
+# ----------------------------------------------------------------------------------------- --feed
+FEED_SIDES = ("reference / PNG-1024", "reference / JPEG-256", "fast / JPEG-256", "open_clip / JPEG-256")
+
+
+def feed_corpus(root: Path, modality: str, n: int, unique: int) -> dict[str, Path]:
+    """The same `unique` synthetic images at 1024^2 (repeated to n samples under their own keys) as PNG-1024 shards
+    (what the builder stores at --image-size 1024 today) and as JPEG-256 shards (--resize shortest --image-size 256
+    --image-format jpeg --jpeg-quality 90: the builder's own resize_shortest and encoder)."""
+    from medvlp.data_shards.build import resize_shortest
+    from medvlp.data_shards.synth import synth_samples
+
+    base = list(synth_samples(modality, unique, seed=0, size=256))
+    rng = np.random.default_rng(0)
+    big = []  # 1024^2: the synthetic image upsampled, with sensor-like noise so the PNG compresses like a scan
+    for b in base:
+        up = np.asarray(Image.fromarray(b.image).resize((1024, 1024), Image.BICUBIC), np.float32)
+        big.append((up + rng.normal(0, 3, up.shape)).clip(0, 255).astype(np.uint8))
+    out = {}
+    for tag, q in (("png1024", 0), ("jpeg256", 90)):
+        samples = []
+        for i in range(n):
+            b = base[i % unique]
+            img = big[i % unique] if q == 0 else resize_shortest(big[i % unique], 256)
+            samples.append(Sample(key=f"bench/{i:05d}", text=b.text, image=img, labels=b.labels,
+                                  meta={"split": "train", "modality": modality}, jpeg_quality=q))
+        d = root / f"{modality}-{tag}"
+        write_index(d, write_shards(samples, d, maxcount=128), modality, sorted(base[0].labels), command="bench")
+        out[tag] = d
+    return out
+
+
+def _cpu_s() -> float:
+    return time.process_time()
+
+
+def feed_side(side: str, data, shards: dict[str, Path], n: int, batch: int) -> dict:
+    """One pass of `n` samples through one side in this process (workers=0), after one warm-up batch: wall and
+    CPU seconds; for the fast path also the CPU seconds of the batch-side float / jitter / normalisation (on a
+    GPU job that runs on the GPU)."""
+    from medvlp.pretrain.configtree import replace
+
+    pipe, fmt = side.split(" / ")
+    url = shards["png1024" if fmt == "PNG-1024" else "jpeg256"]
+    if pipe == "open_clip":
+        return open_clip_side(url, data, n, batch)
+    cfg = replace(data, train_shards=str(url), workers=0, samples_per_epoch=n + batch, batch_size=batch,
+                  shuffle_buffer=min(data.shuffle_buffer, 256), seed=0,
+                  pipeline="fast" if pipe == "fast" else "reference")
+    loader = make_loader(cfg, train=True)
+    finish_s = [0.0]
+    if loader.finish is not None:
+        inner = loader.finish
+
+        def timed(b):
+            t = _cpu_s()
+            out = inner(b)
+            finish_s[0] += _cpu_s() - t
+            return out
+        loader.finish = timed
+    it = iter(loader)
+    next(it)
+    finish_s[0] = 0.0
+    w0, c0, k = time.perf_counter(), _cpu_s(), 0
+    for b in it:
+        k += len(b["key"])
+    return {"n": k, "wall": time.perf_counter() - w0, "cpu": _cpu_s() - c0, "finish_cpu": finish_s[0]}
+
+
+def open_clip_side(url: Path, data, n: int, batch: int) -> dict:
+    """open_clip_train's webdataset pipeline (its `get_wds_dataset` stages without the tokenizer: shards ->
+    tar samples -> shuffle -> decode("pilrgb") -> rename image -> its `image_transform` -> batch), training
+    transform at the recipe's size; the JPEG-256 shards."""
+    import open_clip
+    import webdataset as wds
+
+    pre = open_clip.image_transform(data.image_size, is_train=True)
+    urls = sorted(str(p) for p in Path(url).glob("*.tar"))
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=0, deterministic=True), wds.tarfile_to_samples(),
+        wds.shuffle(min(data.shuffle_buffer, 256), min(data.shuffle_buffer, 256), rng=random.Random(0)),
+        wds.decode("pilrgb"), wds.rename(image="jpg;png;jpeg;webp;img.jpg", text="txt"),
+        wds.map_dict(image=pre), wds.to_tuple("image", "text"), wds.batched(batch, partial=False))
+    it = iter(pipeline)
+    next(it)
+    w0, c0, k = time.perf_counter(), _cpu_s(), 0
+    while k < n:
+        k += len(next(it)[0])
+    return {"n": k, "wall": time.perf_counter() - w0, "cpu": _cpu_s() - c0, "finish_cpu": 0.0}
+
+
+def feed_check(a) -> None:
+    """Per-core samples/s of the four sides for rn50-cxr and vitb16-patho, interleaved A B C D per round."""
+    import statistics
+
+    import torch
+
+    from medvlp.launch.config import load_config
+
+    torch.set_num_threads(1)
+    tag, cpu = hardware()
+    load0 = os.getloadavg()[0]
+    results: dict[str, dict[str, list[dict]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_feed_") as tmp:
+        for recipe in a.feed_recipes:
+            data = load_config(recipe).data
+            t0 = time.perf_counter()
+            shards = feed_corpus(Path(tmp), data.modality, a.feed_n, a.feed_unique)
+            print(f"{recipe}: corpus of {a.feed_n} samples ({a.feed_unique} distinct 1024^2 images) in "
+                  f"{time.perf_counter() - t0:.0f}s", flush=True)
+            results[recipe] = {s: [] for s in FEED_SIDES}
+            for r in range(a.rounds):
+                for side in FEED_SIDES:
+                    m = feed_side(side, data, shards, a.feed_n, a.batch_size)
+                    results[recipe][side].append(m)
+                    print(f"  round {r}: {side}: {m['n'] / m['cpu']:.0f}/CPU-s ({m['n'] / m['wall']:.0f}/wall-s)"
+                          + (f", batch side {m['finish_cpu']:.2f} CPU s" if m["finish_cpu"] else ""), flush=True)
+    date = dt.date.today().isoformat()
+    lines = [f"# Feeding a GPU: per-core stream rates, {date}, {tag}", "",
+             f"CPU: {cpu} ({os.cpu_count()} logical cores); 1-min load average {load0:.1f} at start, "
+             f"{os.getloadavg()[0]:.1f} at end; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+             "torch threads 1.",
+             f"Command: `python benchmarks/bench_stream.py --feed --feed-n {a.feed_n} --rounds {a.rounds}`.",
+             f"Corpus per recipe: {a.feed_unique} distinct synthetic 1024^2 images of the recipe's modality repeated to "
+             f"{a.feed_n} samples, stored as PNG-1024 shards and as JPEG-256 shards (shorter side 256, quality 90). "
+             "Every side runs in this one process (no DataLoader worker: one core's work), train mode with the "
+             f"recipe's data settings, batch {a.batch_size}, one warm-up batch; sides interleaved per round. "
+             "'per core' = samples per CPU second of the process (robust to other jobs on the machine; wall rates "
+             "beside them). fast = `data.pipeline=fast`; its batch-side float / jitter / normalisation runs here on "
+             "the CPU and is counted in 'per core, all'; 'per core, worker side' leaves it out (on a GPU job it runs "
+             "on the GPU). open_clip = its webdataset stages + PIL + `image_transform(is_train=True)`. No side "
+             "tokenises text.", "",
+             "| recipe | side | per core, all (median, min-max) | per core, worker side | wall samples/s (median) |",
+             "|---|---|---:|---:|---:|"]
+    summary = {}
+    for recipe, sides in results.items():
+        for side, ms in sides.items():
+            allc = [m["n"] / m["cpu"] for m in ms]
+            work = [m["n"] / max(m["cpu"] - m["finish_cpu"], 1e-9) for m in ms]
+            wall = [m["n"] / m["wall"] for m in ms]
+            summary[(recipe, side)] = (statistics.median(allc), statistics.median(work))
+            lines.append(f"| {recipe} | {side} | {statistics.median(allc):.0f} ({min(allc):.0f}-{max(allc):.0f}) | "
+                         f"{statistics.median(work):.0f} | {statistics.median(wall):.0f} |")
+        fast = [m["n"] / max(m["cpu"] - m["finish_cpu"], 1e-9) for m in sides["fast / JPEG-256"]]
+        ocl = [m["n"] / m["cpu"] for m in sides["open_clip / JPEG-256"]]
+        ref = [m["n"] / m["cpu"] for m in sides["reference / PNG-1024"]]
+        lines.append(f"| {recipe} | fast / open_clip per round (worker side) | "
+                     f"{', '.join(f'{f / o:.2f}' for f, o in zip(fast, ocl))} | | |")
+        lines.append(f"| {recipe} | fast / reference PNG-1024 per round (worker side) | "
+                     f"{', '.join(f'{f / o:.2f}' for f, o in zip(fast, ref))} | | |")
+    out = Path(a.out) / f"stream-feed-{date}-{tag}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out}")
+
+
 def hardware() -> str:
     cpu = cpu_model()
     short = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(.*?\)|cpu|@.*", "", cpu.lower())).strip("-")[:32]
@@ -249,8 +408,16 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=8, help="largest batch of the training-rate measurement")
     ap.add_argument("--train-steps", type=int, default=2, help="timed training steps per recipe")
     ap.add_argument("--train-threads", type=int, default=0, help="torch threads of the training rate (0 = all cores)")
+    ap.add_argument("--feed", action="store_true",
+                    help="per-core rates: PNG-1024 vs JPEG-256 shards, reference vs fast path vs open_clip")
+    ap.add_argument("--feed-recipes", nargs="+", default=["rn50-cxr", "vitb16-patho"])
+    ap.add_argument("--feed-n", type=int, default=512, help="samples per --feed pass")
+    ap.add_argument("--feed-unique", type=int, default=16, help="distinct 1024^2 images in the --feed corpus")
+    ap.add_argument("--rounds", type=int, default=3, help="--feed: interleaved rounds")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if a.feed:
+        return feed_check(a)
     if a.recipes is not None:
         return recipe_check(a)
     tag, cpu = hardware()

@@ -19,7 +19,12 @@ Flow and guarantees
      index.part{i}of{n}.json; `merge_indexes` joins the parts and checks no sample is missing or doubled.
 
 Image handling: 8-bit L/RGB stay uint8, 16-bit PNG ("I;16", "I") stays uint16; RGBA/P/CMYK -> RGB, LA/1 -> L; the
-longer side is resized to at most `image_size` (LANCZOS; uint16 through float32 and rounding). DICOM radiographs,
+longer side is resized to at most `image_size` (LANCZOS; uint16 through float32 and rounding). `ImageEncoding`
+changes that (shards at training resolution, decoding fast): resize="shortest" brings the shorter side down to
+`image_size` (never up), format="jpeg" writes img.jpg at `jpeg_quality` (grey stays a greyscale JPEG). JPEG has
+8 bits: a 16-bit image is windowed to uint8 after the resize, u8 = round(255 * clip((x - lo) / (hi - lo), 0, 1))
+with (lo, hi) = `window` or the full range (0, 65535), which is the stream's own x / 65535 at 8-bit precision;
+uint16="png" keeps 16-bit images as lossless 16-bit PNG instead. index.json's build.image records the choice. DICOM radiographs,
 DICOM series folders, NIfTI volumes/masks and segmentations/ folders are read by `medvlp.data_shards.readers` (options in
 `ReadOptions`; `salt` hashes patient ids and keys, see `medvlp.data_shards.readers.phi`).
 """
@@ -34,6 +39,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -93,11 +99,88 @@ def pil_image(im: Image.Image) -> Image.Image | np.ndarray:
     return im
 
 
-def load_image(path: str, image_size: int) -> np.ndarray:
-    """Image file -> (H, W) or (H, W, 3) uint8, or (H, W) uint16, longer side <= image_size."""
+@dataclass(frozen=True)
+class ImageEncoding:
+    """How a build stores 2D images (the default is the lossless store every earlier build wrote)."""
+
+    resize: str = "longest"  # longest: image_size bounds the longer side | shortest: shorter side down to image_size
+    format: str = "png"  # png (lossless, 8/16-bit) | jpeg (8-bit img.jpg)
+    jpeg_quality: int = 90  # jpeg: libjpeg quality 1..95
+    uint16: str = "window"  # jpeg: 16-bit images windowed to 8 bits (window) or kept as 16-bit PNG (png)
+    window: tuple[float, float] | None = None  # window: 16-bit (lo, hi) mapped to 0..255; None = (0, 65535)
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("longest", "shortest"):
+            raise ValueError(f"image resize: {self.resize!r} is not one of longest, shortest")
+        if self.format not in ("png", "jpeg"):
+            raise ValueError(f"image format: {self.format!r} is not one of png, jpeg")
+        if not 1 <= int(self.jpeg_quality) <= 95:
+            raise ValueError(f"jpeg quality: {self.jpeg_quality} is not in 1..95")
+        if self.uint16 not in ("window", "png"):
+            raise ValueError(f"16-bit images: {self.uint16!r} is not one of window, png")
+        if self.window is not None and (len(self.window) != 2 or not self.window[0] < self.window[1]):
+            raise ValueError(f"16-bit window: need (lo, hi) with lo < hi, got {self.window}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == ImageEncoding()
+
+    def to_dict(self, image_size: int) -> dict:
+        d = {"size": image_size, "resize": self.resize, "format": self.format}
+        if self.format == "jpeg":
+            d.update(jpeg_quality=self.jpeg_quality, jpeg_subsampling="4:2:0 (RGB)", uint16=self.uint16,
+                     window=list(self.window) if self.window else [0, 65535])
+        return d
+
+
+def window_u16(arr: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """uint16 -> uint8 by the linear window: round(255 * clip((x - lo) / (hi - lo), 0, 1)); (lo, hi) defaults to
+    (0, 65535), i.e. the stream's x / 65535 quantised to 8 bits."""
+    lo, hi = window or (0.0, 65535.0)
+    y = np.clip((arr.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0)
+    return np.rint(y * 255.0).astype(np.uint8)
+
+
+def encode_image(img: np.ndarray, image_size: int, enc: ImageEncoding) -> tuple[np.ndarray, int]:
+    """A loaded image (longer side already <= image_size when resize="longest") -> (stored array, JPEG quality or
+    0 for PNG) under `enc`: the shorter-side resize, the 16-bit window, the format."""
+    if enc.resize == "shortest":
+        img = resize_shortest(img, image_size)
+    if enc.format != "jpeg":
+        return img, 0
+    if img.dtype == np.uint16:
+        if enc.uint16 == "png":
+            return img, 0
+        img = window_u16(img, enc.window)
+    return img, int(enc.jpeg_quality)
+
+
+def resize_shortest(img: np.ndarray, side: int) -> np.ndarray:
+    """Shorter side down to `side` (LANCZOS, uint16 through float32); a smaller image is kept as it is."""
+    h, w = img.shape[:2]
+    if min(h, w) <= side:
+        return img
+    s = side / min(h, w)
+    if h < w:
+        nw, nh = max(side, round(w * s)), side
+    else:
+        nw, nh = side, max(side, round(h * s))
+    if img.dtype == np.uint16:
+        return _resample_u16(img, nw, nh)
+    return np.asarray(Image.fromarray(img).resize((nw, nh), Image.LANCZOS))
+
+
+def load_image(path: str, image_size: int, resize: str = "longest") -> np.ndarray:
+    """Image file -> (H, W) or (H, W, 3) uint8, or (H, W) uint16, longer side <= image_size (resize="longest"),
+    or shorter side <= image_size (resize="shortest")."""
     with Image.open(path) as im:
+        if resize == "shortest" and im.format == "JPEG" and im.mode in ("L", "RGB"):
+            w, h = im.size  # DCT-scaled decode to no less than twice the target (LANCZOS then does the rest)
+            im.draft(im.mode, (max(1, w * 2 * image_size // min(w, h)), max(1, h * 2 * image_size // min(w, h))))
         im.load()
         im = pil_image(im)
+        if resize == "shortest":
+            return resize_shortest(im if isinstance(im, np.ndarray) else np.asarray(im), image_size)
         if isinstance(im, np.ndarray):
             return _resize_u16(im, image_size)
         w, h = im.size
@@ -119,6 +202,10 @@ def _resize_u16(arr_HW: np.ndarray, image_size: int) -> np.ndarray:
     nw, nh = _bounded(w, h, image_size)
     if (nw, nh) == (w, h):
         return np.ascontiguousarray(arr_HW)
+    return _resample_u16(arr_HW, nw, nh)
+
+
+def _resample_u16(arr_HW: np.ndarray, nw: int, nh: int) -> np.ndarray:
     # PIL has no 16-bit LANCZOS: resample in float32 ("F" mode) and round back.
     out = np.asarray(Image.fromarray(arr_HW.astype(np.float32), mode="F").resize((nw, nh), Image.LANCZOS))
     return np.clip(np.rint(out), 0, 65535).astype(np.uint16)
@@ -201,9 +288,12 @@ def _clinical(column: str, fn, *args):
         raise RowDecodeError(column, f"{type(e).__name__}: {e}") from e
 
 
-def load_row(row: Row, image_size: int, read: readers.ReadOptions | None = None) -> Sample:
-    """Decode one validated row into a Sample. Raises RowDecodeError naming the column."""
+def load_row(row: Row, image_size: int, read: readers.ReadOptions | None = None,
+             encoding: ImageEncoding | None = None) -> Sample:
+    """Decode one validated row into a Sample (its image stored as `encoding` says). Raises RowDecodeError naming
+    the column."""
     read = read or readers.ReadOptions()
+    enc = encoding or ImageEncoding()
     text = row.text
     if text is None:
         text = _guard("report_file", lambda p: Path(p).read_text(encoding="utf-8").strip(), row.paths["report_file"])
@@ -217,11 +307,13 @@ def load_row(row: Row, image_size: int, read: readers.ReadOptions | None = None)
 
         s.extra["organs"] = organs_from_report(text, s.extra["organ_names"])
     if row.kind == "image" and readers.is_dicom_file(row.paths["image"]):
-        s.image, more = _clinical("image", readers.load_image_file, row.paths["image"], image_size, read, _resize_u16,
+        # shortest: the reader keeps the full size and the shorter-side resize below rescales its pixel spacing
+        bound = image_size if enc.resize == "longest" else 1 << 30
+        s.image, more = _clinical("image", readers.load_image_file, row.paths["image"], bound, read, _resize_u16,
                                   row.modality)
         s.meta.update(more)
     elif row.kind == "image":
-        s.image = _guard("image", load_image, row.paths["image"], image_size)
+        s.image = _guard("image", load_image, row.paths["image"], image_size, enc.resize)
     elif row.kind == "volume" and any(readers.is_clinical_volume(row.paths[c]) for c in ("volume", "mask")
                                       if c in row.paths):
         s.volume, s.mask, more = _clinical("volume", readers.load_volume_files, row.paths["volume"],
@@ -231,6 +323,12 @@ def load_row(row: Row, image_size: int, read: readers.ReadOptions | None = None)
         s.volume, s.mask = _load_volume(row)
     else:
         s.feats, s.coords = _load_features(row)
+    if s.image is not None and not enc.is_default:
+        h, w = s.image.shape[:2]
+        s.image, s.jpeg_quality = _guard("image", encode_image, s.image, image_size, enc)
+        if "spacing" in s.meta and s.image.shape[:2] != (h, w):
+            s.meta["spacing"] = [round(s.meta["spacing"][0] * h / s.image.shape[0], 6),
+                                 round(s.meta["spacing"][1] * w / s.image.shape[1], 6)]
     return s
 
 
@@ -247,8 +345,9 @@ def _encode_shard(task: dict) -> dict:
     def samples() -> Iterator[Sample]:
         for row in task["rows"]:
             try:
-                read = task.get("read")
-                s = load_row(row, task["image_size"]) if read is None else load_row(row, task["image_size"], read)
+                read, enc = task.get("read"), task.get("encoding")
+                extra = () if read is None and enc is None else (read,) if enc is None else (read, enc)
+                s = load_row(row, task["image_size"], *extra)
             except RowDecodeError as e:
                 errors.append(f"{row.where(e.column)}: cannot decode {row.given.get(e.column, '')}: {e}")
                 continue
@@ -295,7 +394,8 @@ def shuffle_key(seed: int, key: str) -> bytes:
 
 
 def plan_shards(rows: list[Row], maxcount: int, maxsize: int, image_size: int,
-                read: readers.ReadOptions | None = None, seed: int = 0) -> list[tuple[list[Row], str]]:
+                read: readers.ReadOptions | None = None, seed: int = 0,
+                encoding: ImageEncoding | None = None) -> list[tuple[list[Row], str]]:
     """Rows ordered by split, then by `shuffle_key(seed, key)`, cut by count and estimated bytes. Each shard gets
     a digest of its inputs."""
     rows = sorted(rows, key=lambda r: (_SPLIT_ORDER.get(r.split, 9), shuffle_key(seed, r.key), r.key))
@@ -312,6 +412,8 @@ def plan_shards(rows: list[Row], maxcount: int, maxsize: int, image_size: int,
         doc = {"schema": SCHEMA_VERSION, "image_size": image_size, "rows": [r.fingerprint() for r in g]}
         if read is not None and read != readers.ReadOptions():
             doc["read"] = repr(read)
+        if encoding is not None and not encoding.is_default:  # default builds keep their digests (shards reused)
+            doc["image"] = encoding.to_dict(image_size)
         out.append((g, hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()))
     return out
 
@@ -423,11 +525,12 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
                maxcount: int = 1000, maxsize: int = 1 << 30, image_size: int = 512, on_error: str = "fail",
                part: tuple[int, int] | None = None, command: str | None = None, progress: bool = True,
                extra: dict | None = None, read: readers.ReadOptions | None = None, seed: int = 0,
-               labels: LabelSpec | dict | None = None) -> dict:
+               labels: LabelSpec | dict | None = None, encoding: ImageEncoding | None = None) -> dict:
     """Encode validated rows (splits already assigned) into shards + index. Shared by the builder and importers.
 
     `seed` orders the samples within a split; `labels` is the label spec written into index.json (a dict may
-    leave out class_names: the label columns met in the rows are used)."""
+    leave out class_names: the label columns met in the rows are used); `encoding` how 2D images are stored."""
+    encoding = encoding or ImageEncoding()
     read, clinical_extra = readers.prepare(rows, read)
     extra = {**(extra or {}), **clinical_extra}
     errors = list(errors or [])
@@ -439,7 +542,7 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
     out = Path(out_dir)
     (out / SIDECAR_DIR).mkdir(parents=True, exist_ok=True)
     prefix = f"part{part[0]:03d}of{part[1]:03d}" if part else "shard"
-    plan = plan_shards(rows, maxcount, maxsize, image_size, read, seed)
+    plan = plan_shards(rows, maxcount, maxsize, image_size, read, seed, encoding)
     names = [shard_name(prefix, k) for k in range(len(plan))]
     _clean(out, prefix, set(names))
     done, tasks = {}, []
@@ -449,7 +552,8 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
             done[name] = prev
         else:
             tasks.append({"path": str(out / name), "rows": group, "plan": digest, "image_size": image_size,
-                          "on_error": on_error, "read": None if read == readers.ReadOptions() else read})
+                          "on_error": on_error, "read": None if read == readers.ReadOptions() else read,
+                          "encoding": None if encoding.is_default else encoding})
     tag = f".part{part[0]}of{part[1]}" if part else ""
     if tasks:  # the old index may name shards being rewritten: no index until the set is whole again
         (out / f"index{tag}.json").unlink(missing_ok=True)
@@ -472,6 +576,8 @@ def build_rows(rows: list[Row], out_dir: str | os.PathLike, *, errors: list[str]
     if part:
         build["part"] = {"i": part[0], "n": part[1]}
     build["shuffle_seed"] = seed
+    if not encoding.is_default:
+        build["image"] = encoding.to_dict(image_size)
     return write_index(out, infos, modality, label_names, command=command, extra={**top, "build": build},
                        name=f"index{tag}.json", labels=complete_label_spec(labels, label_names))
 
@@ -516,7 +622,7 @@ def build_shards(manifest, out_dir, *, workers=2, maxcount=1000, maxsize=1 << 30
                  val_frac=0.1, test_frac=0.1, seed=0, part=None, modality=None, command=None,
                  progress=True, read=None, salt: bytes | None = None,
                  labels: LabelSpec | dict | None = None, root: str | os.PathLike | None = None,
-                 follow_symlinks: bool = False) -> dict:
+                 follow_symlinks: bool = False, encoding: ImageEncoding | None = None) -> dict:
     """Build WebDataset shards + index from a CSV/JSONL manifest. Returns the index document (see module doc).
 
     Paths in the manifest must stay under its folder, or under `root` (which widens it); a symlink pointing
@@ -525,7 +631,8 @@ def build_shards(manifest, out_dir, *, workers=2, maxcount=1000, maxsize=1 << 30
     read: `readers.ReadOptions` for DICOM/NIfTI rows. salt: hash patient ids, keys and identifier columns with
     it (`readers.phi`) before anything else sees them. labels: the label spec (kind, templates, prompts;
     class_names default to the manifest's label columns); None = multi-label (binary for one label) with
-    "X." / "No X." prompts."""
+    "X." / "No X." prompts. encoding: how 2D images are stored (`ImageEncoding`; default lossless PNG, longer side
+    bounded by image_size)."""
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error: {on_error!r} is not 'fail' or 'skip'")
     if maxcount < 1 or maxsize < 1 or image_size < 1:
@@ -557,7 +664,7 @@ def build_shards(manifest, out_dir, *, workers=2, maxcount=1000, maxsize=1 << 30
              "seed": seed, "val_frac": val_frac, "test_frac": test_frac, "num_rows_in_build": in_build}
     return build_rows(rows, out_dir, errors=errors, workers=workers, maxcount=maxcount, maxsize=maxsize,
                       image_size=image_size, on_error=on_error, part=part, command=command, progress=progress,
-                      extra=extra, read=read, seed=seed, labels=labels)
+                      extra=extra, read=read, seed=seed, labels=labels, encoding=encoding)
 
 
 def _line_of(err: str) -> int:

@@ -75,6 +75,8 @@ class DataConfig:
     remote_low_speed_s: int = 60  # ... for this many seconds is abandoned, the shard counted unreadable (0 = off)
     remote_outage_s: float = 300.0  # http(s) shards: server unreachable this long in a row (retried with backoff) -> the stream fails
     aug: AugmentConfig = field(default_factory=AugmentConfig)  # augmentation strengths (used when augment is true)
+    pipeline: str = "reference"  # 2D single view: reference (float per sample) | fast (uint8 crops, batch-side float + jitter + normalisation, on the training device)
+    decode_device: str = "auto"  # fast pipeline, JPEG shards: cpu (workers decode) | cuda (nvJPEG in the training process) | auto (cuda when the loader's device is a GPU)
 
     def validate(self) -> None:
         if self.modality not in ("cxr", "patho", "ct", "slide"):
@@ -116,5 +118,9 @@ class DataConfig:
         if not self.hu_windows or any(len(w) != 2 or not w[0] < w[1] for w in self.hu_windows):
             raise ValueError(f"hu_windows: need one or more [lo, hi] pairs with lo < hi, got {self.hu_windows}")
         self.aug.validate("aug.")
+        if self.pipeline not in ("reference", "fast"):
+            raise ValueError(f"pipeline: {self.pipeline!r} is not one of reference, fast")
+        if self.decode_device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"decode_device: {self.decode_device!r} is not one of auto, cpu, cuda")
         if self.volume_size is not None and (len(self.volume_size) != 3 or min(self.volume_size) < 1):
             raise ValueError(f"volume_size: must be 3 positive ints (D, H, W) or null, got {self.volume_size}")

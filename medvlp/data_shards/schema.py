@@ -3,6 +3,7 @@
 Members (README "Shards"):
   __key__          stable id, unique per data set (e.g. ``iuxray/CXR1000``)
   img.png          2D image, 8- or 16-bit grey or RGB (lossless)
+  img.jpg          (instead of img.png) 2D image, 8-bit grey or RGB, JPEG (shards built with --image-format jpeg)
   vol.npy          3D volume (D, H, W), int16 HU or float16
   mask.npy         organ label map (D, H, W), uint8
   feats.npy        patch-feature bag (n, d) float16; coords.npy (n, 2) int32
@@ -49,6 +50,7 @@ class Sample:
     labels: dict[str, int] = field(default_factory=dict)  # finding -> 1 / 0 / -1 (uncertain)
     meta: dict[str, Any] = field(default_factory=dict)  # dataset, modality, split, patient_id, ...
     extra: dict[str, Any] = field(default_factory=dict)  # boxes, organs, composition ... (ground truth)
+    jpeg_quality: int = 0  # 0: the image is written lossless (img.png); 1..95: as img.jpg at this quality (uint8)
 
     @property
     def modality(self) -> str:
@@ -87,11 +89,24 @@ def _png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _jpg_bytes(img: np.ndarray, quality: int) -> bytes:
+    """uint8 grey (H, W) -> a greyscale JPEG, (H, W, 3) -> RGB (4:2:0); same array and libjpeg -> same bytes."""
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise ValueError(f"a JPEG image must be uint8 (H,W)/(H,W,3); got {img.dtype} {img.shape}")
+    if not 1 <= quality <= 95:
+        raise ValueError(f"jpeg quality must be in 1..95, got {quality}")
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=int(quality), optimize=False, progressive=False)
+    return buf.getvalue()
+
+
 def encode_sample(s: Sample) -> dict[str, Any]:
     """Sample -> WebDataset member dict (bytes values)."""
     validate_key(s.key)
     out: dict[str, Any] = {"__key__": s.key, "txt": s.text.encode("utf-8")}
-    if s.image is not None:
+    if s.image is not None and s.jpeg_quality:
+        out["img.jpg"] = _jpg_bytes(s.image, s.jpeg_quality)
+    elif s.image is not None:
         out["img.png"] = _png_bytes(s.image)
     if s.volume is not None:
         out["vol.npy"] = _npy_bytes(s.volume)
@@ -123,8 +138,18 @@ def _load_png(raw: bytes) -> np.ndarray:
 MEDIA_MEMBERS = ("img.png", "img.jpg", "vol.npy", "feats.npy")
 
 
-def decode_sample(members: dict[str, Any]) -> Sample:
-    """WebDataset member dict -> Sample. Raises SampleDecodeError naming key and member."""
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image member left undecoded by ``decode_sample(..., lazy_image=True)``: the fast stream path reads its
+    header, draws the crop, and decodes it itself (at reduced size where the codec allows)."""
+
+    member: str  # "img.png" | "img.jpg"
+    data: bytes
+
+
+def decode_sample(members: dict[str, Any], lazy_image: bool = False) -> Sample:
+    """WebDataset member dict -> Sample. Raises SampleDecodeError naming key and member. lazy_image: the image
+    stays an `EncodedImage` (Sample.image) instead of being decoded."""
     key = members.get("__key__", "?")
     # every sample is written with a txt member and one media member: a sample without them is damaged (e.g. a tar
     # whose member is a hardlink, which the tar reader skips), never an empty report or an image-less sample
@@ -146,6 +171,9 @@ def decode_sample(members: dict[str, Any]) -> Sample:
         ):
             if member in members:
                 cur = member
+                if lazy_image and name == "image":
+                    arrays[name] = EncodedImage(member, bytes(members[member]))
+                    continue
                 arrays[name] = loader(members[member])
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes one clear error
         raise SampleDecodeError(f"sample {key!r}: cannot decode member {cur!r}: {type(e).__name__}: {e}") from e

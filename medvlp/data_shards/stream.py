@@ -301,7 +301,7 @@ class _DecodeTransform:
         for pos, raw in src:
             key = raw.get("__key__", "?")
             try:
-                s = decode_sample(raw)
+                s = decode_sample(raw, lazy_image=getattr(c.transform, "lazy_image", False))
                 need = _REQUIRED.get(c.modality)
                 if need and getattr(s, need) is None:
                     raise SampleDecodeError(f"sample {key!r}: no {need} member for modality {c.modality!r}")
@@ -334,14 +334,32 @@ def _stack(name: str, items: list[torch.Tensor], keys: list[str]) -> torch.Tenso
     return torch.stack(items, out=out)
 
 
+def _collate_fast(samples: list[dict], keys: list[str]) -> dict[str, Any]:
+    """The fast path's image members: the uint8 batch (or, with GPU decode, per sample its JPEG bytes or the
+    image its worker made, and the drawn views) and the per-sample jitter vectors."""
+    from medvlp.data_shards.fastpath import N_VIEW, harmonize
+
+    out = {"image_aug": torch.stack([s["image_aug"] for s in samples])}
+    if any("image_src" in s for s in samples):
+        out["image_src"] = [(s.get("image_src"), s.get("image")) for s in samples]
+        out["image_view"] = torch.stack([s.get("image_view", torch.zeros(N_VIEW, dtype=torch.int64))
+                                         for s in samples])
+    else:
+        out["image"] = _stack("image", harmonize([s["image"] for s in samples]), keys)
+    return out
+
+
 def collate(samples: list[dict], label_names: list[str], tokenizer: Callable | None = None,
             members: MemberSet | None = None) -> dict[str, Any]:
     """Per-sample dicts -> one batch dict of tensors (slide bags zero-padded; requested members collated)."""
     keys = [s["key"] for s in samples]
     batch: dict[str, Any] = {"key": keys, "text": [s["text"] for s in samples],
                              "labels": torch.stack([s["labels"] for s in samples]), "label_names": list(label_names)}
+    fast = "image_aug" in samples[0]  # data.pipeline=fast: uint8 images + per-sample jitter (fastpath)
+    if fast:
+        batch.update(_collate_fast(samples, keys))
     for name in ("image", "image_weak", "image_strong", "volume", "mask"):
-        if name in samples[0]:
+        if name in samples[0] and not (fast and name == "image"):
             batch[name] = _stack(name, [s[name] for s in samples], keys)
     if "feats" in samples[0]:
         batch["feats"], batch["feats_mask"], batch["coords"] = collate_bags(
@@ -432,8 +450,9 @@ class StreamLoader:
     """Iterable of batches in a fixed order; `stats` (corrupt counts over all workers) and `state_dict()`."""
 
     def __init__(self, dataset: SlotStream, schedule: list[int], *, workers: int, epoch: int, start_step: int,
-                 steps_per_epoch: int, seed: int, stop: Any = None) -> None:
+                 steps_per_epoch: int, seed: int, stop: Any = None, finish: Callable | None = None) -> None:
         self.dataset, self.schedule, self.workers = dataset, schedule, workers
+        self.finish = finish  # batch -> batch in this process (the fast path's float / jitter / normalisation)
         self.epoch, self.start_step, self.step = epoch, start_step, start_step
         self.steps_per_epoch, self.seed = steps_per_epoch, seed
         self.label_names = dataset.label_names
@@ -495,7 +514,7 @@ class StreamLoader:
         def emit(batch: dict) -> dict:
             self.step += 1
             self.stats["samples"] += len(batch["key"])
-            return batch
+            return self.finish(batch) if self.finish is not None else batch
 
         for slot in self.schedule:
             while not bufs[slot] and not ended[slot]:
@@ -520,7 +539,8 @@ def _last_line(msg: str) -> str:
 
 def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenizer: Callable | None = None,
                 epoch: int = 0, start_step: int = 0, train: bool = True, shards: str | list[str] | None = None,
-                split: str | None = None, transform: Callable | None = None, stop: Any = None) -> StreamLoader:
+                split: str | None = None, transform: Callable | None = None, stop: Any = None,
+                device: torch.device | str | None = None) -> StreamLoader:
     """The loader of one epoch of this rank (see the module doc for the semantics).
 
     shards: overrides cfg.train_shards (train) / cfg.val_shards or else cfg.train_shards (eval). A local dir, a
@@ -530,6 +550,9 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
     default `SampleTransform`. tokenizer: picklable ``list[str] -> LongTensor (B, L)``, applied in the workers.
     stop: a `medvlp.data_shards.guard.StopSignal` (checked in the workers too), an Event or a zero-arg callable (checked
     in this process); once set, iterating raises `StreamStopped` (see medvlp.data_shards.guard).
+    device: where the fast path (data.pipeline=fast) turns its uint8 batches into normalised float (the training
+    device; None = CPU) and, with data.decode_device auto/cuda on a GPU, decodes JPEGs (medvlp.data_shards.gpu_decode).
+    The fast path serves single-view 2D streams with the default transform; others keep the reference path.
     """
     cfg.validate()
     if not 0 <= rank < world_size:
@@ -547,6 +570,14 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
     resampled = train and cfg.resampled
     plans, schedule = plan_slots(shard_set, cfg, rank=rank, world_size=world_size, epoch=epoch,
                                  start_step=start_step, resampled=resampled, train=train)
+    finish = None
+    if transform is None and cfg.pipeline == "fast" and modality in ("cxr", "patho") and not cfg.pair_views:
+        from medvlp.data_shards.fastpath import FastImageTransform, finish_batch
+        from medvlp.data_shards.gpu_decode import use_gpu_decode
+
+        transform = FastImageTransform(modality, cfg.image_size, train=train and cfg.augment, flip=cfg.flip,
+                                       aug=cfg.aug, ship_jpeg=use_gpu_decode(cfg.decode_device, device))
+        finish = partial(finish_batch, modality=modality, device=device)
     if transform is None:
         transform = SampleTransform(modality, cfg.image_size, train=train and cfg.augment, flip=cfg.flip,
                                     pair_views=cfg.pair_views, volume_size=cfg.volume_size,
@@ -561,4 +592,4 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
     dataset.stop = stop if cfg.workers == 0 or isinstance(stop, StopSignal) else None
     steps = sum(p.n_batches for p in plans)
     return StreamLoader(dataset, schedule, workers=cfg.workers, epoch=epoch, start_step=start_step,
-                        steps_per_epoch=steps, seed=cfg.seed, stop=stop)
+                        steps_per_epoch=steps, seed=cfg.seed, stop=stop, finish=finish)

@@ -79,12 +79,15 @@ class ResizeCenterCrop:
 
     size: int
 
-    def __call__(self, img_CHW: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
-        h, w = img_CHW.shape[-2:]
+    def geometry(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(nh, nw, top, left): the whole image is resized to nh x nw, then cut at (top, left)."""
         s = self.size / min(h, w)
         nh, nw = max(self.size, round(h * s)), max(self.size, round(w * s))
+        return nh, nw, (nh - self.size) // 2, (nw - self.size) // 2
+
+    def __call__(self, img_CHW: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
+        nh, nw, top, left = self.geometry(*img_CHW.shape[-2:])
         img_CHW = _resize_CHW(img_CHW, (nh, nw))
-        top, left = (nh - self.size) // 2, (nw - self.size) // 2
         return img_CHW[:, top:top + self.size, left:left + self.size]
 
 
@@ -96,8 +99,9 @@ class RandResizedCrop:
     scale: tuple[float, float] = (0.5, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
-    def __call__(self, img_CHW: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        h, w = img_CHW.shape[-2:]
+    def draw(self, h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+        """The crop box (top, left, ch, cw) of an h x w image, or None: no valid box in 10 draws (extreme
+        aspect), the centre view is used."""
         area = h * w
         log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
@@ -105,9 +109,15 @@ class RandResizedCrop:
             ar = math.exp(rng.uniform(*log_r))
             cw, ch = round(math.sqrt(target * ar)), round(math.sqrt(target / ar))
             if 0 < cw <= w and 0 < ch <= h:
-                top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-                return _resize_CHW(img_CHW[:, top:top + ch, left:left + cw], (self.size, self.size))
-        return ResizeCenterCrop(self.size)(img_CHW)  # no valid box in 10 draws (extreme aspect): centre view
+                return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+        return None
+
+    def __call__(self, img_CHW: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        box = self.draw(*img_CHW.shape[-2:], rng)
+        if box is None:
+            return ResizeCenterCrop(self.size)(img_CHW)
+        top, left, ch, cw = box
+        return _resize_CHW(img_CHW[:, top:top + ch, left:left + cw], (self.size, self.size))
 
 
 @dataclass
@@ -116,8 +126,11 @@ class RandFlip:
 
     p: float = 0.5
 
+    def draw(self, rng: np.random.Generator) -> bool:
+        return bool(rng.random() < self.p)
+
     def __call__(self, img_CHW: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        return img_CHW.flip(-1) if rng.random() < self.p else img_CHW
+        return img_CHW.flip(-1) if self.draw(rng) else img_CHW
 
 
 @dataclass
@@ -129,11 +142,17 @@ class RandIntensity:
     gamma: float = 0.2  # exponent in [1 - g, 1 + g]
     p: float = 0.8
 
-    def __call__(self, img_CHW: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def draw(self, rng: np.random.Generator) -> tuple[float, float, float] | None:
+        """(brightness shift, contrast factor, gamma), or None when this sample is left as it is."""
         b, c, g = (rng.uniform(-self.brightness, self.brightness), rng.uniform(1 - self.contrast, 1 + self.contrast),
                    rng.uniform(1 - self.gamma, 1 + self.gamma))
-        if rng.random() >= self.p:
+        return None if rng.random() >= self.p else (b, c, g)
+
+    def __call__(self, img_CHW: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        params = self.draw(rng)
+        if params is None:
             return img_CHW
+        b, c, g = params
         mean = img_CHW.mean()
         out = ((img_CHW - mean) * c + mean + b).clamp(0.0, 1.0)
         return out.pow(g)
@@ -149,18 +168,26 @@ class RandColorJitter:
     hue: float = 0.05  # fraction of a full turn of the chroma plane
     p: float = 0.8
 
-    def __call__(self, img_CHW: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def draw(self, rng: np.random.Generator, channels: int = 3) -> tuple[torch.Tensor, float] | None:
+        """(3x3 colour matrix A, offset factor k): out = A @ rgb + k * mean grey; None = left as it is (also for
+        images that are not RGB)."""
         bf, cf, sf = (rng.uniform(1 - a, 1 + a) for a in (self.brightness, self.contrast, self.saturation))
         hf = rng.uniform(-self.hue, self.hue)
-        if rng.random() >= self.p or img_CHW.shape[0] != 3:
-            return img_CHW
+        if rng.random() >= self.p or channels != 3:
+            return None
         # All four jitters are affine in RGB, so they fold into one 3x3 matrix and an offset (one pass over the
         # pixels): saturation blends with the grey value, a hue shift rotates the chroma plane, and both keep
         # grey (1, 1, 1) fixed, so contrast's pull towards the mean grey survives them unchanged.
+        sat = sf * torch.eye(3) + (1 - sf) * torch.ones(3, 1) @ _GREY_W.view(1, 3)
+        return cf * bf * (_hue_matrix(hf) @ sat), (1 - cf) * bf
+
+    def __call__(self, img_CHW: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        params = self.draw(rng, img_CHW.shape[0])
+        if params is None:
+            return img_CHW
+        a, k = params
         w = _GREY_W.to(img_CHW.dtype)
-        sat = sf * torch.eye(3) + (1 - sf) * torch.ones(3, 1) @ w.view(1, 3)
-        a = cf * bf * (_hue_matrix(hf) @ sat)
-        offset = (1 - cf) * bf * float((img_CHW * w.view(3, 1, 1)).sum(0).mean())
+        offset = k * float((img_CHW * w.view(3, 1, 1)).sum(0).mean())
         return (torch.einsum("ij,jhw->ihw", a.to(img_CHW.dtype), img_CHW) + offset).clamp(0.0, 1.0)
 
 

@@ -119,13 +119,23 @@ def _label_options(a: argparse.Namespace) -> dict | None:
 def _cmd_build(a: argparse.Namespace) -> int:
     from medvlp.data_shards.build import ManifestError, build_shards
 
+    from medvlp.data_shards.build import ImageEncoding
+
     read, salt = _read_options(a)
     try:
+        window = None
+        if a.jpeg_window:
+            try:
+                window = tuple(float(v) for v in a.jpeg_window.split(","))
+            except ValueError:
+                raise ValueError(f"--jpeg-window: {a.jpeg_window!r} is not LO,HI") from None
+        encoding = ImageEncoding(resize=a.resize, format=a.image_format, jpeg_quality=a.jpeg_quality,
+                                 uint16=a.jpeg_16bit, window=window)
         doc = build_shards(a.manifest, a.out, workers=a.workers, maxcount=a.maxcount, maxsize=int(a.maxsize_mb * 2**20),
                            image_size=a.image_size, on_error=a.on_error, val_frac=a.val_frac, test_frac=a.test_frac,
                            seed=a.seed, part=_parse_part(a.part), modality=a.modality, command=command_line(),
                            read=read, salt=salt, labels=_label_options(a), root=a.root,
-                           follow_symlinks=a.follow_symlinks)
+                           follow_symlinks=a.follow_symlinks, encoding=encoding)
     except (ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -317,7 +327,17 @@ def build_parser(help_stage: str | None = None, help_cmd: str | None = None) -> 
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
     s.add_argument("--maxsize-mb", type=float, default=1024, help="shard size cap in MiB")
-    s.add_argument("--image-size", type=int, default=512, help="longer image side at most (resized at build time)")
+    s.add_argument("--image-size", type=int, default=512,
+                   help="longer image side at most (resized at build time); with --resize shortest the shorter side")
+    s.add_argument("--resize", choices=["longest", "shortest"], default="longest",
+                   help="which side --image-size sets: longest (a bound) or shortest (e.g. 256 for 224^2 training)")
+    s.add_argument("--image-format", choices=["png", "jpeg"], default="png",
+                   help="png: lossless (8/16-bit); jpeg: img.jpg, 8-bit, decodes several times faster")
+    s.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1..95")
+    s.add_argument("--jpeg-16bit", choices=["window", "png"], default="window",
+                   help="jpeg: 16-bit images windowed to 8 bits (window) or kept as 16-bit PNG (png)")
+    s.add_argument("--jpeg-window", default=None, metavar="LO,HI",
+                   help="jpeg: the 16-bit values mapped to 0..255 (default 0,65535: the stream's scale)")
     s.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     s.add_argument("--val-frac", type=float, default=0.1)
     s.add_argument("--test-frac", type=float, default=0.1)

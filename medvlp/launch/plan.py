@@ -21,6 +21,11 @@ Where the numbers come from:
   second forward); communication = bytes / bandwidth, NVLink inside a node, InfiniBand per GPU across nodes (the
   ring's slowest link). Printed without overlap and with full overlap: the truth lies between.
 
+* data feed: the DataLoader workers per GPU that stream `--feed-margin` (default 1.5) x the GPU's compute rate
+  (per-GPU batch / compute time), at `--worker-rate` samples/s per worker; by default the rate measured for the
+  model's recipe on the fast stream path (`WORKER_RATES`, from `benchmarks/bench_stream.py --feed`: one core of
+  the project's CPU box, JPEG-256 shards, worker side). A core of another CPU differs: measure yours.
+
 It is a model, not a measurement: `benchmarks/bench_plan.py` checks its memory against a real CPU step.
 """
 from __future__ import annotations
@@ -44,6 +49,20 @@ class Hardware:
     gpu_mem_gib: float = 80.0  # memory of one GPU
     nvlink_gbs: float = 450.0  # GB/s per GPU inside a node (one direction)
     ib_gbs: float = 50.0  # GB/s per GPU between nodes
+
+
+# Per-worker samples/s of the fast stream path (data.pipeline=fast) on JPEG-256 shards, worker side (the batch-side
+# normalisation runs on the GPU), one core of the project's 2-core AMD EPYC box: `python benchmarks/bench_stream.py
+# --feed` (benchmarks/results/stream-feed-2026-12-07-amd-epyc-2c.md, measured under a load average of 20-25: an
+# idle core is faster). model -> (samples/s, the recipe measured)
+WORKER_RATES: dict[str, tuple[float, str]] = {"RN50": (318.0, "rn50-cxr"), "ViT-B-16": (248.0, "vitb16-patho")}
+
+
+def feed_workers(plan: "Plan", worker_rate: float, margin: float = 1.5) -> tuple[float, int]:
+    """(samples/s one GPU consumes at its compute rate, DataLoader workers per GPU streaming margin x that)."""
+    per_gpu = plan.global_batch // plan.gpus
+    rate = per_gpu / plan.compute_s if plan.compute_s > 0 else 0.0
+    return rate, math.ceil(margin * rate / worker_rate) if worker_rate > 0 else 0
 
 
 @dataclass
@@ -323,7 +342,26 @@ def run_plan_cli(a) -> int:
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"plan: {e}")
         return 2
-    print(json.dumps(plan_dict(plan), indent=1, default=str) if a.json else format_plan(plan, hw))
+    rate, source = a.worker_rate, "--worker-rate"
+    if rate is None and WORKER_RATES.get(a.model, (0.0, ""))[0] > 0:
+        rate, recipe = WORKER_RATES[a.model]
+        source = f"measured for {recipe}, fast path, JPEG-256 shards, one core of a 2-core AMD EPYC"
+    if rate is not None and rate <= 0 or a.feed_margin <= 0:
+        print(f"plan: --worker-rate ({rate}) and --feed-margin ({a.feed_margin}) must be > 0")
+        return 2
+    if a.json:
+        d = plan_dict(plan)
+        if rate:
+            gpu_rate, workers = feed_workers(plan, rate, a.feed_margin)
+            d["feed"] = {"gpu_samples_per_s": gpu_rate, "worker_rate": rate, "margin": a.feed_margin,
+                         "workers_per_gpu": workers, "source": source}
+        print(json.dumps(d, indent=1, default=str))
+        return 0
+    print(format_plan(plan, hw))
+    if rate:
+        gpu_rate, workers = feed_workers(plan, rate, a.feed_margin)
+        print(f"data feed: one GPU trains {gpu_rate:,.0f} samples/s (compute); {a.feed_margin:g}x that needs "
+              f"{workers} DataLoader workers per GPU at {rate:,.0f} samples/s per worker ({source})")
     return 0
 
 
@@ -343,6 +381,10 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--gpu-mem", type=float, default=hw.gpu_mem_gib, help="GiB per GPU")
     p.add_argument("--nvlink-gbs", type=float, default=hw.nvlink_gbs, help="GB/s per GPU inside a node")
     p.add_argument("--ib-gbs", type=float, default=hw.ib_gbs, help="GB/s per GPU between nodes")
+    p.add_argument("--worker-rate", type=float, default=None,
+                   help="samples/s one DataLoader worker streams (default: the measured rate for the model, if any)")
+    p.add_argument("--feed-margin", type=float, default=1.5,
+                   help="data workers are sized to stream this many times the GPU's compute rate")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(fn=run_plan_cli)
 

@@ -96,11 +96,12 @@ def _to(batch: dict, device: torch.device) -> dict:
 class _Batches:
     """Endless batches across epochs; remembers the (epoch, step-in-epoch) position for checkpoints."""
 
-    def __init__(self, data_cfg, rank: int, world: int, tokenizer, epoch: int, step: int) -> None:
+    def __init__(self, data_cfg, rank: int, world: int, tokenizer, epoch: int, step: int, device=None) -> None:
         from medvlp.data_shards.stream import make_loader
 
+        # device: where data.pipeline=fast turns its uint8 batches into normalised float (and decodes on a GPU)
         self._make = lambda e, s: make_loader(data_cfg, rank=rank, world_size=world, tokenizer=tokenizer,
-                                              epoch=e, start_step=s, train=True)
+                                              epoch=e, start_step=s, train=True, device=device)
         self.epoch, self.step = epoch, step
         self.loader = self._make(epoch, step)
         self._it = iter(self.loader)
@@ -279,7 +280,7 @@ class Trainer:
     def _batch_source(self):
         if self.batches is None:
             self.batches = _Batches(self.cfg.data, self.rank, self.world, self.model.tokenizer,
-                                    self._position["epoch"], self._position["step"])
+                                    self._position["epoch"], self._position["step"], device=self.device)
         return self.batches
 
     def _next_batch(self) -> dict:
