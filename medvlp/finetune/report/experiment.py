@@ -242,7 +242,8 @@ def _write(a, out: Path, per, mats, texts_of, test, times) -> None:
     for m in models:
         S = len(mats[m])
         A = np.stack(mats[m])
-        for b in base:
+        greedy = m.rsplit(", ", 1)[0] + ", greedy"  # a decoding against greedy on the same trained models
+        for b in base + ([greedy] if greedy != m and greedy in mats else []):
             B = np.stack(mats[b][:S])
             if B.shape != A.shape:
                 continue
