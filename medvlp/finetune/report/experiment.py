@@ -242,8 +242,10 @@ def _write(a, out: Path, per, mats, texts_of, test, times) -> None:
     for m in models:
         S = len(mats[m])
         A = np.stack(mats[m])
-        greedy = m.rsplit(", ", 1)[0] + ", greedy"  # a decoding against greedy on the same trained models
-        for b in base + ([greedy] if greedy != m and greedy in mats else []):
+        variant, strat = m[len("model "):].rsplit(", ", 1)
+        greedy = f"model {variant}, greedy"  # a decoding against greedy on the same trained models
+        frozen = f"model frozen, {strat}"  # a variant against the frozen resampler, same decoding
+        for b in base + [x for x in (greedy, frozen) if x != m and x in mats]:
             B = np.stack(mats[b][:S])
             if B.shape != A.shape:
                 continue

@@ -168,7 +168,8 @@ def test_seed_table_merge_writes_sd_and_paired_differences(tmp_path):
     F = len(FACT_COLUMNS)
     for seed, v in ((0, 0.5), (1, 0.7), (2, 0.9)):
         methods = {}
-        for name, c in (("model frozen, greedy", 1.0), ("model frozen, beam", 0.25), ("retrieval", 0.0)):
+        for name, c in (("model frozen, greedy", 1.0), ("model frozen, beam", 0.25), ("model tuned, greedy", 0.5),
+                        ("retrieval", 0.0)):
             C = np.full((n, F), c)
             row = {k: v for k in ("bleu4", "rougeL", "diag_acc", "comp_acc", "clinical", "position", "rare", "all")}
             row.update({f"fact_{k}": v for k in FACT_COLUMNS})
@@ -187,3 +188,6 @@ def test_seed_table_merge_writes_sd_and_paired_differences(tmp_path):
     assert any(line.startswith('"model frozen, beam","model frozen, greedy",position,-0.75,-0.75,-0.75,1.0,3,')
                for line in diffs)
     assert not any(line.startswith('"model frozen, greedy","model frozen, greedy"') for line in diffs)
+    # and a variant against the frozen resampler with the same decoding
+    assert any(line.startswith('"model tuned, greedy","model frozen, greedy",position,-0.5,-0.5,-0.5,1.0,3,')
+               for line in diffs)
