@@ -62,7 +62,10 @@ class GenerateConfig:
     """Decoding (the `transformers` generation API)."""
 
     strategy: str = "greedy"  # greedy | beam | nucleus (top-k / top-p sampling with a temperature)
-    num_beams: int = 4  # beams of `beam`
+    num_beams: int = 4  # beams of `beam` (medvlp.finetune.report.decode.beam_search)
+    length_penalty: float = 1.0  # beam: rank finished reports by log-prob sum / tokens ** this (0 = plain sum)
+    no_repeat_ngram: int = 0  # greedy / beam: never repeat an n-gram of this size (0 = off)
+    repetition_penalty: float = 1.0  # greedy / beam: CTRL penalty on tokens already generated (1 = off)
     top_k: int = 40  # nucleus: keep the k most likely tokens (reference: 40)
     top_p: float = 0.95  # nucleus: smallest set with this probability mass (reference: 0.95)
     temperature: float = 0.7  # nucleus: softmax temperature (reference: 0.7)
@@ -75,6 +78,8 @@ class GenerateConfig:
             raise ValueError(f"strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.num_beams < 1 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise ValueError("num_beams >= 1, top_k >= 0, 0 < top_p <= 1 and temperature > 0 are required")
+        if self.no_repeat_ngram < 0 or self.repetition_penalty <= 0:
+            raise ValueError("no_repeat_ngram >= 0 and repetition_penalty > 0 are required")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size: must be >= 1")
 

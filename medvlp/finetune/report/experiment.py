@@ -4,8 +4,11 @@ patches. Every "±" is the sample sd over seeds and every difference a paired bo
 (`medvlp.finetune.sweep`).
 
     python -m medvlp.finetune.report.experiment --shards out/shards/slide --out runs/report-table \
-        --seeds 0 1 2 [--variants frozen tuned] [--stage1-steps 150 --stage2-steps 600]
+        --seeds 0 1 2 [--variants frozen tuned] [--stage1-steps 150 --stage2-steps 600] \
+        [--strategies greedy beam nucleus --num-beams 4 --length-penalty 1.0 --no-repeat-ngram auto]
 
+Beam decoding is `decode.beam_search` (length-normalised; `--no-repeat-ngram auto` = the smallest n-gram size that
+no training report repeats, so the rule never forbids a report the corpus writes).
 Variants of the generator: `frozen` = HistoGPT (stage 2 trains the XATTN blocks + LM, the stage-1 resampler is
 frozen); `tuned` = stage 2 also trains the resampler (`finetune.train_resampler`). Hyper-parameters are the
 recipe's; the baselines' alpha / C / steps are picked on the validation split; the test split is scored once.
@@ -106,6 +109,10 @@ def run(a) -> dict:
             torch.set_grad_enabled(False)
             for strat in (a.strategies_tuned or a.strategies) if variant == "tuned" else a.strategies:
                 gen = replace(GenerateConfig(), strategy=strat, seed=seed)
+                if strat == "beam":
+                    gen = replace(gen, num_beams=a.num_beams, length_penalty=a.length_penalty,
+                                  no_repeat_ngram=_no_repeat(a, tok, train.texts),
+                                  repetition_penalty=a.repetition_penalty)
                 add(f"model {variant}, {strat}", generate_texts(model, tok, gen, test.feats, cfg2.model.prompt,
                                                                 test.coords))
             if variant == a.variants[0]:  # retrieval / template read the stage-1 resampler and head
@@ -132,6 +139,31 @@ def run(a) -> dict:
         seed_scores = {}
         _write(a, out, per, mats, texts_of, test, times)  # after every seed: nothing lost if stopped
     return per
+
+
+def longest_repeat_free(tok, texts: list[str]) -> int:
+    """The smallest n such that no report of `texts` (as trained on: `train_text`, tokenized) repeats an n-gram of
+    its own: a no-repeat rule of that size never forbids a report the corpus writes."""
+    from medvlp.finetune.report.text import train_text
+
+    n = 1
+    for t in texts:
+        ids = [tok.bos_id] + tok.encode(train_text(t))
+        while True:
+            grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+            if len(grams) == len(set(grams)):
+                break
+            n += 1
+    return n
+
+
+def _no_repeat(a, tok, texts: list[str]) -> int:
+    if a.no_repeat_ngram != "auto":
+        return int(a.no_repeat_ngram)
+    if not hasattr(a, "_auto_ngram"):
+        a._auto_ngram = longest_repeat_free(tok, texts)
+        log.info("beam: no-repeat n-gram size %d (the smallest no training report repeats)", a._auto_ngram)
+    return a._auto_ngram
 
 
 def _save_seed(root: Path, seed_scores: dict, times: dict) -> None:
@@ -210,7 +242,10 @@ def _write(a, out: Path, per, mats, texts_of, test, times) -> None:
     for m in models:
         S = len(mats[m])
         A = np.stack(mats[m])
-        for b in base:
+        variant, strat = m[len("model "):].rsplit(", ", 1)
+        greedy = f"model {variant}, greedy"  # a decoding against greedy on the same trained models
+        frozen = f"model frozen, {strat}"  # a variant against the frozen resampler, same decoding
+        for b in base + [x for x in (greedy, frozen) if x != m and x in mats]:
             B = np.stack(mats[b][:S])
             if B.shape != A.shape:
                 continue
@@ -249,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--strategies-tuned", nargs="+", default=None, choices=["greedy", "beam", "nucleus"],
                    help="decodings of the `tuned` variant (default: --strategies)")
+    p.add_argument("--num-beams", type=int, default=4, help="beams of `beam`")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam: rank by log-prob sum / tokens ** this")
+    p.add_argument("--no-repeat-ngram", default="auto",
+                   help="beam: n-gram size never repeated (0 = off; auto = the smallest no training report repeats)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="beam: CTRL penalty (1 = off)")
     p.add_argument("--merge", action="store_true", help="only build the tables from OUT/seed*/scores.json")
     p.add_argument("--extra-seed-dirs", nargs="*", default=[], help="--merge: further seed folders (other variants)")
     p.add_argument("--also", nargs="*", default=[], help="--merge: other OUT folders holding methods of the same seeds")
@@ -257,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-mil", action="store_true", help="no attention-MIL twin")
     p.add_argument("--mil-only", action="store_true", help="only the baselines (no generator)")
     a = p.parse_args(argv)
+    if a.no_repeat_ngram != "auto" and not (a.no_repeat_ngram.isdigit()):
+        print(f"--no-repeat-ngram {a.no_repeat_ngram}: not a count >= 0 or 'auto'", file=sys.stderr)
+        return 2
     if not (Path(a.shards) / "index.json").is_file():
         print(f"--shards {a.shards}: no index.json (a slide-bag shard dir)", file=sys.stderr)
         return 2

@@ -168,7 +168,8 @@ def test_seed_table_merge_writes_sd_and_paired_differences(tmp_path):
     F = len(FACT_COLUMNS)
     for seed, v in ((0, 0.5), (1, 0.7), (2, 0.9)):
         methods = {}
-        for name, c in (("model frozen, greedy", 1.0), ("retrieval", 0.0)):
+        for name, c in (("model frozen, greedy", 1.0), ("model frozen, beam", 0.25), ("model tuned, greedy", 0.5),
+                        ("retrieval", 0.0)):
             C = np.full((n, F), c)
             row = {k: v for k in ("bleu4", "rougeL", "diag_acc", "comp_acc", "clinical", "position", "rare", "all")}
             row.update({f"fact_{k}": v for k in FACT_COLUMNS})
@@ -183,3 +184,10 @@ def test_seed_table_merge_writes_sd_and_paired_differences(tmp_path):
     assert "| model frozen, greedy | 3 | 0.7 ± 0.2 |" in table  # BLEU column: mean ± sample sd (ddof 1)
     diffs = (tmp_path / "out" / "diffs.csv").read_text().splitlines()
     assert any(line.startswith('"model frozen, greedy",retrieval,position,1.0,1.0,1.0,0.0,3,') for line in diffs)
+    # a decoding other than greedy is also paired against greedy on the same models (and greedy not with itself)
+    assert any(line.startswith('"model frozen, beam","model frozen, greedy",position,-0.75,-0.75,-0.75,1.0,3,')
+               for line in diffs)
+    assert not any(line.startswith('"model frozen, greedy","model frozen, greedy"') for line in diffs)
+    # and a variant against the frozen resampler with the same decoding
+    assert any(line.startswith('"model tuned, greedy","model frozen, greedy",position,-0.5,-0.5,-0.5,1.0,3,')
+               for line in diffs)
