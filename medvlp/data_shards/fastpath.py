@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -297,8 +297,6 @@ def finish_batch(batch: dict, modality: str, device: torch.device | str | None =
     device = torch.device(device) if device is not None else torch.device("cpu")
     aug = batch.pop("image_aug")
     if "image_src" in batch:
-        from medvlp.data_shards.gpu_decode import decode_views
-
         srcs, views = batch.pop("image_src"), batch.pop("image_view")
         img = decode_views(srcs, views, device, decode=decode)
     else:
@@ -307,3 +305,22 @@ def finish_batch(batch: dict, modality: str, device: torch.device | str | None =
     batch["image"] = finish_images(img.to(device, non_blocking=non_blocking), aug.to(device, non_blocking=non_blocking),
                                    modality)
     return batch
+
+
+def decode_views(items: list, views_BV: torch.Tensor, device: torch.device,
+                 decode: Callable[[Sequence[torch.Tensor], torch.device], list[torch.Tensor]] | None = None
+                 ) -> torch.Tensor:
+    """Per sample either JPEG bytes (decoded here, then its view applied) or an image the worker already made
+    (a PNG sample) -> the uint8 (or float, with 16-bit samples) (B, C, S, S) batch on `device`."""
+    from medvlp.data_shards.gpu_decode import cpu_decode, cuda_decode
+
+    decode = decode or (cuda_decode if torch.device(device).type == "cuda" else cpu_decode)
+    jpeg = [i for i, (data, made) in enumerate(items) if made is None]
+    decoded = dict(zip(jpeg, decode([items[i][0] for i in jpeg], device))) if jpeg else {}
+    out = []
+    for i, (data, made) in enumerate(items):
+        if made is not None:
+            out.append(made.to(device))
+        else:
+            out.append(apply_view(decoded[i], View.from_tensor(views_BV[i])).contiguous())
+    return torch.stack(harmonize(out))

@@ -4,7 +4,7 @@ With it the DataLoader workers only read the tar, parse the JPEG header (size an
 view and jitter (`medvlp.data_shards.fastpath.FastImageTransform`, ``ship_jpeg=True``); the training process
 decodes the batch's JPEGs with nvJPEG (`torchvision.io.decode_jpeg(..., device="cuda")`, one batched call) and
 applies the same `apply_view` (crop, antialiased bilinear resize, flip) on the GPU, then `finish_images`.
-Everything but the decode call is the CPU path's code, so `decode_views(..., decode=cpu_decode)` on a CPU
+Everything but the decode call is the CPU path's code, so `fastpath.decode_views(..., decode=cpu_decode)` on a CPU
 reproduces the CPU fast path; the tests hold them equal. On CUDA the resize runs in float and rounds to uint8
 (torch has no uint8 antialiased resize on CUDA): within one grey level of the CPU path.
 
@@ -13,11 +13,9 @@ workers decode (CPU path).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-
-from medvlp.data_shards.fastpath import View, apply_view
 
 
 def cpu_decode(datas: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -44,22 +42,3 @@ def use_gpu_decode(setting: str, device: torch.device | str | None) -> bool:
             raise ValueError("data.decode_device=cuda needs a CUDA device for the loader (make_loader(device=...))")
         return True
     return dev.type == "cuda" and torch.cuda.is_available()
-
-
-def decode_views(items: list, views_BV: torch.Tensor, device: torch.device,
-                 decode: Callable[[Sequence[torch.Tensor], torch.device], list[torch.Tensor]] | None = None
-                 ) -> torch.Tensor:
-    """Per sample either JPEG bytes (decoded here, then its view applied) or an image the worker already made
-    (a PNG sample) -> the uint8 (or float, with 16-bit samples) (B, C, S, S) batch on `device`."""
-    from medvlp.data_shards.fastpath import harmonize
-
-    decode = decode or (cuda_decode if torch.device(device).type == "cuda" else cpu_decode)
-    jpeg = [i for i, (data, made) in enumerate(items) if made is None]
-    decoded = dict(zip(jpeg, decode([items[i][0] for i in jpeg], device))) if jpeg else {}
-    out = []
-    for i, (data, made) in enumerate(items):
-        if made is not None:
-            out.append(made.to(device))
-        else:
-            out.append(apply_view(decoded[i], View.from_tensor(views_BV[i])).contiguous())
-    return torch.stack(harmonize(out))

@@ -24,7 +24,7 @@ final evaluation reads `eval.split` (test) once.
   held-out paraphrase prompts too (`zeroshot_para/...`, `zeroshot.PARAPHRASE_*`), reported beside the data set's
   own prompts. The per-sample scores go to eval_scores.npz, which `medvlp runs compare --ci` pairs across runs.
 * several runs (training seeds): `medvlp eval --model-dir A B C --out DIR` -> DIR/eval_seeds.md (`seed_rows`:
-  mean ± sample sd over runs beside the per-run test-resampling CI, `medvlp.finetune.sweep`).
+  mean ± sample sd over runs beside the per-run test-resampling CI, `medvlp.pretrain.sweep`).
 * retrieval: image→text and text→image R@1/5/10 over the eval samples' own reports. A candidate counts as correct
   when its report text is *identical* to the query's (templated corpora repeat reports; distinguishing identical
   strings is impossible), which for unique reports is "same index". Ties are pessimistic (see `recall_at_k`).
@@ -620,7 +620,7 @@ def run_eval_cli(a) -> int:
     PATH: a run folder (final weights or latest COMPLETE checkpoint, or `--step`), a `model.safetensors` with its
     config beside it, or an exported folder (see `pretrain.load_pretrained`). Several PATHs (runs of one recipe
     with different training seeds) are evaluated one by one into OUT/run<i>_<name>/ and summarised in
-    OUT/eval_seeds.md / .csv: per finding the mean ± sample sd over runs (`medvlp.finetune.sweep`) beside the
+    OUT/eval_seeds.md / .csv: per finding the mean ± sample sd over runs (`medvlp.pretrain.sweep`) beside the
     per-run test-resampling CI; `--out` is then required."""
     import sys
 
@@ -651,7 +651,7 @@ def run_eval_cli(a) -> int:
 def seed_rows(results: Sequence[tuple[str, dict[str, float]]]) -> list[dict[str, Any]]:
     """Per finding (then macro): zero-shot AUC mean ± sample sd over the runs, the t-CI of that mean, the range,
     the mean per-run test-resampling 95% CI, and the held-out-prompt and probe AUCs (mean ± sd)."""
-    from medvlp.finetune.sweep import pm, seed_summary
+    from medvlp.pretrain.sweep import pm, seed_summary
 
     ms = [m for _, m in results]
     findings = sorted({k.split("/", 2)[2] for m in ms for k in m if k.startswith("zeroshot/auc/")})
@@ -694,10 +694,10 @@ def spread_line(results: Sequence[tuple[str, dict[str, float]]]) -> str:
 
 def write_seed_table(results: Sequence[tuple[str, dict[str, float]]], out_dir: str | Path) -> str:
     """OUT/eval_seeds.md / .csv (`seed_rows`) with the runs listed and the spread line; returns the Markdown."""
-    from medvlp.finetune.sweep import write_table
+    from medvlp.pretrain.sweep import write_table
 
     md, _ = write_table(seed_rows(results), Path(out_dir) / "eval_seeds")
-    head = ("Across runs (training seeds): mean ± sample sd over runs (`medvlp.finetune.sweep`); the test-resampling "
+    head = ("Across runs (training seeds): mean ± sample sd over runs (`medvlp.pretrain.sweep`); the test-resampling "
             "CI of one run covers test sampling only, not training variance.\n\nruns: "
             + ", ".join(f"`{d}`" for d, _ in results) + "\n\n")
     line = spread_line(results)

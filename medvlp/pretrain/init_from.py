@@ -130,7 +130,7 @@ def spec_from_open_clip(oc: dict, name: str) -> dict:
 
 def read_state(path: Path, what: str) -> dict[str, torch.Tensor]:
     """A weights file read safely (safetensors, or torch.load(weights_only=True)), unwrapped."""
-    from medvlp.pretrain.pretrained import LoadError, read_weights
+    from medvlp.pretrain.weights import LoadError, read_weights
 
     try:
         sd, _ = read_weights(path)
@@ -140,7 +140,7 @@ def read_state(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def _open_clip_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from medvlp.pretrain.export import from_open_clip
+    from medvlp.pretrain.weights import from_open_clip
 
     if any(k.startswith("text.") for k in sd):  # CustomTextCLIP keeps its text tower under "text."
         sd = {k.removeprefix("text."): v for k, v in sd.items()}
