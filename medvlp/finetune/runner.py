@@ -124,12 +124,9 @@ class RunnerConfig:
         spine.check_nonfinite_policy(self.nonfinite_loss, "nonfinite_loss")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        spine.check_optim_values(self.lr, self.weight_decay, self.betas, self.min_lr_ratio, self.grad_clip)
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("mixed_precision: fp16 needs a CUDA GPU; use bf16 (or no) on CPU")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas: expected two numbers, got {self.betas}")
         ds = self.deepspeed
         if ds and not (ds in ("zero0", "zero1", "zero2", "zero3") or ds.endswith(".json")):
             raise ValueError(f"deepspeed: {ds!r} is neither zero0..zero3 nor a .json path")
@@ -359,7 +356,13 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None, overwrite: bool = Fal
     from accelerate.state import AcceleratorState, GradientState
 
     rc = runner_config(cfg)
-    rc.validate()
+    try:
+        rc.validate()
+    except ValueError as e:  # a RunnerConfig made in code: name the key as a recipe would (finetune.lr: ...)
+        from medvlp.pretrain.configtree import ConfigError
+
+        raise ConfigError(f"finetune.{e}") from None
+    spine.warn_long_warmup(rc.warmup_steps, rc.steps, "finetune.warmup_steps", "finetune.steps")
     for name in ("build", "loss", "batches"):
         if not callable(getattr(stage, name, None)):
             raise TypeError(f"{type(stage).__name__}: a Stage needs a `{name}` method")

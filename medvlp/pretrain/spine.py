@@ -350,6 +350,40 @@ def on_nonfinite(policy: str, step: int, bad_in_a_row: int, max_bad: int) -> Non
 
 
 # ----------------------------------------------------------------------------------------------- optimization
+def check_lr(name: str, lr: Any) -> None:
+    """ValueError("name: ...") unless `lr` is a finite number > 0 (a learning rate)."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+        raise ValueError(f"{name}: must be a finite number, got {lr!r}")
+    if not lr > 0:
+        raise ValueError(f"{name}: must be > 0, got {lr}")
+
+
+def check_optim_values(lr: float, weight_decay: float, betas: Iterable[float], min_lr_ratio: float,
+                       grad_clip: float) -> None:
+    """ValueError("field: ...") for an optimizer setting that cannot train: lr not a finite number > 0, weight decay
+    or gradient clip negative or not finite, betas not two numbers in [0, 1), the cosine floor outside [0, 1]. The
+    config tree prefixes the section (`optim.lr: must be > 0, got -1.0`), so the message names the key path."""
+    check_lr("lr", lr)
+    for name, v in (("weight_decay", weight_decay), ("grad_clip", grad_clip)):
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}: must be a finite number >= 0, got {v}")
+    betas = list(betas)
+    if len(betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"betas: must be a pair of numbers in [0, 1), got {betas}")
+    if not 0 <= min_lr_ratio <= 1:  # NaN fails this too
+        raise ValueError(f"min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
+
+
+def warn_long_warmup(warmup_steps: int, steps: int, warmup_key: str, steps_key: str) -> bool:
+    """A warmup longer than the run never reaches the peak lr. Not refused (a 1-step smoke run of a recipe with a
+    warmup is fine, and a resume may lengthen the run), but said in one line naming both keys. True if warned."""
+    if warmup_steps <= steps:
+        return False
+    log.warning("%s=%d is more than %s=%d: the lr rises for the whole run and never reaches its peak (it ends at "
+                "%.0f%% of it)", warmup_key, warmup_steps, steps_key, steps, 100.0 * steps / warmup_steps)
+    return True
+
+
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
     if warmup_steps > 0 and step < warmup_steps:

@@ -479,6 +479,8 @@ class Trainer:
         from medvlp.pretrain.tracking import Tracker
 
         cfg, rank = self.cfg, self.rank
+        if rank == 0:
+            spine.warn_long_warmup(cfg.optim.warmup_steps, cfg.train.steps, "optim.warmup_steps", "train.steps")
         self.prepare_out_dir()
         if cfg.train.resume:
             self.resume()
