@@ -411,7 +411,8 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     out = Path(rc.out_dir)
-    _claim_out_dir(accelerator, out, rc, overwrite, lock)
+    _claim_out_dir(accelerator, out, rc, overwrite, lock,
+                   getattr(cfg, "tracking", None) if tracker is None else None)
     set_seed(rc.seed)
 
     pretrained = load_pretrained_model(rc.checkpoint) if rc.checkpoint else None
@@ -608,16 +609,26 @@ def _any_process(flag: bool, accelerator) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
-def _claim_out_dir(accelerator, out: Path, rc: RunnerConfig, overwrite: bool, lock: spine.RunLock) -> None:
-    """The run folder rules of the spine, decided by the main process for all: take OUT's lock; refuse a folder
-    holding another run unless resuming (an overwrite moves that run aside)."""
-    problem = ""
+def _claim_out_dir(accelerator, out: Path, rc: RunnerConfig, overwrite: bool, lock: spine.RunLock,
+                   tracking: Any = None) -> None:
+    """The run folder rules of the spine, decided by the main process for all: refuse an MLflow store that cannot
+    be written (`tracking`: the config's section when the runner makes the tracker; before anything is written);
+    take OUT's lock; refuse a folder holding another run unless resuming (an overwrite moves that run aside)."""
+    from medvlp.pretrain.tracking import TrackingStoreError, check_store
+
+    problem, store = "", ""
     if accelerator.is_main_process:
         try:
+            if tracking is not None:
+                check_store(tracking)
             lock.acquire()
             spine.refuse_if_taken(out, rc.resume, overwrite, "finetune.out_dir")
+        except TrackingStoreError as e:
+            store = str(e)
         except RunDirError as e:
             problem = str(e)
+    if _any_process(bool(store), accelerator):
+        raise TrackingStoreError(store or "the MLflow store cannot be written (see the main process)")
     if _any_process(bool(problem), accelerator):
         raise RunDirError(problem or f"finetune.out_dir {out}: refused by the main process (see its error)")
     if accelerator.is_main_process:

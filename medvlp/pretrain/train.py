@@ -204,9 +204,13 @@ run_files = spine.run_files
 
 def check_out_dir(cfg: Any, overwrite: bool = False, found: list[str] | None = None) -> None:
     """RunDirError unless `cfg.train.out_dir` is free for this run: empty of run files, or resuming, or overwriting.
-    Also refused: a folder another live run holds (its lock). Cheap (no process group): the CLI calls it before
-    building anything; `Trainer.fit` checks again on every rank."""
+    Also refused: a folder another live run holds (its lock), and (rank 0) an MLflow store that cannot be written
+    (`tracking.TrackingStoreError`). Cheap (no process group): the CLI calls it before building anything;
+    `Trainer.fit` checks again on every rank."""
+    from medvlp.pretrain.tracking import check_store
+
     out = Path(cfg.train.out_dir)
+    check_store(cfg.tracking, int(os.environ.get("RANK", "0") or 0))
     spine.refuse_if_taken(out, cfg.train.resume, overwrite, "train.out_dir", found)
     holder = spine.RunLock.holder(out) if int(os.environ.get("RANK", "0") or 0) == 0 else None  # rank 0 locks
     if holder is not None:
@@ -391,7 +395,18 @@ class Trainer:
         resume = cfg.train.resume
         if resume and self.overwrite:
             raise RunDirError("train.resume and overwrite: choose one (continue the run, or replace it)")
-        busy = ""
+        busy = store = ""
+        if self.rank == 0:  # before anything is written: a refused run leaves the folder as it was
+            from medvlp.pretrain.tracking import TrackingStoreError, check_store
+
+            try:
+                check_store(cfg.tracking)
+            except TrackingStoreError as e:
+                store = str(e)
+        if _any_rank(bool(store), self.device):
+            from medvlp.pretrain.tracking import TrackingStoreError
+
+            raise TrackingStoreError(store or "the MLflow store cannot be written (see rank 0)")
         if self.rank == 0:
             self._lock = spine.RunLock(out)
             try:
