@@ -62,6 +62,7 @@ from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
+from medvlp.data_shards.guard import DataStreamError
 from medvlp.pretrain import spine
 from medvlp.pretrain.configtree import to_dict
 from medvlp.pretrain.spine import (CKPT_DIR, COMPLETE, NonFiniteLossError, RunDirError,  # noqa: F401 - re-exported
@@ -467,7 +468,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
     evals: list[tuple[int, dict]] = []
     last_ckpt = str(complete_checkpoints(out)[-1]) if main and complete_checkpoints(out) else ""
     window: list[dict] = []
-    status, stopped, by_signal, bad_in_a_row = "FAILED", False, False, 0
+    status, stopped, by_signal, bad_in_a_row, reason = "FAILED", False, False, 0, ""
     pbar = tqdm(total=rc.steps, initial=state.step, disable=not (rc.progress and main), desc="finetune",
                 dynamic_ncols=True)
     guard = spine.StopFlag().__enter__()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
@@ -475,8 +476,20 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
         set_train_mode(model, rc.frozen_eval)
         while state.step < rc.steps:
             step_metrics, bad, micro_start = [], False, getattr(accelerator, "step", 0)
-            for _ in range(rc.grad_accum):
-                batch = to_device(batches.next(), accelerator.device)
+            pos = (state.epoch, state.consumed)  # where this step's data starts (a failed step goes back here)
+            rng = spine.rng_snapshot() if rc.grad_accum > 1 else None
+            for i in range(rc.grad_accum):
+                try:
+                    raw = batches.next()
+                except DataStreamError:  # abandon the step: no gradient, draw or batch of it is kept
+                    model.zero_grad(set_to_none=True)
+                    if hasattr(accelerator, "step"):
+                        accelerator.step = micro_start
+                    (state.epoch, state.consumed), batches._it = pos, None
+                    if rng is not None and i > 0:
+                        spine.rng_restore(rng)
+                    raise
+                batch = to_device(raw, accelerator.device)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss, metrics = stage.loss(model, batch)
@@ -541,12 +554,24 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
 
             save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(weights))
         status = "KILLED" if by_signal else "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+        reason = spine.interruption_reason(None, guard.signum) if by_signal else ""
+    except DataStreamError as e:  # a remote outage past data.remote_outage_s, too many bad shards, ...
+        status, reason = "KILLED", spine.interruption_reason(e)
+        if world == 1 and state.step > 0 and spine.step_of(last_ckpt or "-") != state.step:
+            # the last completed step, so that nothing trained is lost (several processes may be inside a
+            # collective of the abandoned step: no safe checkpoint there)
+            last_ckpt = _save(accelerator, out, state.step, rc.keep_ckpts, run_uid) or last_ckpt
+        raise spine.with_checkpoint_note(e, state.step, last_ckpt if state.step else None,
+                                         "finetune.resume") from None
+    except (KeyboardInterrupt, NonFiniteLossError) as e:
+        status = "FAILED" if isinstance(e, NonFiniteLossError) else "KILLED"
+        reason = spine.interruption_reason(e)
         raise
     finally:
         guard.__exit__()
         pbar.close()
+        if reason and main and tracker is not None:
+            _report_interrupted(tracker, reason, state.step, last_ckpt, window, scheduler)
         if own_tracker and tracker is not None:
             tracker.end(status)
     result = FinetuneResult(out_dir=str(out), steps_done=state.step, trainable=trainable, n_trainable=n_train,
@@ -557,6 +582,20 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
     accelerator.wait_for_everyone()
     return result
+
+
+def _report_interrupted(tracker, reason: str, step: int, last_ckpt: str, window: list[dict], scheduler) -> None:
+    """An interrupted fine-tune run's MLflow record: the metrics of the steps since the last log (the curves end
+    where training did) and the tags of `spine.mark_interrupted` (the reason, the step reached, the checkpoint a
+    resume continues from; fine-tuning logs no MLflow model, so the checkpoint is referenced). Never raises."""
+    try:
+        if window:
+            logged = {f"train/{k}": v for k, v in _mean_metrics(window).items()}
+            logged["train/lr"] = scheduler.get_last_lr()[0]
+            tracker.log_metrics(logged, step=step)
+        spine.mark_interrupted(tracker, reason, step, last_ckpt or None)
+    except Exception as e:  # noqa: BLE001 - the interruption is what must be reported
+        log.warning("MLflow: the interrupted run was not fully recorded (%s: %s)", type(e).__name__, e)
 
 
 def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, tracker, step: int) -> dict:

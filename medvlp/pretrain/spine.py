@@ -333,6 +333,86 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+# ----------------------------------------------------------------------------------------------- interruptions
+INTERRUPTED_TAG = "medvlp.interrupted"
+
+
+def interruption_reason(e: BaseException | None, signum: int = 0) -> str:
+    """The value of the run's `medvlp.interrupted` tag: signal_15, remote_outage, data_stream, nonfinite_loss,
+    keyboard_interrupt, or the exception's type name."""
+    from medvlp.data_shards.guard import DataStreamError
+    from medvlp.data_shards.remote import RemoteOutage
+
+    if e is None or isinstance(e, (TrainingInterrupted, DataWaitInterrupt)):
+        return f"signal_{int(getattr(e, 'signum', 0) or signum or 0)}"
+    if isinstance(e, RemoteOutage):
+        return "remote_outage"
+    if isinstance(e, DataStreamError):
+        return "data_stream"
+    if isinstance(e, NonFiniteLossError):
+        return "nonfinite_loss"
+    if isinstance(e, KeyboardInterrupt):
+        return "keyboard_interrupt"
+    return type(e).__name__
+
+
+def mark_interrupted(tracker: Any, reason: str, step: int, checkpoint: str | os.PathLike | None,
+                     model_uri: str = "") -> None:
+    """Say on the MLflow run that it was interrupted: tags `medvlp.interrupted` (the reason), `medvlp.step_reached`,
+    `medvlp.last_checkpoint` (the folder a `--resume` continues from; "" when none was written) and
+    `medvlp.model` (the model logged from that checkpoint, when one was). The caller ends the run (KILLED, or
+    FAILED for a non-finite loss). Never raises: the interruption being reported matters more."""
+    if tracker is None:
+        return
+    tags = {INTERRUPTED_TAG: reason, "medvlp.step_reached": int(step),
+            "medvlp.last_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else ""}
+    if model_uri:
+        tags["medvlp.model"] = model_uri
+    try:
+        tracker.set_tags(tags)
+    except Exception as e:  # noqa: BLE001
+        log.warning("MLflow: could not tag the interrupted run (%s)", e)
+
+
+def with_checkpoint_note(e: Exception, step: int, checkpoint: str | os.PathLike | None, key: str) -> Exception:
+    """`e` (same type) with what a resume continues from appended to its one line."""
+    if checkpoint:
+        note = f"; checkpoint of step {step} written to {checkpoint}: rerun with --resume ({key}) to continue"
+    else:
+        note = "; no step was completed, so there is no checkpoint to resume from"
+    try:
+        out = type(e)(f"{e}{note}")
+    except Exception:  # noqa: BLE001 - an exception type with another constructor: keep it as it is
+        return e
+    return out
+
+
+def rng_snapshot() -> dict:
+    """The global RNG states (python, numpy, torch, CUDA): what a step draws from."""
+    import random
+
+    import numpy as np
+    import torch
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def rng_restore(st: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st:
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 # ----------------------------------------------------------------------------------------------- non-finite loss
 def check_nonfinite_policy(policy: str, key: str) -> None:
     if policy not in NONFINITE:

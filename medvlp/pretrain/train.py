@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,8 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-import numpy as np
-
+from medvlp.data_shards.guard import DataStreamError
 from medvlp.pretrain import engine as eng
 from medvlp.pretrain import spine
 from medvlp.pretrain.configtree import build, dump_yaml, flatten, to_dict
@@ -145,19 +143,8 @@ def peak_flops(device: torch.device) -> float:
     return next((v for k, v in table.items() if k in name), 0.0)
 
 
-def _rng_snapshot() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _rng_restore(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st:
-        torch.cuda.set_rng_state_all(st["cuda"])
+_rng_snapshot = spine.rng_snapshot  # the global RNG states (the spine's)
+_rng_restore = spine.rng_restore
 
 
 def _fmt_value(v: Any) -> str:
@@ -275,6 +262,7 @@ class Trainer:
         self.batches = batches
         self._position = {"epoch": 0, "step": 0}  # where the shard stream starts (restored on resume)
         self._bad = 0
+        self._logged_step = 0  # the last step whose metrics went to MLflow
         self._stop: _StopFlag | None = None
         self._lock: spine.RunLock | None = None
         self.run_uid: str | None = None  # this run's identity (rank 0; its checkpoints' COMPLETE markers carry it)
@@ -306,14 +294,18 @@ class Trainer:
         losses, micro_start = [], engine.micro_steps
         src = self._batch_source()
         start_pos = src.position() if hasattr(src, "position") else None
+        # a step abandoned half-way (signal, data failure) must leave no trace: its micro batches' draws included
+        rng = _rng_snapshot() if cfg.train.grad_accum > 1 else None
         loss_on = lambda *o: self.loss_fn(*o, rank=self.rank, world_size=world)  # noqa: E731
-        for _ in range(cfg.train.grad_accum):
+        for i in range(cfg.train.grad_accum):
             try:
                 batch = _to(self._next_batch(), device)
-            except _DataWaitInterrupt:
+            except (_DataWaitInterrupt, DataStreamError):
                 _discard_partial_step(engine, micro_start)
                 if start_pos is not None:
                     src.rewind(start_pos)
+                if rng is not None and i > 0:
+                    _rng_restore(rng)
                 raise
             img, tok = _image_of(batch), batch["tokens"]
             if engine.bfloat16_enabled():  # bf16 weights (GPU): feed bf16 pixels
@@ -515,11 +507,11 @@ class Trainer:
                                         "derived.zero_stage": self.ds_config["zero_optimization"]["stage"]})
                 try:
                     self._loop(result, tracker, stop, global_batch, flops_per_sample, peak, tqdm)
-                except NonFiniteLossError:
-                    tracker.end("FAILED")
-                    raise
-                except TrainingInterrupted:
-                    tracker.end("KILLED")
+                except (KeyboardInterrupt, NonFiniteLossError, DataStreamError) as e:
+                    # TrainingInterrupted (a KeyboardInterrupt), a data stream that failed (a remote outage), a
+                    # non-finite loss: the run says so, with its curves and its last checkpoint's model
+                    self._end_interrupted(tracker, result, spine.interruption_reason(e),
+                                          "FAILED" if isinstance(e, NonFiniteLossError) else "KILLED")
                     raise
                 result.steps_done = self.step
                 if not result.stopped_early:
@@ -532,10 +524,37 @@ class Trainer:
 
                         result.model_uri = log_model_artifact(self.out_dir, tracker=tracker)
                 elif result.stopped_by_signal:
-                    tracker.end("KILLED")
+                    self._end_interrupted(tracker, result, spine.interruption_reason(None, stop.signum), "KILLED")
         finally:
             self._stop = None
         return result
+
+    def _end_interrupted(self, tracker, result: TrainResult, reason: str, status: str) -> None:
+        """End the MLflow run of an interrupted training (rank 0): the last losses not yet logged, the loss curve,
+        the model of the last complete checkpoint (when `tracking.log_model`), the tags of
+        `spine.mark_interrupted`, then status KILLED (FAILED for a non-finite loss). Nothing here may hide the
+        interruption itself: a failure is a warning."""
+        result.steps_done = self.step
+        if self.rank != 0 or tracker is None or not getattr(tracker, "active", False):
+            return
+        try:
+            own = spine.own_checkpoints(self.out_dir, self.run_uid or spine.read_run_uid(self.out_dir))
+            latest = own[-1] if own else None
+            if self.losses and self.losses[-1][0] > self._logged_step:
+                step, loss = self.losses[-1]
+                tracker.log_metrics({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step)
+            _log_curves(tracker, result, self.out_dir, self.rank)
+            uri = ""
+            if latest is not None and self.cfg.tracking.log_model:
+                from medvlp.pretrain.export import log_model_artifact
+
+                uri = log_model_artifact(self.out_dir, step=spine.step_of(latest), tracker=tracker)
+                result.model_uri = uri
+            spine.mark_interrupted(tracker, reason, self.step, latest, uri)
+        except Exception as e:  # noqa: BLE001 - the interruption is what must be reported
+            log.warning("MLflow: the interrupted run's curves/model were not all logged (%s: %s)",
+                        type(e).__name__, e)
+        tracker.end(status)
 
     def _loop(self, result, tracker, stop, global_batch, flops_per_sample, peak, tqdm) -> None:
         cfg, rank = self.cfg, self.rank
@@ -553,6 +572,12 @@ class Trainer:
                         raise TrainingInterrupted(stop.signum, "while waiting for data on one of several ranks")
                     self._checkpoint_and_stop(result, by_signal=True)
                     break
+                except DataStreamError as e:  # a remote outage past data.remote_outage_s, too many bad shards...
+                    if self.world > 1:  # the other ranks wait in this step's collectives: no safe checkpoint
+                        raise
+                    self._checkpoint_and_stop(result, by_signal=False)
+                    latest = spine.latest_complete(self.out_dir) if self.step else None
+                    raise spine.with_checkpoint_note(e, self.step, latest, "train.resume") from None
                 if not math.isfinite(loss_val):
                     continue
                 stop.armed = True
@@ -574,6 +599,7 @@ class Trainer:
                     if peak > 0 and flops_per_sample > 0:
                         m["train/mfu"] = flops_per_sample * sps / peak
                     tracker.log_metrics(m, step)
+                    self._logged_step = step
                     t_last, n_last = time.perf_counter(), 0
                 self.run_id = result.run_id = getattr(tracker, "run_id", None)
                 want_ckpt = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == cfg.train.steps
