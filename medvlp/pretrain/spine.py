@@ -24,6 +24,13 @@ The rules, the same in both loops:
   a lock left by a process that no longer exists (same host) is taken over.
 * `StopFlag`: SIGTERM/SIGINT finish the current step, write a checkpoint and end the run cleanly (exit status 0 from
   the CLI); before the first step, or on a second signal, `TrainingInterrupted` ends it at once.
+* A data stream that fails mid-run (`DataStreamError`, e.g. a remote outage): the half-done step is dropped and, with
+  one process, the last completed step is checkpointed; the error's line names that checkpoint
+  (`with_checkpoint_note`).
+* An interrupted run says so on its MLflow run (`mark_interrupted`: tags `medvlp.interrupted` = `interruption_reason`,
+  `medvlp.step_reached`, `medvlp.last_checkpoint`, `medvlp.model`), ended KILLED (FAILED for a non-finite loss).
+* Learning-rate settings are checked once for both loops (`check_optim_values`, `check_lr`); a warmup longer than
+  the run is said in one line (`warn_long_warmup`).
 * Non-finite loss (`NONFINITE`): "skip" drops the step (no update) and stops after `max_bad_steps` in a row;
   "raise" stops at the first one. Both raise `NonFiniteLossError`.
 * One schedule (`lr_multiplier`: linear warmup, then cosine to a floor) and one AdamW builder (`build_adamw`: weight

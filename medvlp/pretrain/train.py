@@ -11,6 +11,13 @@ shared with fine-tuning:
   * NaN/inf loss on any rank (`train.nonfinite_loss: skip`, the default): every rank skips the step (no backward,
     no update) with a warning; after `train.max_bad_steps` in a row the run stops with an error (after logging what
     it has). `raise` stops at the first one.
+  * A data stream that fails (`DataStreamError`: the shard server unreachable past `data.remote_outage_s`, too many
+    bad shards): the half-done step is dropped (gradients, batch position, RNG draws) and, with one process, a
+    checkpoint of the last completed step is written before the error (which names it) ends the run.
+  * Any interruption (signal, data failure, non-finite loss) ends the MLflow run KILLED (FAILED for a non-finite
+    loss) with the metrics so far, the loss curve, the last checkpoint's model (`tracking.log_model`) and the tags
+    of `spine.mark_interrupted` (`medvlp.interrupted`, `medvlp.step_reached`, `medvlp.last_checkpoint`).
+  * An MLflow store that cannot be written is refused before the run folder is touched (`check_out_dir`).
   * SIGTERM/SIGINT: finish the current step, write a checkpoint, exit cleanly (status "KILLED" in MLflow). A signal
     while waiting for data ends the step there (its partial gradients dropped) and checkpoints the last full step
     (one process) or exits at once (several ranks). A signal before the first step, or a second signal, exits at
