@@ -34,7 +34,11 @@ The run folder and the guards are the run spine's (`medvlp.pretrain.spine`), sha
 holding another run is refused unless resuming (`run_stage(..., overwrite=True)` moves it to OUT/replaced/<stamp>/);
 the folder is locked while the run trains; SIGTERM/SIGINT after the first step finish the step, write a checkpoint
 and stop (`FinetuneResult.stopped_by_signal`; the CLI exits 0); a NaN/inf loss raises (`finetune.nonfinite_loss:
-raise`, the default) or skips the step (`skip`, after `max_bad_steps` in a row it raises).
+raise`, the default) or skips the step (`skip`, after `max_bad_steps` in a row it raises); a data stream that fails
+(a remote outage past `data.remote_outage_s`) drops the half-done step and, with one process, checkpoints the last
+completed one before the error (naming it) ends the run; an interrupted run's MLflow record gets the metrics of its
+last steps and the spine's interruption tags (`spine.mark_interrupted`); an MLflow store that cannot be written is
+refused before the run folder is touched.
 6. At the end: `OUT/model.safetensors` (the trained module's state dict), `OUT/config.yaml` (the resolved config),
    `OUT/result.json`; `run_stage` returns a `FinetuneResult`.
 
