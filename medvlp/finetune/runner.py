@@ -460,6 +460,8 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
 
         tracker = Tracker(cfg.tracking, rank, flatten(config_dict(cfg)), resume_run_id=state.run_id or None)
         tracker.start()
+        if resumed_from and main:
+            spine.clear_interrupted(tracker)
     run_id = getattr(tracker, "run_id", None) if tracker is not None else None
     state.run_id = run_id or state.run_id
     run_uid = None

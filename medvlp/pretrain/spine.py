@@ -381,6 +381,22 @@ def mark_interrupted(tracker: Any, reason: str, step: int, checkpoint: str | os.
         log.warning("MLflow: could not tag the interrupted run (%s)", e)
 
 
+def clear_interrupted(tracker: Any) -> None:
+    """A resumed run is no longer interrupted: its `medvlp.interrupted` tag becomes `medvlp.resumed_after` ("<reason>
+    at step <n>"), so a run that then finishes does not read as interrupted. Never raises."""
+    client, run_id = getattr(tracker, "client", None), getattr(tracker, "run_id", None)
+    if client is None or not run_id:
+        return
+    try:
+        tags = client.get_run(run_id).data.tags
+        if INTERRUPTED_TAG in tags:
+            tracker.set_tags({"medvlp.resumed_after": f"{tags[INTERRUPTED_TAG]} at step "
+                                                      f"{tags.get('medvlp.step_reached', '?')}"})
+            client.delete_tag(run_id, INTERRUPTED_TAG)
+    except Exception as e:  # noqa: BLE001
+        log.warning("MLflow: could not clear the interrupted tag of the resumed run (%s)", e)
+
+
 def with_checkpoint_note(e: Exception, step: int, checkpoint: str | os.PathLike | None, key: str) -> Exception:
     """`e` (same type) with what a resume continues from appended to its one line."""
     if checkpoint:

@@ -509,6 +509,8 @@ class Trainer:
         try:
             with tracker, stop:
                 self.run_id = result.run_id = getattr(tracker, "run_id", None)
+                if rank == 0 and start_step:
+                    spine.clear_interrupted(tracker)
                 if rank == 0 and not start_step:
                     tracker.log_params({"derived.world_size": self.world, "derived.global_batch": global_batch,
                                         "derived.zero_stage": self.ds_config["zero_optimization"]["stage"]})

@@ -363,7 +363,10 @@ def test_a_remote_outage_checkpoints_the_last_step_and_the_resume_continues_exac
     assert run.info.status == "KILLED"
     assert run.data.tags["medvlp.interrupted"] == "remote_outage" and run.data.tags["medvlp.step_reached"] == "2"
     assert run.data.tags["medvlp.last_checkpoint"] == str((out / "checkpoints" / "step_00000002").resolve())
-    rest = _run(loop, out, cxr_shards, init_weights, steps=4, accum=2, ckpt_every=0, resume=True)
+    rest = _run(loop, out, cxr_shards, init_weights, steps=4, accum=2, ckpt_every=0, resume=True, track=True)
+    run = client.get_run(run.info.run_id)  # the resume continued the same MLflow run, no longer interrupted
+    assert run.info.status == "FINISHED" and "medvlp.interrupted" not in run.data.tags
+    assert run.data.tags["medvlp.resumed_after"] == "remote_outage at step 2"
     assert [s for s, _ in rest["losses"]][-2:] == [3, 4]
     assert [v for _, v in rest["losses"]][-2:] == [v for _, v in full["losses"]][-2:]
     a, b = load_file(str(full["weights"])), load_file(str(rest["weights"]))
