@@ -504,7 +504,9 @@ class StreamLoader:
             self._account(item)
             slot = item.pop("_slot")
             if "_fault" in item:
-                raise (StreamStopped if item["_fault"] == "StreamStopped" else DataStreamError)(item["_message"])
+                kind = {"StreamStopped": StreamStopped, "RemoteOutage": remote.RemoteOutage}.get(item["_fault"],
+                                                                                                  DataStreamError)
+                raise kind(item["_message"])  # the same type the worker saw (a remote outage stays one)
             if item.pop(_END, False):
                 ended[slot] = True
             else:

@@ -34,7 +34,11 @@ The run folder and the guards are the run spine's (`medvlp.pretrain.spine`), sha
 holding another run is refused unless resuming (`run_stage(..., overwrite=True)` moves it to OUT/replaced/<stamp>/);
 the folder is locked while the run trains; SIGTERM/SIGINT after the first step finish the step, write a checkpoint
 and stop (`FinetuneResult.stopped_by_signal`; the CLI exits 0); a NaN/inf loss raises (`finetune.nonfinite_loss:
-raise`, the default) or skips the step (`skip`, after `max_bad_steps` in a row it raises).
+raise`, the default) or skips the step (`skip`, after `max_bad_steps` in a row it raises); a data stream that fails
+(a remote outage past `data.remote_outage_s`) drops the half-done step and, with one process, checkpoints the last
+completed one before the error (naming it) ends the run; an interrupted run's MLflow record gets the metrics of its
+last steps and the spine's interruption tags (`spine.mark_interrupted`); an MLflow store that cannot be written is
+refused before the run folder is touched.
 6. At the end: `OUT/model.safetensors` (the trained module's state dict), `OUT/config.yaml` (the resolved config),
    `OUT/result.json`; `run_stage` returns a `FinetuneResult`.
 
@@ -62,6 +66,7 @@ from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
+from medvlp.data_shards.guard import DataStreamError
 from medvlp.pretrain import spine
 from medvlp.pretrain.configtree import to_dict
 from medvlp.pretrain.spine import (CKPT_DIR, COMPLETE, NonFiniteLossError, RunDirError,  # noqa: F401 - re-exported
@@ -124,12 +129,9 @@ class RunnerConfig:
         spine.check_nonfinite_policy(self.nonfinite_loss, "nonfinite_loss")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        spine.check_optim_values(self.lr, self.weight_decay, self.betas, self.min_lr_ratio, self.grad_clip)
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("mixed_precision: fp16 needs a CUDA GPU; use bf16 (or no) on CPU")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas: expected two numbers, got {self.betas}")
         ds = self.deepspeed
         if ds and not (ds in ("zero0", "zero1", "zero2", "zero3") or ds.endswith(".json")):
             raise ValueError(f"deepspeed: {ds!r} is neither zero0..zero3 nor a .json path")
@@ -359,7 +361,13 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None, overwrite: bool = Fal
     from accelerate.state import AcceleratorState, GradientState
 
     rc = runner_config(cfg)
-    rc.validate()
+    try:
+        rc.validate()
+    except ValueError as e:  # a RunnerConfig made in code: name the key as a recipe would (finetune.lr: ...)
+        from medvlp.pretrain.configtree import ConfigError
+
+        raise ConfigError(f"finetune.{e}") from None
+    spine.warn_long_warmup(rc.warmup_steps, rc.steps, "finetune.warmup_steps", "finetune.steps")
     for name in ("build", "loss", "batches"):
         if not callable(getattr(stage, name, None)):
             raise TypeError(f"{type(stage).__name__}: a Stage needs a `{name}` method")
@@ -408,7 +416,8 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     out = Path(rc.out_dir)
-    _claim_out_dir(accelerator, out, rc, overwrite, lock)
+    _claim_out_dir(accelerator, out, rc, overwrite, lock,
+                   getattr(cfg, "tracking", None) if tracker is None else None)
     set_seed(rc.seed)
 
     pretrained = load_pretrained_model(rc.checkpoint) if rc.checkpoint else None
@@ -451,6 +460,8 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
 
         tracker = Tracker(cfg.tracking, rank, flatten(config_dict(cfg)), resume_run_id=state.run_id or None)
         tracker.start()
+        if resumed_from and main:
+            spine.clear_interrupted(tracker)
     run_id = getattr(tracker, "run_id", None) if tracker is not None else None
     state.run_id = run_id or state.run_id
     run_uid = None
@@ -463,7 +474,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
     evals: list[tuple[int, dict]] = []
     last_ckpt = str(complete_checkpoints(out)[-1]) if main and complete_checkpoints(out) else ""
     window: list[dict] = []
-    status, stopped, by_signal, bad_in_a_row = "FAILED", False, False, 0
+    status, stopped, by_signal, bad_in_a_row, reason = "FAILED", False, False, 0, ""
     pbar = tqdm(total=rc.steps, initial=state.step, disable=not (rc.progress and main), desc="finetune",
                 dynamic_ncols=True)
     guard = spine.StopFlag().__enter__()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
@@ -471,8 +482,20 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
         set_train_mode(model, rc.frozen_eval)
         while state.step < rc.steps:
             step_metrics, bad, micro_start = [], False, getattr(accelerator, "step", 0)
-            for _ in range(rc.grad_accum):
-                batch = to_device(batches.next(), accelerator.device)
+            pos = (state.epoch, state.consumed)  # where this step's data starts (a failed step goes back here)
+            rng = spine.rng_snapshot() if rc.grad_accum > 1 else None
+            for i in range(rc.grad_accum):
+                try:
+                    raw = batches.next()
+                except DataStreamError:  # abandon the step: no gradient, draw or batch of it is kept
+                    model.zero_grad(set_to_none=True)
+                    if hasattr(accelerator, "step"):
+                        accelerator.step = micro_start
+                    (state.epoch, state.consumed), batches._it = pos, None
+                    if rng is not None and i > 0:
+                        spine.rng_restore(rng)
+                    raise
+                batch = to_device(raw, accelerator.device)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss, metrics = stage.loss(model, batch)
@@ -537,12 +560,24 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
 
             save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(weights))
         status = "KILLED" if by_signal else "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+        reason = spine.interruption_reason(None, guard.signum) if by_signal else ""
+    except DataStreamError as e:  # a remote outage past data.remote_outage_s, too many bad shards, ...
+        status, reason = "KILLED", spine.interruption_reason(e)
+        if world == 1 and state.step > 0 and spine.step_of(last_ckpt or "-") != state.step:
+            # the last completed step, so that nothing trained is lost (several processes may be inside a
+            # collective of the abandoned step: no safe checkpoint there)
+            last_ckpt = _save(accelerator, out, state.step, rc.keep_ckpts, run_uid) or last_ckpt
+        raise spine.with_checkpoint_note(e, state.step, last_ckpt if state.step else None,
+                                         "finetune.resume") from None
+    except (KeyboardInterrupt, NonFiniteLossError) as e:
+        status = "FAILED" if isinstance(e, NonFiniteLossError) else "KILLED"
+        reason = spine.interruption_reason(e)
         raise
     finally:
         guard.__exit__()
         pbar.close()
+        if reason and main and tracker is not None:
+            _report_interrupted(tracker, reason, state.step, last_ckpt, window, scheduler)
         if own_tracker and tracker is not None:
             tracker.end(status)
     result = FinetuneResult(out_dir=str(out), steps_done=state.step, trainable=trainable, n_trainable=n_train,
@@ -553,6 +588,20 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
     accelerator.wait_for_everyone()
     return result
+
+
+def _report_interrupted(tracker, reason: str, step: int, last_ckpt: str, window: list[dict], scheduler) -> None:
+    """An interrupted fine-tune run's MLflow record: the metrics of the steps since the last log (the curves end
+    where training did) and the tags of `spine.mark_interrupted` (the reason, the step reached, the checkpoint a
+    resume continues from; fine-tuning logs no MLflow model, so the checkpoint is referenced). Never raises."""
+    try:
+        if window:
+            logged = {f"train/{k}": v for k, v in _mean_metrics(window).items()}
+            logged["train/lr"] = scheduler.get_last_lr()[0]
+            tracker.log_metrics(logged, step=step)
+        spine.mark_interrupted(tracker, reason, step, last_ckpt or None)
+    except Exception as e:  # noqa: BLE001 - the interruption is what must be reported
+        log.warning("MLflow: the interrupted run was not fully recorded (%s: %s)", type(e).__name__, e)
 
 
 def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, tracker, step: int) -> dict:
@@ -605,16 +654,26 @@ def _any_process(flag: bool, accelerator) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
-def _claim_out_dir(accelerator, out: Path, rc: RunnerConfig, overwrite: bool, lock: spine.RunLock) -> None:
-    """The run folder rules of the spine, decided by the main process for all: take OUT's lock; refuse a folder
-    holding another run unless resuming (an overwrite moves that run aside)."""
-    problem = ""
+def _claim_out_dir(accelerator, out: Path, rc: RunnerConfig, overwrite: bool, lock: spine.RunLock,
+                   tracking: Any = None) -> None:
+    """The run folder rules of the spine, decided by the main process for all: refuse an MLflow store that cannot
+    be written (`tracking`: the config's section when the runner makes the tracker; before anything is written);
+    take OUT's lock; refuse a folder holding another run unless resuming (an overwrite moves that run aside)."""
+    from medvlp.pretrain.tracking import TrackingStoreError, check_store
+
+    problem, store = "", ""
     if accelerator.is_main_process:
         try:
+            if tracking is not None:
+                check_store(tracking)
             lock.acquire()
             spine.refuse_if_taken(out, rc.resume, overwrite, "finetune.out_dir")
+        except TrackingStoreError as e:
+            store = str(e)
         except RunDirError as e:
             problem = str(e)
+    if _any_process(bool(store), accelerator):
+        raise TrackingStoreError(store or "the MLflow store cannot be written (see the main process)")
     if _any_process(bool(problem), accelerator):
         raise RunDirError(problem or f"finetune.out_dir {out}: refused by the main process (see its error)")
     if accelerator.is_main_process:

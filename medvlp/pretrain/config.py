@@ -96,16 +96,11 @@ class OptimConfig:
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
 
     def validate(self) -> None:
-        _finite("lr", self.lr, positive=True)
-        _finite("weight_decay", self.weight_decay, nonneg=True)
-        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas: must be a pair of numbers in [0, 1), got {self.betas}")
+        from medvlp.pretrain.spine import check_optim_values
+
+        check_optim_values(self.lr, self.weight_decay, self.betas, self.min_lr_ratio, self.grad_clip)
         _finite("eps", self.eps, positive=True)
         _at_least("warmup_steps", self.warmup_steps, 0)
-        _finite("min_lr_ratio", self.min_lr_ratio, nonneg=True)
-        if self.min_lr_ratio > 1:
-            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        _finite("grad_clip", self.grad_clip, nonneg=True)
 
 
 @dataclass

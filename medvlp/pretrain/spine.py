@@ -24,6 +24,13 @@ The rules, the same in both loops:
   a lock left by a process that no longer exists (same host) is taken over.
 * `StopFlag`: SIGTERM/SIGINT finish the current step, write a checkpoint and end the run cleanly (exit status 0 from
   the CLI); before the first step, or on a second signal, `TrainingInterrupted` ends it at once.
+* A data stream that fails mid-run (`DataStreamError`, e.g. a remote outage): the half-done step is dropped and, with
+  one process, the last completed step is checkpointed; the error's line names that checkpoint
+  (`with_checkpoint_note`).
+* An interrupted run says so on its MLflow run (`mark_interrupted`: tags `medvlp.interrupted` = `interruption_reason`,
+  `medvlp.step_reached`, `medvlp.last_checkpoint`, `medvlp.model`), ended KILLED (FAILED for a non-finite loss).
+* Learning-rate settings are checked once for both loops (`check_optim_values`, `check_lr`); a warmup longer than
+  the run is said in one line (`warn_long_warmup`).
 * Non-finite loss (`NONFINITE`): "skip" drops the step (no update) and stops after `max_bad_steps` in a row;
   "raise" stops at the first one. Both raise `NonFiniteLossError`.
 * One schedule (`lr_multiplier`: linear warmup, then cosine to a floor) and one AdamW builder (`build_adamw`: weight
@@ -333,6 +340,102 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+# ----------------------------------------------------------------------------------------------- interruptions
+INTERRUPTED_TAG = "medvlp.interrupted"
+
+
+def interruption_reason(e: BaseException | None, signum: int = 0) -> str:
+    """The value of the run's `medvlp.interrupted` tag: signal_15, remote_outage, data_stream, nonfinite_loss,
+    keyboard_interrupt, or the exception's type name."""
+    from medvlp.data_shards.guard import DataStreamError
+    from medvlp.data_shards.remote import RemoteOutage
+
+    if e is None or isinstance(e, (TrainingInterrupted, DataWaitInterrupt)):
+        return f"signal_{int(getattr(e, 'signum', 0) or signum or 0)}"
+    if isinstance(e, RemoteOutage):
+        return "remote_outage"
+    if isinstance(e, DataStreamError):
+        return "data_stream"
+    if isinstance(e, NonFiniteLossError):
+        return "nonfinite_loss"
+    if isinstance(e, KeyboardInterrupt):
+        return "keyboard_interrupt"
+    return type(e).__name__
+
+
+def mark_interrupted(tracker: Any, reason: str, step: int, checkpoint: str | os.PathLike | None,
+                     model_uri: str = "") -> None:
+    """Say on the MLflow run that it was interrupted: tags `medvlp.interrupted` (the reason), `medvlp.step_reached`,
+    `medvlp.last_checkpoint` (the folder a `--resume` continues from; "" when none was written) and
+    `medvlp.model` (the model logged from that checkpoint, when one was). The caller ends the run (KILLED, or
+    FAILED for a non-finite loss). Never raises: the interruption being reported matters more."""
+    if tracker is None:
+        return
+    tags = {INTERRUPTED_TAG: reason, "medvlp.step_reached": int(step),
+            "medvlp.last_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else ""}
+    if model_uri:
+        tags["medvlp.model"] = model_uri
+    try:
+        tracker.set_tags(tags)
+    except Exception as e:  # noqa: BLE001
+        log.warning("MLflow: could not tag the interrupted run (%s)", e)
+
+
+def clear_interrupted(tracker: Any) -> None:
+    """A resumed run is no longer interrupted: its `medvlp.interrupted` tag becomes `medvlp.resumed_after` ("<reason>
+    at step <n>"), so a run that then finishes does not read as interrupted. Never raises."""
+    client, run_id = getattr(tracker, "client", None), getattr(tracker, "run_id", None)
+    if client is None or not run_id:
+        return
+    try:
+        tags = client.get_run(run_id).data.tags
+        if INTERRUPTED_TAG in tags:
+            tracker.set_tags({"medvlp.resumed_after": f"{tags[INTERRUPTED_TAG]} at step "
+                                                      f"{tags.get('medvlp.step_reached', '?')}"})
+            client.delete_tag(run_id, INTERRUPTED_TAG)
+    except Exception as e:  # noqa: BLE001
+        log.warning("MLflow: could not clear the interrupted tag of the resumed run (%s)", e)
+
+
+def with_checkpoint_note(e: Exception, step: int, checkpoint: str | os.PathLike | None, key: str) -> Exception:
+    """`e` (same type) with what a resume continues from appended to its one line."""
+    if checkpoint:
+        note = f"; checkpoint of step {step} written to {checkpoint}: rerun with --resume ({key}) to continue"
+    else:
+        note = "; no step was completed, so there is no checkpoint to resume from"
+    try:
+        out = type(e)(f"{e}{note}")
+    except Exception:  # noqa: BLE001 - an exception type with another constructor: keep it as it is
+        return e
+    return out
+
+
+def rng_snapshot() -> dict:
+    """The global RNG states (python, numpy, torch, CUDA): what a step draws from."""
+    import random
+
+    import numpy as np
+    import torch
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def rng_restore(st: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st:
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 # ----------------------------------------------------------------------------------------------- non-finite loss
 def check_nonfinite_policy(policy: str, key: str) -> None:
     if policy not in NONFINITE:
@@ -350,6 +453,40 @@ def on_nonfinite(policy: str, step: int, bad_in_a_row: int, max_bad: int) -> Non
 
 
 # ----------------------------------------------------------------------------------------------- optimization
+def check_lr(name: str, lr: Any) -> None:
+    """ValueError("name: ...") unless `lr` is a finite number > 0 (a learning rate)."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+        raise ValueError(f"{name}: must be a finite number, got {lr!r}")
+    if not lr > 0:
+        raise ValueError(f"{name}: must be > 0, got {lr}")
+
+
+def check_optim_values(lr: float, weight_decay: float, betas: Iterable[float], min_lr_ratio: float,
+                       grad_clip: float) -> None:
+    """ValueError("field: ...") for an optimizer setting that cannot train: lr not a finite number > 0, weight decay
+    or gradient clip negative or not finite, betas not two numbers in [0, 1), the cosine floor outside [0, 1]. The
+    config tree prefixes the section (`optim.lr: must be > 0, got -1.0`), so the message names the key path."""
+    check_lr("lr", lr)
+    for name, v in (("weight_decay", weight_decay), ("grad_clip", grad_clip)):
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}: must be a finite number >= 0, got {v}")
+    betas = list(betas)
+    if len(betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"betas: must be a pair of numbers in [0, 1), got {betas}")
+    if not 0 <= min_lr_ratio <= 1:  # NaN fails this too
+        raise ValueError(f"min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
+
+
+def warn_long_warmup(warmup_steps: int, steps: int, warmup_key: str, steps_key: str) -> bool:
+    """A warmup longer than the run never reaches the peak lr. Not refused (a 1-step smoke run of a recipe with a
+    warmup is fine, and a resume may lengthen the run), but said in one line naming both keys. True if warned."""
+    if warmup_steps <= steps:
+        return False
+    log.warning("%s=%d is more than %s=%d: the lr rises for the whole run and never reaches its peak (it ends at "
+                "%.0f%% of it)", warmup_key, warmup_steps, steps_key, steps, 100.0 * steps / warmup_steps)
+    return True
+
+
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
     if warmup_steps > 0 and step < warmup_steps:

@@ -118,6 +118,111 @@ def default_run_name(config_flat: dict | None, kind: str = "") -> str:
     return f"{base[:60]}-{run_suffix()}"
 
 
+# ----------------------------------------------------------------------------------------------- the store
+class TrackingStoreError(ValueError):
+    """The configured MLflow store cannot be written (read-only, or cannot be created): a training run refuses to
+    start rather than train without the record it was asked to keep (one line, exit 2 from the CLI)."""
+
+    user_facing = True
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write `path` (with its effective ids, as the file system will judge it)."""
+    if os.access in os.supports_effective_ids:
+        return os.access(path, os.W_OK | os.X_OK if path.is_dir() else os.W_OK, effective_ids=True)
+    return os.access(path, os.W_OK | os.X_OK if path.is_dir() else os.W_OK)
+
+
+def _creatable(path: Path) -> str | None:
+    """Why `path` (absent) cannot be created, or None: its nearest existing ancestor must be a writable folder."""
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"{anc} is a file, so {path} cannot be created"
+    if not _writable(anc):
+        return f"{anc} is read-only, so {path} cannot be created"
+    return None
+
+
+def store_problem(uri: str) -> str | None:
+    """Why the local MLflow store at `uri` (sqlite:/// or file: / a folder) cannot be written, or None. Servers and
+    other schemes are not checked here (a server that does not answer has its own fallback)."""
+    try:
+        return _store_problem(uri)
+    except OSError as e:  # a folder on the way that cannot even be looked into
+        return f"{e.filename or uri}: {e.strerror or e}"
+
+
+def _store_problem(uri: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        raw = uri[len("sqlite:///"):].split("?", 1)[0]
+        if raw in ("", ":memory:"):
+            return None
+        db = Path(raw)
+        if not db.exists():
+            return _creatable(db)
+        if db.is_dir():
+            return f"{db} is a folder, not an SQLite file"
+        if not _writable(db):
+            return f"{db} is read-only"
+        if not _writable(db.parent):  # SQLite writes its journal beside the database, artifacts go there too
+            return f"its folder {db.parent} is read-only (SQLite writes its journal there)"
+        return None
+    if uri.startswith("file:"):
+        folder = Path(urlparse(uri).path)
+        if not folder.exists():
+            return _creatable(folder)
+        if not folder.is_dir():
+            return f"{folder} is a file, not a store folder"
+        return None if _writable(folder) else f"{folder} is read-only"
+    return None
+
+
+def check_store(cfg, rank: int = 0) -> None:
+    """TrackingStoreError (one line naming the store) when tracking is on, this is rank 0 and the configured local
+    store cannot be written. The training loops call it before claiming their run folder, so a refused run leaves
+    nothing behind: `tracking.enabled=false` trains without MLflow."""
+    if rank != 0 or not bool(getattr(cfg, "enabled", True)):
+        return
+    uri = resolve_uri(getattr(cfg, "uri", ""))
+    problem = store_problem(uri)
+    if problem:
+        raise TrackingStoreError(f"MLflow store {uri} cannot be written: {problem}; point tracking.uri at a "
+                                 f"writable store, or set tracking.enabled=false to train without MLflow")
+
+
+def error_line(e: BaseException | None, limit: int = 300) -> str:
+    """One line saying what an MLflow / SQLAlchemy error was: SQLAlchemy's text opens with notes ("raised as a
+    result of ...") and ends with the SQL; the line naming the driver's error says what happened."""
+    lines = [ln.strip() for ln in str(e or "").splitlines() if ln.strip()]
+    why = next((ln for ln in lines if re.match(r"\([\w.]+\) ", ln)), lines[0] if lines else "")
+    return why[:limit]
+
+
+class _OneLineStoreErrors(logging.Filter):
+    """MLflow's SQL store logs every database error with its whole SQLAlchemy traceback (~85 lines) before raising;
+    the Tracker says what failed in one warning line, so the record keeps its first line only (all of it with
+    `-v`, when the medvlp logger is at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not log.isEnabledFor(logging.DEBUG):
+            first = record.getMessage().splitlines()[0] if record.getMessage() else ""
+            cause = record.exc_info[1]
+            record.msg, record.args = f"{first} {type(cause).__name__}: {error_line(cause)}", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_STORE_FILTER = _OneLineStoreErrors()
+
+
+def _quiet_store_tracebacks() -> None:
+    lg = logging.getLogger("mlflow.store.db.utils")
+    if _STORE_FILTER not in lg.filters:
+        lg.addFilter(_STORE_FILTER)
+
+
 # ----------------------------------------------------------------------------------------------- tracker
 class Tracker:
     """One MLflow run for rank 0; every method is a no-op on other ranks or when tracking is disabled."""
@@ -172,12 +277,17 @@ class Tracker:
                 warnings.warn(f"MLflow server {uri} did not answer within {timeout:g} s; logging to {fallback} "
                               f"instead (training goes on)", RuntimeWarning, stacklevel=2)
                 uri = fallback
+        _quiet_store_tracebacks()
         for candidate in dict.fromkeys([uri, fallback]):  # the chosen store, then the local one
+            problem = store_problem(candidate)
+            if problem:  # read-only or impossible: say so in one line instead of MLflow's SQL traceback
+                warnings.warn(f"MLflow: cannot write the store {candidate}: {problem}", RuntimeWarning, stacklevel=2)
+                continue
             try:
                 self._open_run(candidate)
                 break
             except Exception as e:  # noqa: BLE001 - tracking must never stop training
-                warnings.warn(f"MLflow: could not start a run in {candidate} ({type(e).__name__}: {str(e)[:300]})",
+                warnings.warn(f"MLflow: could not start a run in {candidate} ({type(e).__name__}: {error_line(e)})",
                               RuntimeWarning, stacklevel=2)
         if self.run_id is None:
             warnings.warn("MLflow tracking is off for this run", RuntimeWarning, stacklevel=2)
@@ -387,7 +497,7 @@ class Tracker:
                 return True
             if not self._warned:
                 self._warned = True
-                warnings.warn(f"MLflow logging to {self.uri} failed ({type(e).__name__}: {str(e)[:300]}); buffering "
+                warnings.warn(f"MLflow logging to {self.uri} failed ({type(e).__name__}: {error_line(e)}); buffering "
                               f"and retrying every {self._retry_s():g} s, training goes on", RuntimeWarning,
                               stacklevel=3)
             if buffer is not None:

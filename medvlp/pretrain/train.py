@@ -11,6 +11,13 @@ shared with fine-tuning:
   * NaN/inf loss on any rank (`train.nonfinite_loss: skip`, the default): every rank skips the step (no backward,
     no update) with a warning; after `train.max_bad_steps` in a row the run stops with an error (after logging what
     it has). `raise` stops at the first one.
+  * A data stream that fails (`DataStreamError`: the shard server unreachable past `data.remote_outage_s`, too many
+    bad shards): the half-done step is dropped (gradients, batch position, RNG draws) and, with one process, a
+    checkpoint of the last completed step is written before the error (which names it) ends the run.
+  * Any interruption (signal, data failure, non-finite loss) ends the MLflow run KILLED (FAILED for a non-finite
+    loss) with the metrics so far, the loss curve, the last checkpoint's model (`tracking.log_model`) and the tags
+    of `spine.mark_interrupted` (`medvlp.interrupted`, `medvlp.step_reached`, `medvlp.last_checkpoint`).
+  * An MLflow store that cannot be written is refused before the run folder is touched (`check_out_dir`).
   * SIGTERM/SIGINT: finish the current step, write a checkpoint, exit cleanly (status "KILLED" in MLflow). A signal
     while waiting for data ends the step there (its partial gradients dropped) and checkpoints the last full step
     (one process) or exits at once (several ranks). A signal before the first step, or a second signal, exits at
@@ -32,7 +39,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,8 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-import numpy as np
-
+from medvlp.data_shards.guard import DataStreamError
 from medvlp.pretrain import engine as eng
 from medvlp.pretrain import spine
 from medvlp.pretrain.configtree import build, dump_yaml, flatten, to_dict
@@ -146,19 +151,8 @@ def peak_flops(device: torch.device) -> float:
     return next((v for k, v in table.items() if k in name), 0.0)
 
 
-def _rng_snapshot() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _rng_restore(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st:
-        torch.cuda.set_rng_state_all(st["cuda"])
+_rng_snapshot = spine.rng_snapshot  # the global RNG states (the spine's)
+_rng_restore = spine.rng_restore
 
 
 def _fmt_value(v: Any) -> str:
@@ -205,9 +199,13 @@ run_files = spine.run_files
 
 def check_out_dir(cfg: Any, overwrite: bool = False, found: list[str] | None = None) -> None:
     """RunDirError unless `cfg.train.out_dir` is free for this run: empty of run files, or resuming, or overwriting.
-    Also refused: a folder another live run holds (its lock). Cheap (no process group): the CLI calls it before
-    building anything; `Trainer.fit` checks again on every rank."""
+    Also refused: a folder another live run holds (its lock), and (rank 0) an MLflow store that cannot be written
+    (`tracking.TrackingStoreError`). Cheap (no process group): the CLI calls it before building anything;
+    `Trainer.fit` checks again on every rank."""
+    from medvlp.pretrain.tracking import check_store
+
     out = Path(cfg.train.out_dir)
+    check_store(cfg.tracking, int(os.environ.get("RANK", "0") or 0))
     spine.refuse_if_taken(out, cfg.train.resume, overwrite, "train.out_dir", found)
     holder = spine.RunLock.holder(out) if int(os.environ.get("RANK", "0") or 0) == 0 else None  # rank 0 locks
     if holder is not None:
@@ -272,6 +270,7 @@ class Trainer:
         self.batches = batches
         self._position = {"epoch": 0, "step": 0}  # where the shard stream starts (restored on resume)
         self._bad = 0
+        self._logged_step = 0  # the last step whose metrics went to MLflow
         self._stop: _StopFlag | None = None
         self._lock: spine.RunLock | None = None
         self.run_uid: str | None = None  # this run's identity (rank 0; its checkpoints' COMPLETE markers carry it)
@@ -303,14 +302,18 @@ class Trainer:
         losses, micro_start = [], engine.micro_steps
         src = self._batch_source()
         start_pos = src.position() if hasattr(src, "position") else None
+        # a step abandoned half-way (signal, data failure) must leave no trace: its micro batches' draws included
+        rng = _rng_snapshot() if cfg.train.grad_accum > 1 else None
         loss_on = lambda *o: self.loss_fn(*o, rank=self.rank, world_size=world)  # noqa: E731
-        for _ in range(cfg.train.grad_accum):
+        for i in range(cfg.train.grad_accum):
             try:
                 batch = _to(self._next_batch(), device)
-            except _DataWaitInterrupt:
+            except (_DataWaitInterrupt, DataStreamError):
                 _discard_partial_step(engine, micro_start)
                 if start_pos is not None:
                     src.rewind(start_pos)
+                if rng is not None and i > 0:
+                    _rng_restore(rng)
                 raise
             img, tok = _image_of(batch), batch["tokens"]
             if engine.bfloat16_enabled():  # bf16 weights (GPU): feed bf16 pixels
@@ -392,7 +395,18 @@ class Trainer:
         resume = cfg.train.resume
         if resume and self.overwrite:
             raise RunDirError("train.resume and overwrite: choose one (continue the run, or replace it)")
-        busy = ""
+        busy = store = ""
+        if self.rank == 0:  # before anything is written: a refused run leaves the folder as it was
+            from medvlp.pretrain.tracking import TrackingStoreError, check_store
+
+            try:
+                check_store(cfg.tracking)
+            except TrackingStoreError as e:
+                store = str(e)
+        if _any_rank(bool(store), self.device):
+            from medvlp.pretrain.tracking import TrackingStoreError
+
+            raise TrackingStoreError(store or "the MLflow store cannot be written (see rank 0)")
         if self.rank == 0:
             self._lock = spine.RunLock(out)
             try:
@@ -480,6 +494,8 @@ class Trainer:
         from medvlp.pretrain.tracking import Tracker
 
         cfg, rank = self.cfg, self.rank
+        if rank == 0:
+            spine.warn_long_warmup(cfg.optim.warmup_steps, cfg.train.steps, "optim.warmup_steps", "train.steps")
         self.prepare_out_dir()
         if cfg.train.resume:
             self.resume()
@@ -494,16 +510,18 @@ class Trainer:
         try:
             with tracker, stop:
                 self.run_id = result.run_id = getattr(tracker, "run_id", None)
+                if rank == 0 and start_step:
+                    spine.clear_interrupted(tracker)
                 if rank == 0 and not start_step:
                     tracker.log_params({"derived.world_size": self.world, "derived.global_batch": global_batch,
                                         "derived.zero_stage": self.ds_config["zero_optimization"]["stage"]})
                 try:
                     self._loop(result, tracker, stop, global_batch, flops_per_sample, peak, tqdm)
-                except NonFiniteLossError:
-                    tracker.end("FAILED")
-                    raise
-                except TrainingInterrupted:
-                    tracker.end("KILLED")
+                except (KeyboardInterrupt, NonFiniteLossError, DataStreamError) as e:
+                    # TrainingInterrupted (a KeyboardInterrupt), a data stream that failed (a remote outage), a
+                    # non-finite loss: the run says so, with its curves and its last checkpoint's model
+                    self._end_interrupted(tracker, result, spine.interruption_reason(e),
+                                          "FAILED" if isinstance(e, NonFiniteLossError) else "KILLED")
                     raise
                 result.steps_done = self.step
                 if not result.stopped_early:
@@ -516,10 +534,37 @@ class Trainer:
 
                         result.model_uri = log_model_artifact(self.out_dir, tracker=tracker)
                 elif result.stopped_by_signal:
-                    tracker.end("KILLED")
+                    self._end_interrupted(tracker, result, spine.interruption_reason(None, stop.signum), "KILLED")
         finally:
             self._stop = None
         return result
+
+    def _end_interrupted(self, tracker, result: TrainResult, reason: str, status: str) -> None:
+        """End the MLflow run of an interrupted training (rank 0): the last losses not yet logged, the loss curve,
+        the model of the last complete checkpoint (when `tracking.log_model`), the tags of
+        `spine.mark_interrupted`, then status KILLED (FAILED for a non-finite loss). Nothing here may hide the
+        interruption itself: a failure is a warning."""
+        result.steps_done = self.step
+        if self.rank != 0 or tracker is None or not getattr(tracker, "active", False):
+            return
+        try:
+            own = spine.own_checkpoints(self.out_dir, self.run_uid or spine.read_run_uid(self.out_dir))
+            latest = own[-1] if own else None
+            if self.losses and self.losses[-1][0] > self._logged_step:
+                step, loss = self.losses[-1]
+                tracker.log_metrics({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step)
+            _log_curves(tracker, result, self.out_dir, self.rank)
+            uri = ""
+            if latest is not None and self.cfg.tracking.log_model:
+                from medvlp.pretrain.export import log_model_artifact
+
+                uri = log_model_artifact(self.out_dir, step=spine.step_of(latest), tracker=tracker)
+                result.model_uri = uri
+            spine.mark_interrupted(tracker, reason, self.step, latest, uri)
+        except Exception as e:  # noqa: BLE001 - the interruption is what must be reported
+            log.warning("MLflow: the interrupted run's curves/model were not all logged (%s: %s)",
+                        type(e).__name__, e)
+        tracker.end(status)
 
     def _loop(self, result, tracker, stop, global_batch, flops_per_sample, peak, tqdm) -> None:
         cfg, rank = self.cfg, self.rank
@@ -537,6 +582,12 @@ class Trainer:
                         raise TrainingInterrupted(stop.signum, "while waiting for data on one of several ranks")
                     self._checkpoint_and_stop(result, by_signal=True)
                     break
+                except DataStreamError as e:  # a remote outage past data.remote_outage_s, too many bad shards...
+                    if self.world > 1:  # the other ranks wait in this step's collectives: no safe checkpoint
+                        raise
+                    self._checkpoint_and_stop(result, by_signal=False)
+                    latest = spine.latest_complete(self.out_dir) if self.step else None
+                    raise spine.with_checkpoint_note(e, self.step, latest, "train.resume") from None
                 if not math.isfinite(loss_val):
                     continue
                 stop.armed = True
@@ -558,6 +609,7 @@ class Trainer:
                     if peak > 0 and flops_per_sample > 0:
                         m["train/mfu"] = flops_per_sample * sps / peak
                     tracker.log_metrics(m, step)
+                    self._logged_step = step
                     t_last, n_last = time.perf_counter(), 0
                 self.run_id = result.run_id = getattr(tracker, "run_id", None)
                 want_ckpt = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == cfg.train.steps

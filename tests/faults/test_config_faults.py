@@ -30,3 +30,54 @@ def test_pipe_spec_refused_at_config_load_when_not_allowed(tmp_path):
     assert proc.returncode == 2
     assert "data.train_shards: 'pipe:curl -s http" in one_line_error(proc) and "allow_pipe is false" in proc.stderr
     assert cli_here("config", "show", "debug", "--set", f"data.train_shards={spec}").returncode == 0
+
+
+# Learning rate and schedule: every loop's lr settings are refused with their key path, one line, exit 2.
+LR_CASES = [
+    (("pretrain", "debug"), "optim.lr=abc", "optim.lr: expected a number, got 'abc'"),
+    (("pretrain", "debug"), "optim.lr=-0.001", "optim.lr: must be > 0, got -0.001"),
+    (("pretrain", "debug"), "optim.lr=nan", "optim.lr: must be a finite number, got nan"),
+    (("pretrain", "debug"), "optim.min_lr_ratio=nan", "optim.min_lr_ratio: must be in [0, 1], got nan"),
+    (("finetune", "pcam"), "finetune.lr=-1", "finetune.lr: must be > 0, got -1.0"),
+    (("finetune", "pcam"), "finetune.lr=.inf", "finetune.lr: must be a finite number, got inf"),
+    (("finetune", "pcam"), "finetune.lr=0", "finetune.lr: must be > 0, got 0.0"),
+    (("finetune", "pcam"), "finetune.grad_clip=nan", "finetune.grad_clip: must be a finite number >= 0, got nan"),
+    (("finetune", "pcam"), "finetune.betas=[0.9, 1.5]", "finetune.betas: must be a pair of numbers in [0, 1)"),
+    (("finetune", "report"), "model.lm_texts_lr=nan", "model.lm_texts_lr: must be a finite number, got nan"),
+    (("finetune", "path-clip"), "protocol.full_lrs=[.nan]", "protocol.full_lrs: one or more finite values > 0"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command,override,message", LR_CASES, ids=[c[1] for c in LR_CASES])
+def test_bad_learning_rate_names_its_key(command, override, message):
+    proc = cli_here(*command, "--set", override)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = one_line_error(proc)
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.timeout(60)
+def test_a_runner_config_made_in_code_names_the_finetune_key(tmp_path):
+    """The runner's own check (a RunnerConfig built in code, not from a recipe) names the key as a recipe would."""
+    from medvlp.finetune.runner import RunnerConfig, run_stage
+    from medvlp.pretrain.configtree import ConfigError
+
+    class Root:
+        finetune = RunnerConfig(out_dir=str(tmp_path / "run"), lr=float("nan"))
+
+    with pytest.raises(ConfigError, match=r"^finetune\.lr: must be a finite number, got nan$"):
+        run_stage(object(), Root())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(30)
+def test_a_warmup_longer_than_the_run_is_said_in_one_line(caplog):
+    from medvlp.pretrain.spine import warn_long_warmup
+
+    with caplog.at_level("WARNING", logger="medvlp.spine"):
+        assert not warn_long_warmup(10, 10, "optim.warmup_steps", "train.steps")
+        assert warn_long_warmup(500, 150, "optim.warmup_steps", "train.steps")
+    (rec,) = caplog.records
+    assert rec.getMessage() == ("optim.warmup_steps=500 is more than train.steps=150: the lr rises for the whole run "
+                                "and never reaches its peak (it ends at 30% of it)")

@@ -122,9 +122,10 @@ class ProtocolConfig:
             raise ValueError(f"wait_s: must be >= 0, got {self.wait_s}")
         if any(s < 0 or s >= self.seeds for s in self.run_seeds):
             raise ValueError(f"run_seeds: each in [0, seeds={self.seeds}), got {self.run_seeds}")
-        if not self.full_lrs or any(v <= 0 for v in self.full_lrs) or not self.full_eval_steps or \
+        if not self.full_lrs or any(not v > 0 or v == float("inf") for v in self.full_lrs) or \
+                not self.full_eval_steps or \
                 any(k < 1 for k in self.full_eval_steps):
-            raise ValueError("full_lrs: one or more values > 0; full_eval_steps: one or more step counts >= 1")
+            raise ValueError("full_lrs: one or more finite values > 0; full_eval_steps: one or more step counts >= 1")
         if not 0 < self.fixmatch_threshold <= 1 or self.fixmatch_unlabelled < 1 or self.fixmatch_weight < 0:
             raise ValueError("fixmatch_threshold: in (0, 1]; fixmatch_unlabelled: >= 1; fixmatch_weight: >= 0")
         if not self.label_fractions and not self.shots:

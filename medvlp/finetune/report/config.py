@@ -53,6 +53,9 @@ class ReportModelConfig:
             raise ValueError(f"context_length: must be >= 8, got {self.context_length}")
         if self.lm_texts_steps < 0 or (self.lm_texts_steps and not self.lm_texts):
             raise ValueError("lm_texts_steps: must be >= 0, and > 0 needs model.lm_texts")
+        from medvlp.pretrain.spine import check_lr
+
+        check_lr("lm_texts_lr", self.lm_texts_lr)
         if self.feat_dim < 0 or self.max_patches < 0 or self.pos_freqs < 0:
             raise ValueError("feat_dim / max_patches / pos_freqs: must be >= 0")
 

@@ -54,6 +54,11 @@ def _pretrain_sets(shards, out, steps, **kw):
             "train.resume": str(kw.get("resume", False)).lower()}
     if "nonfinite" in kw:
         sets["train.nonfinite_loss"] = kw["nonfinite"]
+    if kw.get("accum"):
+        sets["train.grad_accum"] = kw["accum"]
+    if kw.get("track"):
+        sets.update({"tracking.enabled": "true", "tracking.system_metrics": "false",
+                     "tracking.log_model": str(kw.get("log_model", False)).lower()})
     return tiny_overrides(shards, out, steps=steps, **sets)
 
 
@@ -86,7 +91,14 @@ def _run(loop, out, shards, init, steps=4, *, overwrite=False, hook=None, monkey
               stop_after=kw.get("stop_after", 0), resume=kw.get("resume", False), final_eval=False)
     if "nonfinite" in kw:
         rc["nonfinite_loss"] = kw["nonfinite"]
-    res = run_stage(_Probe(hook), probe_config(out, shards, init, **rc), overwrite=overwrite)
+    if kw.get("accum"):
+        rc["grad_accum"] = kw["accum"]
+    cfg = probe_config(out, shards, init, **rc)
+    if kw.get("track"):
+        from medvlp.pretrain.config import TrackingConfig
+
+        cfg.tracking = TrackingConfig(uri=f"sqlite:///{out}/mlruns.db", experiment="probe", system_metrics=False)
+    res = run_stage(_Probe(hook), cfg, overwrite=overwrite)
     return {"steps": res.steps_done, "signal": res.stopped_by_signal, "weights": Path(res.weights or "-"),
             "losses": res.losses, "resumed_from": res.resumed_from}
 
@@ -302,3 +314,94 @@ def test_schedule_is_shared_and_unchanged():
     assert got == [ft(s, 2, 10, 0.1) for s in range(11)]
     assert [round(v, 6) for v in got[:3]] == [0.5, 1.0, 1.0] and got[-1] == pytest.approx(0.1)
     assert got[6] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+
+
+# ----------------------------------------------------------------------------------------------- interruptions
+def _fail_stream_at(loop, n, monkeypatch):
+    """The data stream raises RemoteOutage (as `data.remote_outage_s` running out does) at its n-th batch."""
+    from medvlp.data_shards.remote import RemoteOutage
+
+    if loop == "pretrain":
+        from medvlp.pretrain.train import _Batches as cls
+    else:
+        from medvlp.finetune.runner import _TrainBatches as cls
+    real, calls = cls.next, {"n": 0}
+
+    def failing(self):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RemoteOutage("shard server unreachable for 300 s (9 tries; data.remote_outage_s=300); last: "
+                               "http://shards.invalid/x.tar: curl exit 7: cannot connect")
+        return real(self)
+
+    monkeypatch.setattr(cls, "next", failing)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_remote_outage_checkpoints_the_last_step_and_the_resume_continues_exactly(loop, tmp_path, cxr_shards,
+                                                                                   init_weights, monkeypatch):
+    """Two micro batches per step; the stream fails at batch 6 (in step 3, after its first micro batch): the run
+    stops with RemoteOutage naming the checkpoint of step 2 it wrote (the half step is dropped, its batch
+    position rewound), the MLflow run ends KILLED tagged remote_outage, and the resume ends with the weights of
+    the uninterrupted run."""
+    from mlflow import MlflowClient
+
+    from medvlp.data_shards.remote import RemoteOutage
+
+    full = _run(loop, tmp_path / "full", cxr_shards, init_weights, steps=4, accum=2, ckpt_every=0)
+    out = tmp_path / "part"
+    _fail_stream_at(loop, 6, monkeypatch)
+    with pytest.raises(RemoteOutage) as ei:
+        _run(loop, out, cxr_shards, init_weights, steps=4, accum=2, ckpt_every=0, track=True)
+    monkeypatch.undo()
+    msg = str(ei.value)
+    assert msg.startswith("shard server unreachable for 300 s") and len(msg.splitlines()) == 1
+    assert f"; checkpoint of step 2 written to {out / 'checkpoints' / 'step_00000002'}: rerun with --resume" in msg
+    assert _steps(out) == [2]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlruns.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["medvlp.interrupted"] == "remote_outage" and run.data.tags["medvlp.step_reached"] == "2"
+    assert run.data.tags["medvlp.last_checkpoint"] == str((out / "checkpoints" / "step_00000002").resolve())
+    rest = _run(loop, out, cxr_shards, init_weights, steps=4, accum=2, ckpt_every=0, resume=True, track=True)
+    run = client.get_run(run.info.run_id)  # the resume continued the same MLflow run, no longer interrupted
+    assert run.info.status == "FINISHED" and "medvlp.interrupted" not in run.data.tags
+    assert run.data.tags["medvlp.resumed_after"] == "remote_outage at step 2"
+    assert [s for s, _ in rest["losses"]][-2:] == [3, 4]
+    assert [v for _, v in rest["losses"]][-2:] == [v for _, v in full["losses"]][-2:]
+    a, b = load_file(str(full["weights"])), load_file(str(rest["weights"]))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_interrupted_run_ends_with_its_curves_checkpoint_and_model_in_mlflow(loop, tmp_path, cxr_shards,
+                                                                               init_weights, monkeypatch):
+    """SIGTERM in step 3: the MLflow run ends KILLED with every step's loss up to 3, the tags naming why, the step
+    reached and the checkpoint a resume continues from; pretraining (which logs a model when it ends) also logs
+    the loss curve and the model of that checkpoint, as the run's model."""
+    from mlflow import MlflowClient
+
+    def term_at_3(n, loss):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    out = tmp_path / "run"
+    res = _run(loop, out, cxr_shards, init_weights, steps=50, ckpt_every=0, hook=term_at_3, monkeypatch=monkeypatch,
+               track=True, log_model=True)
+    assert res["signal"] and _steps(out) == [3]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlruns.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    tags = run.data.tags
+    assert run.info.status == "KILLED"
+    assert (tags["medvlp.interrupted"], tags["medvlp.step_reached"]) == ("signal_15", "3")
+    assert tags["medvlp.last_checkpoint"] == str((out / "checkpoints" / "step_00000003").resolve())
+    hist = client.get_metric_history(run.info.run_id, "train/loss")
+    assert max(m.step for m in hist) == 3
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    if loop == "pretrain":
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [1, 2, 3]
+        assert {"loss_curve.png", "model"} <= arts
+        assert tags["medvlp.model"] == f"runs:/{run.info.run_id}/model"
+        model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+        assert "model/MLmodel" in model_files
