@@ -298,3 +298,14 @@ def test_organ_bce_scores_only_present_organs():
         head.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 0, 2.0]]))
         head.bias.copy_(torch.tensor([0.5, -1.0]))
     assert head(torch.ones(1, 2, 3)).tolist() == [[1.5, 1.0]]
+
+
+@pytest.mark.timeout(120)
+def test_e2e_names_bad_input(tmp_path, capsys):
+    from medvlp.finetune.anatomy.e2e import main
+
+    assert main(["anatomy-synth-px", "--heldout", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "--heldout" in capsys.readouterr().err
+    assert main(["anatomy-synth-px", "--heldout", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--set", "head.stem_stats=true"]) == 2
+    assert "head.stem_stats" in capsys.readouterr().err
