@@ -59,6 +59,8 @@ class AnatomyModelConfig:
     token_select: str = "interior"  # organ tokens: interior (cells >= half inside the organ; all its cells when
     #                                 none is) | any (reference: a cell with any organ voxel)
     stat_pool: int = 2  # organ token += Linear of the masked max and sd of the n finest scales' tokens (0 = off)
+    stem_stat: bool = False  # also the max and sd of the tower's stem map over the organ's voxels (a full-resolution
+    #                          stem: the voxels themselves; statistic pooling only, the query does not attend to it)
 
 
 @dataclass
@@ -86,8 +88,14 @@ class OrganEncoder(nn.Module):
             self.hybrid = nn.Sequential(nn.Linear(2 * C, C), nn.GELU(), nn.Linear(C, C))
         self.pool = OrganQueryPool(n_organs, C, cfg.heads)
         self.stat_scales = min(int(cfg.stat_pool), len(visual.widths))
-        if self.stat_scales:
-            self.stat = nn.Sequential(nn.Linear(2 * self.stat_scales * C, C), nn.GELU(), nn.Linear(C, C))
+        self.stem_width = 0
+        if cfg.stem_stat:
+            if not hasattr(visual, "stem") or not hasattr(visual, "stages"):
+                raise ValueError("head.stem_stat: the vision tower has no stem map (use a resnet3d tower)")
+            self.stem_width = int(visual.widths[0])
+        n_stat = 2 * self.stat_scales * C + 2 * self.stem_width
+        if n_stat:
+            self.stat = nn.Sequential(nn.Linear(n_stat, C), nn.GELU(), nn.Linear(C, C))
             self.stat_norm = nn.LayerNorm(C)
 
     def organ_flags(self, mask_BDHW: torch.Tensor, tok) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -100,28 +108,57 @@ class OrganEncoder(nn.Module):
         flags = [organ_token_flags(f) for f in fracs]
         return flags, [f.float() for f in flags]
 
-    def _with_stats(self, pooled_BOC: torch.Tensor, xs: list[torch.Tensor], weights: list[torch.Tensor]):
-        if not self.stat_scales:
+    def _with_stats(self, pooled_BOC: torch.Tensor, xs: list[torch.Tensor], weights: list[torch.Tensor],
+                    stem=None):
+        if not (self.stat_scales or self.stem_width):
             return pooled_BOC
-        st = torch.cat([stat_pool(x, w) for x, w in zip(xs[:self.stat_scales], weights[:self.stat_scales])], -1)
-        return self.stat_norm(pooled_BOC + self.stat(st))
+        st = [stat_pool(x, w) for x, w in zip(xs[:self.stat_scales], weights[:self.stat_scales])]
+        if stem is not None:
+            st.append(stat_pool(*stem))
+        return self.stat_norm(pooled_BOC + self.stat(torch.cat(st, -1)))
+
+    def tower(self, vol_B1DHW: torch.Tensor):
+        """(VisionTokens of the tower, its stem map (B, w0, d, h, w) or None): the tower's own forward unless
+        head.stem_stat needs the stem map too (then the same stem -> stages computation, run here)."""
+        v = self.visual
+        if not self.stem_width:
+            return v(vol_B1DHW, return_tokens=True)[1], None
+        from medvlp.pretrain.tokens import VisionTokens
+
+        if vol_B1DHW.ndim != 5 or vol_B1DHW.shape[1] != v.in_channels:
+            raise ValueError(f"3D vision tower expects (B, {v.in_channels}, D, H, W), got {tuple(vol_B1DHW.shape)}")
+        stem = x = v.stem(vol_B1DHW)
+        maps = []
+        for stage in v.stages:
+            x = stage(x)
+            maps.append(x)
+        return VisionTokens(maps, list(v.scales), [int(m.shape[1]) for m in maps], v.embed_dim, "resnet3d"), stem
+
+    def stem_weights(self, mask_BDHW: torch.Tensor, stem_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stem tokens (B, L0, w0), (B, O, L0) organ weights: the fraction of each stem cell in the organ, cells
+        at least half inside)."""
+        stride = tuple(int(round(m / s)) for m, s in zip(mask_BDHW.shape[1:], stem_B.shape[2:]))
+        fr = organ_fractions(mask_BDHW, self.n_organs, [stride], [tuple(stem_B.shape[2:])])[0]
+        return stem_B.flatten(2).transpose(1, 2), organ_token_flags(fr).float()
 
     def forward(self, vol_B1DHW: torch.Tensor, mask_BDHW: torch.Tensor,
                 normal_BO: torch.Tensor | None = None) -> OrganFeatures:
-        _, tok = self.visual(vol_B1DHW, return_tokens=True)
+        tok, stem = self.tower(vol_B1DHW)
+        if stem is not None:
+            stem = self.stem_weights(mask_BDHW, stem)
         flags, weights = self.organ_flags(mask_BDHW, tok)
         xs = self.tokens(tok.maps)
         present = torch.stack([f.any(-1) for f in flags]).any(0)
         if self.vsd is None:
             pooled = self.pool(torch.cat(xs, 1), torch.cat(flags, 2))
-            return OrganFeatures(self._with_stats(pooled, xs, weights), present, None)
+            return OrganFeatures(self._with_stats(pooled, xs, weights, stem), present, None)
         out = self.vsd(xs[-1], flags[-1], normal_BO)
         other = torch.cat(xs[:-1], 1)
         shared = self.hybrid(torch.cat([other, other], -1))
         last = xs[-1].unsqueeze(1).expand_as(out.recon)
         own = self.hybrid(torch.cat([last, out.recon.detach()], -1))  # (B, O, L, C)
         pooled = self.pool(shared, torch.cat(flags[:-1], 2), own, flags[-1])
-        return OrganFeatures(self._with_stats(pooled, xs, weights), present, out)
+        return OrganFeatures(self._with_stats(pooled, xs, weights, stem), present, out)
 
 
 class AnatomyModel(nn.Module):

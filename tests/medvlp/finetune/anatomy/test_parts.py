@@ -245,3 +245,67 @@ def test_fast_macro_auc_equals_the_reference():
     y[:, 4] = 0  # one class only: skipped by both
     s = np.round(rng.random((40, 5)), 1)  # ties
     assert macro_auc_fast(y, s) == pytest.approx(macro_auc(y, s), abs=1e-12)
+
+
+@pytest.mark.timeout(300)
+def test_stem_statistic_reads_the_organ_voxels_of_the_stem_map():
+    from medvlp.finetune.anatomy.model import AnatomyModelConfig, OrganEncoder
+    from medvlp.pretrain.towers3d import ResNet3D
+
+    torch.manual_seed(0)
+    tower = ResNet3D(16, {"image_size": [8, 16, 16], "widths": [8, 16, 32], "blocks": [1, 1, 1],
+                          "stem_stride": [1, 1, 1], "stem_kernel": [1, 1, 1]}).eval()
+    enc = OrganEncoder(tower, 2, AnatomyModelConfig(width=16, stem_stat=True)).eval()
+    assert enc.stat[0].in_features == 2 * 2 * 16 + 2 * 8  # two token scales (C = 16) + the stem's 8 channels
+    vol = torch.randn(2, 1, 8, 16, 16)
+    mask = torch.zeros(2, 8, 16, 16, dtype=torch.long)
+    mask[:, 2:6, 4:10, 4:10] = 1
+    mask[:, 1:3, 12:15, 12:15] = 2
+    tok, stem = enc.tower(vol)
+    _, ref = tower(vol, return_tokens=True)
+    assert all(torch.equal(a, b) for a, b in zip(tok.maps, ref.maps)) and tok.strides == ref.strides
+    x, w = enc.stem_weights(mask, stem)
+    assert x.shape == (2, 8 * 16 * 16, 8) and torch.equal(w[:, 0].bool(), (mask == 1).flatten(1))
+    # a pointwise stem: changing one voxel outside every organ leaves the stem statistic of the organs unchanged
+    # (up to the stem's GroupNorm statistics over the whole volume), changing one inside organ 0 changes organ 0's
+    vol2 = vol.clone()
+    vol2[:, 0, 7, 0, 0] += 3.0
+    _, stem2 = enc.tower(vol2)
+    from medvlp.finetune.anatomy.organs import stat_pool
+
+    assert torch.allclose(stat_pool(*enc.stem_weights(mask, stem2)), stat_pool(x, w), atol=1e-2)
+    vol3 = vol.clone()
+    vol3[:, 0, 3, 5, 5] += 3.0
+    _, stem3 = enc.tower(vol3)
+    d = (stat_pool(*enc.stem_weights(mask, stem3)) - stat_pool(x, w)).abs().amax(-1)
+    assert (d[:, 0] > 0.1).all() and (d[:, 1] < 1e-2).all()
+    out = enc(vol, mask)
+    assert out.pooled.shape == (2, 2, 16) and torch.isfinite(out.pooled).all()
+
+
+@pytest.mark.timeout(60)
+def test_organ_bce_scores_only_present_organs():
+    from medvlp.finetune.anatomy.e2e import OrganNormalityHead, organ_bce
+
+    logits = torch.tensor([[0.0, 2.0], [1.0, -3.0]])
+    labels = torch.tensor([[1, 0], [0, -1]])
+    present = torch.tensor([[True, True], [True, False]])
+    want = (math.log(2) + math.log(1 + math.exp(2.0)) + math.log(1 + math.exp(1.0))) / 3
+    assert organ_bce(logits, labels, present).item() == pytest.approx(want, rel=1e-5)
+    assert organ_bce(logits, labels, torch.zeros_like(present)).item() == 0.0
+    head = OrganNormalityHead(2, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 0, 2.0]]))
+        head.bias.copy_(torch.tensor([0.5, -1.0]))
+    assert head(torch.ones(1, 2, 3)).tolist() == [[1.5, 1.0]]
+
+
+@pytest.mark.timeout(120)
+def test_e2e_names_bad_input(tmp_path, capsys):
+    from medvlp.finetune.anatomy.e2e import main
+
+    assert main(["anatomy-synth-px", "--heldout", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "--heldout" in capsys.readouterr().err
+    assert main(["anatomy-synth-px", "--heldout", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--set", "head.stem_stats=true"]) == 2
+    assert "head.stem_stats" in capsys.readouterr().err
