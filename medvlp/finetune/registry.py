@@ -195,3 +195,16 @@ def command_line() -> str:
     import sys
 
     return "medvlp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def lazy_exports(module: str, table: dict[str, str]):
+    """A module `__getattr__` that imports each name of `table` (name -> module path) on first use, so that a
+    stage's package can declare the stage without importing its model code."""
+    def __getattr__(name: str):
+        if name in table:
+            import importlib
+
+            return getattr(importlib.import_module(table[name]), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

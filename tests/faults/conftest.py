@@ -73,3 +73,18 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
             or "] error:" in ln or "s]error:" in ln]
     assert errs, proc.stderr[-3000:]
     return proc.stderr
+
+
+def build_rows(d: Path, rows: list[dict], *extra) -> subprocess.CompletedProcess:
+    """`shards build` (in this checkout) of a manifest written from `rows` into d/m.csv, output d/out, 16 px."""
+    from tests.conftest import write_csv
+
+    man = write_csv(d / "m.csv", rows)
+    return cli_here("shards", "build", "--manifest", man, "--out", d / "out", "--workers", 1, "--image-size", 16, *extra)
+
+
+def sample_metas(out: Path) -> list[dict]:
+    """The meta of every sample stored under `out`."""
+    from medvlp.data_shards.inspect import iter_samples
+
+    return [s.meta for s in iter_samples(out)]

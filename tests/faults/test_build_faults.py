@@ -103,4 +103,5 @@ def test_full_disk_is_one_clear_error_and_rerun_reuses_finished_shards(manifest,
     done = cli_here(*_args(manifest, out, 1))
     assert done.returncode == 0, done.stderr
     fresh = cli_here(*_args(manifest, tmp_path / "fresh", 1))
+    assert fresh.returncode == 0, fresh.stderr
     assert _shas(out) == _shas(tmp_path / "fresh")

@@ -8,23 +8,12 @@ import numpy as np
 import pytest
 
 from medvlp.data_shards.readers.fabricate import write_ct_series, write_nifti, write_radiograph
-from tests.conftest import write_csv
-from tests.faults.conftest import cli_here as cli, one_line_error, tars
+from tests.faults.conftest import build_rows, cli_here as cli, one_line_error, sample_metas, tars
 from tests.medvlp.data_shards.test_clinical_importers import mimic_tree
 
 pytestmark = pytest.mark.timeout(180)
 
 PX = np.array([[0, 10, 20], [30, 40, 4095]])
-
-
-def _build(d, rows, *extra):
-    man = write_csv(d / "m.csv", rows)
-    return cli("shards", "build", "--manifest", man, "--out", d / "out", "--workers", 1, "--image-size", 16, *extra)
-
-
-def _meta(out):
-    from medvlp.data_shards.inspect import iter_samples
-    return [s.meta for s in iter_samples(out)]
 
 
 def test_free_text_dicom_keywords_never_reach_the_shards(tmp_path):
@@ -33,14 +22,14 @@ def test_free_text_dicom_keywords_never_reach_the_shards(tmp_path):
     write_radiograph(tmp_path / "a.dcm", PX, window=(2048, 4096), BodyPartExamined="CHEST JANE DOE",
                      ConvolutionKernel="MRN8675309", ViewPosition="PA JANE", KVP="120")
     write_radiograph(tmp_path / "b.dcm", PX, window=(2048, 4096), BodyPartExamined="chest", uid_root="1.2.3.4.5")
-    proc = _build(tmp_path, [{"image": "a.dcm", "report": "r", "patient_id": "MRN-1"},
+    proc = build_rows(tmp_path, [{"image": "a.dcm", "report": "r", "patient_id": "MRN-1"},
                              {"image": "b.dcm", "report": "r", "patient_id": "MRN-2"}],
                   "--hash-ids", "--salt-file", salt)
     assert proc.returncode == 0, proc.stderr[-2000:]
     raw = b"".join(t.read_bytes() for t in tars(tmp_path / "out"))
     for phi in (b"JANE", b"DOE", b"MRN8675309", b"MRN-1"):
         assert phi not in raw, phi
-    metas = {m["dicom"].get("BodyPartExamined"): m["dicom"] for m in _meta(tmp_path / "out")}
+    metas = {m["dicom"].get("BodyPartExamined"): m["dicom"] for m in sample_metas(tmp_path / "out")}
     assert set(metas) == {None, "CHEST"}  # the coded value is kept, upper-cased; the free text is dropped
     assert metas[None]["dropped"] == ["ViewPosition", "BodyPartExamined"] and metas[None]["KVP"] == 120.0
     assert "ConvolutionKernel" not in metas[None] and "dropped" not in metas["CHEST"]
@@ -49,28 +38,28 @@ def test_free_text_dicom_keywords_never_reach_the_shards(tmp_path):
 def test_burned_in_annotation_is_refused_unless_kept_and_then_flagged(tmp_path):
     write_radiograph(tmp_path / "a.dcm", PX, window=(2048, 4096), BurnedInAnnotation="YES")
     rows = [{"image": "a.dcm", "report": "r", "patient_id": "p1"}]
-    proc = _build(tmp_path, rows)
+    proc = build_rows(tmp_path, rows)
     assert proc.returncode == 2
     err = one_line_error(proc)
     assert "m.csv line 2: column 'image'" in err and "a.dcm: BurnedInAnnotation is YES" in err
     assert "--keep-burned-in" in proc.stderr
-    ok = _build(tmp_path, rows, "--keep-burned-in")
+    ok = build_rows(tmp_path, rows, "--keep-burned-in")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    (meta,) = _meta(tmp_path / "out")
+    (meta,) = sample_metas(tmp_path / "out")
     assert meta["burned_in_annotation"] is True and meta["dicom"]["BurnedInAnnotation"] == "YES"
 
 
 def test_burned_in_ct_series_is_refused(tmp_path):
     hu = np.zeros((3, 2, 4), np.int16)
     write_ct_series(tmp_path / "ser", hu, BurnedInAnnotation="YES")
-    proc = _build(tmp_path, [{"volume": "ser/", "report": "r", "patient_id": "p1"}])
+    proc = build_rows(tmp_path, [{"volume": "ser/", "report": "r", "patient_id": "p1"}])
     assert proc.returncode == 2 and "BurnedInAnnotation is YES" in one_line_error(proc)
 
 
 @pytest.mark.parametrize("slope, want", [(0.0, "RescaleSlope is 0"), (float("nan"), "RescaleSlope 'nan'")])
 def test_bad_rescale_slope_is_refused(tmp_path, slope, want):
     write_radiograph(tmp_path / "a.dcm", PX, slope=slope, intercept=5.0, window=(2048, 4096))
-    proc = _build(tmp_path, [{"image": "a.dcm", "report": "r", "patient_id": "p1"}])
+    proc = build_rows(tmp_path, [{"image": "a.dcm", "report": "r", "patient_id": "p1"}])
     assert proc.returncode == 2 and want in one_line_error(proc)
 
 
@@ -82,7 +71,7 @@ def test_rescale_slope_zero_in_a_ct_series_is_refused(tmp_path):
     ds = dcmread(first)
     ds.RescaleSlope = 0
     ds.save_as(first)
-    proc = _build(tmp_path, [{"volume": "ser/", "report": "r", "patient_id": "p1"}])
+    proc = build_rows(tmp_path, [{"volume": "ser/", "report": "r", "patient_id": "p1"}])
     assert proc.returncode == 2 and "RescaleSlope is 0" in one_line_error(proc)
 
 
@@ -91,7 +80,7 @@ def test_nan_voxels_are_refused_not_made_water(tmp_path, bad):
     vol = np.full((4, 3, 2), -500.0, np.float32)
     vol[1, 1, 1] = bad
     write_nifti(tmp_path / "v.nii.gz", vol)
-    proc = _build(tmp_path, [{"volume": "v.nii.gz", "report": "r", "patient_id": "p1"}])
+    proc = build_rows(tmp_path, [{"volume": "v.nii.gz", "report": "r", "patient_id": "p1"}])
     assert proc.returncode == 2 and "v.nii.gz: 1 voxels are NaN or infinite (of 24)" in one_line_error(proc)
 
 

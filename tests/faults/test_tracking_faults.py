@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_overrides
-from tests.faults.conftest import REPO, clean_env, cli_here, one_line_error
+from tests.faults.conftest import clean_env, cli_here, one_line_error
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -23,7 +23,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medvlp.pretrain.metrics import roc_auc
 

@@ -8,18 +8,11 @@ stage.py    the Stage on the fine-tune runner;  config.py  the `kind: pcam` root
 localize.py `medvlp localize`;  compare.py  the pooling comparison table
 commands.py the stage's CLI commands: localize, pcam-table, pcam-corpus
 """
-from medvlp.finetune.registry import register_stage
+from medvlp.finetune.registry import lazy_exports, register_stage
 
 register_stage("pcam", "medvlp.finetune.pcam.config:PcamConfig", "medvlp.finetune.pcam.stage:PcamStage", kind="pcam",
                commands="medvlp.finetune.pcam.commands:add_commands")
 
 _LAZY = {"PcamConfig": "medvlp.finetune.pcam.config", "PcamStage": "medvlp.finetune.pcam.stage"}
+__getattr__ = lazy_exports(__name__, _LAZY)  # the classes load on first use
 __all__ = ["PcamConfig", "PcamStage"]
-
-
-def __getattr__(name: str):  # the stage's classes, imported on first use (declaring the stage imports nothing heavy)
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

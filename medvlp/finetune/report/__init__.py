@@ -6,18 +6,11 @@ a causal LM with gated cross-attention to the resampled latents, two training st
     medvlp generate --checkpoint RUN2 --shards SLIDES --out reports.jsonl
     medvlp report eval --checkpoint RUN2 --shards SLIDES     # table vs the template and retrieval baselines
 """
-from medvlp.finetune.registry import register_stage
+from medvlp.finetune.registry import lazy_exports, register_stage
 
 register_stage("report", "medvlp.finetune.report.config:ReportConfig", "medvlp.finetune.report.stage:ReportStage",
                kind="report", commands="medvlp.finetune.report.commands:add_commands")
 
 _LAZY = {"ReportConfig": "medvlp.finetune.report.config", "ReportStage": "medvlp.finetune.report.stage"}
+__getattr__ = lazy_exports(__name__, _LAZY)  # the classes load on first use
 __all__ = ["ReportConfig", "ReportStage"]
-
-
-def __getattr__(name: str):  # the stage's classes, imported on first use (declaring the stage imports nothing heavy)
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
