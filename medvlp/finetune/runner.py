@@ -659,17 +659,14 @@ def _claim_out_dir(accelerator, out: Path, rc: RunnerConfig, overwrite: bool, lo
     """The run folder rules of the spine, decided by the main process for all: refuse an MLflow store that cannot
     be written (`tracking`: the config's section when the runner makes the tracker; before anything is written);
     take OUT's lock; refuse a folder holding another run unless resuming (an overwrite moves that run aside)."""
-    from medvlp.pretrain.tracking import TrackingStoreError, check_store
+    from medvlp.pretrain.tracking import TrackingStoreError, store_refusal
 
-    problem, store = "", ""
-    if accelerator.is_main_process:
+    problem = ""
+    store = store_refusal(tracking, 0 if accelerator.is_main_process else 1) if tracking is not None else ""
+    if accelerator.is_main_process and not store:
         try:
-            if tracking is not None:
-                check_store(tracking)
             lock.acquire()
             spine.refuse_if_taken(out, rc.resume, overwrite, "finetune.out_dir")
-        except TrackingStoreError as e:
-            store = str(e)
         except RunDirError as e:
             problem = str(e)
     if _any_process(bool(store), accelerator):

@@ -179,17 +179,25 @@ def _store_problem(uri: str) -> str | None:
     return None
 
 
-def check_store(cfg, rank: int = 0) -> None:
-    """TrackingStoreError (one line naming the store) when tracking is on, this is rank 0 and the configured local
-    store cannot be written. The training loops call it before claiming their run folder, so a refused run leaves
-    nothing behind: `tracking.enabled=false` trains without MLflow."""
+def store_refusal(cfg, rank: int = 0) -> str:
+    """The one-line refusal of a training run whose configured local MLflow store cannot be written, or "" (tracking
+    off, not rank 0, or a writable / remote store): `tracking.enabled=false` trains without MLflow."""
     if rank != 0 or not bool(getattr(cfg, "enabled", True)):
-        return
+        return ""
     uri = resolve_uri(getattr(cfg, "uri", ""))
     problem = store_problem(uri)
-    if problem:
-        raise TrackingStoreError(f"MLflow store {uri} cannot be written: {problem}; point tracking.uri at a "
-                                 f"writable store, or set tracking.enabled=false to train without MLflow")
+    if not problem:
+        return ""
+    return (f"MLflow store {uri} cannot be written: {problem}; point tracking.uri at a writable store, or set "
+            f"tracking.enabled=false to train without MLflow")
+
+
+def check_store(cfg, rank: int = 0) -> None:
+    """TrackingStoreError with `store_refusal`'s line when it has one. The training loops check before claiming
+    their run folder, so a refused run leaves nothing behind."""
+    refusal = store_refusal(cfg, rank)
+    if refusal:
+        raise TrackingStoreError(refusal)
 
 
 def error_line(e: BaseException | None, limit: int = 300) -> str:

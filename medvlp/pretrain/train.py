@@ -151,8 +151,6 @@ def peak_flops(device: torch.device) -> float:
     return next((v for k, v in table.items() if k in name), 0.0)
 
 
-_rng_snapshot = spine.rng_snapshot  # the global RNG states (the spine's)
-_rng_restore = spine.rng_restore
 
 
 def _fmt_value(v: Any) -> str:
@@ -303,7 +301,7 @@ class Trainer:
         src = self._batch_source()
         start_pos = src.position() if hasattr(src, "position") else None
         # a step abandoned half-way (signal, data failure) must leave no trace: its micro batches' draws included
-        rng = _rng_snapshot() if cfg.train.grad_accum > 1 else None
+        rng = spine.rng_snapshot() if cfg.train.grad_accum > 1 else None
         loss_on = lambda *o: self.loss_fn(*o, rank=self.rank, world_size=world)  # noqa: E731
         for i in range(cfg.train.grad_accum):
             try:
@@ -313,7 +311,7 @@ class Trainer:
                 if start_pos is not None:
                     src.rewind(start_pos)
                 if rng is not None and i > 0:
-                    _rng_restore(rng)
+                    spine.rng_restore(rng)
                 raise
             img, tok = _image_of(batch), batch["tokens"]
             if engine.bfloat16_enabled():  # bf16 weights (GPU): feed bf16 pixels
@@ -367,7 +365,7 @@ class Trainer:
         zero3 = any(hasattr(p, "ds_id") for p in params)
         ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else nullcontext()
         metrics: dict = {}
-        rng = _rng_snapshot()
+        rng = spine.rng_snapshot()
         try:
             with ctx:
                 if self.rank == 0:
@@ -380,7 +378,7 @@ class Trainer:
                                                     step=self.step)
                     module.train(was_training)
         finally:
-            _rng_restore(rng)
+            spine.rng_restore(rng)
         if dist.is_initialized():
             dist.barrier()
         return metrics
@@ -395,17 +393,11 @@ class Trainer:
         resume = cfg.train.resume
         if resume and self.overwrite:
             raise RunDirError("train.resume and overwrite: choose one (continue the run, or replace it)")
-        busy = store = ""
-        if self.rank == 0:  # before anything is written: a refused run leaves the folder as it was
-            from medvlp.pretrain.tracking import TrackingStoreError, check_store
+        from medvlp.pretrain.tracking import TrackingStoreError, store_refusal
 
-            try:
-                check_store(cfg.tracking)
-            except TrackingStoreError as e:
-                store = str(e)
+        busy = ""
+        store = store_refusal(cfg.tracking, self.rank)  # before anything is written: a refused run leaves the folder
         if _any_rank(bool(store), self.device):
-            from medvlp.pretrain.tracking import TrackingStoreError
-
             raise TrackingStoreError(store or "the MLflow store cannot be written (see rank 0)")
         if self.rank == 0:
             self._lock = spine.RunLock(out)
