@@ -19,6 +19,14 @@ def interp_results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _magnitude(name: str, e: dict) -> float:
+    """The size rounding is relative to. dL/d(scale) is a mean of (softmax-weighted cosine − matched cosine) terms,
+    each up to |cos| <= 1, which cancel to ~1e-2: its rounding scales with the terms (1), not with the small total.
+    The interpreter's exp comes from numpy, whose SIMD kernels (and last-bit accuracy) differ between CPUs, so an
+    fp32 d_scale can sit ~5e-7 from the fp32 reference on one CPU and ~1e-8 on another; both are fp32-accurate."""
+    return max(e["ref_max"], 1.0) if name == "d_scale" else e["ref_max"]
+
+
 def test_triton_values_and_grads_match_reference(interp_results):
     names = ["loss", "d_img", "d_txt", "d_img_k", "d_txt_k", "d_scale"]
     for case in interp_results["cases"]:
@@ -30,7 +38,7 @@ def test_triton_values_and_grads_match_reference(interp_results):
         rel = 2e-5 if dtype == "float32" else 1e-2
         for name, e in zip(outs, errs):
             assert e["finite"], f"{case['case']} {name}: non-finite output"
-            assert e["max_abs"] <= rel * e["ref_max"] + 1e-7, f"{case['case']} {name}: {e}"
+            assert e["max_abs"] <= rel * _magnitude(name, e) + 1e-7, f"{case['case']} {name}: {e}"
 
 
 def test_d_split_and_two_pass_cases_ran(interp_results):
@@ -62,4 +70,4 @@ def test_every_backward_candidate_matches_reference(interp_results):
     assert ct.pass_count(512, torch.bfloat16, block_do=512) == 5 < ct.pass_count(512, torch.bfloat16) == 7
     for c in cands:
         for name, e in zip(["loss", "d_img", "d_txt", "d_scale"], c["errs"].values()):
-            assert e["finite"] and e["max_abs"] <= 1e-2 * e["ref_max"] + 1e-7, f"{c['cfg']} {name}: {e}"
+            assert e["finite"] and e["max_abs"] <= 1e-2 * _magnitude(name, e) + 1e-7, f"{c['cfg']} {name}: {e}"
