@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 # Every install takes its versions from this lock (pip constraints); `make lock` regenerates it from pyproject.toml.
 LOCK := constraints.txt
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): 2 matches the 2-core CI box; TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 # Options of the demo, e.g. make demo DEMO_ARGS="--steps 150" (see python -m medvlp.launch.demo --help).
 DEMO_ARGS ?=
 # When make started: `make demo` reports install (venv + pip) time as the time from here to the demo's start.
@@ -39,8 +41,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m medvlp.launch.demo --out demo_out --started-at $(MAKE_T0) $(DEMO_ARGS)
 
+# --dist loadfile: a test file runs in one worker, so its module fixtures (built corpora, trained towers) are built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_stream.py
