@@ -3,9 +3,11 @@
     class MyStage:                                     # the Stage protocol below
         def build(self, pretrained, cfg): ...          # -> nn.Module (forward takes what `loss` passes)
         def loss(self, model, batch): ...              # -> (scalar loss, {"name": float, ...})
-        def batches(self, cfg, split, rank, world): ...  # -> iterable of batch dicts for this process
-        def evaluate(self, model, cfg): ...            # optional -> {"metric": float}; may also declare the
-                                                       # keywords `step` and `tracker` (figures/artifacts, rank 0)
+        def batches(self, cfg, split, ctx, *, epoch=0, start_step=0): ...  # -> this process's batch dicts
+        def evaluate(self, model, cfg, ctx): ...       # optional -> {"metric": float}
+
+    ctx: a `StageContext` (rank, world_size, is_main, out_dir, tracker; `step` in `evaluate`), the same for every
+    stage; outside the runner `StageContext()` is one process, the main one, with no tracker.
 
     result = run_stage(MyStage(), cfg)                 # cfg: the stage's root config, with a `finetune:` section
 
@@ -22,8 +24,8 @@ What the loop does, in order:
    scheduler step. Loss and the stage's metrics are averaged over micro batches and processes.
 4. Every `log_every` steps the averaged metrics go to MLflow (rank 0 only, `medvlp.pretrain.tracking.Tracker`; the
    flattened config is logged as params); every `eval_every` steps and at the end `stage.evaluate` runs (on every
-   process, model in eval mode, no grad; rank 0's result is logged under `eval/`). An `evaluate` that declares
-   `step` / `tracker` keywords gets the step and, on rank 0, the MLflow tracker (None elsewhere) for artifacts.
+   process, model in eval mode, no grad; rank 0's result is logged under `eval/`). Its context carries the step
+   and, on rank 0, the MLflow tracker (None elsewhere) for artifacts.
 5. Every `ckpt_every` steps and at the end `accelerator.save_state` writes `OUT/checkpoints/step_XXXXXXXX/`
    (model as safetensors, optimizer, scheduler, RNG states of every process, the loop position); a `COMPLETE`
    marker naming this run is written last, and only the `keep_ckpts` newest complete checkpoints of this run are
@@ -42,10 +44,9 @@ refused before the run folder is touched.
 6. At the end: `OUT/model.safetensors` (the trained module's state dict), `OUT/config.yaml` (the resolved config),
    `OUT/result.json`; `run_stage` returns a `FinetuneResult`.
 
-Data: the stage shards its own batches (`batches` gets this process's rank and the world size); the runner never
-wraps them in a distributed sampler. If `batches` also accepts `epoch` and `start_step` keywords the runner
-passes them (exact, cheap resume); otherwise it re-iterates and skips the batches already consumed. An exhausted
-iterable starts the next epoch.
+Data: the stage shards its own batches (`batches` gets this process's rank and the world size in its context); the
+runner never wraps them in a distributed sampler. The runner passes the `epoch` and the micro batches already taken
+from it (`start_step`): the stage starts there (exact, cheap resume). An exhausted iterable starts the next epoch.
 
 DDP and DeepSpeed only see what runs through the wrapped module's forward: `stage.loss` must call `model(...)`,
 not a submodule of it, for its gradients to be synchronised.
@@ -53,7 +54,6 @@ not a submodule of it, for its gradients to be synchronised.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -141,6 +141,18 @@ class RunnerConfig:
 
 
 # ----------------------------------------------------------------------------------------------- protocol
+@dataclass(frozen=True)
+class StageContext:
+    """What the runner tells a stage about the run it is in (`StageContext()`: one process, outside a run)."""
+
+    rank: int = 0  # this process
+    world_size: int = 1  # processes in the run
+    is_main: bool = True  # the process that writes the run's files and logs to MLflow
+    out_dir: str = ""  # the run folder (finetune.out_dir; "" outside a run)
+    tracker: Any = None  # the MLflow tracker on the main process (None elsewhere and without tracking)
+    step: int | None = None  # in `evaluate`: the optimizer step evaluated (None: a final evaluation outside a run)
+
+
 @runtime_checkable
 class Stage(Protocol):
     """What a fine-tune stage gives the runner. `cfg` is always the stage's whole root config."""
@@ -151,8 +163,10 @@ class Stage(Protocol):
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         """(scalar loss, metrics of floats/0-d tensors) of one micro batch; must call `model(...)` (wrapped)."""
 
-    def batches(self, cfg: Any, split: str, rank: int, world: int) -> Iterable[dict]:
-        """This process's batches of `split` ("train" | "val" | "test"), already sharded by rank."""
+    def batches(self, cfg: Any, split: str, ctx: StageContext, *, epoch: int = 0,
+                start_step: int = 0) -> Iterable[dict]:
+        """This process's batches of `split` ("train" | "val" | "test"), sharded by `ctx.rank` / `ctx.world_size`,
+        starting at micro batch `start_step` of `epoch`."""
 
 
 @dataclass
@@ -308,25 +322,16 @@ class _LoopState:
 
 
 class _TrainBatches:
-    """Endless micro batches from `stage.batches(cfg, "train", rank, world)`, epoch after epoch, resumable."""
+    """Endless micro batches from `stage.batches(cfg, "train", ctx, epoch=..., start_step=...)`, epoch after epoch,
+    resumable."""
 
-    def __init__(self, stage: Stage, cfg: Any, rank: int, world: int, state: _LoopState) -> None:
-        self.stage, self.cfg, self.rank, self.world, self.state = stage, cfg, rank, world, state
-        params = inspect.signature(stage.batches).parameters
-        self.positional = not ({"epoch", "start_step"} <= set(params)
-                               or any(p.kind is p.VAR_KEYWORD for p in params.values()))
+    def __init__(self, stage: Stage, cfg: Any, ctx: StageContext, state: _LoopState) -> None:
+        self.stage, self.cfg, self.ctx, self.state = stage, cfg, ctx, state
         self._it: Iterator[dict] | None = None
 
     def _open(self) -> Iterator[dict]:
         st = self.state
-        if self.positional:
-            it = iter(self.stage.batches(self.cfg, "train", self.rank, self.world))
-            for _ in range(st.consumed):  # no start_step keyword: skip what was consumed before a resume
-                if next(it, None) is None:
-                    break
-            return it
-        return iter(self.stage.batches(self.cfg, "train", self.rank, self.world, epoch=st.epoch,
-                                       start_step=st.consumed))
+        return iter(self.stage.batches(self.cfg, "train", self.ctx, epoch=st.epoch, start_step=st.consumed))
 
     def next(self) -> dict:
         for _ in range(2):
@@ -339,7 +344,8 @@ class _TrainBatches:
             self._it = None
             self.state.epoch += 1
             self.state.consumed = 0
-        raise RuntimeError(f"{type(self.stage).__name__}.batches(split='train', rank={self.rank}) yielded no batch")
+        raise RuntimeError(f"{type(self.stage).__name__}.batches(split='train', rank={self.ctx.rank}) yielded no "
+                           "batch")
 
 
 def _mean_metrics(items: list[dict]) -> dict[str, float]:
@@ -469,7 +475,8 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
         run_uid = spine.start_run(out, "finetune", rc.resume)
         _write_config(out, cfg)
 
-    batches = _TrainBatches(stage, cfg, rank, world, state)
+    ctx = StageContext(rank=rank, world_size=world, is_main=main, out_dir=str(out), tracker=tracker if main else None)
+    batches = _TrainBatches(stage, cfg, ctx, state)
     losses: list[tuple[int, float]] = []
     evals: list[tuple[int, dict]] = []
     last_ckpt = str(complete_checkpoints(out)[-1]) if main and complete_checkpoints(out) else ""
@@ -538,7 +545,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
                     tracker.log_metrics(logged, step=state.step)
                 window = []
             if rc.eval_every and state.step % rc.eval_every == 0 and state.step < rc.steps:
-                evals.append((state.step, _evaluate(stage, accelerator, model, cfg, rc, tracker, state.step)))
+                evals.append((state.step, _evaluate(stage, accelerator, model, cfg, rc, ctx, state.step)))
             stop = bool(rc.stop_after) and state.step - resumed_from >= rc.stop_after and state.step < rc.steps
             by_signal = state.step < rc.steps and _any_process(guard.stop, accelerator)
             stop = stop or by_signal
@@ -550,7 +557,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
         final: dict = {}
         weights = out / "model.safetensors"
         if rc.final_eval and not stopped:
-            final = _evaluate(stage, accelerator, model, cfg, rc, tracker, state.step)
+            final = _evaluate(stage, accelerator, model, cfg, rc, ctx, state.step)
             if final:
                 evals.append((state.step, final))
         accelerator.wait_for_everyone()
@@ -604,7 +611,7 @@ def _report_interrupted(tracker, reason: str, step: int, last_ckpt: str, window:
         log.warning("MLflow: the interrupted run was not fully recorded (%s: %s)", type(e).__name__, e)
 
 
-def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, tracker, step: int) -> dict:
+def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, ctx: StageContext, step: int) -> dict:
     fn = getattr(stage, "evaluate", None)
     if not callable(fn):
         return {}
@@ -612,24 +619,14 @@ def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, tracker, step: i
     inner.eval()
     try:
         with torch.no_grad(), accelerator.autocast():
-            extra = _accepted(fn, step=step, tracker=tracker if accelerator.is_main_process else None)
-            metrics = {k: float(v) for k, v in (fn(inner, cfg, **extra) or {}).items()}
+            metrics = {k: float(v) for k, v in (fn(inner, cfg, dataclasses.replace(ctx, step=step)) or {}).items()}
     finally:
         set_train_mode(model, rc.frozen_eval)
-    if tracker is not None and accelerator.is_main_process:
-        tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    if ctx.tracker is not None:
+        ctx.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if accelerator.is_main_process:
         print(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
     return metrics
-
-
-def _accepted(fn, **candidates) -> dict:
-    """The keyword arguments among `candidates` that `fn` declares: a stage's optional hooks, e.g. `evaluate`'s
-    `step` and `tracker` (for artifacts such as figures; None off rank 0)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return candidates
-    return {k: v for k, v in candidates.items() if k in params}
 
 
 def _save(accelerator, out: Path, step: int, keep: int, run_uid: str | None) -> str:
