@@ -61,7 +61,7 @@ import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -357,6 +357,30 @@ def _mean_metrics(items: list[dict]) -> dict[str, float]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- shards
+# How the runner finds a stage's declaration (`medvlp.finetune.registry` registers its finder on import, as it
+# registers its root finder with the config home): kind -> an object with `name` and `shards` (a ShardNeed), or None.
+_STAGE_FINDERS: list[Callable[[str], Any]] = []
+
+
+def register_stage_finder(find: Callable[[str], Any]) -> None:
+    if find not in _STAGE_FINDERS:
+        _STAGE_FINDERS.append(find)
+
+
+def check_stage_shards(cfg: Any) -> None:
+    """Refuse shards that do not fit the stage declared for `cfg.kind` (its `shards` in the stage registry): a
+    `ShardRequirementError` naming the config key, the shards' modality and the stage. Nothing for a config of no
+    declared stage."""
+    kind = getattr(cfg, "kind", None)
+    for find in _STAGE_FINDERS if isinstance(kind, str) else ():
+        spec = find(kind)
+        if spec is not None:
+            if spec.shards is not None:
+                spec.shards.check(cfg, spec.name)
+            return
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 def run_stage(stage: Stage, cfg: Any, tracker: Any = None, overwrite: bool = False) -> FinetuneResult:
     """Train `stage` under `cfg` (its root config; the loop reads `cfg.finetune`, MLflow reads `cfg.tracking`).
@@ -377,6 +401,7 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None, overwrite: bool = Fal
     for name in ("build", "loss", "batches"):
         if not callable(getattr(stage, name, None)):
             raise TypeError(f"{type(stage).__name__}: a Stage needs a `{name}` method")
+    check_stage_shards(cfg)  # the stage's declared shards, before anything is written or built
     t0 = time.time()
     # one process may run several stages one after the other (tests, sweeps): start from a fresh accelerate state
     # (an existing process group is reused)

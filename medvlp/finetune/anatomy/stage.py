@@ -113,9 +113,7 @@ class AnatomyStage:
         cfg.validate()
         if not cfg.data.train_shards:
             raise ValueError("data.train_shards: empty; point it at CT shards with organ masks")
-        from medvlp.data_shards.require import require_shards
 
-        require_shards(cfg.data, stage="anatomy", modalities=("ct",), masks=True, what="CT volumes with organ masks")
         if pretrained is not None:
             clip = pretrained.model
         else:

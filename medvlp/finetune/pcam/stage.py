@@ -132,10 +132,8 @@ class PcamStage:
                            start_step=start_step, train=train, split=None if train else split)
 
     def _label_names(self, cfg: PcamConfig) -> list[str]:
-        from medvlp.data_shards.require import require_shards
         from medvlp.data_shards.stream import resolve_shards
 
-        require_shards(cfg.data, stage="pcam", modalities=("cxr", "patho"), what="2D images: PCAM localises findings in them")
         return list(resolve_shards(cfg.data.train_shards, cfg.data.split, cfg.data.index).label_names)
 
     # -- model
