@@ -61,7 +61,7 @@ import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -305,15 +305,19 @@ def _deepspeed_plugin(rc: RunnerConfig):
 
 
 class _LoopState:
-    """The loop position saved with every checkpoint (registered with `accelerator.register_for_checkpointing`)."""
+    """The loop position saved with every checkpoint (registered with `accelerator.register_for_checkpointing`):
+    the step, the MLflow run and, once the loop has its batches, their (epoch, micro batches consumed) position."""
 
     def __init__(self) -> None:
         self.step = 0  # optimizer steps done
-        self.epoch = 0  # data epoch of the current iterator
+        self.epoch = 0  # data epoch of the current iterator (as loaded; the batches' own once they exist)
         self.consumed = 0  # micro batches taken from the current epoch
         self.run_id = ""
+        self.batches: spine.EpochBatches | None = None
 
     def state_dict(self) -> dict:
+        if self.batches is not None:
+            self.epoch, self.consumed = self.batches.epoch, self.batches.step
         return {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "run_id": self.run_id}
 
     def load_state_dict(self, d: dict) -> None:
@@ -321,31 +325,13 @@ class _LoopState:
         self.run_id = str(d.get("run_id", ""))
 
 
-class _TrainBatches:
+def _train_batches(stage: Stage, cfg: Any, ctx: StageContext, state: _LoopState) -> spine.EpochBatches:
     """Endless micro batches from `stage.batches(cfg, "train", ctx, epoch=..., start_step=...)`, epoch after epoch,
-    resumable."""
-
-    def __init__(self, stage: Stage, cfg: Any, ctx: StageContext, state: _LoopState) -> None:
-        self.stage, self.cfg, self.ctx, self.state = stage, cfg, ctx, state
-        self._it: Iterator[dict] | None = None
-
-    def _open(self) -> Iterator[dict]:
-        st = self.state
-        return iter(self.stage.batches(self.cfg, "train", self.ctx, epoch=st.epoch, start_step=st.consumed))
-
-    def next(self) -> dict:
-        for _ in range(2):
-            if self._it is None:
-                self._it = self._open()
-            batch = next(self._it, None)
-            if batch is not None:
-                self.state.consumed += 1
-                return batch
-            self._it = None
-            self.state.epoch += 1
-            self.state.consumed = 0
-        raise RuntimeError(f"{type(self.stage).__name__}.batches(split='train', rank={self.ctx.rank}) yielded no "
-                           "batch")
+    from the loaded position on (the spine's batch iteration, as in pretraining)."""
+    state.batches = spine.EpochBatches(
+        lambda epoch, start: stage.batches(cfg, "train", ctx, epoch=epoch, start_step=start), state.epoch,
+        state.consumed, what=f"{type(stage).__name__}.batches(split='train', rank={ctx.rank})", lazy=True)
+    return state.batches
 
 
 def _mean_metrics(items: list[dict]) -> dict[str, float]:
@@ -487,12 +473,10 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
 
     own_tracker = tracker is None
     if own_tracker and getattr(cfg, "tracking", None) is not None:
-        from medvlp.pretrain.tracking import Tracker, flatten
+        from medvlp.pretrain.tracking import flatten
 
-        tracker = Tracker(cfg.tracking, rank, flatten(config_dict(cfg)), resume_run_id=state.run_id or None)
-        tracker.start()
-        if resumed_from and main:
-            spine.clear_interrupted(tracker)
+        tracker = spine.start_tracker(cfg.tracking, rank, flatten(config_dict(cfg)), state.run_id,
+                                      resumed=bool(resumed_from))
     run_id = getattr(tracker, "run_id", None) if tracker is not None else None
     state.run_id = run_id or state.run_id
     run_uid = None
@@ -501,7 +485,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
         _write_config(out, cfg)
 
     ctx = StageContext(rank=rank, world_size=world, is_main=main, out_dir=str(out), tracker=tracker if main else None)
-    batches = _TrainBatches(stage, cfg, ctx, state)
+    batches = _train_batches(stage, cfg, ctx, state)
     losses: list[tuple[int, float]] = []
     evals: list[tuple[int, dict]] = []
     last_ckpt = str(complete_checkpoints(out)[-1]) if main and complete_checkpoints(out) else ""
@@ -514,19 +498,13 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
         set_train_mode(model, rc.frozen_eval)
         while state.step < rc.steps:
             step_metrics, bad, micro_start = [], False, getattr(accelerator, "step", 0)
-            pos = (state.epoch, state.consumed)  # where this step's data starts (a failed step goes back here)
-            rng = spine.rng_snapshot() if rc.grad_accum > 1 else None
-            for i in range(rc.grad_accum):
-                try:
-                    raw = batches.next()
-                except DataStreamError:  # abandon the step: no gradient, draw or batch of it is kept
-                    model.zero_grad(set_to_none=True)
-                    if hasattr(accelerator, "step"):
-                        accelerator.step = micro_start
-                    (state.epoch, state.consumed), batches._it = pos, None
-                    if rng is not None and i > 0:
-                        spine.rng_restore(rng)
-                    raise
+
+            def abandon(start=micro_start) -> None:  # a step whose data failed: none of its gradients is kept
+                model.zero_grad(set_to_none=True)
+                if hasattr(accelerator, "step"):
+                    accelerator.step = start
+
+            for _, raw in spine.micro_batches(batches.next, batches, rc.grad_accum, abandon):
                 batch = to_device(raw, accelerator.device)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
@@ -564,10 +542,8 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
             pbar.update(1)
             pbar.set_postfix(loss=f"{avg['loss']:.4f}")
             if state.step % rc.log_every == 0 or state.step == rc.steps:
-                logged = {f"train/{k}": v for k, v in _mean_metrics(window).items()}
-                logged["train/lr"] = scheduler.get_last_lr()[0]
                 if tracker is not None and main:
-                    tracker.log_metrics(logged, step=state.step)
+                    tracker.log_metrics(_train_metrics(window, scheduler), step=state.step)
                 window = []
             if rc.eval_every and state.step % rc.eval_every == 0 and state.step < rc.steps:
                 evals.append((state.step, _evaluate(stage, accelerator, model, cfg, rc, ctx, state.step)))
@@ -608,8 +584,10 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
     finally:
         guard.__exit__()
         pbar.close()
-        if reason and main and tracker is not None:
-            _report_interrupted(tracker, reason, state.step, last_ckpt, window, scheduler)
+        if reason and main and tracker is not None:  # the curves end where training did; fine-tuning logs no
+            # MLflow model, so the tags reference the checkpoint
+            spine.report_interrupted(tracker, reason, state.step, last_ckpt,
+                                     _train_metrics(window, scheduler) if window else None)
         if own_tracker and tracker is not None:
             tracker.end(status)
     result = FinetuneResult(out_dir=str(out), steps_done=state.step, trainable=trainable, n_trainable=n_train,
@@ -622,18 +600,11 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
     return result
 
 
-def _report_interrupted(tracker, reason: str, step: int, last_ckpt: str, window: list[dict], scheduler) -> None:
-    """An interrupted fine-tune run's MLflow record: the metrics of the steps since the last log (the curves end
-    where training did) and the tags of `spine.mark_interrupted` (the reason, the step reached, the checkpoint a
-    resume continues from; fine-tuning logs no MLflow model, so the checkpoint is referenced). Never raises."""
-    try:
-        if window:
-            logged = {f"train/{k}": v for k, v in _mean_metrics(window).items()}
-            logged["train/lr"] = scheduler.get_last_lr()[0]
-            tracker.log_metrics(logged, step=step)
-        spine.mark_interrupted(tracker, reason, step, last_ckpt or None)
-    except Exception as e:  # noqa: BLE001 - the interruption is what must be reported
-        log.warning("MLflow: the interrupted run was not fully recorded (%s: %s)", type(e).__name__, e)
+def _train_metrics(window: list[dict], scheduler) -> dict[str, float]:
+    """What a log writes: the mean of each metric over the steps since the last log, and the learning rate."""
+    logged = {f"train/{k}": v for k, v in _mean_metrics(window).items()}
+    logged["train/lr"] = scheduler.get_last_lr()[0]
+    return logged
 
 
 def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, ctx: StageContext, step: int) -> dict:
