@@ -10,9 +10,9 @@ it does not may still be (a small blob anywhere in a lung is not a linear functi
 """
 import sys, time
 import numpy as np
-from medvlp.data_shards.synth_cxr import draw_cxr_spec, render_cxr, FINDINGS_CXR
-from medvlp.data_shards.synth_util import iter_studies
-from medvlp.data_shards.synth_cxr import CXR_VISITS
+from medvlp.data_shards.synth.cxr import draw_cxr_spec, render_cxr, FINDINGS_CXR
+from medvlp.data_shards.synth.util import iter_studies
+from medvlp.data_shards.synth.cxr import CXR_VISITS
 import torch, torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score

@@ -184,13 +184,14 @@ def load_image(path: str, image_size: int, resize: str = "longest") -> np.ndarra
         if isinstance(im, np.ndarray):
             return _resize_u16(im, image_size)
         w, h = im.size
-        nw, nh = _bounded(w, h, image_size)
+        nw, nh = bounded_size(w, h, image_size)
         if (nw, nh) != (w, h):
             im = im.resize((nw, nh), Image.LANCZOS)
         return np.asarray(im)
 
 
-def _bounded(w: int, h: int, limit: int) -> tuple[int, int]:
+def bounded_size(w: int, h: int, limit: int) -> tuple[int, int]:
+    """(w, h) scaled down to fit `limit` on the longer side (aspect kept; never scaled up): the stored size."""
     if max(w, h) <= limit:
         return w, h
     s = limit / max(w, h)
@@ -199,7 +200,7 @@ def _bounded(w: int, h: int, limit: int) -> tuple[int, int]:
 
 def _resize_u16(arr_HW: np.ndarray, image_size: int) -> np.ndarray:
     h, w = arr_HW.shape
-    nw, nh = _bounded(w, h, image_size)
+    nw, nh = bounded_size(w, h, image_size)
     if (nw, nh) == (w, h):
         return np.ascontiguousarray(arr_HW)
     return _resample_u16(arr_HW, nw, nh)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from medvlp.finetune.registry import (STAGES, StageSpec, get_stage, known_stages, load_stage_config, register_stage,
                                       stage_spec)
-from medvlp.finetune.runner import (FinetuneResult, RunnerConfig, Stage, count_parameters, freeze_by_pattern,
-                                    run_stage)
+from medvlp.finetune.runner import (FinetuneResult, RunnerConfig, Stage, StageContext, count_parameters,
+                                    freeze_by_pattern, run_stage)
 
-__all__ = ["STAGES", "FinetuneResult", "RunnerConfig", "Stage", "StageSpec", "count_parameters", "freeze_by_pattern",
-           "get_stage", "known_stages", "load_stage_config", "register_stage", "run_stage", "stage_spec"]
+__all__ = ["STAGES", "FinetuneResult", "RunnerConfig", "Stage", "StageContext", "StageSpec", "count_parameters",
+           "freeze_by_pattern", "get_stage", "known_stages", "load_stage_config", "register_stage", "run_stage",
+           "stage_spec"]

@@ -4,7 +4,8 @@ A stage package (`medvlp/finetune/<name>/__init__.py`) declares its stage when i
 path so that the declaration itself imports nothing heavy (the CLI reads every declaration at start-up):
 
     register_stage("pcam", "medvlp.finetune.pcam.config:PcamConfig", "medvlp.finetune.pcam.stage:PcamStage",
-                   kind="pcam", commands="medvlp.finetune.pcam.commands:add_commands")
+                   kind="pcam", commands="medvlp.finetune.pcam.commands:add_commands",
+                   shards=ShardNeed(("cxr", "patho"), what="2D images"))
 
 * ``name``: the CLI name (`medvlp finetune NAME`); ``kind``: the recipe ``kind:`` of its root config (recipes and
   `medvlp.pretrain.config.load_config` find the root class through `root_for_kind`, registered as a root finder
@@ -14,6 +15,9 @@ path so that the declaration itself imports nothing heavy (the CLI reads every d
   command whose ``--help`` is being asked for, so an epilog that needs the config class is built only then);
   ``aliases``: argv prefixes the CLI rewrites before parsing (``{"eval few-shot": "eval-few-shot"}``).
   `add_stage_commands` adds every stage's commands to the `medvlp` parser.
+* ``shards``: the shards the stage takes (`medvlp.data_shards.require.ShardNeed`: modalities, organ masks, the
+  config keys naming them). The runner checks them before the stage builds (one line naming the config key, the
+  shards' modality and the stage; exit 2 from the CLI); None: no check.
 
 A class or callable may be given instead of an import path (tests register small stages that way).
 """
@@ -26,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from medvlp.data_shards.require import ShardNeed
+from medvlp.finetune.runner import register_stage_finder
 from medvlp.pretrain.config import load_recipe_dict, register_root_finder
 from medvlp.pretrain.configtree import ConfigError, apply_overrides, build, format_docs
 
@@ -50,6 +56,7 @@ class StageSpec:
     stage: Any  # Stage factory (no arguments) or "module:Name"
     commands: Any = None  # add_commands(subparsers, help_cmd) or "module:function"; None: no commands of its own
     aliases: dict[str, str] = field(default_factory=dict)  # "eval few-shot" -> "eval-few-shot"
+    shards: ShardNeed | None = None  # the shards it takes (checked by the runner before `build`); None: unchecked
 
     def root(self) -> type:
         return _resolve(self.config)
@@ -78,12 +85,12 @@ def _kind_of(config: Any, name: str) -> str:
 
 
 def register_stage(name: str, config: Any, stage: Any, *, kind: str | None = None, commands: Any = None,
-                   aliases: dict[str, str] | None = None) -> StageSpec:
+                   aliases: dict[str, str] | None = None, shards: ShardNeed | None = None) -> StageSpec:
     """Declare stage `name` (see the module doc); a class config must be a dataclass with a `finetune` field."""
     if not isinstance(config, str) and (not dataclasses.is_dataclass(config) or "finetune" not in {
             f.name for f in dataclasses.fields(config)}):
         raise TypeError(f"register_stage({name!r}): {config!r} must be a dataclass with a `finetune` field")
-    spec = StageSpec(name, kind or _kind_of(config, name), config, stage, commands, dict(aliases or {}))
+    spec = StageSpec(name, kind or _kind_of(config, name), config, stage, commands, dict(aliases or {}), shards)
     STAGES[name] = spec
     return spec
 
@@ -125,10 +132,15 @@ def get_stage(name: str) -> tuple[type, Callable[[], Any]]:
     return spec.root(), spec.factory()
 
 
+def spec_for_kind(kind: str) -> StageSpec | None:
+    """The declaration of the stage whose recipes say ``kind: <kind>`` (None: no such stage)."""
+    return next((s for s in STAGES.values() if s.kind == kind), None) or next(
+        (s for s in discover() if s.kind == kind), None)
+
+
 def root_for_kind(kind: str) -> type | None:
     """The root config class of the stage whose recipes say ``kind: <kind>`` (None: no such stage)."""
-    spec = next((s for s in STAGES.values() if s.kind == kind), None) or next(
-        (s for s in discover() if s.kind == kind), None)
+    spec = spec_for_kind(kind)
     return spec.root() if spec is not None else None
 
 
@@ -137,6 +149,7 @@ def stage_kinds() -> list[str]:
 
 
 register_root_finder(root_for_kind, stage_kinds)
+register_stage_finder(spec_for_kind)  # the runner checks a stage's shards against its declaration
 
 
 def load_stage_config(stage: str, recipe: str | None, overrides: list[str]):

@@ -3,9 +3,11 @@
     class MyStage:                                     # the Stage protocol below
         def build(self, pretrained, cfg): ...          # -> nn.Module (forward takes what `loss` passes)
         def loss(self, model, batch): ...              # -> (scalar loss, {"name": float, ...})
-        def batches(self, cfg, split, rank, world): ...  # -> iterable of batch dicts for this process
-        def evaluate(self, model, cfg): ...            # optional -> {"metric": float}; may also declare the
-                                                       # keywords `step` and `tracker` (figures/artifacts, rank 0)
+        def batches(self, cfg, split, ctx, *, epoch=0, start_step=0): ...  # -> this process's batch dicts
+        def evaluate(self, model, cfg, ctx): ...       # optional -> {"metric": float}
+
+    ctx: a `StageContext` (rank, world_size, is_main, out_dir, tracker; `step` in `evaluate`), the same for every
+    stage; outside the runner `StageContext()` is one process, the main one, with no tracker.
 
     result = run_stage(MyStage(), cfg)                 # cfg: the stage's root config, with a `finetune:` section
 
@@ -22,8 +24,8 @@ What the loop does, in order:
    scheduler step. Loss and the stage's metrics are averaged over micro batches and processes.
 4. Every `log_every` steps the averaged metrics go to MLflow (rank 0 only, `medvlp.pretrain.tracking.Tracker`; the
    flattened config is logged as params); every `eval_every` steps and at the end `stage.evaluate` runs (on every
-   process, model in eval mode, no grad; rank 0's result is logged under `eval/`). An `evaluate` that declares
-   `step` / `tracker` keywords gets the step and, on rank 0, the MLflow tracker (None elsewhere) for artifacts.
+   process, model in eval mode, no grad; rank 0's result is logged under `eval/`). Its context carries the step
+   and, on rank 0, the MLflow tracker (None elsewhere) for artifacts.
 5. Every `ckpt_every` steps and at the end `accelerator.save_state` writes `OUT/checkpoints/step_XXXXXXXX/`
    (model as safetensors, optimizer, scheduler, RNG states of every process, the loop position); a `COMPLETE`
    marker naming this run is written last, and only the `keep_ckpts` newest complete checkpoints of this run are
@@ -42,10 +44,9 @@ refused before the run folder is touched.
 6. At the end: `OUT/model.safetensors` (the trained module's state dict), `OUT/config.yaml` (the resolved config),
    `OUT/result.json`; `run_stage` returns a `FinetuneResult`.
 
-Data: the stage shards its own batches (`batches` gets this process's rank and the world size); the runner never
-wraps them in a distributed sampler. If `batches` also accepts `epoch` and `start_step` keywords the runner
-passes them (exact, cheap resume); otherwise it re-iterates and skips the batches already consumed. An exhausted
-iterable starts the next epoch.
+Data: the stage shards its own batches (`batches` gets this process's rank and the world size in its context); the
+runner never wraps them in a distributed sampler. The runner passes the `epoch` and the micro batches already taken
+from it (`start_step`): the stage starts there (exact, cheap resume). An exhausted iterable starts the next epoch.
 
 DDP and DeepSpeed only see what runs through the wrapped module's forward: `stage.loss` must call `model(...)`,
 not a submodule of it, for its gradients to be synchronised.
@@ -53,7 +54,6 @@ not a submodule of it, for its gradients to be synchronised.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -61,7 +61,7 @@ import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -141,6 +141,18 @@ class RunnerConfig:
 
 
 # ----------------------------------------------------------------------------------------------- protocol
+@dataclass(frozen=True)
+class StageContext:
+    """What the runner tells a stage about the run it is in (`StageContext()`: one process, outside a run)."""
+
+    rank: int = 0  # this process
+    world_size: int = 1  # processes in the run
+    is_main: bool = True  # the process that writes the run's files and logs to MLflow
+    out_dir: str = ""  # the run folder (finetune.out_dir; "" outside a run)
+    tracker: Any = None  # the MLflow tracker on the main process (None elsewhere and without tracking)
+    step: int | None = None  # in `evaluate`: the optimizer step evaluated (None: a final evaluation outside a run)
+
+
 @runtime_checkable
 class Stage(Protocol):
     """What a fine-tune stage gives the runner. `cfg` is always the stage's whole root config."""
@@ -151,8 +163,10 @@ class Stage(Protocol):
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         """(scalar loss, metrics of floats/0-d tensors) of one micro batch; must call `model(...)` (wrapped)."""
 
-    def batches(self, cfg: Any, split: str, rank: int, world: int) -> Iterable[dict]:
-        """This process's batches of `split` ("train" | "val" | "test"), already sharded by rank."""
+    def batches(self, cfg: Any, split: str, ctx: StageContext, *, epoch: int = 0,
+                start_step: int = 0) -> Iterable[dict]:
+        """This process's batches of `split` ("train" | "val" | "test"), sharded by `ctx.rank` / `ctx.world_size`,
+        starting at micro batch `start_step` of `epoch`."""
 
 
 @dataclass
@@ -291,15 +305,19 @@ def _deepspeed_plugin(rc: RunnerConfig):
 
 
 class _LoopState:
-    """The loop position saved with every checkpoint (registered with `accelerator.register_for_checkpointing`)."""
+    """The loop position saved with every checkpoint (registered with `accelerator.register_for_checkpointing`):
+    the step, the MLflow run and, once the loop has its batches, their (epoch, micro batches consumed) position."""
 
     def __init__(self) -> None:
         self.step = 0  # optimizer steps done
-        self.epoch = 0  # data epoch of the current iterator
+        self.epoch = 0  # data epoch of the current iterator (as loaded; the batches' own once they exist)
         self.consumed = 0  # micro batches taken from the current epoch
         self.run_id = ""
+        self.batches: spine.EpochBatches | None = None
 
     def state_dict(self) -> dict:
+        if self.batches is not None:
+            self.epoch, self.consumed = self.batches.epoch, self.batches.step
         return {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "run_id": self.run_id}
 
     def load_state_dict(self, d: dict) -> None:
@@ -307,39 +325,13 @@ class _LoopState:
         self.run_id = str(d.get("run_id", ""))
 
 
-class _TrainBatches:
-    """Endless micro batches from `stage.batches(cfg, "train", rank, world)`, epoch after epoch, resumable."""
-
-    def __init__(self, stage: Stage, cfg: Any, rank: int, world: int, state: _LoopState) -> None:
-        self.stage, self.cfg, self.rank, self.world, self.state = stage, cfg, rank, world, state
-        params = inspect.signature(stage.batches).parameters
-        self.positional = not ({"epoch", "start_step"} <= set(params)
-                               or any(p.kind is p.VAR_KEYWORD for p in params.values()))
-        self._it: Iterator[dict] | None = None
-
-    def _open(self) -> Iterator[dict]:
-        st = self.state
-        if self.positional:
-            it = iter(self.stage.batches(self.cfg, "train", self.rank, self.world))
-            for _ in range(st.consumed):  # no start_step keyword: skip what was consumed before a resume
-                if next(it, None) is None:
-                    break
-            return it
-        return iter(self.stage.batches(self.cfg, "train", self.rank, self.world, epoch=st.epoch,
-                                       start_step=st.consumed))
-
-    def next(self) -> dict:
-        for _ in range(2):
-            if self._it is None:
-                self._it = self._open()
-            batch = next(self._it, None)
-            if batch is not None:
-                self.state.consumed += 1
-                return batch
-            self._it = None
-            self.state.epoch += 1
-            self.state.consumed = 0
-        raise RuntimeError(f"{type(self.stage).__name__}.batches(split='train', rank={self.rank}) yielded no batch")
+def _train_batches(stage: Stage, cfg: Any, ctx: StageContext, state: _LoopState) -> spine.EpochBatches:
+    """Endless micro batches from `stage.batches(cfg, "train", ctx, epoch=..., start_step=...)`, epoch after epoch,
+    from the loaded position on (the spine's batch iteration, as in pretraining)."""
+    state.batches = spine.EpochBatches(
+        lambda epoch, start: stage.batches(cfg, "train", ctx, epoch=epoch, start_step=start), state.epoch,
+        state.consumed, what=f"{type(stage).__name__}.batches(split='train', rank={ctx.rank})", lazy=True)
+    return state.batches
 
 
 def _mean_metrics(items: list[dict]) -> dict[str, float]:
@@ -349,6 +341,30 @@ def _mean_metrics(items: list[dict]) -> dict[str, float]:
         vals = [float(d[k]) for d in items if k in d]
         out[k] = sum(vals) / len(vals)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- shards
+# How the runner finds a stage's declaration (`medvlp.finetune.registry` registers its finder on import, as it
+# registers its root finder with the config home): kind -> an object with `name` and `shards` (a ShardNeed), or None.
+_STAGE_FINDERS: list[Callable[[str], Any]] = []
+
+
+def register_stage_finder(find: Callable[[str], Any]) -> None:
+    if find not in _STAGE_FINDERS:
+        _STAGE_FINDERS.append(find)
+
+
+def check_stage_shards(cfg: Any) -> None:
+    """Refuse shards that do not fit the stage declared for `cfg.kind` (its `shards` in the stage registry): a
+    `ShardRequirementError` naming the config key, the shards' modality and the stage. Nothing for a config of no
+    declared stage."""
+    kind = getattr(cfg, "kind", None)
+    for find in _STAGE_FINDERS if isinstance(kind, str) else ():
+        spec = find(kind)
+        if spec is not None:
+            if spec.shards is not None:
+                spec.shards.check(cfg, spec.name)
+            return
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -371,6 +387,7 @@ def run_stage(stage: Stage, cfg: Any, tracker: Any = None, overwrite: bool = Fal
     for name in ("build", "loss", "batches"):
         if not callable(getattr(stage, name, None)):
             raise TypeError(f"{type(stage).__name__}: a Stage needs a `{name}` method")
+    check_stage_shards(cfg)  # the stage's declared shards, before anything is written or built
     t0 = time.time()
     # one process may run several stages one after the other (tests, sweeps): start from a fresh accelerate state
     # (an existing process group is reused)
@@ -456,12 +473,10 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
 
     own_tracker = tracker is None
     if own_tracker and getattr(cfg, "tracking", None) is not None:
-        from medvlp.pretrain.tracking import Tracker, flatten
+        from medvlp.pretrain.tracking import flatten
 
-        tracker = Tracker(cfg.tracking, rank, flatten(config_dict(cfg)), resume_run_id=state.run_id or None)
-        tracker.start()
-        if resumed_from and main:
-            spine.clear_interrupted(tracker)
+        tracker = spine.start_tracker(cfg.tracking, rank, flatten(config_dict(cfg)), state.run_id,
+                                      resumed=bool(resumed_from))
     run_id = getattr(tracker, "run_id", None) if tracker is not None else None
     state.run_id = run_id or state.run_id
     run_uid = None
@@ -469,7 +484,8 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
         run_uid = spine.start_run(out, "finetune", rc.resume)
         _write_config(out, cfg)
 
-    batches = _TrainBatches(stage, cfg, rank, world, state)
+    ctx = StageContext(rank=rank, world_size=world, is_main=main, out_dir=str(out), tracker=tracker if main else None)
+    batches = _train_batches(stage, cfg, ctx, state)
     losses: list[tuple[int, float]] = []
     evals: list[tuple[int, dict]] = []
     last_ckpt = str(complete_checkpoints(out)[-1]) if main and complete_checkpoints(out) else ""
@@ -482,19 +498,13 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
         set_train_mode(model, rc.frozen_eval)
         while state.step < rc.steps:
             step_metrics, bad, micro_start = [], False, getattr(accelerator, "step", 0)
-            pos = (state.epoch, state.consumed)  # where this step's data starts (a failed step goes back here)
-            rng = spine.rng_snapshot() if rc.grad_accum > 1 else None
-            for i in range(rc.grad_accum):
-                try:
-                    raw = batches.next()
-                except DataStreamError:  # abandon the step: no gradient, draw or batch of it is kept
-                    model.zero_grad(set_to_none=True)
-                    if hasattr(accelerator, "step"):
-                        accelerator.step = micro_start
-                    (state.epoch, state.consumed), batches._it = pos, None
-                    if rng is not None and i > 0:
-                        spine.rng_restore(rng)
-                    raise
+
+            def abandon(start=micro_start) -> None:  # a step whose data failed: none of its gradients is kept
+                model.zero_grad(set_to_none=True)
+                if hasattr(accelerator, "step"):
+                    accelerator.step = start
+
+            for _, raw in spine.micro_batches(batches.next, batches, rc.grad_accum, abandon):
                 batch = to_device(raw, accelerator.device)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
@@ -532,13 +542,11 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
             pbar.update(1)
             pbar.set_postfix(loss=f"{avg['loss']:.4f}")
             if state.step % rc.log_every == 0 or state.step == rc.steps:
-                logged = {f"train/{k}": v for k, v in _mean_metrics(window).items()}
-                logged["train/lr"] = scheduler.get_last_lr()[0]
                 if tracker is not None and main:
-                    tracker.log_metrics(logged, step=state.step)
+                    tracker.log_metrics(_train_metrics(window, scheduler), step=state.step)
                 window = []
             if rc.eval_every and state.step % rc.eval_every == 0 and state.step < rc.steps:
-                evals.append((state.step, _evaluate(stage, accelerator, model, cfg, rc, tracker, state.step)))
+                evals.append((state.step, _evaluate(stage, accelerator, model, cfg, rc, ctx, state.step)))
             stop = bool(rc.stop_after) and state.step - resumed_from >= rc.stop_after and state.step < rc.steps
             by_signal = state.step < rc.steps and _any_process(guard.stop, accelerator)
             stop = stop or by_signal
@@ -550,7 +558,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
         final: dict = {}
         weights = out / "model.safetensors"
         if rc.final_eval and not stopped:
-            final = _evaluate(stage, accelerator, model, cfg, rc, tracker, state.step)
+            final = _evaluate(stage, accelerator, model, cfg, rc, ctx, state.step)
             if final:
                 evals.append((state.step, final))
         accelerator.wait_for_everyone()
@@ -576,8 +584,10 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
     finally:
         guard.__exit__()
         pbar.close()
-        if reason and main and tracker is not None:
-            _report_interrupted(tracker, reason, state.step, last_ckpt, window, scheduler)
+        if reason and main and tracker is not None:  # the curves end where training did; fine-tuning logs no
+            # MLflow model, so the tags reference the checkpoint
+            spine.report_interrupted(tracker, reason, state.step, last_ckpt,
+                                     _train_metrics(window, scheduler) if window else None)
         if own_tracker and tracker is not None:
             tracker.end(status)
     result = FinetuneResult(out_dir=str(out), steps_done=state.step, trainable=trainable, n_trainable=n_train,
@@ -590,21 +600,14 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
     return result
 
 
-def _report_interrupted(tracker, reason: str, step: int, last_ckpt: str, window: list[dict], scheduler) -> None:
-    """An interrupted fine-tune run's MLflow record: the metrics of the steps since the last log (the curves end
-    where training did) and the tags of `spine.mark_interrupted` (the reason, the step reached, the checkpoint a
-    resume continues from; fine-tuning logs no MLflow model, so the checkpoint is referenced). Never raises."""
-    try:
-        if window:
-            logged = {f"train/{k}": v for k, v in _mean_metrics(window).items()}
-            logged["train/lr"] = scheduler.get_last_lr()[0]
-            tracker.log_metrics(logged, step=step)
-        spine.mark_interrupted(tracker, reason, step, last_ckpt or None)
-    except Exception as e:  # noqa: BLE001 - the interruption is what must be reported
-        log.warning("MLflow: the interrupted run was not fully recorded (%s: %s)", type(e).__name__, e)
+def _train_metrics(window: list[dict], scheduler) -> dict[str, float]:
+    """What a log writes: the mean of each metric over the steps since the last log, and the learning rate."""
+    logged = {f"train/{k}": v for k, v in _mean_metrics(window).items()}
+    logged["train/lr"] = scheduler.get_last_lr()[0]
+    return logged
 
 
-def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, tracker, step: int) -> dict:
+def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, ctx: StageContext, step: int) -> dict:
     fn = getattr(stage, "evaluate", None)
     if not callable(fn):
         return {}
@@ -612,24 +615,14 @@ def _evaluate(stage, accelerator, model, cfg, rc: RunnerConfig, tracker, step: i
     inner.eval()
     try:
         with torch.no_grad(), accelerator.autocast():
-            extra = _accepted(fn, step=step, tracker=tracker if accelerator.is_main_process else None)
-            metrics = {k: float(v) for k, v in (fn(inner, cfg, **extra) or {}).items()}
+            metrics = {k: float(v) for k, v in (fn(inner, cfg, dataclasses.replace(ctx, step=step)) or {}).items()}
     finally:
         set_train_mode(model, rc.frozen_eval)
-    if tracker is not None and accelerator.is_main_process:
-        tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    if ctx.tracker is not None:
+        ctx.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if accelerator.is_main_process:
         print(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
     return metrics
-
-
-def _accepted(fn, **candidates) -> dict:
-    """The keyword arguments among `candidates` that `fn` declares: a stage's optional hooks, e.g. `evaluate`'s
-    `step` and `tracker` (for artifacts such as figures; None off rank 0)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return candidates
-    return {k: v for k, v in candidates.items() if k in params}
 
 
 def _save(accelerator, out: Path, step: int, keep: int, run_uid: str | None) -> str:

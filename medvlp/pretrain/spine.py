@@ -35,6 +35,11 @@ The rules, the same in both loops:
   "raise" stops at the first one. Both raise `NonFiniteLossError`.
 * One schedule (`lr_multiplier`: linear warmup, then cosine to a floor) and one AdamW builder (`build_adamw`: weight
   decay on matrices and kernels only).
+* One batch iteration: `EpochBatches` (endless batches, epoch after epoch, with the (epoch, step) position a
+  checkpoint saves) and `micro_batches` (one optimizer step's `grad_accum` micro batches; a step whose data fails
+  half way is abandoned without a trace: its gradients, its batch position and its RNG draws).
+* One MLflow glue: `start_tracker` (a resumed run continues its MLflow run and loses its interrupted tag) and
+  `report_interrupted` (the metrics not yet logged, the loop's artifacts, then the `mark_interrupted` tags).
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger("medvlp.spine")
 
@@ -434,6 +439,106 @@ def rng_restore(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     if "cuda" in st:
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- batches
+_END = object()
+
+
+class EpochBatches:
+    """Endless training batches, epoch after epoch, from `open_epoch(epoch, start_step)`: the iterable of one epoch's
+    batches from its batch `start_step` on (the shard stream in pretraining, a stage's `batches` in fine-tuning).
+
+    `next()` counts the batches taken from the current epoch (`step`); an exhausted epoch opens the next one from its
+    first batch; an epoch that yields nothing is an error naming `what`. `position()` is what a checkpoint saves and
+    a resume passes back as (epoch, step); `rewind(pos)` goes back to an earlier position (a step abandoned half way):
+    the stream reopens there at the next `next()`. `lazy`: open the first epoch at the first `next()`, not now."""
+
+    def __init__(self, open_epoch: Callable[[int, int], Iterable], epoch: int = 0, step: int = 0, *,
+                 what: str = "the training stream", lazy: bool = False) -> None:
+        self._open = open_epoch
+        self.epoch, self.step, self.what = int(epoch), int(step), what
+        self.source: Iterable | None = None  # the current epoch's iterable (e.g. a loader with its stats)
+        self._it: Iterator | None = None
+        if not lazy:
+            self._start()
+
+    def _start(self) -> None:
+        self.source = self._open(self.epoch, self.step)
+        self._it = iter(self.source)
+
+    def next(self) -> Any:
+        for _ in range(2):
+            if self._it is None:
+                self._start()
+            batch = next(self._it, _END)
+            if batch is not _END:
+                self.step += 1
+                return batch
+            self._it, self.epoch, self.step = None, self.epoch + 1, 0
+        raise RuntimeError(f"{self.what} yielded no batch for a whole epoch: is the split empty?")
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def rewind(self, pos: dict) -> None:
+        """Go back to `pos` (an earlier `position()`); the live iterator is dropped."""
+        self.epoch, self.step, self._it = int(pos["epoch"]), int(pos["step"]), None
+
+
+def micro_batches(next_batch: Callable[[], Any], batches: Any, n: int,
+                  abandon: Callable[[], None]) -> Iterator[tuple[int, Any]]:
+    """The `n` micro batches of one optimizer step, as (i, batch), from `next_batch()`. A batch that cannot be had
+    (`DataStreamError`: a failed stream; `DataWaitInterrupt`: a signal while waiting for it) abandons the step
+    without a trace: `abandon()` drops the gradients of its earlier micro batches (each loop's engine has its own
+    way), `batches` (when it has a `position`) goes back to where the step began, and the RNG draws of those micro
+    batches are undone; then the error goes on."""
+    from medvlp.data_shards.guard import DataStreamError
+
+    start = batches.position() if hasattr(batches, "position") else None
+    rng = rng_snapshot() if n > 1 else None
+    for i in range(n):
+        try:
+            batch = next_batch()
+        except (DataWaitInterrupt, DataStreamError):
+            abandon()
+            if start is not None:
+                batches.rewind(start)
+            if rng is not None and i > 0:
+                rng_restore(rng)
+            raise
+        yield i, batch
+
+
+# ----------------------------------------------------------------------------------------------- MLflow
+def start_tracker(tracking: Any, rank: int, config_flat: dict | None, resume_run_id: str | None = None,
+                  resumed: bool = False):
+    """The MLflow run of a training (`medvlp.pretrain.tracking.Tracker`, started; a no-op off rank 0 or with
+    tracking off): a resumed run (`resumed`) continues its MLflow run `resume_run_id` and is no longer marked
+    interrupted (`clear_interrupted`). The caller ends it."""
+    from medvlp.pretrain.tracking import Tracker
+
+    tracker = Tracker(tracking, rank, config_flat, resume_run_id=resume_run_id or None).start()
+    if resumed and rank == 0:
+        clear_interrupted(tracker)
+    return tracker
+
+
+def report_interrupted(tracker: Any, reason: str, step: int, checkpoint: str | os.PathLike | None,
+                       pending: dict | None = None, artifacts: Callable[[], str] | None = None) -> None:
+    """An interrupted run's MLflow record (main process): the metrics not yet logged (`pending`, at `step`: the
+    curves end where training did), the loop's own artifacts (`artifacts()`, which returns the URI of a model it
+    logged, or ""), then the tags of `mark_interrupted`. The caller ends the run. Never raises: the interruption is
+    what must be reported."""
+    if tracker is None:
+        return
+    try:
+        if pending:
+            tracker.log_metrics(pending, step)
+        uri = artifacts() if artifacts is not None else ""
+        mark_interrupted(tracker, reason, step, checkpoint or None, uri)
+    except Exception as e:  # noqa: BLE001 - the interruption is what must be reported
+        log.warning("MLflow: the interrupted run was not fully recorded (%s: %s)", type(e).__name__, e)
 
 
 # ----------------------------------------------------------------------------------------------- non-finite loss

@@ -98,41 +98,20 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-class _Batches:
-    """Endless batches across epochs; remembers the (epoch, step-in-epoch) position for checkpoints."""
+class _Batches(spine.EpochBatches):
+    """The shard stream as the spine's endless batches (epoch after epoch, the (epoch, step-in-epoch) position for
+    checkpoints), with the loader's count of corrupt samples."""
 
     def __init__(self, data_cfg, rank: int, world: int, tokenizer, epoch: int, step: int, device=None) -> None:
         from medvlp.data_shards.stream import make_loader
 
         # device: where data.pipeline=fast turns its uint8 batches into normalised float (and decodes on a GPU)
-        self._make = lambda e, s: make_loader(data_cfg, rank=rank, world_size=world, tokenizer=tokenizer,
-                                              epoch=e, start_step=s, train=True, device=device)
-        self.epoch, self.step = epoch, step
-        self.loader = self._make(epoch, step)
-        self._it = iter(self.loader)
-
-    def next(self) -> dict:
-        for _ in range(2):
-            try:
-                b = next(self._it)
-                self.step += 1
-                return b
-            except StopIteration:
-                self.epoch, self.step = self.epoch + 1, 0
-                self.loader = self._make(self.epoch, 0)
-                self._it = iter(self.loader)
-        raise RuntimeError("the training stream yielded no batch for a whole epoch: is the split empty?")
-
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step}
-
-    def rewind(self, pos: dict) -> None:
-        """Record an earlier position (the live iterator is abandoned: call only when stopping)."""
-        self.epoch, self.step = pos["epoch"], pos["step"]
+        super().__init__(lambda e, s: make_loader(data_cfg, rank=rank, world_size=world, tokenizer=tokenizer, epoch=e,
+                                                  start_step=s, train=True, device=device), epoch, step)
 
     @property
     def corrupt(self) -> int:
-        return int(getattr(self.loader, "stats", {}).get("corrupt", 0))
+        return int(getattr(self.source, "stats", {}).get("corrupt", 0))
 
 
 def _image_of(batch: dict) -> torch.Tensor:
@@ -298,21 +277,11 @@ class Trainer:
 
         cfg, engine, device, world = self.cfg, self.engine, self.device, self.world
         losses, micro_start = [], engine.micro_steps
-        src = self._batch_source()
-        start_pos = src.position() if hasattr(src, "position") else None
-        # a step abandoned half-way (signal, data failure) must leave no trace: its micro batches' draws included
-        rng = spine.rng_snapshot() if cfg.train.grad_accum > 1 else None
         loss_on = lambda *o: self.loss_fn(*o, rank=self.rank, world_size=world)  # noqa: E731
-        for i in range(cfg.train.grad_accum):
-            try:
-                batch = _to(self._next_batch(), device)
-            except (_DataWaitInterrupt, DataStreamError):
-                _discard_partial_step(engine, micro_start)
-                if start_pos is not None:
-                    src.rewind(start_pos)
-                if rng is not None and i > 0:
-                    spine.rng_restore(rng)
-                raise
+        # a step abandoned half-way (signal, data failure) must leave no trace: its micro batches' draws included
+        for _, raw in spine.micro_batches(self._next_batch, self._batch_source(), cfg.train.grad_accum,
+                                          lambda: _discard_partial_step(engine, micro_start)):
+            batch = _to(raw, device)
             img, tok = _image_of(batch), batch["tokens"]
             if engine.bfloat16_enabled():  # bf16 weights (GPU): feed bf16 pixels
                 img = img.to(torch.bfloat16)
@@ -483,8 +452,6 @@ class Trainer:
     def _fit(self) -> TrainResult:
         from medvlp.pretrain.progress import progress_bar as tqdm  # a bar on a terminal, plain lines off it
 
-        from medvlp.pretrain.tracking import Tracker
-
         cfg, rank = self.cfg, self.rank
         if rank == 0:
             spine.warn_long_warmup(cfg.optim.warmup_steps, cfg.train.steps, "optim.warmup_steps", "train.steps")
@@ -497,13 +464,12 @@ class Trainer:
         global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.world
         flops_per_sample = _flops_per_sample(self.model)
         peak = peak_flops(self.device) * self.world
-        tracker = self.tracker = Tracker(cfg.tracking, rank, self.config_dict, resume_run_id=self.run_id)
+        tracker = self.tracker = spine.start_tracker(cfg.tracking, rank, self.config_dict, self.run_id,
+                                                     resumed=bool(start_step))
         stop = self._stop = _StopFlag()
         try:
             with tracker, stop:
                 self.run_id = result.run_id = getattr(tracker, "run_id", None)
-                if rank == 0 and start_step:
-                    spine.clear_interrupted(tracker)
                 if rank == 0 and not start_step:
                     tracker.log_params({"derived.world_size": self.world, "derived.global_batch": global_batch,
                                         "derived.zero_stage": self.ds_config["zero_optimization"]["stage"]})
@@ -539,23 +505,26 @@ class Trainer:
         result.steps_done = self.step
         if self.rank != 0 or tracker is None or not getattr(tracker, "active", False):
             return
+        latest = None
         try:
             own = spine.own_checkpoints(self.out_dir, self.run_uid or spine.read_run_uid(self.out_dir))
             latest = own[-1] if own else None
-            if self.losses and self.losses[-1][0] > self._logged_step:
-                step, loss = self.losses[-1]
-                tracker.log_metrics({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step)
-            _log_curves(tracker, result, self.out_dir, self.rank)
-            uri = ""
-            if latest is not None and self.cfg.tracking.log_model:
-                from medvlp.pretrain.export import log_model_artifact
-
-                uri = log_model_artifact(self.out_dir, step=spine.step_of(latest), tracker=tracker)
-                result.model_uri = uri
-            spine.mark_interrupted(tracker, reason, self.step, latest, uri)
         except Exception as e:  # noqa: BLE001 - the interruption is what must be reported
-            log.warning("MLflow: the interrupted run's curves/model were not all logged (%s: %s)",
-                        type(e).__name__, e)
+            log.warning("MLflow: the interrupted run's checkpoints could not be listed (%s: %s)", type(e).__name__, e)
+
+        def artifacts() -> str:  # the loss curve and the last checkpoint's model
+            _log_curves(tracker, result, self.out_dir, self.rank)
+            if latest is None or not self.cfg.tracking.log_model:
+                return ""
+            from medvlp.pretrain.export import log_model_artifact
+
+            result.model_uri = log_model_artifact(self.out_dir, step=spine.step_of(latest), tracker=tracker)
+            return result.model_uri
+
+        pending = None
+        if self.losses and self.losses[-1][0] > self._logged_step:  # losses[-1] is this step's
+            pending = {"train/loss": self.losses[-1][1], "train/lr": self.scheduler.get_last_lr()[0]}
+        spine.report_interrupted(tracker, reason, self.step, latest, pending, artifacts)
         tracker.end(status)
 
     def _loop(self, result, tracker, stop, global_batch, flops_per_sample, peak, tqdm) -> None:

@@ -122,11 +122,11 @@ def _stored_boxes(boxes: list[tuple[str, list[float]]], image: Path, limit: int)
     """[x, y, w, h] of the original image -> {"finding", "box": [x0, y0, x1, y1]} of the stored (resized) image."""
     from PIL import Image
 
-    from medvlp.data_shards.build import _bounded
+    from medvlp.data_shards.build import bounded_size
 
     with Image.open(image) as im:
         w0, h0 = im.size
-    nw, nh = _bounded(w0, h0, limit)
+    nw, nh = bounded_size(w0, h0, limit)
     sx, sy = nw / w0, nh / h0
     return [{"finding": f, "box": [round(x * sx, 2), round(y * sy, 2), round(min(x + w, w0) * sx, 2),
                                    round(min(y + h, h0) * sy, 2)]} for f, (x, y, w, h) in boxes]

@@ -31,7 +31,7 @@ def default_prompts(organ: str, normal_template: str = NORMAL_TEMPLATE,
                     abnormal_template: str = ABNORMAL_TEMPLATE) -> tuple[list[str], list[str]]:
     """(normal prompts, abnormal prompts) of one organ: the synthetic CT corpus's prompt ensembles for its organs,
     else the templates with "{organ}" filled in."""
-    from medvlp.data_shards.synth_ct import CT_ORGANS, CT_PROMPTS
+    from medvlp.data_shards.synth.ct import CT_ORGANS, CT_PROMPTS
 
     if organ in CT_ORGANS and normal_template == NORMAL_TEMPLATE and abnormal_template == ABNORMAL_TEMPLATE:
         pos, neg = CT_PROMPTS[f"{organ}_lesion"]

@@ -20,6 +20,7 @@ import torch.nn as nn
 from medvlp.finetune.anatomy.evaluate import check_organ_names, evaluate_organs, organ_thresholds
 from medvlp.finetune.anatomy.losses import sentence_key
 from medvlp.finetune.anatomy.model import AnatomyModel
+from medvlp.finetune.runner import StageContext
 
 if TYPE_CHECKING:
     from medvlp.finetune.anatomy.config import AnatomyConfig
@@ -112,9 +113,7 @@ class AnatomyStage:
         cfg.validate()
         if not cfg.data.train_shards:
             raise ValueError("data.train_shards: empty; point it at CT shards with organ masks")
-        from medvlp.data_shards.require import require_shards
 
-        require_shards(cfg.data, stage="anatomy", modalities=("ct",), masks=True, what="CT volumes with organ masks")
         if pretrained is not None:
             clip = pretrained.model
         else:
@@ -136,14 +135,14 @@ class AnatomyStage:
         normal = batch["organ_labels"] == 0
         return model(batch["volume"], batch["mask"], normal, tokens.to(dev), index.to(dev))
 
-    def batches(self, cfg: AnatomyConfig, split: str, rank: int, world: int, epoch: int = 0, start_step: int = 0):
+    def batches(self, cfg: AnatomyConfig, split: str, ctx: StageContext, epoch: int = 0, start_step: int = 0):
         from medvlp.data_shards.stream import make_loader
 
         train = split == "train"
-        return make_loader(data_config(cfg, train), rank=rank, world_size=world, epoch=epoch, start_step=start_step,
+        return make_loader(data_config(cfg, train), rank=ctx.rank, world_size=ctx.world_size, epoch=epoch, start_step=start_step,
                            train=train, split=None if train else split, transform=ct_transform(cfg, train))
 
-    def evaluate(self, model: nn.Module, cfg: AnatomyConfig) -> dict:
+    def evaluate(self, model: nn.Module, cfg: AnatomyConfig, ctx: StageContext) -> dict:
         """Zero-shot metrics on eval.split; the operating points (accuracy / sensitivity / specificity) are picked
         on eval.threshold_split (validation) and applied unchanged. The per-item scores go to
         OUT/eval_scores.npz (labels, scores, present, keys) for paired comparisons across runs."""

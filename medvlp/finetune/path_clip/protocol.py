@@ -52,6 +52,7 @@ from medvlp.finetune.path_clip.config import PathCLIPConfig
 from medvlp.finetune.path_clip.metrics import classification_metrics
 from medvlp.finetune.path_clip.sampling import budget_name
 from medvlp.finetune.path_clip.stage import Budget, PathCLIPStage, TaskContext, draw_budget
+from medvlp.finetune.runner import StageContext
 
 log = logging.getLogger("medvlp.path_clip")
 
@@ -141,7 +142,7 @@ def fit_head(stage: PathCLIPStage, cfg: PathCLIPConfig) -> nn.Module:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_multiplier(k, f.warmup_steps, f.steps, f.min_lr_ratio))
     step, epoch = 0, 0
     while step < f.steps:
-        for batch in stage.batches(cfg, "train", 0, 1, epoch=epoch, start_step=0):
+        for batch in stage.batches(cfg, "train", StageContext(), epoch=epoch, start_step=0):
             loss, _ = stage.loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -159,7 +160,7 @@ def fit_head(stage: PathCLIPStage, cfg: PathCLIPConfig) -> nn.Module:
 
 def _train(ctx: TaskContext, b: Budget, cfg: PathCLIPConfig, tracker=None, with_val: bool = False) -> tuple[dict, dict]:
     stage = PathCLIPStage(ctx, b, with_val=with_val)
-    m = stage.evaluate(fit_head(stage, cfg), cfg)
+    m = stage.evaluate(fit_head(stage, cfg), cfg, StageContext())
     if tracker is not None:
         tracker.log_metrics({k: float(v) for k, v in m.items()})
     return dict(m), dict(stage.preds)

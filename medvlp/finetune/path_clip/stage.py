@@ -36,6 +36,7 @@ from medvlp.finetune.path_clip.loss import path_clip_loss
 from medvlp.finetune.path_clip.metrics import classification_metrics
 from medvlp.finetune.path_clip.model import PathCLIPHead
 from medvlp.finetune.path_clip.sampling import label_budget
+from medvlp.finetune.runner import StageContext
 
 log = logging.getLogger("medvlp.path_clip")
 
@@ -207,13 +208,13 @@ class PathCLIPStage:
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         return model(**batch)
 
-    def batches(self, cfg: PathCLIPConfig, split: str, rank: int, world: int, *, epoch: int = 0,
+    def batches(self, cfg: PathCLIPConfig, split: str, run: StageContext, *, epoch: int = 0,
                 start_step: int = 0):
         """One epoch = one pass over the labelled subset in batches of at most `finetune.batch_size` images per
         process (an image appears at most once per batch: the rest of the batch are its DVC negatives)."""
         if split != "train":
             raise ValueError(f"Path-CLIP trains on the labelled subset only (split {split!r})")
-        b = self.budget
+        b, rank, world = self.budget, run.rank, run.world_size
         n = len(b.idx)
         per_rank = max(1, min(cfg.finetune.batch_size, n // world))
         g = per_rank * world
@@ -246,7 +247,7 @@ class PathCLIPStage:
         vs = torch.randint(0, b.f_strong.shape[0], (nrow,), generator=gen)
         return {"f_w1": b.f_weak[v1, rows], "f_w2": b.f_weak[v2, rows], "f_s": b.f_strong[vs, rows], "y": y}
 
-    def evaluate(self, model: nn.Module, cfg: PathCLIPConfig) -> dict:
+    def evaluate(self, model: nn.Module, cfg: PathCLIPConfig, run: StageContext) -> dict:
         logits = self.logits(model, self.ctx.f_eval).numpy()
         out = classification_metrics(self.ctx.eval_split.y_N, logits)
         self.preds = {"eval": logits.argmax(1), "eval_prob": _prob1(logits)}

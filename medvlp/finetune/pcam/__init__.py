@@ -8,10 +8,12 @@ stage.py    the Stage on the fine-tune runner;  config.py  the `kind: pcam` root
 localize.py `medvlp localize`;  compare.py  the pooling comparison table
 commands.py the stage's CLI commands: localize, pcam-table, pcam-corpus
 """
+from medvlp.data_shards.require import ShardNeed
 from medvlp.finetune.registry import lazy_exports, register_stage
 
 register_stage("pcam", "medvlp.finetune.pcam.config:PcamConfig", "medvlp.finetune.pcam.stage:PcamStage", kind="pcam",
-               commands="medvlp.finetune.pcam.commands:add_commands")
+               commands="medvlp.finetune.pcam.commands:add_commands",
+               shards=ShardNeed(("cxr", "patho"), what="2D images: PCAM localises findings in them"))
 
 _LAZY = {"PcamConfig": "medvlp.finetune.pcam.config", "PcamStage": "medvlp.finetune.pcam.stage"}
 __getattr__ = lazy_exports(__name__, _LAZY)  # the classes load on first use

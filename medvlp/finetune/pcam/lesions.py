@@ -4,7 +4,7 @@ chosen range (fractions of the image side), so one training run sees nodules fro
     write_lesion_corpus("shards/cxr_wide", n=2048, seed=0, nodule_radius=(0.02, 0.12))
     medvlp pcam-corpus --out shards/cxr_wide --n 2048 --nodule-radius 0.02,0.12
 
-Every other random number of a sample is the default corpus's (`synth_cxr.draw_cxr_spec` draws the radius with
+Every other random number of a sample is the default corpus's (`synth.cxr.draw_cxr_spec` draws the radius with
 one uniform draw either way), so the same seed gives the same patients, splits, labels and other findings.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 from functools import partial
 
 from medvlp.data_shards.synth import label_names, label_spec
-from medvlp.data_shards.synth_cxr import CXR_VISITS, check_nodule_radius, cxr_sample
-from medvlp.data_shards.synth_util import check_seed, iter_studies
+from medvlp.data_shards.synth.cxr import CXR_VISITS, check_nodule_radius, cxr_sample
+from medvlp.data_shards.synth.util import check_seed, iter_studies
 from medvlp.data_shards.writer import write_index, write_shards
 
 

@@ -32,6 +32,7 @@ from medvlp.finetune.pcam.heatmap import components, heatmaps, overlay_png
 from medvlp.finetune.pcam.loss import apply_uncertain, multilabel_bce
 from medvlp.finetune.pcam.metrics import LocalisationMeter, ground_truth_from_batch
 from medvlp.finetune.pcam.model import PcamHead
+from medvlp.finetune.runner import StageContext
 
 log = logging.getLogger("medvlp.finetune.pcam")
 MODEL_META = "pcam_model.json"
@@ -122,19 +123,17 @@ class PcamStage:
     def _data(self, cfg: PcamConfig, members: list[str]):
         return dataclasses.replace(cfg.data, batch_size=cfg.finetune.batch_size, members=members)
 
-    def batches(self, cfg: PcamConfig, split: str, rank: int, world: int, epoch: int = 0, start_step: int = 0):
+    def batches(self, cfg: PcamConfig, split: str, ctx: StageContext, epoch: int = 0, start_step: int = 0):
         from medvlp.data_shards.stream import make_loader
 
         train = split == "train"
         members = ["boxes"] if not train and cfg.eval.boxes else []  # ground truth only where it is scored
-        return make_loader(self._data(cfg, members), rank=rank, world_size=world, epoch=epoch,
+        return make_loader(self._data(cfg, members), rank=ctx.rank, world_size=ctx.world_size, epoch=epoch,
                            start_step=start_step, train=train, split=None if train else split)
 
     def _label_names(self, cfg: PcamConfig) -> list[str]:
-        from medvlp.data_shards.require import require_shards
         from medvlp.data_shards.stream import resolve_shards
 
-        require_shards(cfg.data, stage="pcam", modalities=("cxr", "patho"), what="2D images: PCAM localises findings in them")
         return list(resolve_shards(cfg.data.train_shards, cfg.data.split, cfg.data.index).label_names)
 
     # -- model
@@ -220,7 +219,7 @@ class PcamStage:
         meter = LocalisationMeter(self.names, threshold, thresholds=thresholds)
         device = next(model.parameters()).device
         shown: list[tuple[torch.Tensor, torch.Tensor, list, str]] = []
-        for i, batch in enumerate(self.batches(cfg, split, 0, 1)):
+        for i, batch in enumerate(self.batches(cfg, split, StageContext())):
             if cfg.eval.max_batches and i >= cfg.eval.max_batches:
                 break
             img = batch["image"].to(device)
@@ -241,11 +240,12 @@ class PcamStage:
                                       f"{batch['key'][b]}_{self.names[k]}"))
         return meter, shown
 
-    def evaluate(self, model: nn.Module, cfg: PcamConfig, step: int | None = None, tracker: Any = None) -> dict:
+    def evaluate(self, model: nn.Module, cfg: PcamConfig, ctx: StageContext) -> dict:
         """Periodic evaluations (step < finetune.steps) measure on `eval.val_split`; the final one picks the box
         threshold on `eval.val_split` (best mean IoU among `eval.thresholds`), then reads `eval.split` once and
         reports it at that threshold (metric `threshold`; `threshold_from_val` 1 or 0), writing every case to
         OUT/eval_items.npz for paired comparisons."""
+        step, tracker = ctx.step, ctx.tracker
         final = step is None or step >= cfg.finetune.steps
         has_val = self._has_split(cfg, cfg.eval.val_split)
         if not final:
@@ -260,10 +260,10 @@ class PcamStage:
             log.warning("eval.val_split %r has no samples: boxes use the fixed eval.threshold %.2f",
                         cfg.eval.val_split, cfg.eval.threshold)
         meter, shown = self._score(model, cfg, cfg.eval.split, cfg.eval.thresholds, threshold, cfg.eval.overlays)
-        if shown and _is_main():
+        if shown and ctx.is_main:
             self._overlays(cfg, [(img, heat, gt, components(heat, threshold)[:1], name)
                                  for img, heat, gt, name in shown], step, tracker)
-        if _is_main():
+        if ctx.is_main:
             self._write_items(cfg, meter, threshold, from_val)
         return {**meter.summary(threshold), "threshold": float(threshold), "threshold_from_val": from_val}
 

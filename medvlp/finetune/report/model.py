@@ -87,11 +87,6 @@ class ReportModel(nn.Module):
                 coords_BN2: torch.Tensor | None = None) -> torch.Tensor:
         return self.resampler(feats_BND, mask_BN, coords_BN2)
 
-    def slide_embedding(self, feats_BND: torch.Tensor, mask_BN: torch.Tensor | None = None,
-                        coords_BN2: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, O) mean latent: the slide summary the head classifies (and retrieval compares)."""
-        return self.latents(feats_BND, mask_BN, coords_BN2).mean(dim=1)
-
     def forward(self, feats: torch.Tensor, feats_mask: torch.Tensor | None = None, coords: torch.Tensor | None = None,
                 input_ids=None, attention_mask=None, labels=None):
         lat_BMO = self.latents(feats, feats_mask, coords)

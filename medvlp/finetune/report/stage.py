@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from medvlp.finetune.report.config import ReportConfig
 from medvlp.finetune.report.data import class_names, load_split, train_batches
 from medvlp.finetune.report.model import ReportModel, ReportTokenizer, build_report_model
+from medvlp.finetune.runner import StageContext
 
 log = logging.getLogger("medvlp.finetune.report")
 TOKENIZER_DIR = "tokenizer"
@@ -156,17 +157,18 @@ class ReportStage:
                     attention_mask=batch["attention_mask"], labels=batch["labels"])
         return out.loss, {}
 
-    def batches(self, cfg: ReportConfig, split: str, rank: int, world: int, *, epoch: int = 0, start_step: int = 0):
+    def batches(self, cfg: ReportConfig, split: str, ctx: StageContext, *, epoch: int = 0, start_step: int = 0):
         if self.tok is None and cfg.finetune.stage == 2:
             self.tok = tokenizer_for(cfg)
-        for b in train_batches(cfg.data, cfg.finetune.batch_size, cfg.finetune.seed, rank, world, epoch, start_step):
+        for b in train_batches(cfg.data, cfg.finetune.batch_size, cfg.finetune.seed, ctx.rank, ctx.world_size,
+                               epoch, start_step):
             out = {"feats": b["feats"], "feats_mask": b["feats_mask"], "coords": b["coords"],
                    "class_index": b["class_index"]}
             if cfg.finetune.stage == 2:
                 out.update(self.tok.training_batch(b["text"], cfg.model.prompt, cfg.model.context_length))
             yield out
 
-    def evaluate(self, model: nn.Module, cfg: ReportConfig) -> dict:
+    def evaluate(self, model: nn.Module, cfg: ReportConfig, ctx: StageContext) -> dict:
         if cfg.finetune.stage == 1:
             return classify_metrics(model, cfg)
         from medvlp.finetune.report.evaluate import evaluate_reports, write_eval
@@ -174,7 +176,7 @@ class ReportStage:
         if self.tok is None:
             self.tok = tokenizer_for(cfg)
         res = evaluate_reports(model, self.tok, cfg)
-        if _is_main():
+        if ctx.is_main:
             write_eval(res, Path(cfg.finetune.out_dir) / "eval")
         return res.flat()
 

@@ -11,8 +11,8 @@ from medvlp.data_shards.members import (MEMBERS, Member, MemberContext, MemberEr
 from medvlp.data_shards.schema import Sample
 from medvlp.data_shards.stream import collate, make_loader
 from medvlp.data_shards.synth import FINDINGS_CXR, synth_samples, synth_to_shards
-from medvlp.data_shards.synth_ct import CT_ORGANS
-from medvlp.data_shards.synth_histo import PATHO_CLASSES, SLIDE_DIAGNOSES, SLIDE_TISSUES
+from medvlp.data_shards.synth.ct import CT_ORGANS
+from medvlp.data_shards.synth.histo import PATHO_CLASSES, SLIDE_DIAGNOSES, SLIDE_TISSUES
 from medvlp.data_shards.transforms import ResizeCenterCrop, to_float_image
 
 N = 24
@@ -98,7 +98,7 @@ def test_slide_composition_and_diagnosis(corpora):
 
 
 def test_slide_patch_tissue_follows_subsampled_bags(corpora):
-    from medvlp.data_shards.synth_histo import slide_centres
+    from medvlp.data_shards.synth.histo import slide_centres
 
     d, truth = corpora["slide"]
     hits = total = 0

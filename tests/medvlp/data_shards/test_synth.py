@@ -16,10 +16,10 @@ import pytest
 
 from medvlp.data_shards.schema import decode_sample, encode_sample
 from medvlp.data_shards.synth import FINDINGS_CXR, label_names, label_spec, prompts, synth_samples, synth_to_shards
-from medvlp.data_shards.synth_ct import CT_ORGANS, draw_ct_spec, lesion_voxels, render_ct
-from medvlp.data_shards.synth_cxr import draw_cxr_spec, render_cxr
-from medvlp.data_shards.synth_histo import SLIDE_TISSUES, slide_centres
-from medvlp.data_shards.synth_util import Study, iter_studies
+from medvlp.data_shards.synth.ct import CT_ORGANS, draw_ct_spec, lesion_voxels, render_ct
+from medvlp.data_shards.synth.cxr import draw_cxr_spec, render_cxr
+from medvlp.data_shards.synth.histo import SLIDE_TISSUES, slide_centres
+from medvlp.data_shards.synth.util import Study, iter_studies
 
 MODS = ["cxr", "patho", "ct", "slide"]
 SMALL = {"cxr": 48, "patho": 32, "ct": 32, "slide": 16}  # small sizes keep the tests fast

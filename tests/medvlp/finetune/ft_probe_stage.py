@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medvlp.finetune.runner import RunnerConfig, run_stage
+from medvlp.finetune.runner import RunnerConfig, StageContext, run_stage
 from medvlp.pretrain.config import ModelConfig, TrackingConfig
 
 _CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -80,17 +80,17 @@ class ProbeStage:
         acc = ((logits > 0).float() == batch["labels"]).float().mean()
         return loss, {"acc": acc.detach(), "rows": float(batch["image"].shape[0])}
 
-    def batches(self, cfg: ProbeConfig, split: str, rank: int, world: int, *, epoch: int = 0, start_step: int = 0):
+    def batches(self, cfg: ProbeConfig, split: str, ctx: StageContext, *, epoch: int = 0, start_step: int = 0):
         """Global batch G = batch_size x world drawn from a per-epoch permutation; rank r gets rows [rB, (r+1)B)."""
         x, y = split_tensors(cfg.shards, split)
-        b = cfg.finetune.batch_size
-        g = b * world
+        b, rank = cfg.finetune.batch_size, ctx.rank
+        g = b * ctx.world_size
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1000 * cfg.finetune.seed + epoch))
         for i in range(start_step, len(x) // g):
             idx = perm[i * g:(i + 1) * g][rank * b:(rank + 1) * b]
             yield {"image": x[idx], "labels": y[idx]}
 
-    def evaluate(self, model, cfg: ProbeConfig) -> dict:
+    def evaluate(self, model, cfg: ProbeConfig, ctx: StageContext) -> dict:
         x, y = split_tensors(cfg.shards, "test")
         logits = model(x)
         return {"bce": F.binary_cross_entropy_with_logits(logits, y).item(),

@@ -129,6 +129,47 @@ def test_resume_continues_exactly(tmp_path, cxr_shards, init_weights):
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
 
 
+@pytest.mark.timeout(60)
+def test_every_stage_call_gets_the_run_context(tmp_path, cxr_shards, init_weights):
+    """The runner hands `batches` and `evaluate` one StageContext: this process, the run folder, the step evaluated
+    and (main process) the tracker; `batches` is asked to start at the epoch and micro batch the run reached."""
+    class Recording(ProbeStage):
+        def __init__(self):
+            self.seen = []
+
+        def batches(self, cfg, split, ctx, *, epoch=0, start_step=0):
+            self.seen.append(("batches", ctx, epoch, start_step))
+            return super().batches(cfg, split, ctx, epoch=epoch, start_step=start_step)
+
+        def evaluate(self, model, cfg, ctx):
+            self.seen.append(("evaluate", ctx))
+            return super().evaluate(model, cfg, ctx)
+
+    class Tracker:
+        def __init__(self):
+            self.metrics = {}
+
+        def log_metrics(self, metrics, step):
+            self.metrics.setdefault(step, {}).update(metrics)
+
+    stage, tracker = Recording(), Tracker()
+    from ft_probe_stage import split_tensors
+
+    per_epoch = len(split_tensors(str(cxr_shards), "train")[0]) // 32
+    assert 1 < per_epoch < 4  # so the 4 steps run into a second epoch
+    kw = dict(steps=4, batch_size=32, eval_every=2)
+    res = run_stage(stage, probe_config(tmp_path / "run", cxr_shards, init_weights, **kw), tracker=tracker)
+    assert res.steps_done == 4
+    calls = [c for c in stage.seen if c[0] == "batches"]
+    assert [(e, s) for _, _, e, s in calls] == [(0, 0), (1, 0)]
+    ctx = calls[0][1]
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.out_dir) == (0, 1, True, str(tmp_path / "run"))
+    assert ctx.tracker is tracker and ctx.step is None
+    evals = [c[1] for c in stage.seen if c[0] == "evaluate"]
+    assert [e.step for e in evals] == [2, 4] and all(e.tracker is tracker for e in evals)
+    assert "eval/acc" in tracker.metrics[2] and "eval/acc" in tracker.metrics[4]
+
+
 def test_bf16_mixed_precision_runs(tmp_path, cxr_shards, init_weights):
     """mixed_precision=bf16 really computes the forward pass in bf16 (autocast: the inner layers' outputs), and
     fp32 does not (accelerate hands the model's final output back in fp32 either way)."""

@@ -304,6 +304,69 @@ def test_nonfinite_loss_policy(loop, policy, tmp_path, cxr_shards, init_weights,
     assert all(torch.isfinite(torch.tensor(v)) for _, v in res["losses"])
 
 
+def test_epoch_batches_roll_over_count_and_rewind():
+    opened = []
+
+    def open_epoch(epoch, start):
+        opened.append((epoch, start))
+        return [f"e{epoch}b{i}" for i in range(start, 3)]
+
+    b = spine.EpochBatches(open_epoch, epoch=0, step=1, lazy=True)
+    assert opened == []  # lazy: nothing opened before the first batch
+    assert [b.next() for _ in range(4)] == ["e0b1", "e0b2", "e1b0", "e1b1"]
+    assert opened == [(0, 1), (1, 0)] and b.position() == {"epoch": 1, "step": 2}
+    b.rewind({"epoch": 0, "step": 2})
+    assert b.next() == "e0b2" and opened[-1] == (0, 2)  # reopened where the rewind put it
+    with pytest.raises(RuntimeError, match="^the shards yielded no batch for a whole epoch"):
+        spine.EpochBatches(lambda e, s: [], what="the shards").next()
+
+
+def test_micro_batches_abandon_a_failed_step_without_a_trace():
+    from medvlp.data_shards.guard import DataStreamError
+
+    src = spine.EpochBatches(lambda e, s: range(s, 10))
+    calls = {"n": 0, "abandoned": 0}
+
+    def next_batch():
+        calls["n"] += 1
+        torch.rand(1)  # a draw the abandoned step must give back
+        if calls["n"] == 5:
+            raise DataStreamError("gone")
+        return src.next()
+
+    def abandon():
+        calls["abandoned"] += 1
+
+    assert [b for _, b in spine.micro_batches(next_batch, src, 3, abandon)] == [0, 1, 2]
+    rng = torch.get_rng_state()
+    with pytest.raises(DataStreamError):
+        for _ in spine.micro_batches(next_batch, src, 3, abandon):
+            pass
+    assert calls["abandoned"] == 1 and src.position() == {"epoch": 0, "step": 3}  # back at the step's start
+    assert torch.equal(torch.get_rng_state(), rng)  # the first micro batch's draw undone
+    assert [b for _, b in spine.micro_batches(next_batch, src, 2, abandon)] == [3, 4]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_both_loops_draw_their_batches_through_the_spine(loop, tmp_path, cxr_shards, init_weights, monkeypatch):
+    """Each loop's training batches come from the spine's EpochBatches, grouped by its micro_batches."""
+    seen = {"next": 0, "steps": 0}
+    real_next, real_micro = spine.EpochBatches.next, spine.micro_batches
+
+    def counting_next(self):
+        seen["next"] += 1
+        return real_next(self)
+
+    def counting_micro(*a, **k):
+        seen["steps"] += 1
+        return real_micro(*a, **k)
+
+    monkeypatch.setattr(spine.EpochBatches, "next", counting_next)
+    monkeypatch.setattr(spine, "micro_batches", counting_micro)
+    res = _run(loop, tmp_path / "run", cxr_shards, init_weights, steps=2, accum=2, ckpt_every=0)
+    assert res["steps"] == 2 and seen == {"next": 4, "steps": 2}
+
+
 def test_schedule_is_shared_and_unchanged():
     from medvlp.finetune.runner import lr_multiplier as ft
     from medvlp.pretrain.config import OptimConfig
@@ -317,14 +380,11 @@ def test_schedule_is_shared_and_unchanged():
 
 
 # ----------------------------------------------------------------------------------------------- interruptions
-def _fail_stream_at(loop, n, monkeypatch):
+def _fail_stream_at(loop, n, monkeypatch):  # both loops draw through the spine's EpochBatches
     """The data stream raises RemoteOutage (as `data.remote_outage_s` running out does) at its n-th batch."""
     from medvlp.data_shards.remote import RemoteOutage
 
-    if loop == "pretrain":
-        from medvlp.pretrain.train import _Batches as cls
-    else:
-        from medvlp.finetune.runner import _TrainBatches as cls
+    cls = spine.EpochBatches
     real, calls = cls.next, {"n": 0}
 
     def failing(self):

@@ -10,6 +10,7 @@ from PIL import Image
 from medvlp.data_shards.config import DataConfig
 from medvlp.data_shards.importers import import_dataset
 from medvlp.data_shards.importers.chexpert import FINDINGS
+from medvlp.finetune.runner import StageContext
 from medvlp.finetune.pcam.config import PcamConfig, PcamEvalConfig, PcamHeadConfig, PcamLossConfig
 from medvlp.finetune.pcam.loss import apply_uncertain
 from medvlp.finetune.runner import RunnerConfig
@@ -70,7 +71,7 @@ def test_chexpert_import_trains_with_each_uncertain_policy(chexpert_shards, poli
     saved = yaml.safe_load((chexpert_shards / f"run-{policy}" / "config.yaml").read_text())
     assert saved["kind"] == "pcam" and saved["loss"]["uncertain_by_finding"] == {"Edema": policy}
     # What the policy does to a real batch of the imported layout.
-    batch = next(iter(stage.batches(cfg, "train", 0, 1)))
+    batch = next(iter(stage.batches(cfg, "train", StageContext())))
     labels = stage.columns(batch)
     assert (labels[:, 1] == -1).any() and (labels[:, 0] == -1).any()
     target, counted = apply_uncertain(labels, stage.policies)

@@ -118,8 +118,8 @@ def test_loc_macro_ignores_missing_cases():
 
 
 def test_nodule_radius_knob_changes_only_the_nodule():
-    from medvlp.data_shards.synth_cxr import check_nodule_radius, cxr_sample
-    from medvlp.data_shards.synth_util import iter_studies
+    from medvlp.data_shards.synth.cxr import check_nodule_radius, cxr_sample
+    from medvlp.data_shards.synth.util import iter_studies
 
     study = next(s for s in iter_studies(0, "cxr", 50, (1.0,)) if True)
     a = cxr_sample(0, study, 64)

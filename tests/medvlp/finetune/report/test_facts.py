@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medvlp.data_shards.synth import synth_samples
-from medvlp.data_shards.synth_slide import SLIDE_TISSUES, components
+from medvlp.data_shards.synth.slide import SLIDE_TISSUES, components
 from medvlp.finetune.report.metrics import FACT_COLUMNS, fact_correct, fact_summary, group_metric
 from medvlp.finetune.report.resampler import PerceiverResampler, cap_bag, coord_features
 from medvlp.finetune.report.text import parse_facts

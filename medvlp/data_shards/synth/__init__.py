@@ -6,15 +6,15 @@
     prompts("cxr", "nodule")  ->  (["Nodule.", ...], ["No nodule.", ...])   # zero-shot prompt pairs
 
 Modalities (details and ground-truth fields in each generator's module):
-  cxr    greyscale radiographs (S, S) uint8, default 128; 5 findings at known boxes; templated reports   synth_cxr
-  patho  H&E-like RGB patches (S, S, 3) uint8, default 64; normal / tumor / inflamed                      synth_histo
-  ct     int16 HU volumes (S/2, S, S), default 64, organ masks, per-organ lesions and sentences            synth_ct
-  slide  patch-feature bags (n, E) float16, E = size (default 64), coords, composition in the report      synth_histo
+  cxr    greyscale radiographs (S, S) uint8, default 128; 5 findings at known boxes; templated reports   synth.cxr
+  patho  H&E-like RGB patches (S, S, 3) uint8, default 64; normal / tumor / inflamed                      synth.histo
+  ct     int16 HU volumes (S/2, S, S), default 64, organ masks, per-organ lesions and sentences            synth.ct
+  slide  patch-feature bags (n, E) float16, E = size (default 64), coords, composition in the report      synth.histo
 Every sample's meta has dataset = "synth-<modality>", modality, split, patient_id (plus visit, index, seed).
 A patient has one or more studies; patients (never studies) are split train/val/test 80/10/10.
 
 Determinism: sample i depends only on (seed, modality, i, size), never on n, and shards are byte-identical for
-the same arguments (see medvlp.data_shards.synth_util).
+the same arguments (see medvlp.data_shards.synth.util).
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from medvlp.data_shards.schema import LabelSpec, Sample
-from medvlp.data_shards.synth_ct import CT_ORGANS, CT_PROMPTS, CT_VISITS, ct_sample
-from medvlp.data_shards.synth_cxr import CXR_PROMPTS, CXR_VISITS, FINDINGS_CXR, cxr_sample
-from medvlp.data_shards.synth_histo import (PATHO_PROMPTS, PATHO_VISITS, SLIDE_DIAGNOSES, SLIDE_PROMPTS, SLIDE_VISITS,
+from medvlp.data_shards.synth.ct import CT_ORGANS, CT_PROMPTS, CT_VISITS, ct_sample
+from medvlp.data_shards.synth.cxr import CXR_PROMPTS, CXR_VISITS, FINDINGS_CXR, cxr_sample
+from medvlp.data_shards.synth.histo import (PATHO_PROMPTS, PATHO_VISITS, SLIDE_DIAGNOSES, SLIDE_PROMPTS, SLIDE_VISITS,
                                      patho_sample, slide_sample)
-from medvlp.data_shards.synth_util import Study, check_modality, check_seed, iter_studies
+from medvlp.data_shards.synth.util import Study, check_modality, check_seed, iter_studies
 from medvlp.data_shards.writer import write_index, write_shards
 
 __all__ = ["FINDINGS_CXR", "SYNTH_MODALITIES", "label_names", "label_spec", "prompts", "synth_samples",
@@ -82,7 +82,7 @@ def synth_samples(modality: str, n: int, seed: int = 0, size: int | None = None,
                   domain: str | None = None) -> Iterator[Sample]:
     """The first `n` samples of the corpus `(modality, seed, size)`. `size`: image side for cxr/patho, in-plane
     side for ct (depth = size // 2), feature dim for slide; None = the modality's default. `domain` (patho only):
-    the lab look of the patches (synth_histo.PATHO_DOMAINS); None = the default H&E."""
+    the lab look of the patches (synth.histo.PATHO_DOMAINS); None = the default H&E."""
     gen, visits = _GENERATORS[check_modality(modality)]
     if domain is not None and modality != "patho":
         raise ValueError(f"domain applies to patho only, not {modality}")

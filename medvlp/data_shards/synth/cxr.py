@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from medvlp.data_shards.schema import Sample
-from medvlp.data_shards.synth_util import (Study, base_meta, grid, join_sentences, mask_box, patient_rng, pick,
+from medvlp.data_shards.synth.util import (Study, base_meta, grid, join_sentences, mask_box, patient_rng, pick,
                                     sample_key, smooth_noise, soft_step, study_rng, text_rng)
 
 FINDINGS_CXR = ["nodule", "effusion", "consolidation", "cardiomegaly", "pneumothorax"]

@@ -33,7 +33,7 @@ import math
 import numpy as np
 
 from medvlp.data_shards.schema import Sample
-from medvlp.data_shards.synth_util import (Study, base_meta, join_sentences, patient_rng, pick, sample_key, study_rng,
+from medvlp.data_shards.synth.util import (Study, base_meta, join_sentences, patient_rng, pick, sample_key, study_rng,
                                            text_rng, world_rng)
 
 SLIDE_TISSUES = ["normal", "tumor", "inflammation", "necrosis"]

@@ -18,7 +18,7 @@ patho  RGB uint8 (S, S, 3) patches of three classes (labels {"tumor": 1/0}, meta
        nearest neighbour on it scores about 0.56). A target domain for few-label adaptation (docs/path_clip.md).
 slide  bags of patch features (n, d) float16 and grid coords (n, 2) int32 as (x, y), whose reports state the
        composition and facts that need positions and rare patches (foci, region, margins, grade, mitoses): see
-       medvlp.data_shards.synth_slide (re-exported here).
+       medvlp.data_shards.synth.slide (re-exported here).
 
 Shape legend: S patch side; H, W rows, columns; C = 3 colour channels; N patches in a bag; E feature dim.
 """
@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from medvlp.data_shards.schema import Sample
-from medvlp.data_shards.synth_util import (Study, base_meta, grid, join_sentences, patient_rng, pick, sample_key,
+from medvlp.data_shards.synth.util import (Study, base_meta, grid, join_sentences, patient_rng, pick, sample_key,
                                     smooth_noise, soft_step, study_rng, text_rng, world_rng)
 
 # ----------------------------------------------------------------------------------------------- patho patches
@@ -190,7 +190,7 @@ def patho_sample(seed: int, study: Study, size: int | None = None, domain: str =
 
 
 # ----------------------------------------------------------------------------------------------- slide bags
-# The slide corpus lives in medvlp.data_shards.synth_slide; its names stay importable from here.
-from medvlp.data_shards.synth_slide import (BAG_SIZE, CLUSTER_STD, DEFAULT_DIM_SLIDE, DIAGNOSIS_TEXT,  # noqa: E402,F401
+# The slide corpus lives in medvlp.data_shards.synth.slide; its names stay importable from here.
+from medvlp.data_shards.synth.slide import (BAG_SIZE, CLUSTER_STD, DEFAULT_DIM_SLIDE, DIAGNOSIS_TEXT,  # noqa: E402,F401
                                            SLIDE_DIAG_PROBS, SLIDE_DIAGNOSES, SLIDE_PROMPTS, SLIDE_TISSUES,
                                            SLIDE_VISITS, slide_centres, slide_report, slide_sample)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from medvlp.data_shards.schema import Sample
-from medvlp.data_shards.synth_util import (Study, base_meta, grid, join_sentences, patient_rng, pick, sample_key,
+from medvlp.data_shards.synth.util import (Study, base_meta, grid, join_sentences, patient_rng, pick, sample_key,
                                     smooth_noise, study_rng, text_rng)
 
 CT_ORGANS = ["liver", "spleen", "left_kidney", "right_kidney", "lung"]  # mask id = index + 1
