@@ -114,6 +114,35 @@ def test_batch_side_jitter_and_normalisation_equal_per_sample_reference():
         torch.testing.assert_close(batch, torch.stack(ref), rtol=1e-5, atol=1e-5)
 
 
+def test_numpy_colour_matrix_equals_the_torch_draw():
+    from medvlp.data_shards.fastpath import colour_matrix
+    from medvlp.data_shards.transforms import RandColorJitter
+
+    t = RandColorJitter()
+    for i in range(50):
+        g1, g2 = np.random.default_rng(i), np.random.default_rng(i)
+        ref, f = t.draw(g1, 3), t.draw_factors(g2, 3)
+        assert g1.bit_generator.state == g2.bit_generator.state  # the same draws, in the same order
+        if ref is None:
+            assert f is None
+            continue
+        a, k = colour_matrix(*f)
+        np.testing.assert_allclose(a, ref[0].numpy(), rtol=0, atol=2e-6)
+        assert k == pytest.approx(ref[1], abs=1e-12)
+    assert t.draw_factors(np.random.default_rng(0), 1) is None  # grey images: drawn, then left as they are
+
+
+def test_shard_tars_carry_no_pax_header_per_member(tmp_path):
+    import tarfile
+
+    s = Sample(key="k/0", text="t", image=_img(16, 16), labels={}, meta={"split": "train"})
+    write_shards([s], tmp_path, maxcount=8)
+    (tar,) = tmp_path.glob("*.tar")
+    with tarfile.open(tar) as tf:
+        members = tf.getmembers()
+    assert members and all(m.pax_headers == {} and m.mtime == 0 for m in members)
+
+
 def test_draft_decode_only_where_the_crop_keeps_its_resolution():
     big = _img(512, 512)
     v_small = View(0, (0, 0, 200, 200), False, 224)  # upscaled crop: full decode
