@@ -104,11 +104,12 @@ class _Batches:
     def __init__(self, data_cfg, rank: int, world: int, tokenizer, epoch: int, step: int, device=None) -> None:
         from medvlp.data_shards.stream import make_loader
 
-        # device: where data.pipeline=fast turns its uint8 batches into normalised float (and decodes on a GPU)
-        self._make = lambda e, s: make_loader(data_cfg, rank=rank, world_size=world, tokenizer=tokenizer,
-                                              epoch=e, start_step=s, train=True, device=device)
+        # device: where data.pipeline=fast turns its uint8 batches into normalised float (and decodes on a GPU);
+        # persistent: the DataLoader workers live across epochs (next_epoch), none respawned per epoch
+        self.loader = make_loader(data_cfg, rank=rank, world_size=world, tokenizer=tokenizer, epoch=epoch,
+                                  start_step=step, train=True, device=device,
+                                  persistent=bool(getattr(data_cfg, "persistent_workers", False)))
         self.epoch, self.step = epoch, step
-        self.loader = self._make(epoch, step)
         self._it = iter(self.loader)
 
     def next(self) -> dict:
@@ -119,7 +120,7 @@ class _Batches:
                 return b
             except StopIteration:
                 self.epoch, self.step = self.epoch + 1, 0
-                self.loader = self._make(self.epoch, 0)
+                self.loader = self.loader.next_epoch()
                 self._it = iter(self.loader)
         raise RuntimeError("the training stream yielded no batch for a whole epoch: is the split empty?")
 

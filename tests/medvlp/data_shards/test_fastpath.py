@@ -227,3 +227,36 @@ def test_bad_pipeline_values_fail_with_the_key():
         DataConfig(pipeline="turbo").validate()
     with pytest.raises(ValueError, match="decode_device"):
         DataConfig(decode_device="tpu").validate()
+
+
+@pytest.mark.timeout(60)
+def test_pipeline_auto_is_fast_only_on_jpeg_shards_built_at_training_resolution(tmp_path):
+    from medvlp.data_shards.build import ImageEncoding, build_shards
+    from medvlp.data_shards.stream import resolve_pipeline
+    from tests.conftest import write_csv
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(8):
+        Image.fromarray(_img(60, 80, seed=i)).save(tmp_path / "img" / f"g{i}.png")
+        rows.append({"image": f"img/g{i}.png", "report": f"report {i}", "patient_id": f"p{i}",
+                     "label:effusion": str(i % 2)})
+    man = write_csv(tmp_path / "manifest.csv", rows)
+    kw = dict(workers=1, image_size=48, progress=False, val_frac=0, test_frac=0)
+    build_shards(man, tmp_path / "jpeg", encoding=ImageEncoding(resize="shortest", format="jpeg"), **kw)
+    build_shards(man, tmp_path / "png", **kw)
+
+    def loader(d, **over):
+        cfg = DataConfig(train_shards=str(tmp_path / d), modality="cxr", batch_size=4, shuffle_buffer=0, seed=1,
+                         **{"image_size": 32, **over})
+        return make_loader(cfg)
+
+    assert DataConfig().pipeline == "auto"
+    assert loader("jpeg").finish is not None  # fast: uint8 batches, float on the device
+    assert loader("png").finish is None  # today's PNG shards keep the reference path (and their numbers)
+    assert loader("jpeg", pipeline="reference").finish is None
+    assert loader("jpeg", image_size=64).finish is None  # stored below the training size: reference
+    auto, fast = list(loader("jpeg")), list(loader("jpeg", pipeline="fast"))
+    assert [b["key"] for b in auto] == [b["key"] for b in fast]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(auto, fast))
+    assert resolve_pipeline("auto", {}, 224) == "reference" and resolve_pipeline("fast", {}, 224) == "fast"
