@@ -530,7 +530,7 @@ class StreamLoader:
     def __len__(self) -> int:
         return len(self.schedule)
 
-    def next_epoch(self) -> "StreamLoader":
+    def next_epoch(self) -> StreamLoader:
         """The loader of the next epoch from its step 0 (persistent: on the same worker processes)."""
         if self._replan is None:
             raise RuntimeError("this loader was not made by make_loader; make the next epoch's loader with it")

@@ -242,7 +242,7 @@ def test_pipeline_auto_is_fast_only_on_jpeg_shards_built_at_training_resolution(
         rows.append({"image": f"img/g{i}.png", "report": f"report {i}", "patient_id": f"p{i}",
                      "label:effusion": str(i % 2)})
     man = write_csv(tmp_path / "manifest.csv", rows)
-    kw = dict(workers=1, image_size=48, progress=False, val_frac=0, test_frac=0)
+    kw = {"workers": 1, "image_size": 48, "progress": False, "val_frac": 0, "test_frac": 0}
     build_shards(man, tmp_path / "jpeg", encoding=ImageEncoding(resize="shortest", format="jpeg"), **kw)
     build_shards(man, tmp_path / "png", **kw)
 
