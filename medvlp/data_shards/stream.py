@@ -35,6 +35,12 @@ those an uninterrupted loader yields from step k. One documented exception: a co
 skipped prefix was dropped (and replaced by the next sample) in the uninterrupted run, so that slot's later
 batches shift by one sample per such corrupt sample.
 
+Persistent workers (``make_loader(..., persistent=True)``; pretraining sets it from ``data.persistent_workers``).
+Each slot streams its epoch, then plans and streams the following epochs in the same process (an endless
+DataLoader iterator; no worker is respawned per epoch). Batches carry their epoch; the main process sorts them by
+(epoch, slot), and ``loader.next_epoch()`` is the next epoch's loader on the same workers. Every seed above holds
+the epoch, so each epoch's batches equal those of ``make_loader(..., epoch=e)``.
+
 Corrupt samples (bad json, undecodable member, wrong members for the modality, bad label value, unreadable tar)
 are skipped, counted and the first ``cfg.log_corrupt`` per slot logged with their key. Counts travel in-band
 with each batch (and a final end marker per slot) and are summed by the main process into ``loader.stats``.
