@@ -333,6 +333,7 @@ def feed_check(a) -> None:
     torch.set_num_threads(1)
     tag, cpu = hardware()
     load0 = os.getloadavg()[0]
+    loads = [load0]  # 1-min load average before every side: the box may be shared
     results: dict[str, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_feed_") as tmp:
         for recipe in a.feed_recipes:
@@ -344,16 +345,20 @@ def feed_check(a) -> None:
             results[recipe] = {s: [] for s in FEED_SIDES}
             for r in range(a.rounds):
                 for side in FEED_SIDES:
+                    loads.append(os.getloadavg()[0])
                     m = feed_side(side, data, shards, a.feed_n, a.batch_size)
                     results[recipe][side].append(m)
                     print(f"  round {r}: {side}: {m['n'] / m['cpu']:.0f}/CPU-s ({m['n'] / m['wall']:.0f}/wall-s)"
                           + (f", batch side {m['finish_cpu']:.2f} CPU s" if m["finish_cpu"] else ""), flush=True)
     date = dt.date.today().isoformat()
+    loads.append(os.getloadavg()[0])
     lines = [f"# Feeding a GPU: per-core stream rates, {date}, {tag}", "",
              f"CPU: {cpu} ({os.cpu_count()} logical cores); 1-min load average {load0:.1f} at start, "
-             f"{os.getloadavg()[0]:.1f} at end; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-             "torch threads 1.",
-             f"Command: `python benchmarks/bench_stream.py --feed --feed-n {a.feed_n} --rounds {a.rounds}`.",
+             f"{loads[-1]:.1f} at end, {min(loads):.1f}-{max(loads):.1f} (median "
+             f"{statistics.median(loads):.1f}) over the {len(loads)} readings taken before each side; "
+             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, torch threads 1.",
+             f"Command: `python benchmarks/bench_stream.py --feed --feed-n {a.feed_n} --rounds {a.rounds} "
+             f"--feed-unique {a.feed_unique}" + (f" --tag {a.tag}" if a.tag else "") + "`.",
              f"Corpus per recipe: {a.feed_unique} distinct synthetic 1024^2 images of the recipe's modality repeated to "
              f"{a.feed_n} samples, stored as PNG-1024 shards and as JPEG-256 shards (shorter side 256, quality 90). "
              "Every side runs in this one process (no DataLoader worker: one core's work), train mode with the "
@@ -381,7 +386,7 @@ def feed_check(a) -> None:
                      f"{', '.join(f'{f / o:.2f}' for f, o in zip(fast, ocl))} | | |")
         lines.append(f"| {recipe} | fast / reference PNG-1024 per round (worker side) | "
                      f"{', '.join(f'{f / o:.2f}' for f, o in zip(fast, ref))} | | |")
-    out = Path(a.out) / f"stream-feed-{date}-{tag}.md"
+    out = Path(a.out) / f"stream-feed-{date}-{tag}{'-' + a.tag if a.tag else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -414,6 +419,7 @@ def main() -> None:
     ap.add_argument("--feed-n", type=int, default=512, help="samples per --feed pass")
     ap.add_argument("--feed-unique", type=int, default=16, help="distinct 1024^2 images in the --feed corpus")
     ap.add_argument("--rounds", type=int, default=3, help="--feed: interleaved rounds")
+    ap.add_argument("--tag", default="", help="--feed: suffix of the results file name (stream-feed-DATE-HW-TAG.md)")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if a.feed:

@@ -53,6 +53,7 @@ class DataConfig:
     hu_windows: list[list[float]] = field(default_factory=lambda: [[-1000.0, 1000.0]])  # CT [lo, hi] HU windows, each -> [-1, 1]; several stack as channels (3D model in_channels must match)
     batch_size: int = 32  # per-rank micro batch
     workers: int = 0  # DataLoader worker processes per rank
+    persistent_workers: bool = True  # training: the workers live across epochs (same batches as a loader made per epoch)
     resampled: bool = True  # sample shards with replacement (infinite stream; epochs by samples_per_epoch)
     samples_per_epoch: int = 0  # global samples per epoch in resampled mode (0 = dataset size from index)
     shuffle_buffer: int = 256  # in-memory sample shuffle buffer (0 = off)
@@ -75,7 +76,7 @@ class DataConfig:
     remote_low_speed_s: int = 60  # ... for this many seconds is abandoned, the shard counted unreadable (0 = off)
     remote_outage_s: float = 300.0  # http(s) shards: server unreachable this long in a row (retried with backoff) -> the stream fails
     aug: AugmentConfig = field(default_factory=AugmentConfig)  # augmentation strengths (used when augment is true)
-    pipeline: str = "reference"  # 2D single view: reference (float per sample) | fast (uint8 crops, batch-side float + jitter + normalisation, on the training device)
+    pipeline: str = "auto"  # 2D single view: reference (float per sample) | fast (uint8 crops, batch-side float + jitter + normalisation, on the training device) | auto (fast on JPEG shards the builder wrote at training resolution, --resize shortest --image-format jpeg, as index.json records; reference otherwise)
     decode_device: str = "auto"  # fast pipeline, JPEG shards: cpu (workers decode) | cuda (nvJPEG in the training process) | auto (cuda when the loader's device is a GPU)
 
     def validate(self) -> None:
@@ -118,8 +119,8 @@ class DataConfig:
         if not self.hu_windows or any(len(w) != 2 or not w[0] < w[1] for w in self.hu_windows):
             raise ValueError(f"hu_windows: need one or more [lo, hi] pairs with lo < hi, got {self.hu_windows}")
         self.aug.validate("aug.")
-        if self.pipeline not in ("reference", "fast"):
-            raise ValueError(f"pipeline: {self.pipeline!r} is not one of reference, fast")
+        if self.pipeline not in ("auto", "reference", "fast"):
+            raise ValueError(f"pipeline: {self.pipeline!r} is not one of auto, reference, fast")
         if self.decode_device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"decode_device: {self.decode_device!r} is not one of auto, cpu, cuda")
         if self.volume_size is not None and (len(self.volume_size) != 3 or min(self.volume_size) < 1):

@@ -25,6 +25,7 @@ Shape legend: B batch, C channels (1 grey, 3 RGB), S output side, H/W stored ima
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -36,7 +37,7 @@ from PIL import Image
 
 from medvlp.data_shards.schema import EncodedImage, Sample
 from medvlp.data_shards.transforms import (MEAN_STD, Normalize, RandColorJitter, RandFlip, RandIntensity,
-                                           RandResizedCrop, ResizeCenterCrop, _GREY_W, image_view)
+                                           RandResizedCrop, ResizeCenterCrop, _GREY_W, _RGB2YIQ, image_view)
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec; they are still the libjpeg-turbo / nvJPEG
 # decoders this path needs, and a warning per decoded image would flood the logs
@@ -49,6 +50,23 @@ N_AUG = 15
 # view layout (int64): [0] kind (0 crop box, 1 centre view), [1:5] top, left, ch, cw (box) or nh, nw, top, left
 # (centre), [5] flip, [6] output side
 N_VIEW = 7
+
+
+# RandColorJitter's matrix in float64 numpy: its torch form is a dozen 3x3 tensor ops, ~0.15 ms a sample in
+# per-op overhead; these agree with it to ~1e-7 (float32 rounding)
+_GREY_W64 = _GREY_W.double().numpy()
+_RGB2YIQ64 = _RGB2YIQ.double().numpy()
+_YIQ2RGB64 = np.linalg.inv(_RGB2YIQ64)
+_SAT_GREY64 = np.outer(np.ones(3), _GREY_W64)
+
+
+def colour_matrix(bf: float, cf: float, sf: float, hf: float) -> tuple[np.ndarray, float]:
+    """`RandColorJitter.draw`'s (3x3 matrix A, offset factor k) from its drawn factors, in numpy."""
+    a = 2 * math.pi * hf
+    c, s = math.cos(a), math.sin(a)
+    rot = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    sat = sf * np.eye(3) + (1 - sf) * _SAT_GREY64
+    return (cf * bf) * (_YIQ2RGB64 @ rot @ _RGB2YIQ64 @ sat), (1 - cf) * bf
 
 
 @dataclass(frozen=True)
@@ -167,12 +185,23 @@ def _to_CHW(arr: np.ndarray) -> torch.Tensor:
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
 
 
+def _decode_jpeg_full(data: bytes) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+
+
 def decode_image(img: EncodedImage | np.ndarray, view: View | None = None) -> tuple[torch.Tensor, tuple[float, float]]:
     """Decode for `view`: (image_CHW uint8, or float32 in [0, 1] for 16-bit, and its (decoded / stored) scale).
     A JPEG is decoded by libjpeg-turbo (torchvision's decoder: no PIL image in between) or, when `draft_factor`
-    allows, by PIL at 1/2, 1/4 or 1/8 size."""
+    allows, by PIL at 1/2, 1/4 or 1/8 size. A grey or RGB JPEG (its start-of-frame marker says so) that the view
+    reads at full size goes straight to libjpeg-turbo, without opening a PIL image."""
     if isinstance(img, np.ndarray):
         return _to_CHW(img), (1.0, 1.0)
+    if img.member == "img.jpg" and img.data[:2] == b"\xff\xd8":
+        sof = _jpeg_sof(img.data)
+        if sof is not None and sof[2] in (1, 3) and (view is None or draft_factor(view, sof[0], sof[1]) == 1):
+            return _decode_jpeg_full(img.data), (1.0, 1.0)
     if img.member == "img.jpg":
         with Image.open(io.BytesIO(img.data)) as im:
             w, h = im.size
@@ -185,10 +214,7 @@ def decode_image(img: EncodedImage | np.ndarray, view: View | None = None) -> tu
             if im.mode not in ("L", "RGB"):  # CMYK and the like: PIL converts as the reference does
                 im.load()
                 return _pil_to_tensor(im if im.mode in ("L", "RGB") else im.convert("RGB")), (1.0, 1.0)
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        data = torch.frombuffer(bytearray(img.data), dtype=torch.uint8)
-        return decode_jpeg(data, mode=ImageReadMode.UNCHANGED), (1.0, 1.0)
+        return _decode_jpeg_full(img.data), (1.0, 1.0)
     from medvlp.data_shards.schema import _load_png
 
     return _to_CHW(_load_png(img.data)), (1.0, 1.0)
@@ -229,9 +255,10 @@ class FastImageTransform:
                 if p is not None:
                     aug[0], aug[1:4] = 1.0, p
             elif isinstance(t, RandColorJitter):
-                p = t.draw(rng, channels)
-                if p is not None:
-                    aug[4], aug[5:14], aug[14] = 1.0, p[0].reshape(9).numpy(), p[1]
+                f = t.draw_factors(rng, channels)
+                if f is not None:
+                    a, k = colour_matrix(*f)
+                    aug[4], aug[5:14], aug[14] = 1.0, a.reshape(9), k
         return View(view[0], tuple(int(v) for v in view[1]), flip, self.size), torch.from_numpy(aug)
 
     def __call__(self, s: Sample, rng: np.random.Generator) -> dict[str, torch.Tensor]:

@@ -59,6 +59,7 @@ class ShardSet:
     split: str
     sha256: list[str] = field(default_factory=list)  # per url, from index.json ("" = unknown)
     sizes: list[int] = field(default_factory=list)  # samples per url, all splits, from index.json (-1 = unknown)
+    image_build: dict = field(default_factory=dict)  # index.json build.image: how the builder stored 2D images
 
     @property
     def total(self) -> int:
@@ -137,7 +138,8 @@ def resolve_shards(spec: str | list[str], split: str, index_path: str = "", allo
     if sum(counts) == 0:
         raise ValueError(f"shards {spec!r}: split {split!r} has no samples (index {where}: {index.get('splits')})")
     return ShardSet(urls, counts, list(index.get("label_names", [])), index.get("modality", ""), split,
-                    [str(e.get("sha256", "")) for e in listed], [int(e.get("count", -1)) for e in listed])
+                    [str(e.get("sha256", "")) for e in listed], [int(e.get("count", -1)) for e in listed],
+                    dict((index.get("build") or {}).get("image") or {}))
 
 
 # ------------------------------------------------------------------------------------------------ samples

@@ -35,6 +35,12 @@ those an uninterrupted loader yields from step k. One documented exception: a co
 skipped prefix was dropped (and replaced by the next sample) in the uninterrupted run, so that slot's later
 batches shift by one sample per such corrupt sample.
 
+Persistent workers (``make_loader(..., persistent=True)``; pretraining sets it from ``data.persistent_workers``).
+Each slot streams its epoch, then plans and streams the following epochs in the same process (an endless
+DataLoader iterator; no worker is respawned per epoch). Batches carry their epoch; the main process sorts them by
+(epoch, slot), and ``loader.next_epoch()`` is the next epoch's loader on the same workers. Every seed above holds
+the epoch, so each epoch's batches equal those of ``make_loader(..., epoch=e)``.
+
 Corrupt samples (bad json, undecodable member, wrong members for the modality, bad label value, unreadable tar)
 are skipped, counted and the first ``cfg.log_corrupt`` per slot logged with their key. Counts travel in-band
 with each batch (and a final end marker per slot) and are summed by the main process into ``loader.stats``.
@@ -60,6 +66,7 @@ dim, L tokens.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -279,22 +286,23 @@ def _numbered(src: Iterator[dict]) -> Iterator[tuple[int, dict]]:
 
 
 def _label_vector(s: Sample, label_names: list[str]) -> torch.Tensor:
-    out = torch.zeros(len(label_names), dtype=torch.float32)
-    for i, name in enumerate(label_names):
+    out = []  # a list, then one tensor: item assignment into a tensor costs ~2 us a label
+    for name in label_names:
         v = s.labels.get(name)
         if v is None:
-            continue  # missing -> 0
+            out.append(0.0)  # missing -> 0
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (1, 0, -1):
             raise ValueError(f"label {name!r} = {v!r} is not one of 1, 0, -1")
-        out[i] = float(v)
-    return out
+        out.append(float(v))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 class _DecodeTransform:
     """(position, raw member dict) -> per-sample dict; corrupt samples are counted and dropped."""
 
-    def __init__(self, ctx: "SlotStream", slot: int, tally: _Tally) -> None:
-        self.ctx, self.slot, self.tally = ctx, slot, tally
+    def __init__(self, ctx: "SlotStream", slot: int, tally: _Tally, epoch: int) -> None:
+        self.ctx, self.slot, self.tally, self.epoch = ctx, slot, tally, epoch
 
     def __call__(self, src: Iterator[tuple[int, dict]]) -> Iterator[dict]:
         c = self.ctx
@@ -307,7 +315,7 @@ class _DecodeTransform:
                     raise SampleDecodeError(f"sample {key!r}: no {need} member for modality {c.modality!r}")
                 labels = _label_vector(s, c.label_names)
                 rng = np.random.default_rng(np.random.SeedSequence(
-                    [c.seed % (1 << 64), c.epoch, c.rank, self.slot, pos, _AUGMENT]))
+                    [c.seed % (1 << 64), self.epoch, c.rank, self.slot, pos, _AUGMENT]))
                 out = c.transform(s, rng)
             except Exception as e:  # noqa: BLE001 - any member/transform failure skips only this sample
                 self.tally.bad(key, f"{type(e).__name__}: {e}")
@@ -385,8 +393,9 @@ class SlotStream(IterableDataset):
     def __init__(self, plans: list[SlotPlan], cfg: DataConfig, *, rank: int, epoch: int, split: str,
                  modality: str, label_names: list[str], resampled: bool, train: bool,
                  transform: Callable, tokenizer: Callable | None, sha256: dict[str, str] | None = None,
-                 sizes: dict[str, int] | None = None) -> None:
+                 sizes: dict[str, int] | None = None, replan: Callable[[int], list[SlotPlan]] | None = None) -> None:
         super().__init__()
+        self.replan = replan  # epoch -> plans: the slot goes on to the next epochs (endless; None = one epoch)
         sha256, self.sizes = sha256 or {}, sizes or {}
         self.plans, self.rank, self.epoch, self.split = plans, rank, epoch, split
         self.seed, self.batch_size, self.shuffle_buffer = cfg.seed, cfg.batch_size, cfg.shuffle_buffer
@@ -397,16 +406,19 @@ class SlotStream(IterableDataset):
         self.verifier = ShardVerifier(sha256, cfg.on_mismatch) if cfg.verify else None
         self.remote_policy = remote.RemotePolicy.from_config(cfg)
 
-    def pipeline(self, slot: int, tally: _Tally) -> wds.DataPipeline:
-        p, b = self.plans[slot], self.batch_size
+    def pipeline(self, slot: int, tally: _Tally, plans: list[SlotPlan] | None = None,
+                 epoch: int | None = None) -> wds.DataPipeline:
+        plans = self.plans if plans is None else plans
+        epoch = self.epoch if epoch is None else epoch
+        p, b = plans[slot], self.batch_size
         if self.resampled:
-            source = wds.ResampledShards(p.urls, seed=stream_seed(self.seed, self.epoch, self.rank, slot, _SHARD_DRAW),
+            source = wds.ResampledShards(p.urls, seed=stream_seed(self.seed, epoch, self.rank, slot, _SHARD_DRAW),
                                          worker_seed=_zero_worker_seed, deterministic=True)
         else:
             source = wds.SimpleShardList(p.urls)  # already this slot's shards, in order (no seed: no reshuffle)
         shuffle = None
         if self.train and self.shuffle_buffer > 0:
-            rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, slot, _SHUFFLE))
+            rng = random.Random(stream_seed(self.seed, epoch, self.rank, slot, _SHUFFLE))
             shuffle = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)
         return wds.DataPipeline(
             source,
@@ -416,21 +428,30 @@ class SlotStream(IterableDataset):
             shuffle,
             _numbered,
             wds.slice(p.skip_batches * b, None),
-            _DecodeTransform(self, slot, tally),
-            wds.batched(b, collation_fn=partial(self._collate, tally=tally, slot=slot), partial=True),
+            _DecodeTransform(self, slot, tally, epoch),
+            wds.batched(b, collation_fn=partial(self._collate, tally=tally, slot=slot, epoch=epoch), partial=True),
             wds.slice(p.n_batches - p.skip_batches) if self.resampled else None,
         )
 
-    def _collate(self, samples: list[dict], tally: _Tally, slot: int) -> dict[str, Any]:
+    def _collate(self, samples: list[dict], tally: _Tally, slot: int, epoch: int) -> dict[str, Any]:
         batch = collate(samples, self.label_names, self.tokenizer, self.members)
         batch["n_corrupt"], batch["corrupt_keys"] = tally.take()
-        batch["_slot"] = slot
+        batch["_slot"], batch["_epoch"] = slot, epoch
         return batch
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         slot = info.id if info is not None else 0
-        p = self.plans[slot]
+        epoch, plans = self.epoch, self.plans
+        while True:  # one epoch, or (replan) every epoch from this one on, in the same worker process
+            faulted = yield from self._one_epoch(slot, plans, epoch)
+            if self.replan is None or faulted:
+                return
+            epoch += 1
+            plans = self.replan(epoch)
+
+    def _one_epoch(self, slot: int, plans: list[SlotPlan], epoch: int) -> Iterator[dict]:
+        p = plans[slot]
         # in the modulo split the owner of a shard-level error is global slot 0 (rank 0, worker 0)
         run = BadRun(self.max_bad_in_row, as_stop_check(self.stop))
         tally = _Tally(p.modulo[0] if p.modulo else slot, self.log_corrupt, shared_shards=p.modulo is not None,
@@ -438,26 +459,71 @@ class SlotStream(IterableDataset):
         fault: dict[str, Any] = {}
         try:
             if p.urls and p.skip_batches < p.n_batches:
-                yield from self.pipeline(slot, tally)
+                yield from self.pipeline(slot, tally, plans, epoch)
         except (DataStreamError, StreamStopped) as e:  # travels in-band: the main process raises it, one line
             fault = {"_fault": type(e).__name__, "_message": str(e)}
         n, keys = tally.take()
-        yield {_END: True, "_slot": slot, "n_corrupt": n, "corrupt_keys": keys, **fault}
+        yield {_END: True, "_slot": slot, "_epoch": epoch, "n_corrupt": n, "corrupt_keys": keys, **fault}
+        return bool(fault)
 
 
 # ------------------------------------------------------------------------------------------ main side
+class _Source:
+    """The batches coming out of the slots, sorted by (epoch, slot); shared by the epochs of a persistent loader,
+    whose one DataLoader iterator (and so its worker processes) lives across epochs."""
+
+    def __init__(self) -> None:
+        self.it: Iterator[dict] | None = None
+        self.loader: DataLoader | None = None
+        self.bufs: dict[tuple[int, int], deque] = {}
+        self.ended: set[tuple[int, int]] = set()
+        self.exhausted = False
+        self.stats: dict[int, dict[str, Any]] = {}
+
+    def stats_for(self, epoch: int) -> dict[str, Any]:
+        return self.stats.setdefault(epoch, {"samples": 0, "corrupt": 0, "corrupt_keys": []})
+
+    def buf(self, epoch: int, slot: int) -> deque:
+        return self.bufs.setdefault((epoch, slot), deque())
+
+    def done(self, epoch: int, slot: int) -> bool:
+        return self.exhausted or (epoch, slot) in self.ended
+
+    def forget(self, epoch: int) -> None:
+        self.bufs = {k: q for k, q in self.bufs.items() if k[0] != epoch}
+        self.ended = {k for k in self.ended if k[0] != epoch}
+        self.stats.pop(epoch - 1, None)  # keep this epoch's (the loader reports it), drop older ones
+
+    def close(self) -> None:
+        it, self.it, self.loader = self.it, None, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
 class StreamLoader:
-    """Iterable of batches in a fixed order; `stats` (corrupt counts over all workers) and `state_dict()`."""
+    """Iterable of batches in a fixed order; `stats` (corrupt counts over all workers) and `state_dict()`.
+
+    Persistent (``make_loader(..., persistent=True)``): the slots stream every epoch from this one on, and
+    `next_epoch()` gives the next epoch's loader on the same DataLoader workers (never respawned); each epoch's
+    batches are exactly those of a fresh ``make_loader(..., epoch=e)``. A persistent loader's epoch is iterated
+    once."""
 
     def __init__(self, dataset: SlotStream, schedule: list[int], *, workers: int, epoch: int, start_step: int,
-                 steps_per_epoch: int, seed: int, stop: Any = None, finish: Callable | None = None) -> None:
+                 steps_per_epoch: int, seed: int, stop: Any = None, finish: Callable | None = None,
+                 replan: Callable[[int], tuple[list[SlotPlan], list[int]]] | None = None,
+                 source: _Source | None = None) -> None:
         self.dataset, self.schedule, self.workers = dataset, schedule, workers
         self.finish = finish  # batch -> batch in this process (the fast path's float / jitter / normalisation)
         self.epoch, self.start_step, self.step = epoch, start_step, start_step
         self.steps_per_epoch, self.seed = steps_per_epoch, seed
         self.label_names = dataset.label_names
         self.stats: dict[str, Any] = {"samples": 0, "corrupt": 0, "corrupt_keys": []}
-        self._stop = as_stop_check(stop)
+        self._stop_arg, self._stop = stop, as_stop_check(stop)
+        self._replan = replan  # epoch -> (plans, schedule from step 0)
+        self.persistent = dataset.replan is not None
+        self._shared = source if source is not None else (_Source() if self.persistent else None)
+        self._iterated = False
 
     def _check_stop(self) -> None:
         if self._stop is not None and self._stop():
@@ -470,6 +536,30 @@ class StreamLoader:
     def __len__(self) -> int:
         return len(self.schedule)
 
+    def next_epoch(self) -> StreamLoader:
+        """The loader of the next epoch from its step 0 (persistent: on the same worker processes)."""
+        if self._replan is None:
+            raise RuntimeError("this loader was not made by make_loader; make the next epoch's loader with it")
+        plans, schedule = self._replan(self.epoch + 1)
+        if self.persistent:
+            dataset = self.dataset
+        else:
+            dataset = copy.copy(self.dataset)
+            dataset.plans, dataset.epoch = plans, self.epoch + 1
+        return StreamLoader(dataset, schedule, workers=self.workers, epoch=self.epoch + 1, start_step=0,
+                            steps_per_epoch=sum(p.n_batches for p in plans), seed=self.seed, stop=self._stop_arg,
+                            finish=self.finish, replan=self._replan, source=self._shared)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live DataLoader workers ([] with workers=0 or before iterating)."""
+        src = self._shared
+        return [w.pid for w in getattr(src.it, "_workers", [])] if src is not None else []
+
+    def close(self) -> None:
+        """Stop a persistent loader's workers now (they also stop when the loader is garbage collected)."""
+        if self._shared is not None:
+            self._shared.close()
+
     def _source(self) -> Iterator[dict]:
         if self.workers == 0:
             return iter(self.dataset)
@@ -478,40 +568,48 @@ class StreamLoader:
         return iter(DataLoader(self.dataset, batch_size=None, num_workers=self.workers, generator=g,
                                pin_memory=torch.cuda.is_available(), persistent_workers=False))
 
-    def _account(self, item: dict) -> None:
+    def _account(self, item: dict, stats: dict[str, Any]) -> None:
         n, keys = item.pop("n_corrupt"), item.pop("corrupt_keys")
-        self.stats["corrupt"] += int(n)
-        room = 20 - len(self.stats["corrupt_keys"])
-        self.stats["corrupt_keys"].extend(list(keys)[:max(room, 0)])
+        stats["corrupt"] += int(n)
+        room = 20 - len(stats["corrupt_keys"])
+        stats["corrupt_keys"].extend(list(keys)[:max(room, 0)])
 
     def __iter__(self) -> Iterator[dict]:
+        if self.persistent:
+            if self._iterated:
+                raise RuntimeError(f"a persistent loader's epoch {self.epoch} is iterated once; "
+                                   "next_epoch() gives the next one")
+            src = self._shared
+        else:
+            src = _Source()
+        self._iterated = True
+        if src.it is None:
+            src.it = self._source()
+        ep = self.epoch
         self.step = self.start_step
-        self.stats = {"samples": 0, "corrupt": 0, "corrupt_keys": []}
+        self.stats = src.stats_for(ep)
         n_slots = max(self.workers, 1)
-        bufs: list[deque] = [deque() for _ in range(n_slots)]
-        ended = [False] * n_slots
-        source = self._source()
 
-        def pull() -> bool:
+        def pull() -> None:
             self._check_stop()
             try:
-                item = next(source, None)
+                item = next(src.it, None)
             except MemberError as e:  # from a DataLoader worker: its message carries the worker's traceback
                 raise MemberError(_last_line(str(e))) from None
             if item is None:
-                ended[:] = [True] * n_slots
-                return False
-            self._account(item)
+                src.exhausted = True
+                return
+            epoch = item.pop("_epoch", ep)
+            self._account(item, src.stats_for(epoch))
             slot = item.pop("_slot")
             if "_fault" in item:
                 kind = {"StreamStopped": StreamStopped, "RemoteOutage": remote.RemoteOutage}.get(item["_fault"],
                                                                                                   DataStreamError)
                 raise kind(item["_message"])  # the same type the worker saw (a remote outage stays one)
             if item.pop(_END, False):
-                ended[slot] = True
+                src.ended.add((epoch, slot))
             else:
-                bufs[slot].append(item)
-            return True
+                src.buf(epoch, slot).append(item)
 
         def emit(batch: dict) -> dict:
             self.step += 1
@@ -519,19 +617,47 @@ class StreamLoader:
             return self.finish(batch) if self.finish is not None else batch
 
         for slot in self.schedule:
-            while not bufs[slot] and not ended[slot]:
+            q = src.buf(ep, slot)
+            while not q and not src.done(ep, slot):
                 pull()
-            if bufs[slot]:
-                yield emit(bufs[slot].popleft())
-        while pull():  # only when index.json undercounts the shards: drain in round robin, say so
-            pass
-        if any(bufs):
+            if q:
+                yield emit(q.popleft())
+        while not all(src.done(ep, w) for w in range(n_slots)):  # this epoch's end markers (and any extra batch)
+            pull()
+        while not self.persistent and not src.exhausted:  # one epoch: let the workers finish
+            pull()
+        queues = [src.buf(ep, w) for w in range(n_slots)]
+        if any(queues):  # only when index.json undercounts the shards: say so, yield them in round robin
             log.warning("shards held more samples than index.json lists; yielding %d extra batches",
-                        sum(len(q) for q in bufs))
-        while any(bufs):
-            for q in bufs:
+                        sum(len(q) for q in queues))
+        while any(queues):
+            for q in queues:
                 if q:
                     yield emit(q.popleft())
+        src.forget(ep)
+
+
+def resolve_pipeline(pipeline: str, image_build: dict, image_size: int) -> str:
+    """data.pipeline -> "fast" | "reference". auto: fast where the shards hold JPEGs the builder wrote with their
+    shorter side resized to at least the training size (`shards build --resize shortest --image-size S
+    --image-format jpeg`, recorded as index.json build.image), so no published number on today's PNG shards
+    changes; the reference path otherwise."""
+    if pipeline != "auto":
+        return pipeline
+    ok = (image_build.get("format") == "jpeg" and image_build.get("resize") == "shortest"
+          and int(image_build.get("size") or 0) >= image_size)
+    return "fast" if ok else "reference"
+
+
+def _epoch_plan(shards: ShardSet, cfg: DataConfig, rank: int, world_size: int, resampled: bool, train: bool,
+                epoch: int) -> tuple[list[SlotPlan], list[int]]:
+    return plan_slots(shards, cfg, rank=rank, world_size=world_size, epoch=epoch, start_step=0, resampled=resampled,
+                      train=train)
+
+
+def _epoch_slot_plans(shards: ShardSet, cfg: DataConfig, rank: int, world_size: int, resampled: bool, train: bool,
+                      epoch: int) -> list[SlotPlan]:
+    return _epoch_plan(shards, cfg, rank, world_size, resampled, train, epoch)[0]
 
 
 def _last_line(msg: str) -> str:
@@ -542,7 +668,7 @@ def _last_line(msg: str) -> str:
 def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenizer: Callable | None = None,
                 epoch: int = 0, start_step: int = 0, train: bool = True, shards: str | list[str] | None = None,
                 split: str | None = None, transform: Callable | None = None, stop: Any = None,
-                device: torch.device | str | None = None) -> StreamLoader:
+                device: torch.device | str | None = None, persistent: bool = False) -> StreamLoader:
     """The loader of one epoch of this rank (see the module doc for the semantics).
 
     shards: overrides cfg.train_shards (train) / cfg.val_shards or else cfg.train_shards (eval). A local dir, a
@@ -555,6 +681,8 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
     device: where the fast path (data.pipeline=fast) turns its uint8 batches into normalised float (the training
     device; None = CPU) and, with data.decode_device auto/cuda on a GPU, decodes JPEGs (medvlp.data_shards.gpu_decode).
     The fast path serves single-view 2D streams with the default transform; others keep the reference path.
+    persistent: the workers stream this epoch and every later one; `loader.next_epoch()` gives the next epoch's
+    loader on the same processes (the batches are those of ``make_loader(..., epoch=epoch + 1)``).
     """
     cfg.validate()
     if not 0 <= rank < world_size:
@@ -573,7 +701,8 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
     plans, schedule = plan_slots(shard_set, cfg, rank=rank, world_size=world_size, epoch=epoch,
                                  start_step=start_step, resampled=resampled, train=train)
     finish = None
-    if transform is None and cfg.pipeline == "fast" and modality in ("cxr", "patho") and not cfg.pair_views:
+    if transform is None and resolve_pipeline(cfg.pipeline, shard_set.image_build, cfg.image_size) == "fast" \
+            and modality in ("cxr", "patho") and not cfg.pair_views:
         from medvlp.data_shards.fastpath import FastImageTransform, finish_batch
         from medvlp.data_shards.gpu_decode import use_gpu_decode
 
@@ -584,14 +713,17 @@ def make_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, tokenize
         transform = SampleTransform(modality, cfg.image_size, train=train and cfg.augment, flip=cfg.flip,
                                     pair_views=cfg.pair_views, volume_size=cfg.volume_size,
                                     max_patches=cfg.max_patches, hu_windows=cfg.hu_windows, aug=cfg.aug)
+    replan_args = (shard_set, cfg, rank, world_size, resampled, train)
     dataset = SlotStream(plans, cfg, rank=rank, epoch=epoch, split=split, modality=modality,
                          label_names=shard_set.label_names, resampled=resampled, train=train,
                          transform=transform, tokenizer=tokenizer,
                          sha256={u: h for u, h in zip(shard_set.urls, shard_set.sha256) if h},
-                         sizes=dict(zip(shard_set.urls, shard_set.sizes)))
+                         sizes=dict(zip(shard_set.urls, shard_set.sizes)),
+                         replan=partial(_epoch_slot_plans, *replan_args) if persistent else None)
     as_stop_check(stop)  # type check, here rather than in a worker
     # slots check it too: in this process (workers=0) any callable, across processes only a StopSignal
     dataset.stop = stop if cfg.workers == 0 or isinstance(stop, StopSignal) else None
     steps = sum(p.n_batches for p in plans)
     return StreamLoader(dataset, schedule, workers=cfg.workers, epoch=epoch, start_step=start_step,
-                        steps_per_epoch=steps, seed=cfg.seed, stop=stop, finish=finish)
+                        steps_per_epoch=steps, seed=cfg.seed, stop=stop, finish=finish,
+                        replan=partial(_epoch_plan, *replan_args))

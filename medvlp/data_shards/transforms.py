@@ -168,13 +168,21 @@ class RandColorJitter:
     hue: float = 0.05  # fraction of a full turn of the chroma plane
     p: float = 0.8
 
-    def draw(self, rng: np.random.Generator, channels: int = 3) -> tuple[torch.Tensor, float] | None:
-        """(3x3 colour matrix A, offset factor k): out = A @ rgb + k * mean grey; None = left as it is (also for
-        images that are not RGB)."""
+    def draw_factors(self, rng: np.random.Generator, channels: int = 3) -> tuple[float, float, float, float] | None:
+        """(brightness, contrast, saturation factors, hue turn), or None: every draw `draw` makes, in its order."""
         bf, cf, sf = (rng.uniform(1 - a, 1 + a) for a in (self.brightness, self.contrast, self.saturation))
         hf = rng.uniform(-self.hue, self.hue)
         if rng.random() >= self.p or channels != 3:
             return None
+        return bf, cf, sf, hf
+
+    def draw(self, rng: np.random.Generator, channels: int = 3) -> tuple[torch.Tensor, float] | None:
+        """(3x3 colour matrix A, offset factor k): out = A @ rgb + k * mean grey; None = left as it is (also for
+        images that are not RGB)."""
+        factors = self.draw_factors(rng, channels)
+        if factors is None:
+            return None
+        bf, cf, sf, hf = factors
         # All four jitters are affine in RGB, so they fold into one 3x3 matrix and an offset (one pass over the
         # pixels): saturation blends with the grey value, a hue shift rotates the chroma plane, and both keep
         # grey (1, 1, 1) fixed, so contrast's pull towards the mean grey survives them unchanged.

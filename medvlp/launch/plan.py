@@ -52,10 +52,11 @@ class Hardware:
 
 
 # Per-worker samples/s of the fast stream path (data.pipeline=fast) on JPEG-256 shards, worker side (the batch-side
-# normalisation runs on the GPU), one core of the project's 2-core AMD EPYC box: `python benchmarks/bench_stream.py
-# --feed` (benchmarks/results/stream-feed-2026-12-07-amd-epyc-2c.md, measured under a load average of 20-25: an
-# idle core is faster). model -> (samples/s, the recipe measured)
-WORKER_RATES: dict[str, tuple[float, str]] = {"RN50": (318.0, "rn50-cxr"), "ViT-B-16": (248.0, "vitb16-patho")}
+# normalisation runs on the GPU), samples per CPU second of one core of the project's 2-core AMD EPYC box (medians of
+# 3 interleaved rounds): `python benchmarks/bench_stream.py --feed --feed-n 256 --rounds 3 --feed-unique 8 --tag
+# persistent` (benchmarks/results/stream-feed-2026-12-07-amd-epyc-2c-persistent.md, 1-min load average 3.2-5.8 on
+# the 2 cores). model -> (samples/s, the recipe measured)
+WORKER_RATES: dict[str, tuple[float, str]] = {"RN50": (1114.0, "rn50-cxr"), "ViT-B-16": (1028.0, "vitb16-patho")}
 
 
 def feed_workers(plan: "Plan", worker_rate: float, margin: float = 1.5) -> tuple[float, int]:

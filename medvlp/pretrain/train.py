@@ -105,9 +105,20 @@ class _Batches(spine.EpochBatches):
     def __init__(self, data_cfg, rank: int, world: int, tokenizer, epoch: int, step: int, device=None) -> None:
         from medvlp.data_shards.stream import make_loader
 
-        # device: where data.pipeline=fast turns its uint8 batches into normalised float (and decodes on a GPU)
-        super().__init__(lambda e, s: make_loader(data_cfg, rank=rank, world_size=world, tokenizer=tokenizer, epoch=e,
-                                                  start_step=s, train=True, device=device), epoch, step)
+        # device: where data.pipeline=fast turns its uint8 batches into normalised float (and decodes on a GPU);
+        # persistent: the DataLoader workers live across epochs (next_epoch), none respawned per epoch
+        persistent = bool(getattr(data_cfg, "persistent_workers", False))
+
+        def open_epoch(e: int, s: int):
+            prev = self.source
+            if persistent and prev is not None and s == 0 and e == prev.epoch + 1:
+                return prev.next_epoch()  # the epoch after a finished one, on the same worker processes
+            if persistent and prev is not None:
+                prev.close()  # reopened elsewhere (a rewind): the old workers stop now
+            return make_loader(data_cfg, rank=rank, world_size=world, tokenizer=tokenizer, epoch=e, start_step=s,
+                               train=True, device=device, persistent=persistent)
+
+        super().__init__(open_epoch, epoch, step)
 
     @property
     def corrupt(self) -> int:

@@ -114,6 +114,35 @@ def test_batch_side_jitter_and_normalisation_equal_per_sample_reference():
         torch.testing.assert_close(batch, torch.stack(ref), rtol=1e-5, atol=1e-5)
 
 
+def test_numpy_colour_matrix_equals_the_torch_draw():
+    from medvlp.data_shards.fastpath import colour_matrix
+    from medvlp.data_shards.transforms import RandColorJitter
+
+    t = RandColorJitter()
+    for i in range(50):
+        g1, g2 = np.random.default_rng(i), np.random.default_rng(i)
+        ref, f = t.draw(g1, 3), t.draw_factors(g2, 3)
+        assert g1.bit_generator.state == g2.bit_generator.state  # the same draws, in the same order
+        if ref is None:
+            assert f is None
+            continue
+        a, k = colour_matrix(*f)
+        np.testing.assert_allclose(a, ref[0].numpy(), rtol=0, atol=2e-6)
+        assert k == pytest.approx(ref[1], abs=1e-12)
+    assert t.draw_factors(np.random.default_rng(0), 1) is None  # grey images: drawn, then left as they are
+
+
+def test_shard_tars_carry_no_pax_header_per_member(tmp_path):
+    import tarfile
+
+    s = Sample(key="k/0", text="t", image=_img(16, 16), labels={}, meta={"split": "train"})
+    write_shards([s], tmp_path, maxcount=8)
+    (tar,) = tmp_path.glob("*.tar")
+    with tarfile.open(tar) as tf:
+        members = tf.getmembers()
+    assert members and all(m.pax_headers == {} and m.mtime == 0 for m in members)
+
+
 def test_draft_decode_only_where_the_crop_keeps_its_resolution():
     big = _img(512, 512)
     v_small = View(0, (0, 0, 200, 200), False, 224)  # upscaled crop: full decode
@@ -198,3 +227,36 @@ def test_bad_pipeline_values_fail_with_the_key():
         DataConfig(pipeline="turbo").validate()
     with pytest.raises(ValueError, match="decode_device"):
         DataConfig(decode_device="tpu").validate()
+
+
+@pytest.mark.timeout(60)
+def test_pipeline_auto_is_fast_only_on_jpeg_shards_built_at_training_resolution(tmp_path):
+    from medvlp.data_shards.build import ImageEncoding, build_shards
+    from medvlp.data_shards.stream import resolve_pipeline
+    from tests.conftest import write_csv
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(8):
+        Image.fromarray(_img(60, 80, seed=i)).save(tmp_path / "img" / f"g{i}.png")
+        rows.append({"image": f"img/g{i}.png", "report": f"report {i}", "patient_id": f"p{i}",
+                     "label:effusion": str(i % 2)})
+    man = write_csv(tmp_path / "manifest.csv", rows)
+    kw = {"workers": 1, "image_size": 48, "progress": False, "val_frac": 0, "test_frac": 0}
+    build_shards(man, tmp_path / "jpeg", encoding=ImageEncoding(resize="shortest", format="jpeg"), **kw)
+    build_shards(man, tmp_path / "png", **kw)
+
+    def loader(d, **over):
+        cfg = DataConfig(train_shards=str(tmp_path / d), modality="cxr", batch_size=4, shuffle_buffer=0, seed=1,
+                         **{"image_size": 32, **over})
+        return make_loader(cfg)
+
+    assert DataConfig().pipeline == "auto"
+    assert loader("jpeg").finish is not None  # fast: uint8 batches, float on the device
+    assert loader("png").finish is None  # today's PNG shards keep the reference path (and their numbers)
+    assert loader("jpeg", pipeline="reference").finish is None
+    assert loader("jpeg", image_size=64).finish is None  # stored below the training size: reference
+    auto, fast = list(loader("jpeg")), list(loader("jpeg", pipeline="fast"))
+    assert [b["key"] for b in auto] == [b["key"] for b in fast]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(auto, fast))
+    assert resolve_pipeline("auto", {}, 224) == "reference" and resolve_pipeline("fast", {}, 224) == "fast"

@@ -271,3 +271,50 @@ def test_modality_mismatch_sample_is_corrupt(tmp_path):
     loader = make_loader(_cfg(d), train=False)
     assert Counter(_keys(loader)) == Counter(s.key for s in samples)  # index counts 4; the extra one is skipped
     assert loader.stats["corrupt"] == 1 and loader.stats["corrupt_keys"] == ["ct/x"]
+
+
+# ------------------------------------------------------------------------------------- persistent workers
+def _same_batches(a: list[dict], b: list[dict]) -> bool:
+    return _keys(a) == _keys(b) and all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("resampled", [True, False])
+def test_persistent_workers_live_across_epochs_with_per_epoch_batches(cxr_dir, resampled):
+    """Two DataLoader workers stream three epochs without being respawned; every epoch's batches (keys and
+    crops) equal a loader made for that epoch alone, so they are reproducible from the seed, and epoch 2's differ
+    from epoch 1's."""
+    cfg = _cfg(cxr_dir, workers=2, samples_per_epoch=40, resampled=resampled, batch_size=5)
+    loader = make_loader(cfg, epoch=0, persistent=True)
+    epochs, pids = [], []
+    for e in range(3):
+        if e:
+            loader = loader.next_epoch()
+        assert loader.epoch == e
+        epochs.append(list(loader))
+        pids.append(loader.worker_pids())
+        assert loader.state_dict() == {"epoch": e, "step": loader.steps_per_epoch}
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]  # the same two processes, none respawned
+    with pytest.raises(RuntimeError, match="iterated once"):
+        list(loader)
+    loader.close()
+    for e in range(3):
+        assert _same_batches(epochs[e], list(make_loader(cfg, epoch=e)))
+    assert _keys(epochs[1]) != _keys(epochs[2])
+    if not resampled:  # each epoch is a permutation of the same 48 train samples
+        assert sorted(_keys(epochs[1])) == sorted(_keys(epochs[2])) and len(_keys(epochs[1])) == 48
+    # a persistent loader resumed mid-epoch gives the rest of that epoch, then the next epochs, as before
+    resumed = make_loader(cfg, epoch=1, start_step=3, persistent=True)
+    rest, nxt = list(resumed), list(resumed.next_epoch())
+    assert _same_batches(rest, epochs[1][3:]) and _same_batches(nxt, epochs[2])
+
+
+@pytest.mark.timeout(60)
+def test_persistent_in_process_and_next_epoch_without_persistence(cxr_dir):
+    cfg = _cfg(cxr_dir, samples_per_epoch=24)
+    p = make_loader(cfg, epoch=4, persistent=True)
+    a0, a1 = list(p), list(p.next_epoch())
+    q = make_loader(cfg, epoch=4)
+    b0, b1 = list(q), list(q.next_epoch())
+    assert _same_batches(a0, b0) and _same_batches(a1, b1) and _keys(a0) != _keys(a1)
+    assert p.worker_pids() == []
