@@ -309,3 +309,23 @@ def test_second_signal_exits_at_once():
     assert flag.stop
     with pytest.raises(TrainingInterrupted, match="received twice"):
         flag._handler(signal.SIGINT, None)
+
+
+@pytest.mark.timeout(300)
+def test_persistent_workers_train_the_same_weights_across_epochs(cxr_shards, tmp_path):
+    """Two DataLoader workers, 20 steps over a 16-batch epoch: the run whose workers live across the epoch boundary
+    (next_epoch) trains the same weights as the run that makes a loader per epoch."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for persistent in ("true", "false"):
+        out = tmp_path / persistent
+        cfg = load_config("debug", tiny_overrides(cxr_shards, out, steps=20, **{
+            "data.workers": 2, "data.persistent_workers": persistent, "tracking.enabled": "false",
+            "train.final_eval": "false", "train.ckpt_every": 20}))
+        res = _run(cfg)
+        assert res.steps_done == 20
+        runs[persistent] = (_losses(out), load_file(str(out / "model.safetensors")))
+    (la, wa), (lb, wb) = runs["true"], runs["false"]
+    assert la == lb
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
