@@ -2,6 +2,7 @@
 with gated cross-attention. One root for both training stages (`finetune.stage: 1 | 2`)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from medvlp.data_shards.config import DataConfig
@@ -62,13 +63,13 @@ class ReportModelConfig:
 
 @dataclass
 class GenerateConfig:
-    """Decoding (the `transformers` generation API)."""
+    """Decoding: `transformers`' `generate` (`evaluate.generation_kwargs` maps these keys to its arguments)."""
 
     strategy: str = "greedy"  # greedy | beam | nucleus (top-k / top-p sampling with a temperature)
-    num_beams: int = 4  # beams of `beam` (medvlp.finetune.report.decode.beam_search)
+    num_beams: int = 4  # beams of `beam` (generate's num_beams, early_stopping=True; 1 = greedy)
     length_penalty: float = 1.0  # beam: rank finished reports by log-prob sum / tokens ** this (0 = plain sum)
-    no_repeat_ngram: int = 0  # greedy / beam: never repeat an n-gram of this size (0 = off)
-    repetition_penalty: float = 1.0  # greedy / beam: CTRL penalty on tokens already generated (1 = off)
+    no_repeat_ngram: int = 0  # never repeat an n-gram of this size, prompt included (no_repeat_ngram_size; 0 = off)
+    repetition_penalty: float = 1.0  # CTRL penalty on every token of the prompt and the report so far (1 = off)
     top_k: int = 40  # nucleus: keep the k most likely tokens (reference: 40)
     top_p: float = 0.95  # nucleus: smallest set with this probability mass (reference: 0.95)
     temperature: float = 0.7  # nucleus: softmax temperature (reference: 0.7)
@@ -79,12 +80,20 @@ class GenerateConfig:
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.num_beams < 1 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.temperature <= 0:
-            raise ValueError("num_beams >= 1, top_k >= 0, 0 < top_p <= 1 and temperature > 0 are required")
-        if self.no_repeat_ngram < 0 or self.repetition_penalty <= 0:
-            raise ValueError("no_repeat_ngram >= 0 and repetition_penalty > 0 are required")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens and batch_size: must be >= 1")
+        for name in ("num_beams", "max_new_tokens", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("no_repeat_ngram", "top_k"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("repetition_penalty", "temperature"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}: must be a finite number > 0, got {v!r}")
+        if not isinstance(self.length_penalty, (int, float)) or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty: must be a finite number, got {self.length_penalty!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
 
 
 @dataclass

@@ -18,7 +18,6 @@ import torch
 from medvlp.data_shards.transforms import collate_bags
 from medvlp.finetune.report.config import GenerateConfig, ReportConfig
 from medvlp.finetune.report.data import SlideSplit, load_split
-from medvlp.finetune.report.decode import beam_generate
 from medvlp.finetune.report.baselines import (MeanFeatureRegressor, diagnosis_phrases, oracle_reports, reports_of,
                                               truth_facts)
 from medvlp.finetune.report.metrics import (fact_correct, fact_summary, format_table, retrieval_reports, score,
@@ -28,24 +27,18 @@ from medvlp.finetune.report.text import report_text
 
 
 def generation_kwargs(gen: GenerateConfig, tok: ReportTokenizer) -> dict:
-    """`transformers` generate() arguments of a decoding strategy."""
+    """`transformers` generate() arguments of a decoding strategy. The repetition rules
+    (`no_repeat_ngram_size`, `repetition_penalty`) apply to every strategy; off at their defaults (0, 1.0)."""
     kw = dict(max_new_tokens=gen.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-              bos_token_id=tok.bos_id, use_cache=True)
-    if gen.strategy == "greedy":
+              bos_token_id=tok.bos_id, use_cache=True, no_repeat_ngram_size=gen.no_repeat_ngram,
+              repetition_penalty=float(gen.repetition_penalty))
+    if gen.strategy == "greedy" or (gen.strategy == "beam" and gen.num_beams == 1):  # one beam is greedy
         kw.update(do_sample=False, num_beams=1)
-    elif gen.strategy == "beam":  # generate_ids decodes beams with decode.beam_search; these are the API's twins
-        kw.update(do_sample=False, num_beams=gen.num_beams, early_stopping=True, length_penalty=gen.length_penalty,
-                  no_repeat_ngram_size=gen.no_repeat_ngram, repetition_penalty=gen.repetition_penalty)
+    elif gen.strategy == "beam":
+        kw.update(do_sample=False, num_beams=gen.num_beams, early_stopping=True, length_penalty=gen.length_penalty)
     else:  # nucleus
         kw.update(do_sample=True, num_beams=1, top_k=gen.top_k, top_p=gen.top_p, temperature=gen.temperature)
     return kw
-
-
-def uses_beam_search(gen: GenerateConfig) -> bool:
-    """`beam`, and `greedy` with a repetition rule, decode with `decode.beam_search` (greedy = one beam); the rest
-    with the `transformers` generation API."""
-    return gen.strategy == "beam" or (gen.strategy == "greedy" and (gen.no_repeat_ngram > 0
-                                                                    or gen.repetition_penalty != 1.0))
 
 
 def _pad(feats: list[torch.Tensor], coords: list[torch.Tensor] | None = None):
@@ -68,14 +61,7 @@ def generate_ids(model: ReportModel, tok: ReportTokenizer, gen: GenerateConfig, 
             f, m, c = _pad(feats[i:i + gen.batch_size], None if coords is None else coords[i:i + gen.batch_size])
             prompt_ids = tok.prompt_ids(prompt, f.shape[0]).to(device)
             c = None if coords is None else c.to(device)
-            if uses_beam_search(gen):
-                ids = beam_generate(model, f.to(device), m.to(device), prompt_ids, c,
-                                    num_beams=gen.num_beams if gen.strategy == "beam" else 1,
-                                    max_new_tokens=gen.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                    length_penalty=gen.length_penalty, no_repeat_ngram=gen.no_repeat_ngram,
-                                    repetition_penalty=gen.repetition_penalty).cpu()
-            else:
-                ids = model.generate(f.to(device), m.to(device), prompt_ids, coords=c, **kw).cpu()
+            ids = model.generate(f.to(device), m.to(device), prompt_ids, coords=c, **kw).cpu()
             for row in ids.tolist():
                 cut = row.index(tok.eos_id) if tok.eos_id in row else len(row)
                 out.append([t for t in row[:cut] if t != tok.pad_id])

@@ -7,8 +7,9 @@ patches. Every "±" is the sample sd over seeds and every difference a paired bo
         --seeds 0 1 2 [--variants frozen tuned] [--stage1-steps 150 --stage2-steps 600] \
         [--strategies greedy beam nucleus --num-beams 4 --length-penalty 1.0 --no-repeat-ngram auto]
 
-Beam decoding is `decode.beam_search` (length-normalised; `--no-repeat-ngram auto` = the smallest n-gram size that
-no training report repeats, so the rule never forbids a report the corpus writes).
+Beam decoding is `transformers`' `generate` (`num_beams`, `length_penalty`, `no_repeat_ngram_size`,
+`repetition_penalty`, `early_stopping=True`); `--no-repeat-ngram auto` = the smallest n-gram size that no training
+report repeats (`decode.auto_no_repeat_ngram`), so the rule never forbids a report the corpus writes.
 Variants of the generator: `frozen` = HistoGPT (stage 2 trains the XATTN blocks + LM, the stage-1 resampler is
 frozen); `tuned` = stage 2 also trains the resampler (`finetune.train_resampler`). Hyper-parameters are the
 recipe's; the baselines' alpha / C / steps are picked on the validation split; the test split is scored once.
@@ -33,6 +34,7 @@ from medvlp.finetune.report.baselines import (AttentionMIL, MeanFeatureRegressor
                                               reports_of, truth_facts)
 from medvlp.finetune.report.config import GenerateConfig, ReportConfig, ReportModelConfig, ReportRunnerConfig
 from medvlp.finetune.report.data import load_split
+from medvlp.finetune.report.decode import auto_no_repeat_ngram
 from medvlp.finetune.report.evaluate import generate_texts, slide_embeddings
 from medvlp.finetune.report.metrics import (FACT_COLUMNS, fact_correct, fact_summary, group_metric, retrieval_reports,
                                             score, template_reports)
@@ -141,27 +143,11 @@ def run(a) -> dict:
     return per
 
 
-def longest_repeat_free(tok, texts: list[str]) -> int:
-    """The smallest n such that no report of `texts` (as trained on: `train_text`, tokenized) repeats an n-gram of
-    its own: a no-repeat rule of that size never forbids a report the corpus writes."""
-    from medvlp.finetune.report.text import train_text
-
-    n = 1
-    for t in texts:
-        ids = [tok.bos_id] + tok.encode(train_text(t))
-        while True:
-            grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-            if len(grams) == len(set(grams)):
-                break
-            n += 1
-    return n
-
-
 def _no_repeat(a, tok, texts: list[str]) -> int:
     if a.no_repeat_ngram != "auto":
         return int(a.no_repeat_ngram)
     if not hasattr(a, "_auto_ngram"):
-        a._auto_ngram = longest_repeat_free(tok, texts)
+        a._auto_ngram = auto_no_repeat_ngram(tok, texts)
         log.info("beam: no-repeat n-gram size %d (the smallest no training report repeats)", a._auto_ngram)
     return a._auto_ngram
 
@@ -300,13 +286,22 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_repeat_ngram != "auto" and not (a.no_repeat_ngram.isdigit()):
         print(f"--no-repeat-ngram {a.no_repeat_ngram}: not a count >= 0 or 'auto'", file=sys.stderr)
         return 2
+    try:  # the decoding flags, checked as the config keys they set
+        GenerateConfig(strategy="beam", num_beams=a.num_beams, length_penalty=a.length_penalty,
+                       repetition_penalty=a.repetition_penalty,
+                       no_repeat_ngram=0 if a.no_repeat_ngram == "auto" else int(a.no_repeat_ngram)).validate()
+    except ValueError as e:
+        key, _, msg = str(e).partition(": ")
+        print(f"--{key.replace('_', '-')}: {msg}", file=sys.stderr)
+        return 2
     if not (Path(a.shards) / "index.json").is_file():
         print(f"--shards {a.shards}: no index.json (a slide-bag shard dir)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     merge(a) if a.merge else run(a)
-    print((Path(a.out) / "table.md").read_text())
+    if (Path(a.out) / "table.md").is_file():  # --skip-mil without --merge writes the seed's scores.json only
+        print((Path(a.out) / "table.md").read_text())
     print((Path(a.out) / "diffs.md").read_text() if (Path(a.out) / "diffs.md").is_file() else "")
     return 0
 
