@@ -60,6 +60,8 @@ class AnatomyConfig:
             raise ValueError(f"head.token_select: {self.head.token_select!r} is not one of interior, any")
         if self.head.stat_pool < 0:
             raise ValueError(f"head.stat_pool: must be >= 0 (scales), got {self.head.stat_pool}")
+        if self.head.stem_norm and not self.head.stem_stat:
+            raise ValueError("head.stem_norm: standardises the stem statistics, so it needs head.stem_stat: true")
         if self.head.width % self.head.heads:
             raise ValueError(f"head.width: {self.head.width} is not divisible by head.heads {self.head.heads}")
         if not 0.0 <= self.head.vse_momentum < 1.0:

@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medvlp.finetune.anatomy.losses import organ_contrastive_loss, vse_loss
-from medvlp.finetune.anatomy.organs import (OrganQueryPool, ScaleProjection, organ_fractions, organ_token_flags,
-                                             pool_organ_masks, stat_pool)
+from medvlp.finetune.anatomy.organs import (OrganQueryPool, OrganStatNorm, ScaleProjection, organ_fractions,
+                                             organ_token_flags, pool_organ_masks, stat_pool)
 from medvlp.finetune.anatomy.vsd import NormalityVSD, VSDOutput
 
 MAX_LOGIT_SCALE = 4.6052  # log 100, as the pretrained CLIP
@@ -61,6 +61,7 @@ class AnatomyModelConfig:
     stat_pool: int = 2  # organ token += Linear of the masked max and sd of the n finest scales' tokens (0 = off)
     stem_stat: bool = False  # also the max and sd of the tower's stem map over the organ's voxels (a full-resolution
     #                          stem: the voxels themselves; statistic pooling only, the query does not attend to it)
+    stem_norm: bool = False  # standardise the stem statistics per organ (OrganStatNorm) before the statistic MLP
 
 
 @dataclass
@@ -93,6 +94,7 @@ class OrganEncoder(nn.Module):
             if not hasattr(visual, "stem") or not hasattr(visual, "stages"):
                 raise ValueError("head.stem_stat: the vision tower has no stem map (use a resnet3d tower)")
             self.stem_width = int(visual.widths[0])
+        self.stem_norm = OrganStatNorm(n_organs, 2 * self.stem_width) if (cfg.stem_norm and self.stem_width) else None
         n_stat = 2 * self.stat_scales * C + 2 * self.stem_width
         if n_stat:
             self.stat = nn.Sequential(nn.Linear(n_stat, C), nn.GELU(), nn.Linear(C, C))
@@ -109,12 +111,13 @@ class OrganEncoder(nn.Module):
         return flags, [f.float() for f in flags]
 
     def _with_stats(self, pooled_BOC: torch.Tensor, xs: list[torch.Tensor], weights: list[torch.Tensor],
-                    stem=None):
+                    stem=None, present_BO: torch.Tensor | None = None):
         if not (self.stat_scales or self.stem_width):
             return pooled_BOC
         st = [stat_pool(x, w) for x, w in zip(xs[:self.stat_scales], weights[:self.stat_scales])]
         if stem is not None:
-            st.append(stat_pool(*stem))
+            s = stat_pool(*stem)
+            st.append(s if self.stem_norm is None else self.stem_norm(s, present_BO))
         return self.stat_norm(pooled_BOC + self.stat(torch.cat(st, -1)))
 
     def tower(self, vol_B1DHW: torch.Tensor):
@@ -151,14 +154,14 @@ class OrganEncoder(nn.Module):
         present = torch.stack([f.any(-1) for f in flags]).any(0)
         if self.vsd is None:
             pooled = self.pool(torch.cat(xs, 1), torch.cat(flags, 2))
-            return OrganFeatures(self._with_stats(pooled, xs, weights, stem), present, None)
+            return OrganFeatures(self._with_stats(pooled, xs, weights, stem, present), present, None)
         out = self.vsd(xs[-1], flags[-1], normal_BO)
         other = torch.cat(xs[:-1], 1)
         shared = self.hybrid(torch.cat([other, other], -1))
         last = xs[-1].unsqueeze(1).expand_as(out.recon)
         own = self.hybrid(torch.cat([last, out.recon.detach()], -1))  # (B, O, L, C)
         pooled = self.pool(shared, torch.cat(flags[:-1], 2), own, flags[-1])
-        return OrganFeatures(self._with_stats(pooled, xs, weights, stem), present, out)
+        return OrganFeatures(self._with_stats(pooled, xs, weights, stem, present), present, out)
 
 
 class AnatomyModel(nn.Module):

@@ -283,6 +283,40 @@ def test_stem_statistic_reads_the_organ_voxels_of_the_stem_map():
     assert out.pooled.shape == (2, 2, 16) and torch.isfinite(out.pooled).all()
 
 
+def test_organ_stat_norm_standardises_each_organ_over_the_volumes_that_have_it():
+    from medvlp.finetune.anatomy.config import AnatomyConfig
+    from medvlp.finetune.anatomy.model import AnatomyModelConfig
+    from medvlp.finetune.anatomy.organs import OrganStatNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 3) * torch.tensor([[1.0], [100.0]]) + torch.tensor([[0.0], [5.0]])
+    present = torch.ones(6, 2, dtype=torch.bool)
+    present[4:, 1] = False  # organ 1 absent from the last two volumes
+    norm = OrganStatNorm(2, 3, momentum=0.5).train()
+    y = norm(x, present)
+    for o, keep in ((0, slice(0, 6)), (1, slice(0, 4))):
+        ref = (x[keep, o] - x[keep, o].mean(0)) / (x[keep, o].var(0, unbiased=False) + 1e-5).sqrt()
+        assert torch.allclose(y[keep, o], ref, atol=1e-4)  # each organ on its own scale, absent volumes not counted
+    assert torch.equal(y[4:, 1], torch.zeros(2, 3))  # an absent organ stays zero
+    assert torch.allclose(norm.running_mean[1], 0.5 * x[:4, 1].mean(0), atol=1e-4)
+    assert torch.allclose(norm.running_var[1], 0.5 + 0.5 * x[:4, 1].var(0, unbiased=True), rtol=1e-4)
+    y.sum().backward()
+    assert norm.weight.grad is not None and torch.isfinite(norm.weight.grad).all()
+    norm.eval()  # evaluation: the running statistics, one volume at a time gives the same as in a batch
+    one = norm(x[:1], present[:1])
+    assert torch.allclose(one, norm(x, present)[:1])
+    ref = (x[0, 1] - norm.running_mean[1]) / (norm.running_var[1] + 1e-5).sqrt()
+    assert torch.allclose(one[0, 1], ref, atol=1e-5)
+    single = OrganStatNorm(2, 3).train()  # an organ in one volume of the batch keeps the running statistics
+    solo = torch.zeros(6, 2, dtype=torch.bool)
+    solo[0, 0] = True
+    assert torch.allclose(single(x, solo)[0, 0], x[0, 0] / (1 + 1e-5) ** 0.5) and torch.equal(single.running_mean,
+                                                                                                torch.zeros(2, 3))
+    cfg = AnatomyConfig(head=AnatomyModelConfig(stem_norm=True))
+    with pytest.raises(ValueError, match="head.stem_norm"):
+        cfg.validate()
+
+
 @pytest.mark.timeout(60)
 def test_organ_bce_scores_only_present_organs():
     from medvlp.finetune.anatomy.e2e import OrganNormalityHead, organ_bce

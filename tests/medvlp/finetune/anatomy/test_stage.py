@@ -12,8 +12,12 @@ from medvlp.finetune.runner import RunnerConfig, run_stage
 from medvlp.pretrain.config import ModelConfig, TrackingConfig
 
 pytestmark = pytest.mark.timeout(600)
-PROBE_MACRO_MIN = 0.52  # rung (b) today: 0.604 +- 0.012 macro (docs/anatomy.md); the 0.95 target is not reached
-PROBE_LUNG_MIN = 0.75  # lung probe today: 0.959 +- 0.042
+# The rung-(b) guard (docs/anatomy.md, "Sanity ladder"): anatomy-synth-pxn, GUARD_STEPS steps on a GUARD_TRAIN_N-study
+# corpus, probed on a GUARD_HELD_N-study held-out corpus seed. Measured: probe 1.000 on every organ. The thresholds
+# fail the previous recipe anatomy-synth-px (probe macro 0.947, liver 0.770 at 100 steps) and anatomy-synth (0.604).
+GUARD_TRAIN_N, GUARD_HELD_N, GUARD_PROBE_N, GUARD_STEPS = 400, 500, 200, 60
+PROBE_MACRO_MIN = 0.97
+PROBE_ORGAN_MIN = 0.90
 
 
 @pytest.fixture(scope="module")
@@ -122,34 +126,35 @@ def test_cli_recipe_kind_and_ablation_table(ct_shards, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(300)
 def test_organ_tokens_carry_the_lesions_on_a_held_out_corpus(tmp_path):
-    """Rung (b) of the sanity ladder (docs/anatomy.md) cannot regress: the recipe's base model, trained 100 steps
-    from scratch on one corpus seed, gives organ tokens from which a linear probe (fitted on a held-out corpus seed's
-    train split, C picked on its val split) separates abnormal from normal organs on its test split above the level
-    measured today (the lung clearly, the macro above chance); the parameter-free mask statistic (rung (a)) is the
-    ceiling. Thresholds sit below the documented values; the 0.95 target of the rung is not reached yet."""
+    """Rung (b) of the sanity ladder (docs/anatomy.md) cannot regress: the recipe that meets it (anatomy-synth-pxn),
+    trained GUARD_STEPS steps from scratch on one corpus seed, gives organ tokens from which a linear probe (fitted on
+    a held-out corpus seed's train split, C picked on its val split) separates abnormal from normal organs on its
+    test split: macro and every organ, the liver (the weakest organ before the per-organ stem statistics) included.
+    The parameter-free mask statistic (rung (a)) is the ceiling; rung (c) recomputed from the saved scores equals
+    the run's metric. About 45 CPU-s (one thread)."""
     from medvlp.data_shards.synth import synth_to_shards
     from medvlp.finetune.anatomy.ladder import run_ladder
     from medvlp.launch.cli import load_stage_config
 
-    synth_to_shards(tmp_path / "ct", modality="ct", n=400, seed=0, shard_size=100, size=32)
-    synth_to_shards(tmp_path / "held", modality="ct", n=600, seed=5, shard_size=100, size=32)
-    cfg, _ = load_stage_config("anatomy", "anatomy-synth", [
+    synth_to_shards(tmp_path / "ct", modality="ct", n=GUARD_TRAIN_N, seed=0, shard_size=100, size=32)
+    synth_to_shards(tmp_path / "held", modality="ct", n=GUARD_HELD_N, seed=5, shard_size=100, size=32)
+    cfg, _ = load_stage_config("anatomy", "anatomy-synth-pxn", [
         f"data.train_shards={tmp_path / 'ct'}", f"data.val_shards={tmp_path / 'held'}",
-        f"finetune.out_dir={tmp_path / 'run'}", "finetune.steps=100", "tracking.enabled=false",
-        "finetune.progress=false"])
+        f"finetune.out_dir={tmp_path / 'run'}", f"finetune.steps={GUARD_STEPS}", "finetune.warmup_steps=10",
+        "tracking.enabled=false", "finetune.progress=false"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         res = run_stage(AnatomyStage(), cfg)
-        doc = run_ladder([tmp_path / "run"], str(tmp_path / "held"), tmp_path / "ladder", probe_train=200)
+        doc = run_ladder([tmp_path / "run"], str(tmp_path / "held"), tmp_path / "ladder", probe_train=GUARD_PROBE_N)
     finally:
         torch.set_num_threads(threads)
     assert doc["ceiling"]["sd"]["macro"] > 0.99
     probe = doc["probe"][0]
     assert probe["macro"] >= PROBE_MACRO_MIN, probe
-    assert probe["lung"] >= PROBE_LUNG_MIN, probe
+    assert min(probe[o] for o in doc["organs"]) >= PROBE_ORGAN_MIN, probe
     assert res.metrics["n_samples"] > 20  # the held-out test split
     assert doc["zero_shot"][0]["auc_macro"] == pytest.approx(res.metrics["auc_macro"])  # rung (c) from its scores
 
