@@ -106,15 +106,14 @@ class WordPieceTokenizer:
 def count_words(texts: Iterable[str], normalizer, pre_tokenizer) -> tuple[dict[str, int], int]:
     """Word counts of `texts` as the tokenizer sees them (its own normaliser, then its pre-tokeniser), and the
     number of texts."""
-    counts: dict[str, int] = {}
+    counts: collections.Counter[str] = collections.Counter()
     n = 0
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"tokenizer input {i} is {type(t).__name__}, expected str")
         n += 1
-        for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t)):
-            counts[w] = counts.get(w, 0) + 1
-    return counts, n
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t)))
+    return dict(counts), n
 
 
 def learn_wordpiece_vocab(word_counts: dict[str, int], vocab_size: int, min_frequency: int = 2,
@@ -162,7 +161,7 @@ def learn_wordpiece_vocab(word_counts: dict[str, int], vocab_size: int, min_freq
     pair_count: dict[tuple[int, int], int] = {}
     where: dict[tuple[int, int], set[int]] = {}
     for i, (w, n) in enumerate(zip(words, counts)):
-        for p in zip(w, w[1:]):
+        for p in itertools.pairwise(w):
             pair_count[p] = pair_count.get(p, 0) + n
             where.setdefault(p, set()).add(i)
     heap = [(-n, a, b) for (a, b), n in pair_count.items()]
@@ -174,8 +173,7 @@ def learn_wordpiece_vocab(word_counts: dict[str, int], vocab_size: int, min_freq
             continue  # stale entry: the pair's current count has its own entry
         if -neg < min_frequency:
             break
-        tb = itos[b]
-        new = add(itos[a] + (tb[len(prefix):] if tb.startswith(prefix) else tb))
+        new = add(itos[a] + itos[b].removeprefix(prefix))
         changed: set[tuple[int, int]] = set()
         for i in sorted(where.pop((a, b))):
             w, n = words[i], counts[i]
@@ -188,8 +186,8 @@ def learn_wordpiece_vocab(word_counts: dict[str, int], vocab_size: int, min_freq
                 else:
                     merged.append(w[j])
                     j += 1
-            old_pairs = collections.Counter(zip(w, w[1:]))
-            new_pairs = collections.Counter(zip(merged, merged[1:]))
+            old_pairs = collections.Counter(itertools.pairwise(w))
+            new_pairs = collections.Counter(itertools.pairwise(merged))
             for p in old_pairs.keys() | new_pairs.keys():
                 d = new_pairs[p] - old_pairs[p]
                 if d:
