@@ -3,6 +3,7 @@ merges by hand, same bytes across processes, same token set as `tokenizers`' tra
 training from shards (train split only)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -125,9 +126,49 @@ def test_learn_vocab_merges_by_hand():
     assert learn_wordpiece_vocab(counts, 19, min_frequency=1) == {t: full[t] for t in base + merges[:3]}
     # the alphabet is kept whole even above vocab_size (no training character encodes to [UNK])
     assert learn_wordpiece_vocab(counts, 6, min_frequency=1) == {t: full[t] for t in base}
-    # a merge that spells an existing token adds nothing: (a, ##bc) then (ab, ##c) both give "abc"
-    v = learn_wordpiece_vocab({"abc": 9, "bc": 8, "ab": 3, "abd": 4}, 100, min_frequency=1)
-    assert len(v) == len(set(v.values())) and sorted(v.values()) == list(range(len(v)))
+
+
+def _naive_vocab(counts, vocab_size, min_frequency):
+    """The same procedure with every pair recounted from scratch before each merge (slow, obviously right)."""
+    itos = list(SPECIAL_TOKENS)
+    itos += sorted({c for w in counts for c in w})
+    itos += ["##" + c for c in sorted({c for w in counts for c in w[1:]})]
+    words = {w: [w[0]] + ["##" + c for c in w[1:]] for w in counts}
+    while len(itos) < vocab_size:
+        ids = {t: i for i, t in enumerate(itos)}
+        pairs = {}
+        for w, toks in words.items():
+            for p in itertools.pairwise(toks):
+                pairs[p] = pairs.get(p, 0) + counts[w]
+        if not pairs:
+            break
+        (a, b), n = min(pairs.items(), key=lambda kv: (-kv[1], ids[kv[0][0]], ids[kv[0][1]]))
+        if n < min_frequency:
+            break
+        new = a + b[2:]
+        if new not in ids:
+            itos.append(new)
+        for w, toks in words.items():
+            out, j = [], 0
+            while j < len(toks):
+                if j + 1 < len(toks) and toks[j] == a and toks[j + 1] == b:
+                    out.append(new)
+                    j += 2
+                else:
+                    out.append(toks[j])
+                    j += 1
+            words[w] = out
+    return {t: i for i, t in enumerate(itos)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_learn_vocab_equals_a_naive_recount(seed):
+    # small alphabet: many shared pairs, repeated pairs in a word ("##a ##a ##a"), equal counts, duplicate spellings
+    rng = random.Random(seed)
+    counts = {"".join(rng.choice("abc") for _ in range(rng.randint(1, 7))): rng.randint(1, 6) for _ in range(60)}
+    for vocab_size, min_frequency in ((40, 1), (80, 2), (400, 1)):
+        assert learn_wordpiece_vocab(counts, vocab_size, min_frequency) == _naive_vocab(counts, vocab_size,
+                                                                                         min_frequency)
 
 
 def test_vocab_size_and_min_frequency_limits(tmp_path):
