@@ -230,6 +230,8 @@ class Trainer:
                              f"images: set data.image_size={want}")
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if cfg.train.final_eval and batches is None:
+            _check_eval_split(cfg)
         self.model = model
         self.engine, _, self.scheduler, self.ds_config = eng.create_engine(model, cfg.train, cfg.optim,
                                                                            cfg.data.batch_size, self.world)
@@ -595,6 +597,22 @@ class Trainer:
         if self.step > 0 and (latest is None or latest.name != eng.tag_for(self.step)):
             self.save_checkpoint()
         result.stopped_by_signal, result.stopped_early = by_signal, True
+
+
+def _check_eval_split(cfg: Any) -> None:
+    """The split the final evaluation reads (`eval.split`) must hold samples in the shards it streams (the
+    validation shards when set): otherwise the run would train to its end and then fail. ValueError naming both."""
+    from medvlp.data_shards.reader import find_index
+
+    spec = cfg.data.val_shards or cfg.data.train_shards
+    if not spec:
+        return
+    splits = find_index(spec, cfg.data.index, cfg.data.allow_pipe)[0].get("splits") or {}
+    if int(splits.get(cfg.eval.split, 0)) <= 0:
+        have = ", ".join(f"{k} {v}" for k, v in sorted(splits.items())) or "none"
+        raise ValueError(f"eval.split: {spec} has no {cfg.eval.split!r} samples (index.json splits: {have}); the "
+                         "final evaluation would fail after training: set eval.split to a split it has, or "
+                         "train.final_eval=false")
 
 
 def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = True,
