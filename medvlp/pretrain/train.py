@@ -384,7 +384,8 @@ class Trainer:
         problem = ""
         if resume and self.rank == 0:
             saved = saved_config(out)
-            if saved is not None:
+            problem = spine.foreign_run(out, "pretrain", cfg.kind, "train.out_dir")  # another loop's run
+            if saved is not None and not problem:
                 refused, harmless = config_differences(saved, self.config_dict)
                 if refused:
                     problem = (f"resume: the config differs from the run's saved config in {out}: "
@@ -394,7 +395,7 @@ class Trainer:
                     log.warning("resume: config changes from the saved run: %s", "; ".join(harmless))
                     if any(h.startswith("train.steps:") for h in harmless):
                         log.warning("resume: train.steps changed, so the lr schedule is stretched to the new length")
-            elif found:
+            elif found and not problem:
                 log.warning("resume: %s holds no saved config to compare with", out)
         if _any_rank(bool(problem), self.device):
             raise RunDirError(problem or "resume: the config differs from the saved one (see rank 0)")
