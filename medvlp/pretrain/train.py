@@ -230,8 +230,8 @@ class Trainer:
                              f"images: set data.image_size={want}")
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        if cfg.train.final_eval and batches is None:
-            _check_eval_split(cfg)
+        if batches is None:
+            _check_splits(cfg, self.world)
         self.model = model
         self.engine, _, self.scheduler, self.ds_config = eng.create_engine(model, cfg.train, cfg.optim,
                                                                            cfg.data.batch_size, self.world)
@@ -600,15 +600,27 @@ class Trainer:
         result.stopped_by_signal, result.stopped_early = by_signal, True
 
 
-def _check_eval_split(cfg: Any) -> None:
-    """The split the final evaluation reads (`eval.split`) must hold samples in the shards it streams (the
-    validation shards when set): otherwise the run would train to its end and then fail. ValueError naming both."""
+def _check_splits(cfg: Any, world: int) -> None:
+    """Before the run folder is claimed: the training split must fill one global batch (resampled streaming, the
+    same rule as the stream's), and the split the final evaluation reads (`eval.split`, of the validation shards
+    when set) must hold samples; otherwise the run would fail after writing its folder, or after training. A
+    ValueError naming the keys and the counts."""
     from medvlp.data_shards.reader import find_index
 
-    spec = cfg.data.val_shards or cfg.data.train_shards
-    if not spec:
+    d = cfg.data
+
+    def splits_of(spec: str) -> dict:
+        return find_index(spec, d.index, d.allow_pipe)[0].get("splits") or {}
+
+    if d.train_shards and d.resampled:
+        n = d.samples_per_epoch or int(splits_of(d.train_shards).get(d.split, 0))
+        if n and n // (d.batch_size * world) == 0:
+            raise ValueError(f"samples_per_epoch: {n} global samples give no batch of batch_size {d.batch_size} x "
+                             f"world_size {world}")
+    spec = d.val_shards or d.train_shards
+    if not cfg.train.final_eval or not spec:
         return
-    splits = find_index(spec, cfg.data.index, cfg.data.allow_pipe)[0].get("splits") or {}
+    splits = splits_of(spec)
     if int(splits.get(cfg.eval.split, 0)) <= 0:
         have = ", ".join(f"{k} {v}" for k, v in sorted(splits.items())) or "none"
         raise ValueError(f"eval.split: {spec} has no {cfg.eval.split!r} samples (index.json splits: {have}); the "

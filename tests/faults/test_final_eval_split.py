@@ -44,3 +44,15 @@ def test_without_final_eval_the_same_shards_train(train_only, tmp_path):
     proc = _pretrain(train_only, out, **{"train.final_eval": "false"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_train_split_smaller_than_one_batch_is_refused_before_the_folder_is_claimed(train_only, tmp_path):
+    """16 training samples, batch 32: one line naming the numbers, exit 2, and no run folder left behind that a
+    corrected rerun would have to --overwrite."""
+    out = tmp_path / "run"
+    proc = _pretrain(train_only, out, **{"train.final_eval": "false", "data.batch_size": 32})
+    assert proc.returncode == 2
+    msg = one_line_error(proc)
+    assert "samples_per_epoch: 16 global samples give no batch of batch_size 32 x world_size 1" in msg
+    assert not out.exists()
+    assert _pretrain(train_only, out, **{"train.final_eval": "false"}).returncode == 0
