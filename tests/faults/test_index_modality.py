@@ -50,3 +50,16 @@ def test_inspect_refuses_index_without_modality(shards):
     assert proc.returncode == 2
     assert "no 'modality' field" in one_line_error(proc)
     assert not (shards / "s.png").exists()
+
+
+def test_inspect_strict_names_an_index_whose_modality_the_samples_do_not_fit(shards):
+    """2D radiographs under an index that says 'ct': training skips every sample as corrupt and its error sends the
+    user to `shards inspect --strict`, which must then name the mismatch (it used to pass)."""
+    assert cli("shards", "inspect", shards, "--strict", "--sheet", shards / "s.png").returncode == 0
+    _set_modality(shards, "ct")
+    plain = cli("shards", "inspect", shards, "--sheet", shards / "s.png")
+    assert plain.returncode == 0
+    assert "WARNING: index.json modality 'ct' needs a volume member; 40 of 40 samples have none" in plain.stdout
+    bad = cli("shards", "inspect", shards, "--strict", "--sheet", shards / "s.png")
+    assert bad.returncode == 1
+    assert "modality: index.json modality 'ct' needs a volume member; 40 of 40 samples have none" in one_line_error(bad)
