@@ -17,6 +17,16 @@ def cxr_shards(tmp_path_factory):
     return out
 
 
+def realdata(name: str):
+    """Folder `name` of the real-data root named by $MEDVLP_REALDATA (public data sets in their own layouts:
+    covid_cxr_notes/, kather_tiles/), or None when the variable is unset or the folder is absent (tests skip)."""
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("MEDVLP_REALDATA", "")
+    return Path(root) / name if root and (Path(root) / name).is_dir() else None
+
+
 def tiny_overrides(shards, out_dir, steps=6, **extra):
     """Overrides for a fast CPU pretraining run of the debug model."""
     sets = {

@@ -106,6 +106,10 @@ def _describe(values: list[int]) -> str:
             f"max {a.max()}")
 
 
+# the member a sample of each modality is decoded from (the stream's rule: a sample without it is corrupt)
+_MEMBER_OF = {"cxr": "image", "patho": "image", "ct": "volume", "slide": "feats"}
+
+
 def inspect_shards(shard_dir, n_examples: int = 4, sheet_path: str | None = None) -> str:
     """Report text for a shard directory; writes a contact-sheet PNG when `sheet_path` is given."""
     return inspect_report(shard_dir, n_examples, sheet_path)[0]
@@ -120,6 +124,8 @@ def inspect_report(shard_dir, n_examples: int = 4, sheet_path: str | None = None
              f"{len(doc['shards'])} shards, {doc['num_samples']} samples (index)", f"  built by: {doc.get('command')}"]
     bad_sha, missing = [], []
     stats = _Stats(n_examples)
+    need = _MEMBER_OF.get(doc.get("modality", ""))
+    unfit: list[str] = []  # samples without the member the index's modality is decoded from
     for sh in doc["shards"]:
         path = shard_dir / sh["name"]
         if not path.exists():
@@ -132,9 +138,13 @@ def inspect_report(shard_dir, n_examples: int = 4, sheet_path: str | None = None
                 stats.corrupt.append(err)
                 continue
             try:
-                stats.add(decode_sample(members))
+                sample = decode_sample(members)
             except SampleDecodeError as e:
                 stats.corrupt.append(str(e))
+                continue
+            if need and getattr(sample, need, None) is None:
+                unfit.append(sample.key)
+            stats.add(sample)
     lines.append(f"  streamed {stats.n} samples; corrupt {len(stats.corrupt)}; sha256 mismatches {len(bad_sha)}; "
                  f"missing shards {len(missing)}")
     lines += [f"    sha256 mismatch: {n}" for n in bad_sha] + [f"    missing: {n}" for n in missing]
@@ -144,6 +154,12 @@ def inspect_report(shard_dir, n_examples: int = 4, sheet_path: str | None = None
     if stats.n + len(stats.corrupt) != doc["num_samples"] or (stats.n != doc["num_samples"] and not stats.corrupt):
         lines.append(f"  WARNING: index says {doc['num_samples']} samples, shards hold {stats.n}")
         problems.append(f"count: index.json says {doc['num_samples']} samples, the shards hold {stats.n} readable")
+    if unfit:
+        msg = (f"index.json modality {doc.get('modality')!r} needs a {need} member; {len(unfit)} of {stats.n} samples "
+               f"have none (e.g. {unfit[0]}): the index does not describe these shards, and a stream would skip them "
+               "as corrupt")
+        lines.append(f"  WARNING: {msg}")
+        problems.append(f"modality: {msg}")
     lines += _mask_lines(doc, stats, problems)
     lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.splits.items())))
     for kind, count in stats.kinds.most_common():

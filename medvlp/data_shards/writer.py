@@ -31,7 +31,7 @@ from typing import Iterable
 import webdataset as wds
 
 from medvlp.data_shards.paths import plain_name
-from medvlp.data_shards.schema import SCHEMA_VERSION, LabelSpec, Sample, encode_sample
+from medvlp.data_shards.schema import MODALITIES, SCHEMA_VERSION, LabelSpec, Sample, encode_sample
 
 # reproducible tar headers; an int, as a float mtime makes tarfile add a PAX header to every member (twice the
 # headers for the stream to parse: ~80 us a sample of a 3-member sample)
@@ -196,6 +196,13 @@ def check_index(doc: object, where: str) -> dict:
         raise ShardIndexError(f"{where}: not a shard index (no 'shards' list)")
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise ShardIndexError(f"{where}: schema_version {doc.get('schema_version')} != supported {SCHEMA_VERSION}")
+    # every consumer dispatches on the modality (a stage's shard check, the decoder): a missing or unknown one would
+    # pass the check and fail deep in the first batch, or train on samples decoded as something else
+    if "modality" not in doc:
+        raise ShardIndexError(f"{where}: no 'modality' field (one of {', '.join(MODALITIES)}); the index is damaged "
+                              "or hand-written: rebuild it (`medvlp shards build|import|synth`)")
+    if doc["modality"] not in MODALITIES:
+        raise ShardIndexError(f"{where}: modality {doc['modality']!r} is not one of {', '.join(MODALITIES)}")
     seen: set[str] = set()
     for i, sh in enumerate(doc["shards"]):
         if not isinstance(sh, dict):

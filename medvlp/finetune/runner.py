@@ -434,7 +434,7 @@ def _run(stage: Stage, cfg: Any, tracker: Any, rc: RunnerConfig, t0: float, over
     main = accelerator.is_main_process
     out = Path(rc.out_dir)
     _claim_out_dir(accelerator, out, rc, overwrite, lock,
-                   getattr(cfg, "tracking", None) if tracker is None else None)
+                   getattr(cfg, "tracking", None) if tracker is None else None, kind=getattr(cfg, "kind", ""))
     set_seed(rc.seed)
 
     pretrained = load_pretrained_model(rc.checkpoint) if rc.checkpoint else None
@@ -648,10 +648,11 @@ def _any_process(flag: bool, accelerator) -> bool:
 
 
 def _claim_out_dir(accelerator, out: Path, rc: RunnerConfig, overwrite: bool, lock: spine.RunLock,
-                   tracking: Any = None) -> None:
+                   tracking: Any = None, kind: str = "") -> None:
     """The run folder rules of the spine, decided by the main process for all: refuse an MLflow store that cannot
     be written (`tracking`: the config's section when the runner makes the tracker; before anything is written);
-    take OUT's lock; refuse a folder holding another run unless resuming (an overwrite moves that run aside)."""
+    take OUT's lock; refuse a folder holding another run unless resuming (an overwrite moves that run aside), and on
+    resume one holding a pretraining run or a run of another recipe `kind`."""
     from medvlp.pretrain.tracking import TrackingStoreError, store_refusal
 
     problem = ""
@@ -660,6 +661,8 @@ def _claim_out_dir(accelerator, out: Path, rc: RunnerConfig, overwrite: bool, lo
         try:
             lock.acquire()
             spine.refuse_if_taken(out, rc.resume, overwrite, "finetune.out_dir")
+            if rc.resume:
+                problem = spine.foreign_run(out, "finetune", kind, "finetune.out_dir")
         except RunDirError as e:
             problem = str(e)
     if _any_process(bool(store), accelerator):

@@ -206,6 +206,33 @@ def read_run_uid(out_dir: str | os.PathLike) -> str | None:
     return str(uid) if uid else None
 
 
+def foreign_run(out_dir: str | os.PathLike, loop: str, kind: str, key: str) -> str:
+    """Why `--resume` must not continue OUT_DIR as a run of `loop` ("pretrain" | "finetune") and recipe `kind`: it
+    holds a run of the other loop (run.json `loop`) or of another kind (config.yaml `kind`); "" when it does not (or
+    records neither). `key`: the config key naming the folder, for the message."""
+    out = Path(out_dir)
+
+    def read(name: str, parse: Callable[[str], Any]) -> dict:
+        try:
+            doc = parse((out / name).read_text())
+        except Exception:  # noqa: BLE001 - absent or unreadable: nothing recorded to compare with
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    import yaml
+
+    theirs = read(RUN_ID_FILE, json.loads).get("loop")
+    if theirs and theirs != loop:
+        what = f"a {theirs} run (run.json loop), not a {loop} run"
+    else:
+        their_kind = read("config.yaml", yaml.safe_load).get("kind")
+        if not (their_kind and kind and their_kind != kind):
+            return ""
+        what = f"a {their_kind} run (config.yaml kind), not a {kind} run"
+    return (f"{key} {out}: --resume: it holds {what}; resume that run with its own command, or choose another "
+            f"{key}")
+
+
 def start_run(out_dir: str | os.PathLike, loop: str, resume: bool) -> str:
     """This run's identity: on resume the folder's own (adopted when an older run has none yet), else a new one,
     written to OUT/run.json. The COMPLETE markers carry it so that retention knows its own checkpoints."""

@@ -241,6 +241,8 @@ class Trainer:
                              f"images: set data.image_size={want}")
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if batches is None:
+            _check_splits(cfg, self.world)
         self.model = model
         self.engine, _, self.scheduler, self.ds_config = eng.create_engine(model, cfg.train, cfg.optim,
                                                                            cfg.data.batch_size, self.world)
@@ -393,7 +395,8 @@ class Trainer:
         problem = ""
         if resume and self.rank == 0:
             saved = saved_config(out)
-            if saved is not None:
+            problem = spine.foreign_run(out, "pretrain", cfg.kind, "train.out_dir")  # another loop's run
+            if saved is not None and not problem:
                 refused, harmless = config_differences(saved, self.config_dict)
                 if refused:
                     problem = (f"resume: the config differs from the run's saved config in {out}: "
@@ -403,7 +406,7 @@ class Trainer:
                     log.warning("resume: config changes from the saved run: %s", "; ".join(harmless))
                     if any(h.startswith("train.steps:") for h in harmless):
                         log.warning("resume: train.steps changed, so the lr schedule is stretched to the new length")
-            elif found:
+            elif found and not problem:
                 log.warning("resume: %s holds no saved config to compare with", out)
         if _any_rank(bool(problem), self.device):
             raise RunDirError(problem or "resume: the config differs from the saved one (see rank 0)")
@@ -606,6 +609,34 @@ class Trainer:
         if self.step > 0 and (latest is None or latest.name != eng.tag_for(self.step)):
             self.save_checkpoint()
         result.stopped_by_signal, result.stopped_early = by_signal, True
+
+
+def _check_splits(cfg: Any, world: int) -> None:
+    """Before the run folder is claimed: the training split must fill one global batch (resampled streaming, the
+    same rule as the stream's), and the split the final evaluation reads (`eval.split`, of the validation shards
+    when set) must hold samples; otherwise the run would fail after writing its folder, or after training. A
+    ValueError naming the keys and the counts."""
+    from medvlp.data_shards.reader import find_index
+
+    d = cfg.data
+
+    def splits_of(spec: str) -> dict:
+        return find_index(spec, d.index, d.allow_pipe)[0].get("splits") or {}
+
+    if d.train_shards and d.resampled:
+        n = d.samples_per_epoch or int(splits_of(d.train_shards).get(d.split, 0))
+        if n and n // (d.batch_size * world) == 0:
+            raise ValueError(f"samples_per_epoch: {n} global samples give no batch of batch_size {d.batch_size} x "
+                             f"world_size {world}")
+    spec = d.val_shards or d.train_shards
+    if not cfg.train.final_eval or not spec:
+        return
+    splits = splits_of(spec)
+    if int(splits.get(cfg.eval.split, 0)) <= 0:
+        have = ", ".join(f"{k} {v}" for k, v in sorted(splits.items())) or "none"
+        raise ValueError(f"eval.split: {spec} has no {cfg.eval.split!r} samples (index.json splits: {have}); the "
+                         "final evaluation would fail after training: set eval.split to a split it has, or "
+                         "train.final_eval=false")
 
 
 def run_pretrain(cfg: Any, config_dict: dict | None = None, progress: bool = True,

@@ -380,6 +380,18 @@ def _save_cell(path: Path, fp: str, m: dict, preds: dict) -> None:
     tmp.replace(path)
 
 
+def _check_shards(cfg: PathCLIPConfig) -> None:
+    """The stage's declared shards (data.shards) and the forgetting set (protocol.source_shards) are 2D image sets:
+    a ShardRequirementError naming the key otherwise, before the checkpoint is loaded or anything is written."""
+    from medvlp.data_shards.require import require_shards
+    from medvlp.finetune.runner import check_stage_shards
+
+    check_stage_shards(cfg)
+    if cfg.protocol.source_shards:
+        require_shards(cfg.protocol, stage="path-clip", modalities=("patho", "cxr"), keys=("source_shards",),
+                       section="protocol", what="2D images of the source domain")
+
+
 def run_protocol(cfg: PathCLIPConfig, pretrained: Any = None, command: str = "") -> dict:
     """Run the whole protocol; write OUT/fewshot.md, OUT/fewshot.png, OUT/results.json; return the results.
 
@@ -392,6 +404,7 @@ def run_protocol(cfg: PathCLIPConfig, pretrained: Any = None, command: str = "")
     from medvlp.pretrain.tracking import Tracker, flatten
 
     t0 = time.time()
+    _check_shards(cfg)
     if pretrained is None:
         if not cfg.finetune.checkpoint:
             raise ValueError("finetune.checkpoint: set the pretrained model (a run folder, a model.safetensors or "

@@ -15,10 +15,11 @@ from medvlp.data_shards.importers import import_dataset
 from medvlp.data_shards.importers.covid_chestxray import finding_terms
 from medvlp.data_shards.importers.layout import LayoutError, resolve_within
 from medvlp.data_shards.inspect import iter_samples
+from tests.conftest import realdata
 
 pytestmark = pytest.mark.timeout(120)
-# real radiographs to develop against, when this machine has them (the test skips otherwise)
-REAL = Path(os.environ.get("MEDVLP_REALDATA", "/work/shared/realdata")) / "covid_cxr_notes"
+# real radiographs under $MEDVLP_REALDATA/covid_cxr_notes when set (the test skips otherwise)
+REAL = realdata("covid_cxr_notes")
 
 
 def samples(out: Path) -> dict:
@@ -134,7 +135,7 @@ def test_resolve_within_refuses_absolute_dotdot_and_escaping_symlinks(tmp_path):
     assert resolve_within(tmp_path / "a", "up/a/ok.png")[1] is None  # a detour that lands inside is inside
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="real radiographs (covid_cxr_notes) not present")
+@pytest.mark.skipif(REAL is None, reason="set MEDVLP_REALDATA to a folder holding covid_cxr_notes/")
 def test_covid_chestxray_on_real_radiographs(tmp_path):
     doc = import_dataset("covid_chestxray", REAL, tmp_path / "out", limit="12", image_size="64", progress="false",
                          workers="1", test_frac="0.2")

@@ -10,9 +10,10 @@ from PIL import Image
 
 from medvlp.data_shards.importers import import_dataset
 from medvlp.data_shards.schema import decode_sample
+from tests.conftest import realdata
 
 pytestmark = pytest.mark.timeout(300)
-REAL_KATHER = Path("/work/shared/realdata/kather_tiles")
+REAL_KATHER = realdata("kather_tiles")  # $MEDVLP_REALDATA/kather_tiles when set (the test skips otherwise)
 
 
 def _tile(path: Path, value: int, fmt: str | None = None, size: int = 20) -> None:
@@ -178,7 +179,7 @@ def test_camelyon17_bad_rows_and_escaping_paths(tmp_path):
         import_dataset("camelyon17", tmp_path, tmp_path / "o4")
 
 
-@pytest.mark.skipif(not REAL_KATHER.is_dir(), reason="real Kather-2016 tiles not present")
+@pytest.mark.skipif(REAL_KATHER is None, reason="set MEDVLP_REALDATA to a folder holding kather_tiles/")
 def test_real_kather_tiles_import(tmp_path):
     doc = import_dataset("class_folders", REAL_KATHER, tmp_path / "k", split="test")
     assert doc["num_samples"] == 24 and len(doc["label_names"]) == 8
