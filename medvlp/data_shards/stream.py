@@ -298,6 +298,16 @@ def _label_vector(s: Sample, label_names: list[str]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
+def _check_modality_fits(s: Sample, key: str, modality: str, need: str) -> None:
+    """A sample without its modality's member but with another modality's (an `image` where index.json says `ct`)
+    means the index names the wrong modality: every sample would be skipped as corrupt. Stop at the first one."""
+    has = sorted({m for m in _REQUIRED.values() if m != need and getattr(s, m, None) is not None})
+    if has:
+        raise MemberError(f"index.json says modality {modality!r} (samples need a {need!r} member), but sample "
+                          f"{key!r} holds {'/'.join(has)}: the index names the wrong modality for these shards; "
+                          "rebuild them, or check them with `medvlp shards inspect --strict`")
+
+
 class _DecodeTransform:
     """(position, raw member dict) -> per-sample dict; corrupt samples are counted and dropped."""
 
@@ -312,11 +322,14 @@ class _DecodeTransform:
                 s = decode_sample(raw, lazy_image=getattr(c.transform, "lazy_image", False))
                 need = _REQUIRED.get(c.modality)
                 if need and getattr(s, need) is None:
+                    _check_modality_fits(s, key, c.modality, need)
                     raise SampleDecodeError(f"sample {key!r}: no {need} member for modality {c.modality!r}")
                 labels = _label_vector(s, c.label_names)
                 rng = np.random.default_rng(np.random.SeedSequence(
                     [c.seed % (1 << 64), self.epoch, c.rank, self.slot, pos, _AUGMENT]))
                 out = c.transform(s, rng)
+            except MemberError:  # the shards do not fit their index: a data set error, not one bad sample
+                raise
             except Exception as e:  # noqa: BLE001 - any member/transform failure skips only this sample
                 self.tally.bad(key, f"{type(e).__name__}: {e}")
                 self.tally.run.bad_sample(f"sample {key!r}: {type(e).__name__}: {str(e)[:200]}")

@@ -53,8 +53,8 @@ def test_inspect_refuses_index_without_modality(shards):
 
 
 def test_inspect_strict_names_an_index_whose_modality_the_samples_do_not_fit(shards):
-    """2D radiographs under an index that says 'ct': training skips every sample as corrupt and its error sends the
-    user to `shards inspect --strict`, which must then name the mismatch (it used to pass)."""
+    """2D radiographs under an index that says 'ct': `shards inspect --strict` names the mismatch (it used to
+    pass)."""
     assert cli("shards", "inspect", shards, "--strict", "--sheet", shards / "s.png").returncode == 0
     _set_modality(shards, "ct")
     plain = cli("shards", "inspect", shards, "--sheet", shards / "s.png")
@@ -63,3 +63,28 @@ def test_inspect_strict_names_an_index_whose_modality_the_samples_do_not_fit(sha
     bad = cli("shards", "inspect", shards, "--strict", "--sheet", shards / "s.png")
     assert bad.returncode == 1
     assert "modality: index.json modality 'ct' needs a volume member; 40 of 40 samples have none" in one_line_error(bad)
+
+
+@pytest.mark.parametrize("value", ["ct", "slide"])
+def test_stream_stops_at_the_first_sample_when_the_index_names_another_modality(shards, value):
+    """2D radiographs under an index that says 'ct' or 'slide': the stream stops at the first sample, naming the
+    index's modality and what the sample holds, instead of skipping every sample as corrupt until the bad-run limit."""
+    from medvlp.data_shards.members import MemberError
+
+    _set_modality(shards, value)
+    cfg = DataConfig(train_shards=str(shards), batch_size=4, image_size=32, workers=0, shuffle_buffer=0)
+    loader = make_loader(cfg)
+    with pytest.raises(MemberError, match=rf"index\.json says modality '{value}' .* holds image: the index names the "
+                                          "wrong modality"):
+        next(iter(loader))
+    assert loader.stats["corrupt"] == 0
+
+
+def test_report_stage_on_radiographs_labelled_slide_is_one_line_and_writes_nothing(shards, tmp_path):
+    _set_modality(shards, "slide")
+    out = tmp_path / "run"
+    proc = cli("finetune", "report", "report-synth", "--set", f"data.train_shards={shards}",
+               "--set", f"finetune.out_dir={out}", "--set", "tracking.enabled=false")
+    assert proc.returncode == 2
+    assert "index.json says modality 'slide'" in one_line_error(proc)
+    assert not (out / "tokenizer").exists()

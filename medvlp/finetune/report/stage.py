@@ -91,7 +91,14 @@ def tokenizer_for(cfg: ReportConfig) -> ReportTokenizer:
 def feat_dim_of(cfg: ReportConfig) -> int:
     if cfg.model.feat_dim:
         return cfg.model.feat_dim
-    return int(load_split(cfg.data, "train", max_samples=1).feats[0].shape[1])
+    first = load_split(cfg.data, "train", max_samples=1).feats
+    if not first:
+        from medvlp.data_shards.require import ShardRequirementError
+
+        raise ShardRequirementError(f"data.train_shards: {cfg.data.train_shards} holds no readable slide feature bag "
+                                    "(`feats`) in its train split; the report stage reads slide bags "
+                                    "(`medvlp features extract`, or `medvlp shards synth --modality slide`)")
+    return int(first[0].shape[1])
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -121,9 +128,10 @@ def set_stage_trainable(model: ReportModel, stage: int, train_lm: bool, train_re
 
 
 def build_model(cfg: ReportConfig) -> tuple[ReportModel, ReportTokenizer]:
+    feat_dim = feat_dim_of(cfg)  # first: shards without bags are refused before the tokenizer is written
     tok = tokenizer_for(cfg)
     classes = class_names(cfg.data)
-    model = build_report_model(cfg.model, feat_dim_of(cfg), len(classes), tok)
+    model = build_report_model(cfg.model, feat_dim, len(classes), tok)
     src = init_dir(cfg)
     if src is not None:
         load_weights(model, src / WEIGHTS)
