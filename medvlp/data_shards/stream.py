@@ -298,11 +298,19 @@ def _label_vector(s: Sample, label_names: list[str]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _check_modality_fits(s: Sample, key: str, modality: str, need: str) -> None:
-    """A sample without its modality's member but with another modality's (an `image` where index.json says `ct`)
-    means the index names the wrong modality: every sample would be skipped as corrupt. Stop at the first one."""
-    has = sorted({m for m in _REQUIRED.values() if m != need and getattr(s, m, None) is not None})
-    if has:
+FOREIGN_IN_ROW = 8  # this many samples in a row holding another modality's member: the index is wrong
+
+
+def _foreign_members(s: Sample, need: str) -> list[str]:
+    return sorted({m for m in _REQUIRED.values() if m != need and getattr(s, m, None) is not None})
+
+
+def _check_modality_fits(s: Sample, key: str, modality: str, need: str, in_row: int) -> None:
+    """Samples without their modality's member but with another modality's (an `image` where index.json says `ct`):
+    one is a stray sample (skipped as corrupt); `FOREIGN_IN_ROW` in a row mean the index names the wrong modality,
+    and every sample would be skipped until `data.max_bad_in_row`. Stop then, naming the index."""
+    has = _foreign_members(s, need)
+    if has and in_row >= FOREIGN_IN_ROW:
         raise MemberError(f"index.json says modality {modality!r} (samples need a {need!r} member), but sample "
                           f"{key!r} holds {'/'.join(has)}: the index names the wrong modality for these shards; "
                           "rebuild them, or check them with `medvlp shards inspect --strict`")
@@ -316,14 +324,17 @@ class _DecodeTransform:
 
     def __call__(self, src: Iterator[tuple[int, dict]]) -> Iterator[dict]:
         c = self.ctx
+        foreign = 0  # samples in a row that hold another modality's member instead of this one's
         for pos, raw in src:
             key = raw.get("__key__", "?")
             try:
                 s = decode_sample(raw, lazy_image=getattr(c.transform, "lazy_image", False))
                 need = _REQUIRED.get(c.modality)
                 if need and getattr(s, need) is None:
-                    _check_modality_fits(s, key, c.modality, need)
+                    foreign = foreign + 1 if _foreign_members(s, need) else 0
+                    _check_modality_fits(s, key, c.modality, need, foreign)
                     raise SampleDecodeError(f"sample {key!r}: no {need} member for modality {c.modality!r}")
+                foreign = 0
                 labels = _label_vector(s, c.label_names)
                 rng = np.random.default_rng(np.random.SeedSequence(
                     [c.seed % (1 << 64), self.epoch, c.rank, self.slot, pos, _AUGMENT]))
