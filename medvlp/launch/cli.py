@@ -50,8 +50,16 @@ def _cmd_config_list(a: argparse.Namespace) -> int:  # noqa: ARG001
 def _cmd_synth(a: argparse.Namespace) -> int:
     from medvlp.data_shards.synth import synth_to_shards
 
-    doc = synth_to_shards(a.out, modality=a.modality, n=a.n, seed=a.seed, shard_size=a.shard_size, size=a.size,
-                          command=command_line(), domain=a.domain)
+    difficulty = {k: v for k, v in (("lesion_contrast", a.lesion_contrast), ("noise_hu", a.noise_hu))
+                  if v is not None}
+    try:
+        if difficulty and a.modality != "ct":
+            raise ValueError(f"--lesion-contrast / --noise-hu apply to --modality ct only, not {a.modality}")
+        doc = synth_to_shards(a.out, modality=a.modality, n=a.n, seed=a.seed, shard_size=a.shard_size, size=a.size,
+                              command=command_line(), domain=a.domain, difficulty=difficulty or None)
+    except ValueError as e:
+        print(f"error: shards synth: {e}", file=sys.stderr)
+        return 2
     docs = doc if a.modality == "all" else {a.modality: doc}
     for mod, d in docs.items():
         print(f"{mod}: {d['num_samples']} samples in {len(d['shards'])} shards, splits {d['splits']}")
@@ -320,6 +328,10 @@ def build_parser(help_stage: str | None = None, help_cmd: str | None = None) -> 
     s.add_argument("--size", type=int, default=None, help="image side (2D) override")
     s.add_argument("--domain", default=None, choices=["he", "lab2"],
                    help="patho only: the lab look of the patches (lab2 = a target domain for adaptation)")
+    s.add_argument("--lesion-contrast", type=float, default=None,
+                   help="ct only: scale on each lesion's HU offset from its organ (> 0; default 1 = the original)")
+    s.add_argument("--noise-hu", type=float, default=None,
+                   help="ct only: sd of the per-voxel noise in HU (>= 0; default 8 = the original)")
     s.set_defaults(fn=_cmd_synth)
     s = sh.add_parser("build", help="build shards from a CSV/JSONL manifest")
     s.add_argument("--manifest", required=True)

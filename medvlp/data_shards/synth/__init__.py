@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from medvlp.data_shards.schema import LabelSpec, Sample
-from medvlp.data_shards.synth.ct import CT_ORGANS, CT_PROMPTS, CT_VISITS, ct_sample
+from medvlp.data_shards.synth.ct import (CT_ORGANS, CT_PROMPTS, CT_VISITS, DEFAULT_LESION_CONTRAST, DEFAULT_NOISE_HU,
+                                         check_difficulty, ct_sample)
 from medvlp.data_shards.synth.cxr import CXR_PROMPTS, CXR_VISITS, FINDINGS_CXR, cxr_sample
 from medvlp.data_shards.synth.histo import (PATHO_PROMPTS, PATHO_VISITS, SLIDE_DIAGNOSES, SLIDE_PROMPTS, SLIDE_VISITS,
                                      patho_sample, slide_sample)
@@ -79,11 +80,22 @@ def label_spec(modality: str) -> LabelSpec:
 
 
 def synth_samples(modality: str, n: int, seed: int = 0, size: int | None = None,
-                  domain: str | None = None) -> Iterator[Sample]:
+                  domain: str | None = None, difficulty: dict | None = None) -> Iterator[Sample]:
     """The first `n` samples of the corpus `(modality, seed, size)`. `size`: image side for cxr/patho, in-plane
     side for ct (depth = size // 2), feature dim for slide; None = the modality's default. `domain` (patho only):
-    the lab look of the patches (synth.histo.PATHO_DOMAINS); None = the default H&E."""
+    the lab look of the patches (synth.histo.PATHO_DOMAINS); None = the default H&E. `difficulty` (ct only):
+    {"lesion_contrast": scale on each lesion's HU offset from its organ, "noise_hu": per-voxel noise sd}
+    (synth.ct; None or {} = the default corpus)."""
     gen, visits = _GENERATORS[check_modality(modality)]
+    if difficulty:
+        if modality != "ct":
+            raise ValueError(f"lesion_contrast / noise_hu apply to ct only, not {modality}")
+        unknown = sorted(set(difficulty) - {"lesion_contrast", "noise_hu"})
+        if unknown:
+            raise ValueError(f"ct difficulty: unknown knob {unknown[0]!r} (lesion_contrast, noise_hu)")
+        check_difficulty(difficulty.get("lesion_contrast", DEFAULT_LESION_CONTRAST),
+                         difficulty.get("noise_hu", DEFAULT_NOISE_HU))
+        gen = partial(ct_sample, **difficulty)
     if domain is not None and modality != "patho":
         raise ValueError(f"domain applies to patho only, not {modality}")
     if domain is not None and domain != "he":
@@ -97,30 +109,39 @@ def synth_samples(modality: str, n: int, seed: int = 0, size: int | None = None,
 
 
 def _default_command(modality: str, n: int, seed: int, shard_size: int, size: int | None,
-                     domain: str | None = None) -> str:
+                     domain: str | None = None, difficulty: dict | None = None) -> str:
     # Deterministic (unlike sys.argv), so two builds with the same arguments give byte-identical index.json.
     return f"medvlp shards synth --modality {modality} --n {n} --seed {seed} --shard-size {shard_size}" + (
-        f" --size {size}" if size is not None else "") + (f" --domain {domain}" if domain else "")
+        f" --size {size}" if size is not None else "") + (f" --domain {domain}" if domain else "") + "".join(
+        f" --{k.replace('_', '-')} {v:g}" for k, v in sorted((difficulty or {}).items()))
 
 
 def synth_to_shards(out_dir: str | os.PathLike, modality: str = "cxr", n: int = 512, seed: int = 0,
                     shard_size: int = 128, size: int | None = None, command: str | None = None,
-                    progress: bool = False, domain: str | None = None) -> dict:
+                    progress: bool = False, domain: str | None = None, difficulty: dict | None = None) -> dict:
     """Write `n` samples as shards of `shard_size` plus index.json under `out_dir`; return the index document.
-    modality "all" writes out_dir/<modality>/ for each modality and returns {modality: index}."""
+    modality "all" writes out_dir/<modality>/ for each modality and returns {modality: index}. `difficulty` (ct
+    only, see synth_samples) is recorded in index.json as "difficulty" when given (the default corpus's index is
+    unchanged)."""
     if modality == "all":
         return {m: synth_to_shards(Path(out_dir) / m, m, n, seed, shard_size, size, command, progress)
                 for m in SYNTH_MODALITIES}
     check_modality(modality)
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
-    samples: Iterator[Sample] = synth_samples(modality, n, seed, size, domain)
+    if difficulty:  # checked before anything is written
+        next(iter(synth_samples(modality, 0, seed, size, domain, difficulty)), None)
+        difficulty = dict(zip(("lesion_contrast", "noise_hu"), check_difficulty(
+            difficulty.get("lesion_contrast", DEFAULT_LESION_CONTRAST), difficulty.get("noise_hu", DEFAULT_NOISE_HU))))
+    samples: Iterator[Sample] = synth_samples(modality, n, seed, size, domain, difficulty)
     if progress:
         from tqdm import tqdm
 
         samples = tqdm(samples, total=n, desc=f"synth {modality}", unit="sample")
     infos = write_shards(samples, out_dir, prefix=f"synth-{modality}", maxcount=shard_size)
-    cmd = command if command is not None else _default_command(modality, n, seed, shard_size, size, domain)
-    extra = {"dataset": f"synth-{modality}", "seed": seed, "size": size, **({"domain": domain} if domain else {})}
+    cmd = command if command is not None else _default_command(modality, n, seed, shard_size, size, domain,
+                                                               difficulty)
+    extra = {"dataset": f"synth-{modality}", "seed": seed, "size": size, **({"domain": domain} if domain else {}),
+             **({"difficulty": difficulty} if difficulty else {})}
     return write_index(out_dir, infos, modality, label_names(modality), command=cmd, extra=extra,
                        labels=label_spec(modality))

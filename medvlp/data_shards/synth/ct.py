@@ -10,6 +10,9 @@ Each organ independently carries a lesion with p = 0.3: a hypo- or hyperdense el
 lung), clipped to the organ mask, so lesion voxels always lie inside their organ. Lesions are small relative to
 their organ (a local signal in a large normal structure): each radius is at most LESION_MAX_FRAC of the organ's
 half-extent along that axis (never under one voxel), so a lesion fills a few per cent of its organ's volume.
+Difficulty knobs (defaults reproduce the original corpus byte for byte): `lesion_contrast` scales each lesion's
+HU offset from its organ's HU (1.0 = 35-60 HU hypodense, 40-70 HU hyperdense, lung nodules at 30-60 HU against
+-850; 0.5 halves every offset), `noise_hu` is the sd of the independent per-voxel noise (default 8 HU).
 
 Shape legend: D slices, H rows, W columns (H = W = S).
 """
@@ -31,6 +34,8 @@ CT_VISITS = (0.6, 0.4)  # P(1, 2 scans per patient)
 P_LESION = 0.3
 LESION_MAX_FRAC = 0.3  # lesion radius <= this fraction of the organ's half-extent on each axis
 FOV_MM = 350.0
+DEFAULT_LESION_CONTRAST = 1.0  # scale on the lesion's HU offset from its organ
+DEFAULT_NOISE_HU = 8.0  # sd of the per-voxel noise
 _HU = {"liver": 60.0, "spleen": 48.0, "left_kidney": 150.0, "right_kidney": 150.0, "lung": -850.0}
 # organ -> list of ellipsoids (centre z, y, x; radii z, y, x), normalised units
 _ORGAN_SHAPES = {
@@ -91,8 +96,21 @@ def _fits(organ_DHW: np.ndarray, rz: int, rxy: int) -> np.ndarray:
     return ok
 
 
-def draw_ct_spec(seed: int, study: Study, size: int) -> dict[str, Any]:
-    """Organ masks, lesion geometry for every organ (used or not), background fields and noise."""
+def check_difficulty(lesion_contrast: float, noise_hu: float) -> tuple[float, float]:
+    """The CT difficulty knobs as floats; ValueError naming the knob when one is out of range."""
+    out = []
+    for name, v, lo in (("lesion_contrast", lesion_contrast, "> 0"), ("noise_hu", noise_hu, ">= 0")):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or (
+                v <= 0 if lo == "> 0" else v < 0):
+            raise ValueError(f"ct {name} must be a finite number {lo}, got {v!r}")
+        out.append(float(v))
+    return out[0], out[1]
+
+
+def draw_ct_spec(seed: int, study: Study, size: int, lesion_contrast: float = DEFAULT_LESION_CONTRAST,
+                 noise_hu: float = DEFAULT_NOISE_HU) -> dict[str, Any]:
+    """Organ masks, lesion geometry for every organ (used or not), background fields and noise. `lesion_contrast`
+    scales each lesion's HU offset from its organ, `noise_hu` is the per-voxel noise sd (module docstring)."""
     D, S = size // 2, size
     mask, shift = patient_anatomy(seed, study.patient, size)
     rng = study_rng(seed, "ct", study.index)
@@ -119,13 +137,15 @@ def draw_ct_spec(seed: int, study: Study, size: int) -> dict[str, Any]:
             kind, hu = "hypodense", _HU[organ] - 35.0 - 25.0 * u_hu
         else:
             kind, hu = "hyperdense", _HU[organ] + 40.0 + 30.0 * u_hu
+        if lesion_contrast != DEFAULT_LESION_CONTRAST:  # skipped at the default: bytes as before
+            hu = _HU[organ] + lesion_contrast * (hu - _HU[organ])
         # Radii get +0.5 voxel so that a radius-r lesion covers the voxels at integer distance r.
         lesions[organ] = {"present": present, "centre_zyx": [int(c) for c in centre],
                           "radius_zyx": [max(rz, 0.5) + 0.5, max(rxy, 0.5) + 0.5, max(rxy, 0.5) + 0.5],
                           "kind": kind, "hu": round(hu, 1), "diameter_mm": int(round((2 * rxy + 1) * FOV_MM / S))}
     return {"size": size, "mask": mask, "lesions": lesions, "body": shift[1:],
             "fat_field": smooth_noise(rng, (D, S, S), S / 8), "organ_tex": smooth_noise(rng, (D, S, S), S / 16),
-            "noise": rng.standard_normal((D, S, S))}
+            "noise": rng.standard_normal((D, S, S)), "noise_hu": noise_hu}
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -162,7 +182,7 @@ def render_ct(spec: dict[str, Any], lesions_on: dict[str, bool] | None = None) -
         on = les["present"] if lesions_on is None else lesions_on.get(organ, False)
         if on:
             hu[lesion_voxels(spec, organ)] = les["hu"]
-    hu = hu + 8.0 * spec["noise"]
+    hu = hu + spec.get("noise_hu", DEFAULT_NOISE_HU) * spec["noise"]
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
 
@@ -182,11 +202,13 @@ def _sentence(rng: np.random.Generator, organ: str, les: dict[str, Any], size: i
     return pick(rng, [f"the {name} is unremarkable", f"no focal lesion in the {name}", f"the {name} appears normal"])
 
 
-def ct_sample(seed: int, study: Study, size: int | None = None) -> Sample:
+def ct_sample(seed: int, study: Study, size: int | None = None, lesion_contrast: float = DEFAULT_LESION_CONTRAST,
+              noise_hu: float = DEFAULT_NOISE_HU) -> Sample:
     size = DEFAULT_SIZE_CT if size is None else size
     if size < 16:
         raise ValueError(f"ct size must be >= 16 pixels (D = size // 2), got {size}")
-    spec = draw_ct_spec(seed, study, size)
+    lesion_contrast, noise_hu = check_difficulty(lesion_contrast, noise_hu)
+    spec = draw_ct_spec(seed, study, size, lesion_contrast, noise_hu)
     vol_DHW = render_ct(spec)
     trng = text_rng(seed, "ct", study.index)
     organs = {}
