@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from medvlp.data_shards.schema import Sample, SampleDecodeError, decode_sample
+from medvlp.data_shards.schema import MODALITY_MEMBER, Sample, SampleDecodeError, decode_sample
 from medvlp.data_shards import reader
 from medvlp.data_shards.writer import INDEX_NAME, read_index, sha256_file
 
@@ -106,10 +106,6 @@ def _describe(values: list[int]) -> str:
             f"max {a.max()}")
 
 
-# the member a sample of each modality is decoded from (the stream's rule: a sample without it is corrupt)
-_MEMBER_OF = {"cxr": "image", "patho": "image", "ct": "volume", "slide": "feats"}
-
-
 def inspect_shards(shard_dir, n_examples: int = 4, sheet_path: str | None = None) -> str:
     """Report text for a shard directory; writes a contact-sheet PNG when `sheet_path` is given."""
     return inspect_report(shard_dir, n_examples, sheet_path)[0]
@@ -124,7 +120,7 @@ def inspect_report(shard_dir, n_examples: int = 4, sheet_path: str | None = None
              f"{len(doc['shards'])} shards, {doc['num_samples']} samples (index)", f"  built by: {doc.get('command')}"]
     bad_sha, missing = [], []
     stats = _Stats(n_examples)
-    need = _MEMBER_OF.get(doc.get("modality", ""))
+    need = MODALITY_MEMBER.get(doc.get("modality", ""))
     unfit: list[str] = []  # samples without the member the index's modality is decoded from
     for sh in doc["shards"]:
         path = shard_dir / sh["name"]
@@ -156,8 +152,8 @@ def inspect_report(shard_dir, n_examples: int = 4, sheet_path: str | None = None
         problems.append(f"count: index.json says {doc['num_samples']} samples, the shards hold {stats.n} readable")
     if unfit:
         msg = (f"index.json modality {doc.get('modality')!r} needs a {need} member; {len(unfit)} of {stats.n} samples "
-               f"have none (e.g. {unfit[0]}): the index does not describe these shards, and a stream would skip them "
-               "as corrupt")
+               f"have none (e.g. {unfit[0]}): the index does not describe these shards, and a stream would refuse "
+               "them")
         lines.append(f"  WARNING: {msg}")
         problems.append(f"modality: {msg}")
     lines += _mask_lines(doc, stats, problems)

@@ -27,6 +27,8 @@ from PIL import Image
 
 SCHEMA_VERSION = 1
 MODALITIES = ("cxr", "patho", "ct", "slide")
+# The Sample field a sample of each modality is decoded from: a sample without it does not fit its index.
+MODALITY_MEMBER = {"cxr": "image", "patho": "image", "ct": "volume", "slide": "feats"}
 SPLITS = ("train", "val", "test")
 # Keys must be usable as tar member prefixes: webdataset splits a member name at its first dot.
 _BAD_KEY_CHARS = set(" .\n\t\\")

@@ -87,7 +87,7 @@ from medvlp.data_shards.guard import (BadRun, DataStreamError, ShardVerifier, St
                                check_pipe_allowed)
 from medvlp.data_shards.members import MemberContext, MemberError, MemberSet
 from medvlp.data_shards.reader import ShardSet, resolve_shards, split_member  # noqa: F401 (resolve_shards re-exported)
-from medvlp.data_shards.schema import Sample, SampleDecodeError, decode_sample
+from medvlp.data_shards.schema import MODALITY_MEMBER, Sample, SampleDecodeError, decode_sample
 from medvlp.data_shards.transforms import SampleTransform, collate_bags
 from medvlp.data_shards import remote
 
@@ -96,7 +96,6 @@ log = logging.getLogger(__name__)
 # RNG purposes: each stream of random numbers gets its own seed sequence.
 _SHARD_DRAW, _SHUFFLE, _AUGMENT, _SHARD_ORDER = 1, 2, 3, 4
 # The member a sample of each modality must carry.
-_REQUIRED = {"cxr": "image", "patho": "image", "ct": "volume", "slide": "feats"}
 _END = "__end_of_slot__"
 
 
@@ -302,7 +301,7 @@ FOREIGN_IN_ROW = 8  # this many samples in a row holding another modality's memb
 
 
 def _foreign_members(s: Sample, need: str) -> list[str]:
-    return sorted({m for m in _REQUIRED.values() if m != need and getattr(s, m, None) is not None})
+    return sorted({m for m in MODALITY_MEMBER.values() if m != need and getattr(s, m, None) is not None})
 
 
 def _check_modality_fits(s: Sample, key: str, modality: str, need: str, in_row: int) -> None:
@@ -329,7 +328,7 @@ class _DecodeTransform:
             key = raw.get("__key__", "?")
             try:
                 s = decode_sample(raw, lazy_image=getattr(c.transform, "lazy_image", False))
-                need = _REQUIRED.get(c.modality)
+                need = MODALITY_MEMBER.get(c.modality)
                 if need and getattr(s, need) is None:
                     foreign = foreign + 1 if _foreign_members(s, need) else 0
                     _check_modality_fits(s, key, c.modality, need, foreign)
