@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
 import re
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -52,7 +50,7 @@ from medvlp.data_shards.reader import shard_keys
 from medvlp.data_shards.manifest import (ManifestError, Row, assign_splits, check_files, check_global, part_of,
                                   read_manifest)
 from medvlp.data_shards.schema import SCHEMA_VERSION, SPLITS, LabelSpec, Sample
-from medvlp.data_shards.writer import (INDEX_NAME, ShardInfo, check_index, sha256_file, shard_name, write_index,
+from medvlp.data_shards.writer import (ShardInfo, check_index, sha256_file, shard_name, write_index,
                                       write_shard)
 
 __all__ = ["build_shards", "build_rows", "merge_indexes", "ManifestError", "load_row"]

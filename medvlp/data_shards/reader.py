@@ -26,7 +26,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from medvlp.data_shards import remote
 from medvlp.data_shards.schema import Sample, SampleDecodeError, decode_sample

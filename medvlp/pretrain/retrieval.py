@@ -30,7 +30,6 @@ Legend: N samples, E embedding width, K classes, Q queries, C candidates.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from typing import Any, Sequence

@@ -19,7 +19,6 @@ Legend: N samples, K classes / findings, E embedding width.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings

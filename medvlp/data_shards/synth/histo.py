@@ -30,7 +30,7 @@ import numpy as np
 
 from medvlp.data_shards.schema import Sample
 from medvlp.data_shards.synth.util import (Study, base_meta, grid, join_sentences, patient_rng, pick, sample_key,
-                                    smooth_noise, soft_step, study_rng, text_rng, world_rng)
+                                    smooth_noise, soft_step, study_rng, text_rng)
 
 # ----------------------------------------------------------------------------------------------- patho patches
 PATHO_CLASSES = ["normal", "tumor", "inflamed"]

@@ -3,8 +3,6 @@ parameters (exactly), pixels within the uint8 rounding, batch-side jitter + norm
 one to float tolerance, the GPU-decode path equal to the CPU path but for the decode call."""
 from __future__ import annotations
 
-import io
-import math
 
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from medvlp.kernels import clip_loss, clip_loss_reference  # noqa: E402
+from medvlp.kernels import clip_loss  # noqa: E402
 from medvlp.kernels import contrastive_triton as ct  # noqa: E402
 
 # (n, D, dtype, distributed, two_pass). D = 300 fp32 / 600 bf16 split the backward's output columns into 3

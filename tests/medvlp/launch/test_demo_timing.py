@@ -1,7 +1,6 @@
 """`make demo` splits its wall time into install, corpus, training and eval."""
 from __future__ import annotations
 
-import time
 
 import pytest
 

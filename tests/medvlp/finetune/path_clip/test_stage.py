@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medvlp.data_shards.importers import import_dataset
-from medvlp.finetune.path_clip.config import (AdapterConfig, FewShotData, FewShotRunnerConfig, PathCLIPConfig,
+from medvlp.finetune.path_clip.config import (FewShotData, FewShotRunnerConfig, PathCLIPConfig,
                                        ProtocolConfig, TaskConfig)
 from medvlp.finetune.path_clip.data import TaskSpec
 from medvlp.finetune.path_clip.protocol import run_cell

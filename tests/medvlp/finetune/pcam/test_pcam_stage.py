@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from medvlp.data_shards.config import DataConfig
 from medvlp.data_shards.schema import Sample
