@@ -197,12 +197,18 @@ def move_aside(out_dir: str | os.PathLike) -> Path | None:
     return dest
 
 
+def _read_doc(path: Path, parse: Callable[[str], Any]) -> dict:
+    """The mapping in a run's JSON/YAML record; {} when it is absent, unreadable or not a mapping."""
+    try:
+        doc = parse(path.read_text())
+    except Exception:  # noqa: BLE001 - absent or unreadable: nothing recorded
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def read_run_uid(out_dir: str | os.PathLike) -> str | None:
     """The identity recorded in OUT/run.json (None when the folder has none)."""
-    try:
-        uid = json.loads((Path(out_dir) / RUN_ID_FILE).read_text()).get("uid")
-    except (OSError, ValueError, AttributeError):
-        return None
+    uid = _read_doc(Path(out_dir) / RUN_ID_FILE, json.loads).get("uid")
     return str(uid) if uid else None
 
 
@@ -210,22 +216,14 @@ def foreign_run(out_dir: str | os.PathLike, loop: str, kind: str, key: str) -> s
     """Why `--resume` must not continue OUT_DIR as a run of `loop` ("pretrain" | "finetune") and recipe `kind`: it
     holds a run of the other loop (run.json `loop`) or of another kind (config.yaml `kind`); "" when it does not (or
     records neither). `key`: the config key naming the folder, for the message."""
-    out = Path(out_dir)
-
-    def read(name: str, parse: Callable[[str], Any]) -> dict:
-        try:
-            doc = parse((out / name).read_text())
-        except Exception:  # noqa: BLE001 - absent or unreadable: nothing recorded to compare with
-            return {}
-        return doc if isinstance(doc, dict) else {}
-
     import yaml
 
-    theirs = read(RUN_ID_FILE, json.loads).get("loop")
+    out = Path(out_dir)
+    theirs = _read_doc(out / RUN_ID_FILE, json.loads).get("loop")
     if theirs and theirs != loop:
         what = f"a {theirs} run (run.json loop), not a {loop} run"
     else:
-        their_kind = read("config.yaml", yaml.safe_load).get("kind")
+        their_kind = _read_doc(out / "config.yaml", yaml.safe_load).get("kind")
         if not (their_kind and kind and their_kind != kind):
             return ""
         what = f"a {their_kind} run (config.yaml kind), not a {kind} run"
