@@ -121,16 +121,21 @@ def _round_robin(counts: list[int]) -> list[int]:
     return [w for r in range(max(counts, default=0)) for w in range(len(counts)) if counts[w] > r]
 
 
+def epoch_steps(global_samples: int, batch_size: int, world_size: int) -> int:
+    """Steps of a resampled epoch of `global_samples` at `batch_size` per rank; ValueError when that is none."""
+    steps = global_samples // (batch_size * world_size)
+    if steps == 0:
+        raise ValueError(f"samples_per_epoch: {global_samples} global samples give no batch of "
+                         f"batch_size {batch_size} x world_size {world_size}")
+    return steps
+
+
 def plan_slots(shards: ShardSet, cfg: DataConfig, *, rank: int, world_size: int, epoch: int, start_step: int,
                resampled: bool, train: bool) -> tuple[list[SlotPlan], list[int]]:
     """Per-slot plans of this rank and the slot schedule of the remaining steps (from start_step)."""
     n_workers, b = max(cfg.workers, 1), cfg.batch_size
     if resampled:
-        global_samples = cfg.samples_per_epoch or shards.total
-        steps = global_samples // (b * world_size)
-        if steps == 0:
-            raise ValueError(f"samples_per_epoch: {global_samples} global samples give no batch of "
-                             f"batch_size {b} x world_size {world_size}")
+        steps = epoch_steps(cfg.samples_per_epoch or shards.total, b, world_size)
         urls = [u for u, c in zip(shards.urls, shards.counts) if c > 0]
         counts = [len(range(w, steps, n_workers)) for w in range(n_workers)]
         plans = [SlotPlan(urls, None, c, 0) for c in counts]

@@ -624,10 +624,11 @@ def _check_splits(cfg: Any, world: int) -> None:
         return find_index(spec, d.index, d.allow_pipe)[0].get("splits") or {}
 
     if d.train_shards and d.resampled:
+        from medvlp.data_shards.stream import epoch_steps
+
         n = d.samples_per_epoch or int(splits_of(d.train_shards).get(d.split, 0))
-        if n and n // (d.batch_size * world) == 0:
-            raise ValueError(f"samples_per_epoch: {n} global samples give no batch of batch_size {d.batch_size} x "
-                             f"world_size {world}")
+        if n:
+            epoch_steps(n, d.batch_size, world)  # the stream's own rule and message
     spec = d.val_shards or d.train_shards
     if not cfg.train.final_eval or not spec:
         return
