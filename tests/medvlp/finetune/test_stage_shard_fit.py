@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from medvlp.data_shards.require import ShardRequirementError
-from medvlp.data_shards.synth import synth_to_shards
 from medvlp.finetune.registry import discover, load_stage_config
 from medvlp.finetune.runner import run_stage
 from tests.faults.conftest import cli_here as cli
@@ -21,12 +20,9 @@ WRONG = {"anatomy": ("anatomy-synth", "data.train_shards", "cxr"),
          "report": ("report-synth", "data.train_shards", "cxr")}
 
 
-@pytest.fixture(scope="module")
-def wrong_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wrong")
-    synth_to_shards(root / "cxr", modality="cxr", n=4, seed=0, shard_size=4, size=32)
-    synth_to_shards(root / "ct", modality="ct", n=4, seed=0, shard_size=4, size=16)
-    return root
+@pytest.fixture
+def wrong_shards(modality_shards):
+    return modality_shards
 
 
 def test_every_stage_declares_its_shards():

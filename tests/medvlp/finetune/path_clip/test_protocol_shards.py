@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 
 from medvlp.data_shards.require import ShardRequirementError
-from medvlp.data_shards.synth import synth_to_shards
 from medvlp.finetune.path_clip.config import FewShotData, PathCLIPConfig, ProtocolConfig
 from medvlp.finetune.path_clip.protocol import run_protocol
 from medvlp.pretrain.config import TrackingConfig
@@ -15,12 +14,9 @@ from medvlp.pretrain.config import TrackingConfig
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fs_shards")
-    synth_to_shards(d / "ct", modality="ct", n=4, seed=0, shard_size=4, size=16)
-    synth_to_shards(d / "patho", modality="patho", n=4, seed=0, shard_size=4, size=16)
-    return d
+@pytest.fixture
+def sets(modality_shards):
+    return modality_shards
 
 
 @pytest.mark.parametrize("key", ["data.shards", "protocol.source_shards"])
