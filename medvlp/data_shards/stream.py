@@ -306,18 +306,17 @@ FOREIGN_IN_ROW = 8  # this many samples in a row holding another modality's memb
 
 
 def _foreign_members(s: Sample, need: str) -> list[str]:
+    """The other modalities' members a sample holds instead of its own (`need`)."""
     return sorted({m for m in MODALITY_MEMBER.values() if m != need and getattr(s, m, None) is not None})
 
 
-def _check_modality_fits(s: Sample, key: str, modality: str, need: str, in_row: int) -> None:
-    """Samples without their modality's member but with another modality's (an `image` where index.json says `ct`):
-    one is a stray sample (skipped as corrupt); `FOREIGN_IN_ROW` in a row mean the index names the wrong modality,
-    and every sample would be skipped until `data.max_bad_in_row`. Stop then, naming the index."""
-    has = _foreign_members(s, need)
-    if has and in_row >= FOREIGN_IN_ROW:
-        raise MemberError(f"index.json says modality {modality!r} (samples need a {need!r} member), but sample "
-                          f"{key!r} holds {'/'.join(has)}: the index names the wrong modality for these shards; "
-                          "rebuild them, or check them with `medvlp shards inspect --strict`")
+def _wrong_index(modality: str, need: str, key: str, has: list[str]) -> MemberError:
+    """`FOREIGN_IN_ROW` samples in a row hold another modality's member instead of their own: the index names the
+    wrong modality (one such sample is a stray, skipped as corrupt; all of them would be skipped until
+    `data.max_bad_in_row`)."""
+    return MemberError(f"index.json says modality {modality!r} (samples need a {need!r} member), but sample {key!r} "
+                       f"holds {'/'.join(has)}: the index names the wrong modality for these shards; rebuild them, "
+                       "or check them with `medvlp shards inspect --strict`")
 
 
 class _DecodeTransform:
@@ -335,8 +334,10 @@ class _DecodeTransform:
                 s = decode_sample(raw, lazy_image=getattr(c.transform, "lazy_image", False))
                 need = MODALITY_MEMBER.get(c.modality)
                 if need and getattr(s, need) is None:
-                    foreign = foreign + 1 if _foreign_members(s, need) else 0
-                    _check_modality_fits(s, key, c.modality, need, foreign)
+                    has = _foreign_members(s, need)
+                    foreign = foreign + 1 if has else 0
+                    if foreign >= FOREIGN_IN_ROW:
+                        raise _wrong_index(c.modality, need, key, has)
                     raise SampleDecodeError(f"sample {key!r}: no {need} member for modality {c.modality!r}")
                 foreign = 0
                 labels = _label_vector(s, c.label_names)
