@@ -383,13 +383,16 @@ def _save_cell(path: Path, fp: str, m: dict, preds: dict) -> None:
 def _check_shards(cfg: PathCLIPConfig) -> None:
     """The stage's declared shards (data.shards) and the forgetting set (protocol.source_shards) are 2D image sets:
     a ShardRequirementError naming the key otherwise, before the checkpoint is loaded or anything is written."""
-    from medvlp.data_shards.require import require_shards
+    import dataclasses
+
+    from medvlp.finetune.registry import stage_spec
     from medvlp.finetune.runner import check_stage_shards
 
     check_stage_shards(cfg)
-    if cfg.protocol.source_shards:
-        require_shards(cfg.protocol, stage="path-clip", modalities=("patho", "cxr"), keys=("source_shards",),
-                       section="protocol", what="2D images of the source domain")
+    if cfg.protocol.source_shards:  # the same modalities as the stage's declared shards
+        need = stage_spec("path-clip").shards
+        dataclasses.replace(need, section="protocol", keys=("source_shards",),
+                            what="2D images of the source domain").check(cfg, "path-clip")
 
 
 def run_protocol(cfg: PathCLIPConfig, pretrained: Any = None, command: str = "") -> dict:
