@@ -312,19 +312,26 @@ def test_second_signal_exits_at_once():
 
 
 @pytest.mark.timeout(300)
-def test_persistent_workers_train_the_same_weights_across_epochs(cxr_shards, tmp_path):
+def test_persistent_workers_train_the_same_weights_across_epochs(cxr_shards, tmp_path, monkeypatch):
     """Two DataLoader workers, 20 steps over a 16-batch epoch: the run whose workers live across the epoch boundary
-    (next_epoch) trains the same weights as the run that makes a loader per epoch."""
+    (next_epoch: one loader made) trains the same weights as the run that makes a loader per epoch (two made)."""
     from safetensors.torch import load_file
 
+    from medvlp.data_shards import stream
+
+    made = []
+    real = stream.make_loader
+    monkeypatch.setattr(stream, "make_loader", lambda *a, **k: made.append(k["epoch"]) or real(*a, **k))
     runs = {}
     for persistent in ("true", "false"):
+        made.clear()
         out = tmp_path / persistent
         cfg = load_config("debug", tiny_overrides(cxr_shards, out, steps=20, **{
             "data.workers": 2, "data.persistent_workers": persistent, "tracking.enabled": "false",
             "train.final_eval": "false", "train.ckpt_every": 20}))
         res = _run(cfg)
         assert res.steps_done == 20
+        assert made == ([0] if persistent == "true" else [0, 1])
         runs[persistent] = (_losses(out), load_file(str(out / "model.safetensors")))
     (la, wa), (lb, wb) = runs["true"], runs["false"]
     assert la == lb
